@@ -1,0 +1,223 @@
+//! Balances and their ledger.
+//!
+//! A charge is one UPDATE of the user's balance row plus its ledger row, in one
+//! transaction. The row lock of the UPDATE queues concurrent charges of one user, so none
+//! is lost and none needs a retry: `ERR_BALANCE_CONCURRENCY_CONFLICT` is never answered.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::domain::{whole_number_in, UserId, MAX_BALANCE, MAX_CHARGE};
+use shared::error::ErrorCode;
+use sqlx::{PgConnection, PgExecutor};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::error::{ApiError, Result};
+use crate::extract::{IdempotencyKey, Json, Query};
+use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::pagination::{finish_page, Page, PageQuery};
+use crate::{idempotency, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_balance))
+        .routes(routes!(charge_balance))
+        .routes(routes!(list_transactions))
+}
+
+fn parse_user(raw: &str) -> Result<UserId> {
+    UserId::parse(raw).ok_or_else(invalid_user)
+}
+
+fn invalid_user() -> ApiError {
+    ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Balance {
+    user_id: i64,
+    balance: i64,
+}
+
+/// A user's balance (0 for a user who never charged).
+#[utoipa::path(
+    get, path = "/users/{userId}/balance", tag = "balance",
+    params(("userId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = Balance),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
+    )
+)]
+async fn get_balance(State(state): State<AppState>, Path(user): Path<String>) -> Result<axum::Json<Balance>> {
+    let user = parse_user(&user)?;
+    let balance: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE user_id = $1")
+        .bind(user.get())
+        .fetch_optional(&state.db)
+        .await?;
+    let balance = balance.ok_or_else(invalid_user)?;
+    Ok(axum::Json(Balance {
+        user_id: user.get(),
+        balance,
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChargeRequest {
+    /// Whole won, 1 to 10,000,000.
+    #[schema(value_type = i64, minimum = 1, maximum = 10_000_000)]
+    amount: serde_json::Number,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Charge {
+    user_id: i64,
+    balance: i64,
+    charged_amount: i64,
+    transaction_id: i64,
+}
+
+/// Adds to a user's balance, with a `CHARGE` ledger entry in the same transaction.
+#[utoipa::path(
+    post, path = "/users/{userId}/balance/charge", tag = "balance",
+    params(("userId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
+    request_body = ChargeRequest,
+    responses(
+        (status = 200, body = Charge),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER, ERR_BALANCE_INVALID_AMOUNT, ERR_INVALID_REQUEST"),
+        (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
+    )
+)]
+async fn charge_balance(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    key: IdempotencyKey,
+    Json(body): Json<ChargeRequest>,
+) -> Result<Response> {
+    let user = parse_user(&user)?;
+    let amount = whole_number_in(&body.amount, 1, MAX_CHARGE).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BalanceInvalidAmount,
+            "amount must be a whole number of won from 1 to 10,000,000",
+        )
+    })?;
+    let scope = format!("POST /users/{user}/balance/charge");
+    let request = serde_json::json!({ "amount": amount });
+    let outcome = idempotency::run(&state.db, &key, &scope, &request, StatusCode::OK, async |conn| {
+        charge(conn, user, amount).await
+    })
+    .await?;
+    Ok(outcome.into_response(StatusCode::OK))
+}
+
+/// Adds `amount` to the balance and writes its ledger row; the caller owns the transaction.
+async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Charge> {
+    let balance: Option<i64> = sqlx::query_scalar(
+        "UPDATE balances SET amount = amount + $2, updated_at = now()
+         WHERE user_id = $1 AND amount + $2 <= $3
+         RETURNING amount",
+    )
+    .bind(user.get())
+    .bind(amount)
+    .bind(MAX_BALANCE)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(balance) = balance else {
+        return Err(if user_exists(&mut *conn, user).await? {
+            ApiError::new(
+                ErrorCode::BalanceInvalidAmount,
+                "the balance would pass 1,000,000,000 won",
+            )
+        } else {
+            invalid_user()
+        });
+    };
+    let transaction_id: i64 = sqlx::query_scalar(
+        "INSERT INTO balance_transactions (user_id, kind, amount, balance_after)
+         VALUES ($1, 'CHARGE', $2, $3) RETURNING id",
+    )
+    .bind(user.get())
+    .bind(amount)
+    .bind(balance)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Charge {
+        user_id: user.get(),
+        balance,
+        charged_amount: amount,
+        transaction_id,
+    })
+}
+
+async fn user_exists(executor: impl PgExecutor<'_>, user: UserId) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+            .bind(user.get())
+            .fetch_one(executor)
+            .await?,
+    )
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceTransaction {
+    transaction_id: i64,
+    /// `CHARGE`, `PAYMENT` or `REFUND`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// Always positive; the type says which way it moved the balance.
+    amount: i64,
+    balance_after: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionPage {
+    items: Vec<BalanceTransaction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// A user's ledger, newest first.
+#[utoipa::path(
+    get, path = "/users/{userId}/balance/transactions", tag = "balance",
+    params(("userId" = i64, Path, minimum = 1), PageQuery),
+    responses(
+        (status = 200, body = TransactionPage),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER, ERR_INVALID_REQUEST"),
+    )
+)]
+async fn list_transactions(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Result<axum::Json<TransactionPage>> {
+    let user = parse_user(&user)?;
+    let page: Page = query.parse()?;
+    if !user_exists(&state.db, user).await? {
+        return Err(invalid_user());
+    }
+    let rows: Vec<BalanceTransaction> = sqlx::query_as(
+        "SELECT id AS transaction_id, kind, amount, balance_after, order_id, created_at
+         FROM balance_transactions
+         WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(user.get())
+    .bind(page.after)
+    .bind(page.limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let (items, next_cursor) = finish_page(rows, page, |t| t.transaction_id);
+    Ok(axum::Json(TransactionPage { items, next_cursor }))
+}

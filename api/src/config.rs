@@ -1,0 +1,38 @@
+//! The API's configuration, from environment variables.
+
+use std::net::SocketAddr;
+
+use shared::config::{var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
+use shared::topology::Topology;
+
+/// The token used when `ADMIN_TOKEN` is unset; fine on a laptop, refused nowhere, and
+/// announced with a warning at start so nobody ships it by accident.
+pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `HTTP_ADDR`: where the API listens. Port 0 picks a free port (tests do).
+    pub http_addr: SocketAddr,
+    /// `ADMIN_TOKEN`: the bearer token of the `/admin` routes.
+    pub admin_token: String,
+    /// `MAX_BODY_BYTES`: larger request bodies are answered 413.
+    pub max_body_bytes: usize,
+    pub database: DatabaseSettings,
+    pub broker: BrokerSettings,
+    pub topology: Topology,
+    pub telemetry: TelemetrySettings,
+}
+
+impl ApiConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            http_addr: var("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            admin_token: var("ADMIN_TOKEN", DEV_ADMIN_TOKEN.to_owned())?,
+            max_body_bytes: var("MAX_BODY_BYTES", 64 * 1024)?,
+            database: DatabaseSettings::from_env()?,
+            broker: BrokerSettings::from_env()?,
+            topology: Topology::from_env()?,
+            telemetry: TelemetrySettings::from_env()?,
+        })
+    }
+}

@@ -1,0 +1,444 @@
+//! Coupons: the catalogue of coupon kinds, first-come-first-served issuing, and what a
+//! user holds.
+//!
+//! An issue request is refused at once when the answer is already known (unknown or
+//! expired coupon, sold out, already held), so a sold-out flash sale costs the queue
+//! nothing; everything else is settled by a worker in the order the broker accepted it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::command::{CouponIssue, RequestKind};
+use shared::domain::{parse_name, whole_number_in, CouponId, UserId, MAX_PRICE};
+use shared::error::ErrorCode;
+use sqlx::{PgConnection, PgExecutor};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::commands::{self, Accepted, NewCommand};
+use crate::error::{ApiError, Result};
+use crate::extract::{IdempotencyKey, Json};
+use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::products::{Product, PRODUCT_COLUMNS};
+use crate::{idempotency, AppState};
+
+const MAX_COUPON_NAME_CHARS: usize = 100;
+const MAX_TOTAL_QUANTITY: i64 = 100_000_000;
+const MAX_APPLICABLE_PRODUCTS: usize = 1_000;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_coupon))
+        .routes(routes!(issue_coupon))
+        .routes(routes!(user_coupons))
+        .routes(routes!(applicable_products))
+}
+
+/// The admin part, mounted behind the admin token by [`crate::admin`].
+pub fn admin_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(create_coupon))
+}
+
+fn parse_coupon_id(raw: &str) -> Result<CouponId> {
+    CouponId::parse(raw)
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "couponId must be a positive integer"))
+}
+
+fn coupon_not_found() -> ApiError {
+    ApiError::new(ErrorCode::CouponNotFound, "no coupon with this couponId")
+}
+
+fn invalid_user() -> ApiError {
+    ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Coupon {
+    coupon_id: i64,
+    name: String,
+    /// `FIXED` (won off) or `PERCENT` (1 to 100, rounded down to a whole won).
+    discount_type: String,
+    discount_value: i64,
+    total_quantity: i64,
+    issued_quantity: i64,
+    expires_at: DateTime<Utc>,
+    /// The products it applies to; absent when it applies to every product.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applicable_product_ids: Option<Vec<i64>>,
+}
+
+const COUPON_COLUMNS: &str = "c.id AS coupon_id, c.name, c.discount_type, c.discount_value, c.total_quantity,
+    c.issued_quantity, c.expires_at,
+    CASE WHEN c.all_products THEN NULL
+         ELSE ARRAY(SELECT product_id FROM coupon_products WHERE coupon_id = c.id ORDER BY product_id) END
+      AS applicable_product_ids";
+
+async fn fetch_coupon(executor: impl PgExecutor<'_>, coupon: CouponId) -> Result<Option<Coupon>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {COUPON_COLUMNS} FROM coupons c WHERE c.id = $1"))
+            .bind(coupon.get())
+            .fetch_optional(executor)
+            .await?,
+    )
+}
+
+/// One coupon kind and how many are left.
+#[utoipa::path(
+    get, path = "/coupons/{couponId}", tag = "coupons",
+    params(("couponId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = Coupon),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_COUPON_NOT_FOUND"),
+    )
+)]
+async fn get_coupon(State(state): State<AppState>, Path(coupon): Path<String>) -> Result<axum::Json<Coupon>> {
+    let coupon = parse_coupon_id(&coupon)?;
+    fetch_coupon(&state.db, coupon)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(coupon_not_found)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueRequest {
+    #[schema(value_type = i64, minimum = 1)]
+    user_id: serde_json::Number,
+}
+
+/// Asks for one coupon, first come first served; settled asynchronously.
+#[utoipa::path(
+    post, path = "/coupons/{couponId}/issue", tag = "coupons",
+    params(("couponId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
+    request_body = IssueRequest,
+    responses(
+        (status = 202, body = Accepted, description = "accepted; poll the Location"),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER, ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_COUPON_NOT_FOUND"),
+        (status = 409, body = ErrorSchema, description = "ERR_COUPON_ALREADY_ACQUIRED, ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 410, body = ErrorSchema, description = "ERR_COUPON_EXPIRED, ERR_COUPON_OUT_OF_STOCK"),
+        (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
+        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
+    )
+)]
+async fn issue_coupon(
+    State(state): State<AppState>,
+    Path(coupon): Path<String>,
+    key: IdempotencyKey,
+    Json(body): Json<IssueRequest>,
+) -> Result<Response> {
+    let coupon = parse_coupon_id(&coupon)?;
+    let user = whole_number_in(&body.user_id, 1, i64::MAX)
+        .and_then(UserId::new)
+        .ok_or_else(invalid_user)?;
+    let issue = CouponIssue {
+        coupon_id: coupon.get(),
+        user_id: user.get(),
+    };
+    let payload = serde_json::to_value(issue).map_err(ApiError::internal)?;
+    let scope = format!("POST /coupons/{coupon}/issue");
+    let command = NewCommand {
+        kind: RequestKind::CouponIssue,
+        partition_key: coupon.get(),
+        payload: payload.clone(),
+        order_id: None,
+    };
+    commands::submit(&state, &key, &scope, &payload, command, async |conn, _| {
+        refuse_what_is_known(conn, coupon, user).await
+    })
+    .await
+}
+
+/// The checks that need no queue, in the contract's order: the user (400), the coupon
+/// (404), then its state (409, 410).
+async fn refuse_what_is_known(conn: &mut PgConnection, coupon: CouponId, user: UserId) -> Result<()> {
+    let (user_exists, coupon_exists, expired, sold_out, held): (bool, bool, bool, bool, bool) =
+        sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $2),
+                c.id IS NOT NULL,
+                COALESCE(c.expires_at <= now(), false),
+                COALESCE(c.issued_quantity >= c.total_quantity, false),
+                EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = $1 AND user_id = $2)
+         FROM (SELECT 1) AS one LEFT JOIN coupons c ON c.id = $1",
+        )
+        .bind(coupon.get())
+        .bind(user.get())
+        .fetch_one(conn)
+        .await?;
+    let refusal = if !user_exists {
+        Some(ErrorCode::BalanceInvalidUser)
+    } else if !coupon_exists {
+        Some(ErrorCode::CouponNotFound)
+    } else if expired {
+        Some(ErrorCode::CouponExpired)
+    } else if held {
+        Some(ErrorCode::CouponAlreadyAcquired)
+    } else if sold_out {
+        Some(ErrorCode::CouponOutOfStock)
+    } else {
+        None
+    };
+    match refusal {
+        Some(code) => {
+            metrics::counter!("api_commands_refused_total", "type" => "COUPON_ISSUE", "code" => code.as_str()).increment(1);
+            Err(ApiError::new(code, shared::coupon::refusal_message(code)))
+        }
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldCoupon {
+    user_coupon_id: Uuid,
+    coupon_id: i64,
+    name: String,
+    discount_type: String,
+    discount_value: i64,
+    issued_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeldCoupons {
+    items: Vec<HeldCoupon>,
+}
+
+/// The coupons a user holds and can still use (unused, unexpired), newest first.
+#[utoipa::path(
+    get, path = "/users/{userId}/coupons", tag = "coupons",
+    params(("userId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = HeldCoupons),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
+    )
+)]
+async fn user_coupons(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> Result<axum::Json<HeldCoupons>> {
+    let user = UserId::parse(&user).ok_or_else(invalid_user)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+        .bind(user.get())
+        .fetch_one(&state.db)
+        .await?;
+    if !exists {
+        return Err(invalid_user());
+    }
+    let items = sqlx::query_as(
+        "SELECT uc.id AS user_coupon_id, c.id AS coupon_id, c.name, c.discount_type, c.discount_value,
+                uc.issued_at, c.expires_at
+         FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
+         WHERE uc.user_id = $1 AND uc.used_at IS NULL AND c.expires_at > now()
+         ORDER BY uc.issued_at DESC, uc.id DESC",
+    )
+    .bind(user.get())
+    .fetch_all(&state.db)
+    .await?;
+    Ok(axum::Json(HeldCoupons { items }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApplicableProducts {
+    items: Vec<Product>,
+}
+
+/// The products a coupon applies to (every product when it names none).
+#[utoipa::path(
+    get, path = "/coupons/{couponId}/applicable-products", tag = "coupons",
+    params(("couponId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = ApplicableProducts),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_COUPON_NOT_FOUND"),
+        (status = 410, body = ErrorSchema, description = "ERR_COUPON_EXPIRED"),
+    )
+)]
+async fn applicable_products(
+    State(state): State<AppState>,
+    Path(coupon): Path<String>,
+) -> Result<axum::Json<ApplicableProducts>> {
+    let coupon = parse_coupon_id(&coupon)?;
+    let found: Option<(bool, bool)> =
+        sqlx::query_as("SELECT all_products, expires_at <= now() FROM coupons WHERE id = $1")
+            .bind(coupon.get())
+            .fetch_optional(&state.db)
+            .await?;
+    let (all_products, expired) = found.ok_or_else(coupon_not_found)?;
+    if expired {
+        return Err(ApiError::new(ErrorCode::CouponExpired, "this coupon has expired"));
+    }
+    let items = if all_products {
+        sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id"))
+            .fetch_all(&state.db)
+            .await?
+    } else {
+        sqlx::query_as(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products
+             WHERE id IN (SELECT product_id FROM coupon_products WHERE coupon_id = $1) ORDER BY id"
+        ))
+        .bind(coupon.get())
+        .fetch_all(&state.db)
+        .await?
+    };
+    Ok(axum::Json(ApplicableProducts { items }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewCoupon {
+    name: String,
+    /// `FIXED` or `PERCENT`.
+    discount_type: String,
+    /// Won off for `FIXED`; 1 to 100 for `PERCENT`.
+    #[schema(value_type = i64, minimum = 1)]
+    discount_value: serde_json::Number,
+    #[schema(value_type = i64, minimum = 1)]
+    total_quantity: serde_json::Number,
+    /// RFC 3339; must be in the future.
+    expires_at: String,
+    /// Omit to apply to every product.
+    #[schema(value_type = Option<Vec<i64>>)]
+    applicable_product_ids: Option<Vec<serde_json::Number>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ValidNewCoupon {
+    name: String,
+    discount_type: &'static str,
+    discount_value: i64,
+    total_quantity: i64,
+    expires_at: DateTime<Utc>,
+    applicable_product_ids: Option<Vec<i64>>,
+}
+
+fn invalid(message: &str) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, message)
+}
+
+impl NewCoupon {
+    fn validate(self) -> Result<ValidNewCoupon> {
+        let name = parse_name(&self.name, MAX_COUPON_NAME_CHARS)
+            .ok_or_else(|| invalid("name must be 1 to 100 characters"))?;
+        let (discount_type, max_value) = match self.discount_type.as_str() {
+            "FIXED" => ("FIXED", MAX_PRICE),
+            "PERCENT" => ("PERCENT", 100),
+            _ => return Err(invalid("discountType must be FIXED or PERCENT")),
+        };
+        let discount_value = whole_number_in(&self.discount_value, 1, max_value)
+            .ok_or_else(|| invalid("discountValue must be a whole number from 1 (PERCENT: up to 100)"))?;
+        let total_quantity = whole_number_in(&self.total_quantity, 1, MAX_TOTAL_QUANTITY)
+            .ok_or_else(|| invalid("totalQuantity must be a whole number from 1 to 100,000,000"))?;
+        let expires_at = DateTime::parse_from_rfc3339(&self.expires_at)
+            .map_err(|_| invalid("expiresAt must be an RFC 3339 timestamp"))?
+            .with_timezone(&Utc);
+        if expires_at <= Utc::now() {
+            return Err(invalid("expiresAt must be in the future"));
+        }
+        let applicable_product_ids = match self.applicable_product_ids {
+            None => None,
+            Some(ids) => {
+                let mut parsed = ids
+                    .iter()
+                    .map(|id| whole_number_in(id, 1, i64::MAX))
+                    .collect::<Option<Vec<i64>>>()
+                    .ok_or_else(|| invalid("applicableProductIds must be positive integers"))?;
+                parsed.sort_unstable();
+                parsed.dedup();
+                if parsed.is_empty() || parsed.len() > MAX_APPLICABLE_PRODUCTS {
+                    return Err(invalid(
+                        "applicableProductIds must name 1 to 1,000 products, or be omitted",
+                    ));
+                }
+                Some(parsed)
+            }
+        };
+        Ok(ValidNewCoupon {
+            name,
+            discount_type,
+            discount_value,
+            total_quantity,
+            expires_at,
+            applicable_product_ids,
+        })
+    }
+}
+
+/// Creates a coupon kind.
+#[utoipa::path(
+    post, path = "/admin/coupons", tag = "admin",
+    params(IdempotencyKeyHeader),
+    request_body = NewCoupon,
+    security(("admin_token" = [])),
+    responses(
+        (status = 201, body = Coupon),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+        (status = 401, body = ErrorSchema, description = "ERR_UNAUTHORIZED"),
+        (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
+    )
+)]
+async fn create_coupon(
+    State(state): State<AppState>,
+    key: IdempotencyKey,
+    Json(body): Json<NewCoupon>,
+) -> Result<Response> {
+    let coupon = body.validate()?;
+    let request = serde_json::to_value(&coupon).map_err(ApiError::internal)?;
+    let outcome = idempotency::run(
+        &state.db,
+        &key,
+        "POST /admin/coupons",
+        &request,
+        StatusCode::CREATED,
+        async |conn| insert_coupon(conn, &coupon).await,
+    )
+    .await?;
+    Ok(outcome.into_response(StatusCode::CREATED))
+}
+
+async fn insert_coupon(conn: &mut PgConnection, coupon: &ValidNewCoupon) -> Result<Coupon> {
+    if let Some(ids) = &coupon.applicable_product_ids {
+        let known: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_one(&mut *conn)
+            .await?;
+        if usize::try_from(known).ok() != Some(ids.len()) {
+            return Err(ApiError::new(
+                ErrorCode::ProductNotFound,
+                "applicableProductIds names a product that does not exist",
+            ));
+        }
+    }
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO coupons (name, discount_type, discount_value, total_quantity, expires_at, all_products)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(&coupon.name)
+    .bind(coupon.discount_type)
+    .bind(coupon.discount_value)
+    .bind(coupon.total_quantity)
+    .bind(coupon.expires_at)
+    .bind(coupon.applicable_product_ids.is_none())
+    .fetch_one(&mut *conn)
+    .await?;
+    if let Some(ids) = &coupon.applicable_product_ids {
+        sqlx::query("INSERT INTO coupon_products (coupon_id, product_id) SELECT $1, UNNEST($2::bigint[])")
+            .bind(id)
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let created = fetch_coupon(
+        &mut *conn,
+        CouponId::new(id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("non-positive coupon id")))?,
+    )
+    .await?;
+    created.ok_or_else(|| ApiError::internal(anyhow::anyhow!("a coupon vanished inside its own transaction")))
+}

@@ -1,0 +1,83 @@
+//! The API's error type: every failure of a handler, and the answer it becomes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use shared::error::{ErrorBody, ErrorCode};
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_UNAVAILABLE: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A mistake of the client or a domain rule that says no: a 4xx with the contract's code.
+    #[error("{}: {}", .0.code, .0.message)]
+    Client(ErrorBody),
+
+    /// PostgreSQL or RabbitMQ cannot be reached: 503 with `Retry-After`.
+    #[error("a dependency is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+
+    /// A bug or an unexpected failure: logged with its cause chain, answered as a bare 500.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Client(ErrorBody::new(code, message))
+    }
+
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Client(body) => {
+                StatusCode::from_u16(body.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        if shared::db::is_connectivity_error(&error) {
+            Self::Unavailable(anyhow::Error::new(error).context("PostgreSQL"))
+        } else {
+            Self::Internal(error.into())
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self {
+            Self::Client(body) => (status, Json(body)).into_response(),
+            Self::Unavailable(cause) => {
+                tracing::warn!(error = format!("{cause:#}"), "dependency unavailable");
+                let body = ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "a service this request needs is unavailable; retry later",
+                );
+                let mut response = (status, Json(body)).into_response();
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE),
+                );
+                response
+            }
+            Self::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "internal error");
+                let body = ErrorBody::new(ErrorCode::Internal, "internal error");
+                (status, Json(body)).into_response()
+            }
+        }
+    }
+}

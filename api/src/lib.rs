@@ -1,0 +1,196 @@
+//! The HTTP API of the e-commerce order pipeline.
+//!
+//! Synchronous reads and writes (users, balances, products, administration) are answered
+//! in the request; coupon and order commands are made durable, put on RabbitMQ and answered
+//! `202 Accepted` with a status URL.
+//!
+//! # Layout
+//! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`], [`admin`]: one router
+//!   per part of the contract.
+//! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
+//! - [`health`], [`observability`]: readiness, liveness and `/metrics`.
+//! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
+//! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
+//! - [`pagination`]: cursor pages (`limit`, `cursor`).
+//! - [`openapi`]: `/openapi.json`, generated from the handlers.
+
+pub mod admin;
+pub mod balance;
+pub mod commands;
+pub mod config;
+pub mod coupons;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod idempotency;
+pub mod observability;
+pub mod openapi;
+pub mod orders;
+pub mod pagination;
+pub mod popular;
+pub mod products;
+pub mod requests;
+pub mod state;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use shared::broker::Broker;
+use shared::error::{ErrorBody, ErrorCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+pub use config::ApiConfig;
+pub use state::AppState;
+
+use crate::commands::Dispatcher;
+use crate::error::ApiError;
+
+/// A built API bound to its address, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    /// Records publish confirmations; drained at shutdown.
+    confirmations: tokio::task::JoinHandle<()>,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (migrating it), prepares RabbitMQ and binds the listener.
+    /// RabbitMQ may be down at this point: the API starts anyway and reports not ready.
+    pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
+        let db = shared::db::connect_and_migrate(&config.database, "api").await?;
+        let broker = Arc::new(Broker::new(&config.broker, "api"));
+        let (commands, confirmations) =
+            Dispatcher::start(Arc::clone(&broker), config.topology.clone(), db.clone());
+        if let Err(e) = commands.declare_topology().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "RabbitMQ not reachable yet; commands answer 503 until it is"
+            );
+        }
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+        if config.admin_token == config::DEV_ADMIN_TOKEN {
+            tracing::warn!("ADMIN_TOKEN is unset: the admin routes accept the development token");
+        }
+        let state = AppState {
+            db,
+            broker,
+            commands,
+            config: Arc::new(config),
+            metrics: shared::telemetry::metrics_recorder()?,
+        };
+        let router = router(state.clone());
+        Ok(Self {
+            listener,
+            router,
+            state,
+            confirmations,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` fires, then lets in-flight requests finish.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr()?, "api ready");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("the HTTP server failed")?;
+        let Self {
+            state, confirmations, ..
+        } = self;
+        let broker = Arc::clone(&state.broker);
+        let db = state.db.clone();
+        // The router (and its copies of the state) is gone; dropping the last copy closes the
+        // confirmation channel, and the recorder writes what it holds.
+        drop(state);
+        if tokio::time::timeout(std::time::Duration::from_secs(5), confirmations)
+            .await
+            .is_err()
+        {
+            tracing::warn!("publish confirmations not all recorded; the sweeper re-publishes those requests");
+        }
+        broker.close().await;
+        db.close().await;
+        tracing::info!("api stopped");
+        Ok(())
+    }
+}
+
+/// The whole API: every route of the contract, `/openapi.json`, and the layers that give
+/// every answer, including errors of routing, the contract's shape.
+pub fn router(state: AppState) -> Router {
+    let (routes, api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(users::router())
+        .merge(balance::router())
+        .merge(popular::router())
+        .merge(products::router())
+        .merge(coupons::router())
+        .merge(orders::router())
+        .merge(requests::router())
+        .merge(admin::router(state.clone()))
+        .merge(health::router())
+        .merge(observability::router())
+        .split_for_parts();
+    let document = Arc::new(api);
+
+    routes
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let document = Arc::clone(&document);
+                async move { Json(document.as_ref().clone()) }
+            }),
+        )
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn(observability::track_requests))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let route = request
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map(|p| p.as_str().to_owned());
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), route)
+        }))
+        .layer(CatchPanicLayer::custom(|_| panic_response()))
+}
+
+async fn unknown_route() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not accept this method",
+    )
+}
+
+/// A panic is a bug: log it (the layer does) and answer like any other internal error.
+fn panic_response() -> Response {
+    tracing::error!("a handler panicked");
+    let body = ErrorBody::new(ErrorCode::Internal, "internal error");
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+}

@@ -1,0 +1,535 @@
+//! Orders and payment.
+//!
+//! Creating and paying are commands, partitioned by user so that one user's commands are
+//! settled in order and never race on the balance: the API stores the order as `PENDING`
+//! (readable at once) with its request, and a worker reserves the stock or rejects it, and
+//! later settles the payment. Cancelling is synchronous: it locks the order row, as payment
+//! and expiry do, so exactly one of them wins.
+
+use std::collections::{HashMap, HashSet};
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
+use shared::domain::{whole_number_in, UserId};
+use shared::error::ErrorCode;
+use shared::money::order_total;
+use sqlx::{PgConnection, PgExecutor};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::commands::{self, Accepted, NewCommand};
+use crate::error::{ApiError, Result};
+use crate::extract::{IdempotencyKey, Json, Query};
+use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::pagination::PageQuery;
+use crate::AppState;
+
+/// Most lines in one order.
+pub const MAX_LINES: usize = 50;
+/// Most units of one product in one order.
+pub const MAX_QUANTITY: i64 = 10_000;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_order))
+        .routes(routes!(pay_order))
+        .routes(routes!(cancel_order))
+        .routes(routes!(list_orders))
+        .routes(routes!(get_order))
+}
+
+fn invalid_user() -> ApiError {
+    ApiError::new(ErrorCode::OrderInvalidUser, "userId is not a registered user")
+}
+
+fn invalid_items(message: &str) -> ApiError {
+    ApiError::new(ErrorCode::OrderInvalidItems, message)
+}
+
+fn parse_order_id(raw: &str) -> Result<Uuid> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "orderId must be a UUID"))
+}
+
+fn parse_user(raw: &serde_json::Number) -> Result<UserId> {
+    whole_number_in(raw, 1, i64::MAX)
+        .and_then(UserId::new)
+        .ok_or_else(invalid_user)
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderItem {
+    product_id: i64,
+    name: String,
+    /// The price at reservation (a quote while the order is `PENDING`).
+    unit_price: i64,
+    quantity: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    order_id: Uuid,
+    user_id: i64,
+    /// `PENDING`, `RESERVED`, `PAID`, `REJECTED`, `CANCELLED` or `EXPIRED`.
+    status: String,
+    items: Vec<OrderItem>,
+    total_amount: i64,
+    discount_amount: i64,
+    paid_amount: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coupon_id: Option<i64>,
+    created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved_until: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paid_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    user_id: i64,
+    status: String,
+    total_amount: i64,
+    discount_amount: i64,
+    paid_amount: i64,
+    coupon_id: Option<i64>,
+    created_at: DateTime<Utc>,
+    reserved_until: Option<DateTime<Utc>>,
+    paid_at: Option<DateTime<Utc>>,
+}
+
+const ORDER_COLUMNS: &str = "id, user_id, status, total_amount, discount_amount, paid_amount, coupon_id,
+    created_at, reserved_until, paid_at";
+
+/// Orders with their lines, in the order of `rows`.
+async fn with_items(conn: &mut PgConnection, rows: Vec<OrderRow>) -> Result<Vec<Order>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let items: Vec<(Uuid, OrderItem)> = sqlx::query_as::<_, (Uuid, i64, String, i64, i64)>(
+        "SELECT order_id, product_id, name, unit_price, quantity FROM order_items
+         WHERE order_id = ANY($1) ORDER BY order_id, product_id",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(order, product_id, name, unit_price, quantity)| {
+        (
+            order,
+            OrderItem {
+                product_id,
+                name,
+                unit_price,
+                quantity,
+            },
+        )
+    })
+    .collect();
+    let mut by_order: HashMap<Uuid, Vec<OrderItem>> = HashMap::new();
+    for (order, item) in items {
+        by_order.entry(order).or_default().push(item);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| Order {
+            order_id: r.id,
+            user_id: r.user_id,
+            status: r.status,
+            items: by_order.remove(&r.id).unwrap_or_default(),
+            total_amount: r.total_amount,
+            discount_amount: r.discount_amount,
+            paid_amount: r.paid_amount,
+            coupon_id: r.coupon_id,
+            created_at: r.created_at,
+            reserved_until: r.reserved_until,
+            paid_at: r.paid_at,
+        })
+        .collect())
+}
+
+async fn fetch_order(conn: &mut PgConnection, order: Uuid) -> Result<Option<Order>> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+        .bind(order)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(with_items(conn, row.into_iter().collect()).await?.pop())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewOrder {
+    #[schema(value_type = i64, minimum = 1)]
+    user_id: serde_json::Number,
+    /// 1 to 50 lines, each product once.
+    items: Vec<NewOrderLine>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewOrderLine {
+    #[schema(value_type = i64, minimum = 1)]
+    product_id: serde_json::Number,
+    /// 1 to 10,000.
+    #[schema(value_type = i64, minimum = 1)]
+    quantity: serde_json::Number,
+}
+
+/// The shape and ranges of an order, before anything is looked up.
+fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        return Err(invalid_items("an order has 1 to 50 lines"));
+    }
+    let mut seen = HashSet::new();
+    lines
+        .iter()
+        .map(|line| {
+            let product_id = whole_number_in(&line.product_id, 1, i64::MAX)
+                .ok_or_else(|| invalid_items("productId must be a positive integer"))?;
+            let quantity = whole_number_in(&line.quantity, 1, MAX_QUANTITY)
+                .ok_or_else(|| invalid_items("quantity must be a whole number from 1 to 10,000"))?;
+            if !seen.insert(product_id) {
+                return Err(invalid_items("each product may appear once in an order"));
+            }
+            Ok(OrderLine { product_id, quantity })
+        })
+        .collect()
+}
+
+/// Places an order; a worker reserves its stock (all lines or none).
+#[utoipa::path(
+    post, path = "/orders", tag = "orders",
+    params(IdempotencyKeyHeader),
+    request_body = NewOrder,
+    responses(
+        (status = 202, body = Accepted, description = "accepted with orderId; the order reads PENDING at once"),
+        (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_ORDER_INVALID_ITEMS, ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
+        (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
+        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
+    )
+)]
+async fn create_order(
+    State(state): State<AppState>,
+    key: IdempotencyKey,
+    Json(body): Json<NewOrder>,
+) -> Result<Response> {
+    let user = parse_user(&body.user_id)?;
+    let lines = validate_lines(&body.items)?;
+    let order_id = Uuid::now_v7();
+    let command = OrderCreate {
+        order_id,
+        user_id: user.get(),
+        items: lines.clone(),
+    };
+    let request = serde_json::json!({ "userId": user.get(), "items": lines });
+    let new = NewCommand {
+        kind: RequestKind::OrderCreate,
+        partition_key: user.get(),
+        payload: serde_json::to_value(&command).map_err(ApiError::internal)?,
+        order_id: Some(order_id),
+    };
+    commands::submit(
+        &state,
+        &key,
+        "POST /orders",
+        &request,
+        new,
+        async |conn, request_id| store_pending_order(conn, &command, request_id).await,
+    )
+    .await
+}
+
+/// Checks the user and the products, and stores the order as `PENDING` with a quote.
+async fn store_pending_order(conn: &mut PgConnection, order: &OrderCreate, request_id: Uuid) -> Result<()> {
+    let user_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+        .bind(order.user_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !user_exists {
+        return Err(invalid_user());
+    }
+    let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
+    let products: HashMap<i64, (String, i64)> =
+        sqlx::query_as::<_, (i64, String, i64)>("SELECT id, name, price FROM products WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|(id, name, price)| (id, (name, price)))
+            .collect();
+    let mut names = Vec::new();
+    let mut prices = Vec::new();
+    let mut quantities = Vec::new();
+    for line in &order.items {
+        let (name, price) = products.get(&line.product_id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ProductNotFound,
+                format!("no product {}", line.product_id),
+            )
+        })?;
+        names.push(name.clone());
+        prices.push(*price);
+        quantities.push(line.quantity);
+    }
+    let total = order_total(prices.iter().copied().zip(quantities.iter().copied()))
+        .ok_or_else(|| invalid_items("the order total is too large"))?;
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
+         VALUES ($1, $2, 'PENDING', $3, $4)",
+    )
+    .bind(order.order_id)
+    .bind(order.user_id)
+    .bind(request_id)
+    .bind(total)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
+         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[])",
+    )
+    .bind(order.order_id)
+    .bind(&ids)
+    .bind(&names)
+    .bind(&prices)
+    .bind(&quantities)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRequest {
+    #[schema(value_type = i64, minimum = 1)]
+    user_id: serde_json::Number,
+    /// A coupon the user holds, unused, unexpired and applicable to the order.
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    coupon_id: Option<serde_json::Number>,
+}
+
+/// Pays a reserved order with the balance and optionally a coupon; settled asynchronously.
+#[utoipa::path(
+    post, path = "/orders/{orderId}/payment", tag = "orders",
+    params(("orderId" = Uuid, Path), IdempotencyKeyHeader),
+    request_body = PaymentRequest,
+    responses(
+        (status = 202, body = Accepted),
+        (status = 400, body = ErrorSchema, description = "ERR_PAYMENT_INVALID_ORDER_STATUS, ERR_PAYMENT_INVALID_COUPON, ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
+        (status = 403, body = ErrorSchema, description = "ERR_ORDER_UNAUTHORIZED"),
+        (status = 404, body = ErrorSchema, description = "ERR_PAYMENT_ORDER_NOT_FOUND"),
+        (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
+        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
+    )
+)]
+async fn pay_order(
+    State(state): State<AppState>,
+    Path(order): Path<String>,
+    key: IdempotencyKey,
+    Json(body): Json<PaymentRequest>,
+) -> Result<Response> {
+    let order = parse_order_id(&order)?;
+    let user = parse_user(&body.user_id)?;
+    let coupon_id = match &body.coupon_id {
+        None => None,
+        Some(raw) => Some(whole_number_in(raw, 1, i64::MAX).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::PaymentInvalidCoupon,
+                "couponId must be a positive integer",
+            )
+        })?),
+    };
+    let command = OrderPay {
+        order_id: order,
+        user_id: user.get(),
+        coupon_id,
+    };
+    let payload = serde_json::to_value(command).map_err(ApiError::internal)?;
+    let new = NewCommand {
+        kind: RequestKind::OrderPay,
+        partition_key: user.get(),
+        payload: payload.clone(),
+        order_id: None,
+    };
+    let scope = format!("POST /orders/{order}/payment");
+    commands::submit(&state, &key, &scope, &payload, new, async |conn, _| {
+        refuse_unpayable(conn, order, user).await
+    })
+    .await
+}
+
+/// What the API knows at once about a payment: the order exists (404), is the user's
+/// (403), and can still be paid (400). A `PENDING` order is accepted: its creation is
+/// settled first, in the same partition.
+async fn refuse_unpayable(conn: &mut PgConnection, order: Uuid, user: UserId) -> Result<()> {
+    let found: Option<(i64, String)> = sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_optional(conn)
+        .await?;
+    let (owner, status) =
+        found.ok_or_else(|| ApiError::new(ErrorCode::PaymentOrderNotFound, "no order with this orderId"))?;
+    if owner != user.get() {
+        return Err(not_the_owner());
+    }
+    if !matches!(status.as_str(), "PENDING" | "RESERVED") {
+        return Err(ApiError::new(
+            ErrorCode::PaymentInvalidOrderStatus,
+            format!("an order that is {status} cannot be paid"),
+        ));
+    }
+    Ok(())
+}
+
+fn not_the_owner() -> ApiError {
+    ApiError::new(ErrorCode::OrderUnauthorized, "this order belongs to another user")
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    #[schema(value_type = i64, minimum = 1)]
+    user_id: serde_json::Number,
+}
+
+/// Cancels an unpaid order and releases its reserved stock.
+#[utoipa::path(
+    post, path = "/orders/{orderId}/cancel", tag = "orders",
+    params(("orderId" = Uuid, Path)),
+    request_body = CancelRequest,
+    responses(
+        (status = 200, body = Order),
+        (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
+        (status = 403, body = ErrorSchema, description = "ERR_ORDER_UNAUTHORIZED"),
+        (status = 404, body = ErrorSchema, description = "ERR_ORDER_NOT_FOUND"),
+        (status = 409, body = ErrorSchema, description = "ERR_ORDER_INVALID_STATUS: paid, rejected, cancelled or expired"),
+    )
+)]
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(order): Path<String>,
+    Json(body): Json<CancelRequest>,
+) -> Result<axum::Json<Order>> {
+    let order = parse_order_id(&order)?;
+    let user = parse_user(&body.user_id)?;
+    let mut tx = state.db.begin().await?;
+    // The same row lock as payment and expiry: whichever commits first wins.
+    let found: Option<(i64, String)> =
+        sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (owner, status) = found.ok_or_else(order_not_found)?;
+    if owner != user.get() {
+        return Err(not_the_owner());
+    }
+    match status.as_str() {
+        "RESERVED" => shared::reservations::release_stock(&mut tx, &[order]).await?,
+        // Its creation is still queued: the worker will find it cancelled and reserve nothing.
+        "PENDING" => {}
+        other => {
+            return Err(ApiError::new(
+                ErrorCode::OrderInvalidStatus,
+                format!("an order that is {other} cannot be cancelled"),
+            ))
+        }
+    }
+    sqlx::query("UPDATE orders SET status = 'CANCELLED', closed_at = now() WHERE id = $1")
+        .bind(order)
+        .execute(&mut *tx)
+        .await?;
+    let cancelled = fetch_order(&mut tx, order).await?.ok_or_else(order_not_found)?;
+    tx.commit().await?;
+    metrics::counter!("orders_cancelled_total").increment(1);
+    Ok(axum::Json(cancelled))
+}
+
+fn order_not_found() -> ApiError {
+    ApiError::new(ErrorCode::OrderNotFound, "no order with this orderId")
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPage {
+    items: Vec<Order>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+async fn existing_user(executor: impl PgExecutor<'_>, raw: &str) -> Result<UserId> {
+    let user = UserId::parse(raw).ok_or_else(invalid_user)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
+        .bind(user.get())
+        .fetch_one(executor)
+        .await?;
+    if exists {
+        Ok(user)
+    } else {
+        Err(invalid_user())
+    }
+}
+
+/// A user's orders, newest first.
+#[utoipa::path(
+    get, path = "/users/{userId}/orders", tag = "orders",
+    params(("userId" = i64, Path, minimum = 1), PageQuery),
+    responses(
+        (status = 200, body = OrderPage),
+        (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
+    )
+)]
+async fn list_orders(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Result<axum::Json<OrderPage>> {
+    let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
+    let user = existing_user(&state.db, &user).await?;
+    let mut conn = state.db.acquire().await?;
+    let mut rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders
+         WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(user.get())
+    .bind(before)
+    .bind(limit + 1)
+    .fetch_all(&mut *conn)
+    .await?;
+    let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = more.then(|| rows.last().map(|r| r.id.to_string())).flatten();
+    let items = with_items(&mut conn, rows).await?;
+    Ok(axum::Json(OrderPage { items, next_cursor }))
+}
+
+/// One of a user's orders.
+#[utoipa::path(
+    get, path = "/users/{userId}/orders/{orderId}", tag = "orders",
+    params(("userId" = i64, Path, minimum = 1), ("orderId" = Uuid, Path)),
+    responses(
+        (status = 200, body = Order),
+        (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
+        (status = 403, body = ErrorSchema, description = "ERR_ORDER_UNAUTHORIZED"),
+        (status = 404, body = ErrorSchema, description = "ERR_ORDER_NOT_FOUND"),
+    )
+)]
+async fn get_order(
+    State(state): State<AppState>,
+    Path((user, order)): Path<(String, String)>,
+) -> Result<axum::Json<Order>> {
+    let user = UserId::parse(&user).ok_or_else(invalid_user)?;
+    let order = parse_order_id(&order)?;
+    let mut conn = state.db.acquire().await?;
+    let found = fetch_order(&mut conn, order).await?.ok_or_else(order_not_found)?;
+    if found.user_id != user.get() {
+        return Err(not_the_owner());
+    }
+    Ok(axum::Json(found))
+}

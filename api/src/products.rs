@@ -1,0 +1,107 @@
+//! Products as clients see them: `stock` is what can still be ordered (on hand minus
+//! reserved), never the raw on-hand count.
+
+use axum::extract::{Path, State};
+use serde::Serialize;
+use shared::domain::ProductId;
+use shared::error::ErrorCode;
+use sqlx::PgExecutor;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, Result};
+use crate::extract::Query;
+use crate::openapi::ErrorSchema;
+use crate::pagination::{finish_page, PageQuery};
+use crate::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_products))
+        .routes(routes!(get_product))
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    pub product_id: i64,
+    pub name: String,
+    pub price: i64,
+    /// Units that can still be ordered: on hand minus reserved.
+    pub stock: i64,
+}
+
+/// The columns of [`Product`], for every query that returns one.
+pub const PRODUCT_COLUMNS: &str = "id AS product_id, name, price, stock - reserved AS stock";
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProductPage {
+    items: Vec<Product>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Products in id order.
+#[utoipa::path(
+    get, path = "/products", tag = "products",
+    params(PageQuery),
+    responses(
+        (status = 200, body = ProductPage),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+    )
+)]
+async fn list_products(
+    State(state): State<AppState>,
+    Query(query): Query<PageQuery>,
+) -> Result<axum::Json<ProductPage>> {
+    let page = query.parse()?;
+    let rows: Vec<Product> = sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+         WHERE ($1::bigint IS NULL OR id > $1) ORDER BY id LIMIT $2"
+    ))
+    .bind(page.after)
+    .bind(page.limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let (items, next_cursor) = finish_page(rows, page, |p| p.product_id);
+    Ok(axum::Json(ProductPage { items, next_cursor }))
+}
+
+/// One product.
+#[utoipa::path(
+    get, path = "/products/{productId}", tag = "products",
+    params(("productId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = Product),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
+    )
+)]
+async fn get_product(
+    State(state): State<AppState>,
+    Path(product): Path<String>,
+) -> Result<axum::Json<Product>> {
+    let product = parse_product_id(&product)?;
+    let found = fetch_product(&state.db, product).await?;
+    found.map(axum::Json).ok_or_else(product_not_found)
+}
+
+pub fn parse_product_id(raw: &str) -> Result<ProductId> {
+    ProductId::parse(raw)
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "productId must be a positive integer"))
+}
+
+pub fn product_not_found() -> ApiError {
+    ApiError::new(ErrorCode::ProductNotFound, "no product with this productId")
+}
+
+pub async fn fetch_product(executor: impl PgExecutor<'_>, product: ProductId) -> Result<Option<Product>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"))
+            .bind(product.get())
+            .fetch_optional(executor)
+            .await?,
+    )
+}

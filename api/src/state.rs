@@ -1,0 +1,21 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::broker::Broker;
+use sqlx::PgPool;
+
+use crate::commands::Dispatcher;
+use crate::config::ApiConfig;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub broker: Arc<Broker>,
+    /// Publishes commands with confirms.
+    pub commands: Arc<Dispatcher>,
+    pub config: Arc<ApiConfig>,
+    /// Renders `/metrics`; the recorder behind it is process-wide.
+    pub metrics: PrometheusHandle,
+}

@@ -1,0 +1,371 @@
+//! `spawn_app()`: the real API on port 0 over a fresh database, and typed helpers to drive it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use api::{ApiConfig, Application};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    /// The command topology this app publishes to (unique to the test).
+    pub topology: shared::topology::Topology,
+    pub client: reqwest::Client,
+    /// A pool on the app's database, for asserting what was (not) stored.
+    pub db: PgPool,
+    pub database_url: String,
+    shutdown: CancellationToken,
+}
+
+/// A response reduced to what tests assert on.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// The API over a fresh database, with commands on a topology of the test's own (a unique
+/// name prefix), after `adjust` had its say on the configuration.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
+    let database_url = shared::testing::fresh_database_url()
+        .await
+        .expect("fresh database");
+    let mut config = ApiConfig::from_env().expect("configuration");
+    config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.database.url = database_url.clone();
+    config.admin_token = ADMIN_TOKEN.to_owned();
+    config.topology = shared::testing::isolated_topology();
+    adjust(&mut config);
+    let app = Application::build(config).await.expect("the api starts");
+    let addr = app.local_addr().unwrap();
+    let db = app.state().db.clone();
+    let topology = app.state().config.topology.clone();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run(shutdown.clone()));
+    let app = TestApp {
+        addr,
+        topology,
+        client: reqwest::Client::new(),
+        db,
+        database_url,
+        shutdown,
+    };
+    // Tests start from a ready API (its broker connection may still be opening).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while app.get("/health/ready").await.status != StatusCode::OK && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestApp {
+    /// Sends `send` until it answers `status`, or fails the test after `patience`.
+    pub async fn eventually<F, Fut>(
+        &self,
+        status: StatusCode,
+        patience: std::time::Duration,
+        send: F,
+    ) -> Answer
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Answer>,
+    {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let answer = send().await;
+            if answer.status == status {
+                return answer;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "still {answer:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends a request and reads the answer; `body` is sent as JSON when given.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        read(request.send().await.expect("request sent")).await
+    }
+
+    /// Sends raw bytes with the given headers, for malformed-input tests.
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self.client.request(method, self.url(path)).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        read(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send(Method::POST, path, Some(body), &[]).await
+    }
+
+    /// Sends a command as a well-behaved client does: a 503 (the broker is briefly
+    /// unreachable or overloaded, e.g. when the machine is busy) is retried after its
+    /// `Retry-After`. Nothing was accepted by a 503, so retrying cannot apply anything twice.
+    pub async fn command(&self, path: &str, body: Value) -> Answer {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answer = self.post(path, body.clone()).await;
+            if answer.status != StatusCode::SERVICE_UNAVAILABLE || tokio::time::Instant::now() >= deadline {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
+    pub async fn post_with_key(&self, path: &str, body: Value, key: &str) -> Answer {
+        self.send(Method::POST, path, Some(body), &[("Idempotency-Key", key)])
+            .await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Value) -> Answer {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        self.send(method, path, Some(body), &[("Authorization", auth.as_str())])
+            .await
+    }
+
+    pub async fn create_user(&self, name: &str) -> i64 {
+        let answer = self.post("/users", json!({ "name": name })).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+        answer.body["userId"].as_i64().unwrap()
+    }
+
+    pub async fn charge(&self, user: i64, amount: i64) -> Answer {
+        self.post(
+            &format!("/users/{user}/balance/charge"),
+            json!({ "amount": amount }),
+        )
+        .await
+    }
+
+    pub async fn balance(&self, user: i64) -> i64 {
+        let answer = self.get(&format!("/users/{user}/balance")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        answer.body["balance"].as_i64().unwrap()
+    }
+
+    /// A coupon kind, created through the admin API.
+    pub async fn create_coupon(&self, body: Value) -> i64 {
+        let answer = self.admin(Method::POST, "/admin/coupons", body).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+        answer.body["couponId"].as_i64().unwrap()
+    }
+
+    /// `count` users created in one statement (setup for load tests; registration itself is
+    /// tested through the API elsewhere).
+    pub async fn create_users(&self, count: i64) -> Vec<i64> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH u AS (INSERT INTO users (name) SELECT 'user ' || g FROM generate_series(1, $1) g RETURNING id)
+             INSERT INTO balances (user_id) SELECT id FROM u RETURNING user_id",
+        )
+        .bind(count)
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        let mut ids = ids;
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Polls a request until it is no longer PENDING, or `patience` runs out.
+    pub async fn settled(&self, request_id: &str, patience: std::time::Duration) -> Answer {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let answer = self.get(&format!("/requests/{request_id}")).await;
+            if answer.body["status"] != "PENDING" || tokio::time::Instant::now() >= deadline {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn create_product(&self, name: &str, price: i64, stock: i64) -> i64 {
+        let answer = self
+            .admin(
+                Method::POST,
+                "/admin/products",
+                json!({ "name": name, "price": price, "stock": stock }),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+        answer.body["productId"].as_i64().unwrap()
+    }
+
+    /// Rows in each table that requests can write, to prove a rejected request wrote nothing.
+    pub async fn row_counts(&self) -> Vec<(String, i64)> {
+        let mut counts = Vec::new();
+        for table in [
+            "users",
+            "balances",
+            "balance_transactions",
+            "products",
+            "idempotency_keys",
+        ] {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(&self.db)
+                .await
+                .unwrap();
+            counts.push((table.to_owned(), n));
+        }
+        counts
+    }
+
+    /// Balances and product columns, to prove a rejected request changed nothing.
+    pub async fn stored_values(&self) -> Vec<i64> {
+        sqlx::query_scalar(
+            "SELECT v FROM (
+               SELECT amount AS v, 1 AS t, user_id AS id FROM balances
+               UNION ALL SELECT price, 2, id FROM products
+               UNION ALL SELECT stock, 3, id FROM products
+               UNION ALL SELECT reserved, 4, id FROM products
+               UNION ALL SELECT issued_quantity, 5, id FROM coupons) s ORDER BY t, id",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> Answer {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body read");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL or RabbitMQ that a test can cut and restore, to play a
+/// dependency going down and coming back without touching the server other tests share.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    running: std::sync::Mutex<CancellationToken>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> std::sync::Arc<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = std::sync::Arc::new(Self {
+            addr: listener.local_addr().unwrap(),
+            upstream,
+            running: std::sync::Mutex::new(CancellationToken::new()),
+        });
+        proxy.serve(listener);
+        proxy
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        url.replace(&self.upstream.to_string(), &self.addr.to_string())
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let token = self.running.lock().unwrap().clone();
+        let upstream = self.upstream;
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = token.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    // Without it, Nagle's algorithm and delayed acks add 40 ms per round trip.
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Drops every connection and stops listening: the dependency is down.
+    pub fn cut(&self) {
+        self.running.lock().unwrap().cancel();
+    }
+
+    /// Listens again on the same port: the dependency is back.
+    pub async fn restore(&self) {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        *self.running.lock().unwrap() = CancellationToken::new();
+        self.serve(listener);
+    }
+}
+
+/// The socket address in a `scheme://user@host:port/…` URL.
+pub fn socket_of(url: &str) -> SocketAddr {
+    let after_at = url.rsplit_once('@').map_or(url, |(_, rest)| rest);
+    let host_port = after_at.split('/').next().unwrap();
+    host_port.parse().unwrap()
+}

@@ -1,0 +1,152 @@
+//! `Idempotency-Key` on the synchronous creating POSTs: replay, reuse with another body,
+//! and a key whose first request is still in flight.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::spawn_app;
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn the_same_key_and_body_replays_the_first_answer_without_a_second_effect() {
+    let app = spawn_app().await;
+    let first = app
+        .post_with_key("/users", json!({ "name": "Han" }), "signup-1")
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+
+    let again = app
+        .post_with_key("/users", json!({ "name": "Han" }), "signup-1")
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+}
+
+#[tokio::test]
+async fn a_replayed_charge_is_applied_once() {
+    let app = spawn_app().await;
+    let user = app.create_user("Yoon").await;
+    let path = format!("/users/{user}/balance/charge");
+    let first = app
+        .post_with_key(&path, json!({ "amount": 700 }), "charge-a")
+        .await;
+    let second = app
+        .post_with_key(&path, json!({ "amount": 700 }), "charge-a")
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(app.balance(user).await, 700);
+}
+
+#[tokio::test]
+async fn a_key_reused_with_another_body_is_refused() {
+    let app = spawn_app().await;
+    let user = app.create_user("Kang").await;
+    let path = format!("/users/{user}/balance/charge");
+    assert_eq!(
+        app.post_with_key(&path, json!({ "amount": 100 }), "k")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let reused = app.post_with_key(&path, json!({ "amount": 200 }), "k").await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reused.code(), "ERR_IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(app.balance(user).await, 100);
+}
+
+#[tokio::test]
+async fn keys_of_different_users_do_not_collide() {
+    let app = spawn_app().await;
+    let a = app.create_user("A").await;
+    let b = app.create_user("B").await;
+    for (user, amount) in [(a, 10), (b, 20)] {
+        let answer = app
+            .post_with_key(
+                &format!("/users/{user}/balance/charge"),
+                json!({ "amount": amount }),
+                "same-key",
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    assert_eq!(app.balance(a).await, 10);
+    assert_eq!(app.balance(b).await, 20);
+}
+
+#[tokio::test]
+async fn a_key_still_in_flight_answers_409_until_it_is_stale() {
+    let app = spawn_app().await;
+    // What a request that is being handled right now leaves in the table: a claim with no response.
+    sqlx::query("INSERT INTO idempotency_keys (scope, key, request) VALUES ('POST /users', 'busy', $1)")
+        .bind(json!({ "name": "Seo" }))
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let busy = app
+        .post_with_key("/users", json!({ "name": "Seo" }), "busy")
+        .await;
+    assert_eq!(busy.status, StatusCode::CONFLICT);
+    assert_eq!(busy.code(), "ERR_IDEMPOTENCY_KEY_IN_USE");
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(users, 0);
+
+    // A claim left by a process that crashed is taken over once stale.
+    sqlx::query("UPDATE idempotency_keys SET locked_at = now() - interval '5 minutes'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let retaken = app
+        .post_with_key("/users", json!({ "name": "Seo" }), "busy")
+        .await;
+    assert_eq!(retaken.status, StatusCode::CREATED);
+    let replay = app
+        .post_with_key("/users", json!({ "name": "Seo" }), "busy")
+        .await;
+    assert_eq!(replay.body, retaken.body);
+}
+
+#[tokio::test]
+async fn a_refused_request_is_replayed_as_refused() {
+    let app = spawn_app().await;
+    let path = "/users/424242/balance/charge";
+    let first = app.post_with_key(path, json!({ "amount": 5 }), "ghost").await;
+    assert_eq!(first.code(), "ERR_BALANCE_INVALID_USER");
+    let again = app.post_with_key(path, json!({ "amount": 5 }), "ghost").await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_apply_the_effect_once() {
+    let app = spawn_app().await;
+    let user = app.create_user("Lim").await;
+    let path = format!("/users/{user}/balance/charge");
+    let answers =
+        futures::future::join_all((0..20).map(|_| app.post_with_key(&path, json!({ "amount": 50 }), "once")))
+            .await;
+    for answer in &answers {
+        assert!(
+            answer.status == StatusCode::OK || answer.code() == "ERR_IDEMPOTENCY_KEY_IN_USE",
+            "{answer:?}"
+        );
+    }
+    assert!(answers.iter().any(|a| a.status == StatusCode::OK));
+    assert_eq!(app.balance(user).await, 50);
+}

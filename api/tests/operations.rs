@@ -1,0 +1,141 @@
+//! Health, metrics, the OpenAPI document, and start-up safety.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::spawn_app;
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/health/live").await.status, StatusCode::OK);
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+    assert_eq!(ready.body["postgres"], "UP");
+    assert_eq!(ready.body["rabbitmq"], "UP");
+}
+
+#[tokio::test]
+async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
+    let database_url = shared::testing::fresh_database_url().await.unwrap();
+    let mut config = api::ApiConfig::from_env().unwrap();
+    config.http_addr = ([127, 0, 0, 1], 0).into();
+    config.database.url = database_url;
+    // Nothing listens on port 1.
+    config.broker.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let app = api::Application::build(config)
+        .await
+        .expect("starts without RabbitMQ");
+    let addr = app.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(app.run(shutdown.clone()));
+
+    let live = reqwest::get(format!("http://{addr}/health/live")).await.unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready = common::read(reqwest::get(format!("http://{addr}/health/ready")).await.unwrap()).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.body["postgres"], "UP");
+    assert_eq!(ready.body["rabbitmq"], "DOWN");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let app = spawn_app().await;
+    app.get("/products/424242").await;
+    app.get("/health/live").await;
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    let counter = text
+        .lines()
+        .find(|l| {
+            l.starts_with("http_requests_total{")
+                && l.contains(r#"route="/products/{productId}""#)
+                && l.contains(r#"status="404""#)
+        })
+        .unwrap_or_else(|| panic!("no request counter for the 404 in:\n{text}"));
+    assert!(counter.split_whitespace().last().unwrap().parse::<f64>().unwrap() >= 1.0);
+    assert!(text.contains("http_request_duration_seconds_bucket{"), "{text}");
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_of_the_contract() {
+    let app = spawn_app().await;
+    let doc = app.get("/openapi.json").await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.body["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc.body["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/users", "post"),
+        ("/users/{userId}/balance", "get"),
+        ("/users/{userId}/balance/charge", "post"),
+        ("/users/{userId}/balance/transactions", "get"),
+        ("/products", "get"),
+        ("/products/{productId}", "get"),
+        ("/admin/products", "post"),
+        ("/admin/products/{productId}", "patch"),
+        ("/health/live", "get"),
+        ("/health/ready", "get"),
+        ("/metrics", "get"),
+        ("/requests/{requestId}", "get"),
+        ("/admin/coupons", "post"),
+        ("/coupons/{couponId}", "get"),
+        ("/coupons/{couponId}/issue", "post"),
+        ("/users/{userId}/coupons", "get"),
+        ("/coupons/{couponId}/applicable-products", "get"),
+        ("/orders", "post"),
+        ("/orders/{orderId}/payment", "post"),
+        ("/orders/{orderId}/cancel", "post"),
+        ("/users/{userId}/orders", "get"),
+        ("/users/{userId}/orders/{orderId}", "get"),
+        ("/products/popular", "get"),
+        ("/admin/batch/popular-products/run", "post"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    // And every documented route answers something other than "no such route".
+    for path in paths.keys() {
+        let concrete = path
+            .replace("{userId}", "1")
+            .replace("{productId}", "1")
+            .replace("{couponId}", "1")
+            .replace("{requestId}", "x")
+            .replace("{orderId}", "x");
+        let answer = app.get(&concrete).await;
+        assert_ne!(
+            answer.code(),
+            "ERR_NOT_FOUND",
+            "{path} is documented but not routed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn migrations_are_safe_when_several_processes_start_at_once() {
+    let url = shared::testing::fresh_database_url().await.unwrap();
+    let settings = shared::config::DatabaseSettings {
+        url,
+        max_connections: 2,
+    };
+    let starts = (0..4).map(|i| {
+        let settings = settings.clone();
+        tokio::spawn(async move { shared::db::connect_and_migrate(&settings, &format!("starter-{i}")).await })
+    });
+    let pools: Vec<_> = futures::future::join_all(starts).await;
+    let mut pool = None;
+    for started in pools {
+        pool = Some(started.unwrap().expect("every process starts"));
+    }
+    let pool = pool.unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, shared::db::MIGRATOR.iter().count() as i64);
+}

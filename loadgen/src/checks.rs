@@ -1,0 +1,471 @@
+//! The correctness checks run at the end of every scenario, once every accepted command is
+//! settled: what the API answers and what PostgreSQL holds must agree with each other and
+//! with the invariants of the design. A failed check is a violation; a benchmark with one
+//! has no figure worth reporting.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+
+use anyhow::Context;
+use futures::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::client::Api;
+
+/// One check and how it went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// The checks of one scenario.
+#[derive(Debug, Default)]
+pub struct Checks(Vec<Check>);
+
+impl Checks {
+    pub fn expect(&mut self, name: &str, passed: bool, detail: impl Into<String>) {
+        self.0.push(Check {
+            name: name.to_owned(),
+            passed,
+            detail: detail.into(),
+        });
+    }
+
+    pub fn expect_eq<T: PartialEq + Debug>(&mut self, name: &str, expected: T, actual: T) {
+        let detail = format!("expected {expected:?}, found {actual:?}");
+        self.expect(name, expected == actual, detail);
+    }
+
+    /// `count` rows that should not exist.
+    pub fn expect_none(&mut self, name: &str, count: i64) {
+        self.expect(name, count == 0, format!("{count} found"));
+    }
+
+    pub fn violations(&self) -> usize {
+        self.0.iter().filter(|c| !c.passed).count()
+    }
+
+    pub fn into_vec(self) -> Vec<Check> {
+        self.0
+    }
+}
+
+async fn count(
+    db: &PgPool,
+    sql: &str,
+    bind: impl FnOnce(QueryScalar<'_>) -> QueryScalar<'_>,
+) -> anyhow::Result<i64> {
+    bind(sqlx::query_scalar(sql))
+        .fetch_one(db)
+        .await
+        .with_context(|| format!("check query failed: {sql}"))
+}
+
+type QueryScalar<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
+/// What the flash sale did, as the client saw it.
+pub struct FlashSaleFacts {
+    pub coupon: i64,
+    /// Coupons that must have been issued: the quantity, or fewer users if there were.
+    pub expected_issued: i64,
+    pub users: (i64, i64),
+    /// Every `requestId` the API accepted (202), replays included.
+    pub accepted: Vec<Uuid>,
+    pub unexpected_answers: u64,
+    /// Idempotency keys that were answered with two different requests.
+    pub keys_with_two_requests: u64,
+    pub concurrency: usize,
+}
+
+pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyhow::Result<Checks> {
+    let mut checks = Checks::default();
+    let coupon = facts.coupon;
+    checks.expect_none(
+        "every answer was one the contract allows",
+        facts.unexpected_answers as i64,
+    );
+    checks.expect_none(
+        "an Idempotency-Key never named two requests",
+        facts.keys_with_two_requests as i64,
+    );
+
+    let (issued_count, total): (i64, i64) =
+        sqlx::query_as("SELECT issued_quantity, total_quantity FROM coupons WHERE id = $1")
+            .bind(coupon)
+            .fetch_one(db)
+            .await?;
+    checks.expect_eq(
+        "coupon issued count is the quantity (DB)",
+        facts.expected_issued,
+        issued_count,
+    );
+    checks.expect(
+        "never issued beyond the total",
+        issued_count <= total,
+        format!("{issued_count} of {total}"),
+    );
+    let (rows, users, strangers): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT user_id), count(*) FILTER (WHERE user_id NOT BETWEEN $2 AND $3)
+         FROM user_coupons WHERE coupon_id = $1",
+    )
+    .bind(coupon)
+    .bind(facts.users.0)
+    .bind(facts.users.1)
+    .fetch_one(db)
+    .await?;
+    checks.expect_eq(
+        "exactly the quantity issued (user_coupons rows)",
+        facts.expected_issued,
+        rows,
+    );
+    checks.expect_eq("no user holds it twice", rows, users);
+    checks.expect_none("issued only to users of this run", strangers);
+
+    let (pending, succeeded, odd_failures): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'PENDING'),
+                count(*) FILTER (WHERE status = 'SUCCEEDED'),
+                count(*) FILTER (WHERE status = 'FAILED'
+                    AND error->>'code' NOT IN ('ERR_COUPON_OUT_OF_STOCK', 'ERR_COUPON_ALREADY_ACQUIRED'))
+         FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1",
+    )
+    .bind(coupon)
+    .fetch_one(db)
+    .await?;
+    checks.expect_none("every request terminal (DB)", pending);
+    checks.expect_eq("one succeeded request per issued coupon", rows, succeeded);
+    checks.expect_none(
+        "failures are only out of stock or already acquired (no ERR_PROCESSING_FAILED)",
+        odd_failures,
+    );
+    let orphans = count(
+        db,
+        "SELECT count(*) FROM requests r
+         WHERE kind = 'COUPON_ISSUE' AND partition_key = $1 AND status = 'SUCCEEDED'
+           AND NOT EXISTS (SELECT 1 FROM user_coupons uc
+                           WHERE uc.request_id = r.id AND uc.id::text = r.result->>'userCouponId')",
+        |q| q.bind(coupon),
+    )
+    .await?;
+    checks.expect_none("every success names the coupon it issued", orphans);
+    let unexplained = count(
+        db,
+        "SELECT count(*) FROM user_coupons uc WHERE coupon_id = $1
+           AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.id = uc.request_id AND r.status = 'SUCCEEDED')",
+        |q| q.bind(coupon),
+    )
+    .await?;
+    checks.expect_none("every issued coupon has its succeeded request", unexplained);
+    let unsettled = count(
+        db,
+        "SELECT count(*) FROM UNNEST($1::uuid[]) AS a(id) LEFT JOIN requests r USING (id)
+         WHERE r.status IS DISTINCT FROM 'SUCCEEDED' AND r.status IS DISTINCT FROM 'FAILED'",
+        |q| q.bind(facts.accepted.clone()),
+    )
+    .await?;
+    checks.expect_none("every 202 is stored and terminal (DB)", unsettled);
+
+    // Read back through the API.
+    let answer = api.get(&format!("/coupons/{coupon}")).await?;
+    checks.expect_eq(
+        "coupon issuedQuantity is the quantity (API)",
+        Some(facts.expected_issued),
+        answer.i64_field("issuedQuantity"),
+    );
+    let mut accepted = facts.accepted.clone();
+    accepted.sort_unstable();
+    accepted.dedup();
+    let not_terminal = stream::iter(accepted)
+        .map(|id| async move {
+            match api.request_status(id).await {
+                Ok(a) if a.status == 200 && matches!(a.str_field("status"), Some("SUCCEEDED" | "FAILED")) => {
+                    0
+                }
+                _ => 1,
+            }
+        })
+        .buffer_unordered(facts.concurrency.max(1))
+        .fold(0_i64, |sum, n| async move { sum + n })
+        .await;
+    checks.expect_none(
+        "every 202 reads terminal at GET /requests/{id} (API)",
+        not_terminal,
+    );
+    let holders: Vec<i64> = sqlx::query_scalar(
+        "SELECT user_id FROM user_coupons WHERE coupon_id = $1 ORDER BY random() LIMIT 50",
+    )
+    .bind(coupon)
+    .fetch_all(db)
+    .await?;
+    let mut missing = 0;
+    for user in &holders {
+        let answer = api.get(&format!("/users/{user}/coupons")).await?;
+        let holds = answer
+            .body
+            .get("items")
+            .and_then(|i| i.as_array())
+            .is_some_and(|items| {
+                items
+                    .iter()
+                    .any(|c| c.get("couponId").and_then(|v| v.as_i64()) == Some(coupon))
+            });
+        if !holds {
+            missing += 1;
+        }
+    }
+    checks.expect(
+        "holders see the coupon at GET /users/{id}/coupons (API, sample)",
+        missing == 0,
+        format!("{missing} of {} sampled holders do not", holders.len()),
+    );
+    Ok(checks)
+}
+
+/// What the checkout did, as the client saw it.
+pub struct CheckoutFacts {
+    pub users: Vec<i64>,
+    /// Products with the stock they started with.
+    pub products: Vec<(i64, i64)>,
+    pub coupon: i64,
+    /// Orders the client saw paid, with their users.
+    pub paid: Vec<(i64, Uuid)>,
+    pub expected_paid: i64,
+    pub unexpected_answers: u64,
+    pub failed_journeys: u64,
+}
+
+pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::Result<Checks> {
+    let mut checks = Checks::default();
+    let users = facts.users.clone();
+    let product_ids: Vec<i64> = facts.products.iter().map(|(id, _)| *id).collect();
+    checks.expect_none(
+        "every answer was one the contract allows",
+        facts.unexpected_answers as i64,
+    );
+    checks.expect_none("every journey ended paid", facts.failed_journeys as i64);
+
+    let negative = count(db, "SELECT count(*) FROM balances WHERE amount < 0", |q| q).await?;
+    checks.expect_none("no balance negative", negative);
+    let off_ledger = count(
+        db,
+        "SELECT count(*) FROM balances b
+         LEFT JOIN (SELECT user_id, sum(CASE kind WHEN 'PAYMENT' THEN -amount ELSE amount END) AS total
+                    FROM balance_transactions WHERE user_id = ANY($1) GROUP BY user_id) l USING (user_id)
+         WHERE b.user_id = ANY($1) AND b.amount <> COALESCE(l.total, 0)",
+        |q| q.bind(users.clone()),
+    )
+    .await?;
+    checks.expect_none("balance = CHARGE + REFUND - PAYMENT of its ledger", off_ledger);
+    let stale_after = count(
+        db,
+        "SELECT count(*) FROM balances b
+         LEFT JOIN (SELECT DISTINCT ON (user_id) user_id, balance_after FROM balance_transactions
+                    WHERE user_id = ANY($1) ORDER BY user_id, id DESC) t USING (user_id)
+         WHERE b.user_id = ANY($1) AND b.amount <> COALESCE(t.balance_after, 0)",
+        |q| q.bind(users.clone()),
+    )
+    .await?;
+    checks.expect_none(
+        "the newest ledger entry's balanceAfter is the balance",
+        stale_after,
+    );
+
+    let on_hand: Vec<(i64, i64, i64, i64)> =
+        sqlx::query_as("SELECT id, stock, reserved, sold FROM products WHERE id = ANY($1) ORDER BY id")
+            .bind(&product_ids)
+            .fetch_all(db)
+            .await?;
+    let initial: HashMap<i64, i64> = facts.products.iter().copied().collect();
+    let unbalanced = on_hand
+        .iter()
+        .filter(|(id, stock, _, sold)| initial.get(id) != Some(&(stock + sold)))
+        .count();
+    checks.expect_none("stock + sold = initial stock, every product", unbalanced as i64);
+    let units = |status: &'static str| {
+        format!(
+            "SELECT count(*) FROM products p WHERE p.id = ANY($1) AND p.{} <> COALESCE(
+               (SELECT sum(oi.quantity) FROM order_items oi JOIN orders o ON o.id = oi.order_id
+                WHERE oi.product_id = p.id AND o.status = '{status}'), 0)",
+            if status == "PAID" { "sold" } else { "reserved" }
+        )
+    };
+    let reserved_off = count(db, &units("RESERVED"), |q| q.bind(product_ids.clone())).await?;
+    checks.expect_none("reserved = units of RESERVED orders, every product", reserved_off);
+    let sold_off = count(db, &units("PAID"), |q| q.bind(product_ids.clone())).await?;
+    checks.expect_none("sold = units of PAID orders, every product", sold_off);
+
+    let payments_off = count(
+        db,
+        "SELECT count(*) FROM orders o WHERE o.user_id = ANY($1)
+           AND (o.status = 'PAID') <> ((SELECT count(*) FROM payments p WHERE p.order_id = o.id) = 1)",
+        |q| q.bind(users.clone()),
+    )
+    .await?;
+    checks.expect_none("one payment per PAID order, none for others", payments_off);
+    let amounts_off = count(
+        db,
+        "SELECT count(*) FROM orders o JOIN payments p ON p.order_id = o.id
+         LEFT JOIN (SELECT order_id, sum(amount) AS paid FROM balance_transactions
+                    WHERE kind = 'PAYMENT' AND user_id = ANY($1) GROUP BY order_id) l ON l.order_id = o.id
+         WHERE o.user_id = ANY($1)
+           AND (p.amount <> o.paid_amount OR o.paid_amount <> o.total_amount - o.discount_amount
+                OR o.paid_amount <> COALESCE(l.paid, 0))",
+        |q| q.bind(users.clone()),
+    )
+    .await?;
+    checks.expect_none(
+        "payment = paid amount = total - discount = ledger PAYMENT",
+        amounts_off,
+    );
+
+    let coupon = facts.coupon;
+    let used_unpaid = count(
+        db,
+        "SELECT count(*) FROM user_coupons uc WHERE uc.coupon_id = $1 AND uc.used_at IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM payments p JOIN orders o ON o.id = p.order_id
+                           WHERE p.user_coupon_id = uc.id AND o.id = uc.order_id
+                             AND o.status = 'PAID' AND o.coupon_id = $1)",
+        |q| q.bind(coupon),
+    )
+    .await?;
+    checks.expect_none(
+        "every used coupon belongs to its PAID order and payment",
+        used_unpaid,
+    );
+    let discounted_unused = count(
+        db,
+        "SELECT count(*) FROM orders o WHERE o.coupon_id = $1
+           AND NOT EXISTS (SELECT 1 FROM user_coupons uc WHERE uc.order_id = o.id AND uc.used_at IS NOT NULL)",
+        |q| q.bind(coupon),
+    )
+    .await?;
+    checks.expect_none(
+        "every order with the coupon used a held coupon",
+        discounted_unused,
+    );
+    let (issued, rows): (i64, i64) = sqlx::query_as(
+        "SELECT issued_quantity, (SELECT count(*) FROM user_coupons WHERE coupon_id = $1)
+         FROM coupons WHERE id = $1",
+    )
+    .bind(coupon)
+    .fetch_one(db)
+    .await?;
+    checks.expect_eq("coupon issued count = coupons held", issued, rows);
+
+    let (pending, processing_failed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'PENDING'),
+                count(*) FILTER (WHERE error->>'code' = 'ERR_PROCESSING_FAILED')
+         FROM requests WHERE kind IN ('ORDER_CREATE', 'ORDER_PAY') AND partition_key = ANY($1)",
+    )
+    .bind(&users)
+    .fetch_one(db)
+    .await?;
+    checks.expect_none("every request terminal (DB)", pending);
+    checks.expect_none("no ERR_PROCESSING_FAILED", processing_failed);
+    let paid = count(
+        db,
+        "SELECT count(*) FROM orders WHERE user_id = ANY($1) AND status = 'PAID'",
+        |q| q.bind(users.clone()),
+    )
+    .await?;
+    checks.expect_eq("every user's order PAID (DB)", facts.expected_paid, paid);
+
+    // Read back through the API.
+    let mut stock_off = 0;
+    for (id, stock, reserved, _) in &on_hand {
+        let answer = api.get(&format!("/products/{id}")).await?;
+        if answer.i64_field("stock") != Some(stock - reserved) {
+            stock_off += 1;
+        }
+    }
+    checks.expect(
+        "GET /products/{id} stock = on hand - reserved (API)",
+        stock_off == 0,
+        format!("{stock_off} of {} products differ", on_hand.len()),
+    );
+    let sample: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, amount FROM balances WHERE user_id = ANY($1) ORDER BY random() LIMIT 100",
+    )
+    .bind(&users)
+    .fetch_all(db)
+    .await?;
+    let mut balance_off = 0;
+    for (user, amount) in &sample {
+        let answer = api.get(&format!("/users/{user}/balance")).await?;
+        if answer.i64_field("balance") != Some(*amount) {
+            balance_off += 1;
+        }
+    }
+    checks.expect(
+        "GET /users/{id}/balance = the balance row (API, sample)",
+        balance_off == 0,
+        format!("{balance_off} of {} sampled users differ", sample.len()),
+    );
+    let mut not_paid = 0;
+    for (user, order) in facts.paid.iter().take(50) {
+        let answer = api.get(&format!("/users/{user}/orders/{order}")).await?;
+        if answer.str_field("status") != Some("PAID") {
+            not_paid += 1;
+        }
+    }
+    checks.expect(
+        "GET /users/{id}/orders/{orderId} reads PAID (API, sample)",
+        not_paid == 0,
+        format!("{not_paid} of {} sampled orders do not", facts.paid.len().min(50)),
+    );
+    Ok(checks)
+}
+
+/// Reads agree with the database once the load is over.
+pub async fn browse(
+    db: &PgPool,
+    api: &Api,
+    products: &[i64],
+    users: &[i64],
+    unexpected_answers: u64,
+) -> anyhow::Result<Checks> {
+    let mut checks = Checks::default();
+    checks.expect_none("every answer was 200", unexpected_answers as i64);
+    let rows: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, stock - reserved FROM products WHERE id = ANY($1) ORDER BY id")
+            .bind(products)
+            .fetch_all(db)
+            .await?;
+    let mut stock_off = 0;
+    for (id, stock) in &rows {
+        if api.get(&format!("/products/{id}")).await?.i64_field("stock") != Some(*stock) {
+            stock_off += 1;
+        }
+    }
+    checks.expect(
+        "GET /products/{id} = the product row (API)",
+        stock_off == 0,
+        format!("{stock_off} of {} differ", rows.len()),
+    );
+    let sample: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT user_id, amount FROM balances WHERE user_id = ANY($1) ORDER BY random() LIMIT 100",
+    )
+    .bind(users)
+    .fetch_all(db)
+    .await?;
+    let mut balance_off = 0;
+    for (user, amount) in &sample {
+        if api
+            .get(&format!("/users/{user}/balance"))
+            .await?
+            .i64_field("balance")
+            != Some(*amount)
+        {
+            balance_off += 1;
+        }
+    }
+    checks.expect(
+        "GET /users/{id}/balance = the balance row (API, sample)",
+        balance_off == 0,
+        format!("{balance_off} of {} differ", sample.len()),
+    );
+    Ok(checks)
+}

@@ -1,0 +1,226 @@
+//! The command line: one subcommand per scenario, the baseline, the report and the cleanup.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::schedule::Pace;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load generator and benchmarks of the order pipeline"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One hot coupon, many users at once, with client retries and second attempts.
+    FlashSale(FlashSaleArgs),
+    /// Each user orders, waits for the reservation, pays and waits for the payment.
+    Checkout(CheckoutArgs),
+    /// Catalogue and balance reads.
+    Browse(BrowseArgs),
+    /// The synchronous baseline: the same per-request transaction with pgbench.
+    Baseline(BaselineArgs),
+    /// Prints results side by side with the baseline (medians over several runs).
+    Report(ReportArgs),
+    /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
+    CleanupAmqp(CleanupArgs),
+}
+
+/// What every scenario needs: where the system is, and how hard to push it.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Base URL of the api.
+    #[arg(long, env = "LOADGEN_API_URL", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// The api's database, for setup and for the checks.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+    )]
+    pub database_url: String,
+    /// Bearer token of the /admin routes.
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "dev-admin-token")]
+    pub admin_token: String,
+    /// Concurrent clients (closed loop), or most requests in flight (open loop).
+    #[arg(long, short = 'c', default_value_t = 200)]
+    pub concurrency: usize,
+    /// Open loop: requests (checkout: journeys) per second, sent at fixed intervals whatever
+    /// the answers; latency counts from the scheduled time. Without it: closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seed of the random choices (order of users, products), so runs are repeatable.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A request that takes longer than this counts as failed.
+    #[arg(long, default_value_t = 30)]
+    pub request_timeout_secs: u64,
+    /// Commands sent before the measured run (checkout: half as many journeys), on their
+    /// own users, coupon and products, followed by ANALYZE, so that PostgreSQL plans with
+    /// statistics of tables that hold rows, as in a system that has been running. 0 measures
+    /// a cold database that was never analyzed.
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: usize,
+    /// Give up waiting for accepted commands to settle after this long.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout_secs: u64,
+    /// `/metrics` URLs of worker replicas, for the per-stage breakdown (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub worker_metrics: Vec<String>,
+    /// Processes to account CPU time and peak RSS for, as `name=pid` (comma separated).
+    #[arg(long = "process", value_delimiter = ',')]
+    pub processes: Vec<String>,
+    /// A free-form label carried into the result (e.g. `workers=2`).
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Where to write the result as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl Common {
+    pub fn pace(&self) -> Pace {
+        match self.rate {
+            Some(rate) => Pace::Open {
+                rate,
+                max_in_flight: self.concurrency.max(1),
+            },
+            None => Pace::Closed {
+                concurrency: self.concurrency.max(1),
+            },
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FlashSaleArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Distinct users asking for the coupon.
+    #[arg(long, short = 'u', default_value_t = 20_000)]
+    pub users: usize,
+    /// Coupons on sale.
+    #[arg(long, short = 'q', default_value_t = 5_000)]
+    pub quantity: i64,
+    /// Share of requests sent again with the same Idempotency-Key (a client retry).
+    #[arg(long, default_value_t = 0.10)]
+    pub retry_share: f64,
+    /// Share of users who ask a second time, with a new key.
+    #[arg(long, default_value_t = 0.05)]
+    pub second_attempt_share: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Users; each places and pays one order.
+    #[arg(long, short = 'u', default_value_t = 5_000)]
+    pub users: usize,
+    /// Products the orders are spread over.
+    #[arg(long, short = 'p', default_value_t = 50)]
+    pub products: usize,
+    /// Share of users who hold a coupon and pay with it.
+    #[arg(long, default_value_t = 0.2)]
+    pub coupon_share: f64,
+    /// First wait before polling a pending request; grows 1.5x up to --poll-max-ms.
+    #[arg(long, default_value_t = 20)]
+    pub poll_initial_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    pub poll_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BrowseArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Users whose balance is read.
+    #[arg(long, short = 'u', default_value_t = 1_000)]
+    pub users: usize,
+    /// Products in the catalogue.
+    #[arg(long, short = 'p', default_value_t = 100)]
+    pub products: usize,
+    /// How long to read.
+    #[arg(long, default_value_t = 15)]
+    pub duration_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BaselineScenario {
+    FlashSale,
+    Checkout,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BaselineArgs {
+    /// Which transaction to run.
+    #[arg(value_enum)]
+    pub scenario: BaselineScenario,
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+    )]
+    pub database_url: String,
+    /// pgbench clients (connections); lowered to what PostgreSQL's max_connections leaves free.
+    #[arg(long, short = 'c', default_value_t = 200)]
+    pub concurrency: usize,
+    /// Also run with this many clients (a synchronous server's connection pool; the api's
+    /// is 10); 0 to skip.
+    #[arg(long, default_value_t = 10)]
+    pub pooled_clients: usize,
+    /// Transactions in all, one per distinct user (rounded up to a multiple of the clients).
+    #[arg(long, short = 'u', default_value_t = 20_000)]
+    pub users: usize,
+    /// Flash sale: coupons on sale.
+    #[arg(long, short = 'q', default_value_t = 5_000)]
+    pub quantity: i64,
+    /// Checkout: products.
+    #[arg(long, short = 'p', default_value_t = 50)]
+    pub products: usize,
+    /// Directory of the pgbench scripts.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/pgbench"))]
+    pub scripts: PathBuf,
+    /// Where to write the result as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Run directories, each with `scenario.json` and optionally `baseline.json`; with
+    /// several, every figure is the median over them.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The prefix to delete; must not be empty.
+    #[arg(long, env = "AMQP_PREFIX")]
+    pub prefix: String,
+    #[arg(long, env = "COMMAND_PARTITIONS", default_value_t = 16)]
+    pub partitions: u16,
+}

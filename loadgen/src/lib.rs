@@ -1,0 +1,53 @@
+//! A load generator for the HTTP contract, and the benchmarks that compare the pipeline with
+//! the synchronous design users would otherwise build.
+//!
+//! Every scenario sets up what it needs (through SQL where that is not what is measured),
+//! drives the measured commands over HTTP, closed loop (`--concurrency` clients, each sending
+//! its next request when the last one answered) or open loop (`--rate`: requests scheduled at
+//! fixed intervals whatever the answers, latency counted from the scheduled time so that a
+//! slow server cannot hide behind its own backlog), waits until every accepted command is
+//! settled, and checks the result read back from the API and from PostgreSQL.
+//!
+//! # Layout
+//! - [`cli`]: the command line.
+//! - [`client`]: a typed client of the HTTP contract.
+//! - [`schedule`]: the load engine: closed loop, or an open-loop constant-rate schedule.
+//! - [`histogram`]: latency histograms (HdrHistogram) and their percentiles.
+//! - [`setup`]: users, balances, products and coupons for a scenario.
+//! - [`scenarios`]: `flash-sale`, `checkout`, `browse`.
+//! - [`checks`]: the correctness checks run at the end of every scenario.
+//! - [`baseline`]: the synchronous baseline, run with `pgbench` on scratch tables.
+//! - [`prometheus`]: scrapes `/metrics` of the api and the workers for a per-stage breakdown.
+//! - [`resources`]: CPU time and peak memory of the processes involved, from `/proc`.
+//! - [`db_activity`]: what PostgreSQL's backends wait on during a run, and what it cost
+//!   (commits, rows, WAL).
+//! - [`report`]: results as JSON, and the side-by-side table with the baseline.
+//! - [`amqp_cleanup`]: deletes the queues and exchanges of a benchmark's `AMQP_PREFIX`.
+
+pub mod amqp_cleanup;
+pub mod baseline;
+pub mod checks;
+pub mod cli;
+pub mod client;
+pub mod db_activity;
+pub mod histogram;
+pub mod prometheus;
+pub mod report;
+pub mod resources;
+pub mod scenarios;
+pub mod schedule;
+pub mod setup;
+
+use cli::{Cli, Command};
+
+/// Runs one subcommand.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::FlashSale(args) => scenarios::flash_sale::run(&args).await,
+        Command::Checkout(args) => scenarios::checkout::run(&args).await,
+        Command::Browse(args) => scenarios::browse::run(&args).await,
+        Command::Baseline(args) => baseline::run(&args).await,
+        Command::Report(args) => report::print_runs(&args),
+        Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
+    }
+}

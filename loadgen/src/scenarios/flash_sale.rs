@@ -1,0 +1,469 @@
+//! `flash-sale`: one coupon of quantity Q and U users who all want it at once.
+//!
+//! Each user asks once with their own `Idempotency-Key`; a share of those requests is sent
+//! again with the same key (a client that timed out and retries), and a share of users asks a
+//! second time with a new key. Every answer the contract allows counts as correct: `202`
+//! (fresh or replayed), `410 ERR_COUPON_OUT_OF_STOCK` (the API knows at once once sold out),
+//! `409 ERR_COUPON_ALREADY_ACQUIRED` (the user holds it), and for a key sent twice,
+//! `409 ERR_IDEMPOTENCY_KEY_IN_USE` while its first request is still being handled.
+//!
+//! Figures (keys of the result):
+//! - `coupons_issued_per_sec`: coupons issued / (last coupon issued − start of the load):
+//!   what a flash sale is about, end to end, with PostgreSQL's clock (the same machine's).
+//! - `answered_per_sec`, `accepted_per_sec`: HTTP answers, and `202`s, per second of load.
+//! - `accept_to_settled_seconds`: first accepted request to last settled one (DB).
+//! - latency `answer (all)`: every answer, from the (scheduled) send to the response.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{base_params, db_latency, Harness, Outcomes};
+use crate::checks::{self, FlashSaleFacts};
+use crate::cli::FlashSaleArgs;
+use crate::client::{Answer, Api};
+use crate::histogram::Recorder;
+use crate::report::ScenarioResult;
+use crate::schedule;
+use crate::setup;
+
+/// Why a request is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptKind {
+    /// The user's request.
+    First,
+    /// The same request again, same key: a client retry.
+    Retry,
+    /// The user asks again with a new key.
+    Second,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub user: i64,
+    pub key: String,
+    pub kind: AttemptKind,
+}
+
+/// The order of all requests: every user once, in random order; a retry `1..=spread`
+/// requests after its first, a second attempt `spread..=10 * spread` after (with `spread`
+/// the concurrency, so a retry often overlaps its first request and a second attempt
+/// comes once the first was answered).
+pub fn plan_attempts(
+    users: &[i64],
+    retry_share: f64,
+    second_share: f64,
+    spread: usize,
+    seed: u64,
+) -> Vec<Attempt> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order = users.to_vec();
+    order.shuffle(&mut rng);
+    let spread = spread.max(1);
+    let share = |s: f64| ((s.clamp(0.0, 1.0) * order.len() as f64).round() as usize).min(order.len());
+    let mut planned: Vec<(f64, Attempt)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, &user)| {
+            let attempt = Attempt {
+                user,
+                key: format!("flash-{user}-1"),
+                kind: AttemptKind::First,
+            };
+            (i as f64, attempt)
+        })
+        .collect();
+    let mut indices: Vec<usize> = (0..order.len()).collect();
+    indices.shuffle(&mut rng);
+    for &i in indices.iter().take(share(retry_share)) {
+        let at = (i + rng.random_range(1..=spread)) as f64 + 0.5;
+        planned.push((
+            at,
+            Attempt {
+                user: order[i],
+                key: format!("flash-{}-1", order[i]),
+                kind: AttemptKind::Retry,
+            },
+        ));
+    }
+    indices.shuffle(&mut rng);
+    for &i in indices.iter().take(share(second_share)) {
+        let at = (i + rng.random_range(spread..=10 * spread)) as f64 + 0.25;
+        planned.push((
+            at,
+            Attempt {
+                user: order[i],
+                key: format!("flash-{}-2", order[i]),
+                kind: AttemptKind::Second,
+            },
+        ));
+    }
+    planned.sort_by(|a, b| a.0.total_cmp(&b.0));
+    planned.into_iter().map(|(_, a)| a).collect()
+}
+
+/// Whether the contract allows this answer to this attempt.
+pub fn is_allowed(kind: AttemptKind, answer: &Answer) -> bool {
+    match (answer.status, answer.code.as_deref()) {
+        (202, _) => true,
+        (410, Some("ERR_COUPON_OUT_OF_STOCK")) | (409, Some("ERR_COUPON_ALREADY_ACQUIRED")) => true,
+        // A key sent twice: whichever of the two comes second may find the first in flight.
+        (409, Some("ERR_IDEMPOTENCY_KEY_IN_USE")) => kind != AttemptKind::Second,
+        _ => false,
+    }
+}
+
+/// What the requests share while they run.
+struct Sale {
+    api: Api,
+    coupon: i64,
+    recorder: Recorder,
+    outcomes: Outcomes,
+    accepted: Mutex<Vec<Uuid>>,
+    /// The request each key was answered with, to catch a key that names two.
+    keys: Mutex<HashMap<String, Uuid>>,
+    keys_with_two_requests: AtomicU64,
+    answered_202: AtomicU64,
+}
+
+impl Sale {
+    fn new(api: Api, coupon: i64) -> Self {
+        Self {
+            api,
+            coupon,
+            recorder: Recorder::default(),
+            outcomes: Outcomes::default(),
+            accepted: Mutex::new(Vec::new()),
+            keys: Mutex::new(HashMap::new()),
+            keys_with_two_requests: AtomicU64::new(0),
+            answered_202: AtomicU64::new(0),
+        }
+    }
+
+    async fn send(&self, attempt: Attempt, intended: Instant) {
+        let answer = self
+            .api
+            .issue_coupon(self.coupon, attempt.user, &attempt.key)
+            .await;
+        let latency = intended.elapsed();
+        self.recorder.record("answer (all)", latency);
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                let outcome = if e
+                    .downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_timeout)
+                {
+                    "timeout"
+                } else {
+                    "transport error"
+                };
+                self.outcomes.count(outcome, false);
+                return;
+            }
+        };
+        let outcome = answer.outcome();
+        self.recorder.record(&format!("answer {outcome}"), latency);
+        self.outcomes.count(&outcome, is_allowed(attempt.kind, &answer));
+        if answer.replayed {
+            self.outcomes.count("(of which replayed)", true);
+        }
+        if answer.status == 202 {
+            self.answered_202.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = answer.request_id() {
+                self.accepted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(id);
+                let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+                match keys.get(&attempt.key) {
+                    Some(first) if *first != id => {
+                        self.keys_with_two_requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => {
+                        keys.insert(attempt.key, id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A small sale of its own before the measured one, then ANALYZE (see `--warmup`).
+async fn warm_up(harness: &Harness, args: &FlashSaleArgs, prefix: &str) -> anyhow::Result<()> {
+    let count = args.common.warmup;
+    if count == 0 {
+        return Ok(());
+    }
+    let users = setup::create_users(&harness.db, &format!("{prefix}warmup-"), count, 0).await?;
+    // Half of them get one: user_coupons then holds enough rows to be planned as a table.
+    let quantity = i64::try_from(count / 2).unwrap_or(1).max(1);
+    let coupon = harness
+        .api
+        .create_coupon(&format!("{prefix}warmup"), 1_000, quantity)
+        .await?;
+    let plan = plan_attempts(
+        &users,
+        args.retry_share,
+        args.second_attempt_share,
+        50,
+        args.common.seed + 1,
+    );
+    let sale = Arc::new(Sale::new(harness.api.clone(), coupon));
+    schedule::drive(
+        plan.into_iter(),
+        harness.warmup_pace(),
+        None,
+        move |attempt, intended| {
+            let sale = Arc::clone(&sale);
+            async move { sale.send(attempt, intended).await }
+        },
+    )
+    .await;
+    harness
+        .wait_until_settled(
+            "SELECT count(*) FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1 AND status = 'PENDING'",
+            coupon,
+        )
+        .await?;
+    harness.analyze().await
+}
+
+pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    let harness = Harness::connect(common).await?;
+    let prefix = setup::run_prefix("flash");
+    let users = setup::create_users(&harness.db, &prefix, args.users, 0).await?;
+    let coupon = harness
+        .api
+        .create_coupon(&format!("{prefix}coupon"), 1_000, args.quantity)
+        .await?;
+    warm_up(&harness, args, &prefix).await?;
+    let plan = plan_attempts(
+        &users,
+        args.retry_share,
+        args.second_attempt_share,
+        common.concurrency,
+        common.seed,
+    );
+    let requests = plan.len();
+    println!(
+        "flash sale: coupon {coupon} x{}, {} users, {requests} requests, {}",
+        args.quantity,
+        users.len(),
+        common.pace().describe()
+    );
+
+    let sale = Arc::new(Sale::new(harness.api.clone(), coupon));
+    let window = harness.begin().await;
+    let load = Arc::clone(&sale);
+    let timing = schedule::drive(plan.into_iter(), common.pace(), None, move |attempt, intended| {
+        let sale = Arc::clone(&load);
+        async move { sale.send(attempt, intended).await }
+    })
+    .await;
+    let drained = harness
+        .wait_until_settled(
+            "SELECT count(*) FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1 AND status = 'PENDING'",
+            coupon,
+        )
+        .await?;
+    let measured = harness.end(window).await;
+
+    let load_seconds = timing.elapsed().as_secs_f64();
+    let (issued, last_issue, first_accept, last_settled, settled): (i64, Option<f64>, Option<f64>, Option<f64>, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM user_coupons WHERE coupon_id = $1),
+                    (SELECT extract(epoch FROM max(issued_at))::float8 FROM user_coupons WHERE coupon_id = $1),
+                    extract(epoch FROM min(created_at))::float8,
+                    extract(epoch FROM max(completed_at))::float8,
+                    count(*) FILTER (WHERE status <> 'PENDING')
+             FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1",
+        )
+        .bind(coupon)
+        .fetch_one(&harness.db)
+        .await?;
+    let started = timing.started_at.timestamp_micros() as f64 / 1e6;
+    let answered_202 = sale.answered_202.load(Ordering::Relaxed) as f64;
+    let mut figures = std::collections::BTreeMap::new();
+    figures.insert("requests".to_owned(), timing.dispatched as f64);
+    figures.insert("load_seconds".to_owned(), load_seconds);
+    figures.insert(
+        "answered_per_sec".to_owned(),
+        timing.dispatched as f64 / load_seconds,
+    );
+    figures.insert("accepted".to_owned(), answered_202);
+    figures.insert("accepted_per_sec".to_owned(), answered_202 / load_seconds);
+    figures.insert("issued".to_owned(), issued as f64);
+    if let Some(last) = last_issue {
+        figures.insert("last_issue_after_start_seconds".to_owned(), last - started);
+        figures.insert(
+            "coupons_issued_per_sec".to_owned(),
+            issued as f64 / (last - started),
+        );
+    }
+    if let (Some(first), Some(last)) = (first_accept, last_settled) {
+        figures.insert("accept_to_settled_seconds".to_owned(), last - first);
+        figures.insert("settled_per_sec".to_owned(), settled as f64 / (last - first));
+    }
+    if let Some(drain) = drained {
+        figures.insert("drain_after_load_seconds".to_owned(), drain.as_secs_f64());
+    }
+    if common.rate.is_some() {
+        figures.insert("late_dispatches".to_owned(), timing.late as f64);
+        figures.insert(
+            "worst_dispatch_lag_ms".to_owned(),
+            timing.worst_lag.as_secs_f64() * 1e3,
+        );
+    }
+    figures.extend(measured.db_figures(timing.dispatched as f64, "request"));
+    let mut latencies = sale.recorder.summaries();
+    if let Some(l) = db_latency(
+        &harness.db,
+        "SELECT extract(epoch FROM completed_at - created_at)::float8 * 1000 AS ms
+         FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1 AND status <> 'PENDING'",
+        coupon,
+    )
+    .await?
+    {
+        latencies.insert("accept to settled (DB)".to_owned(), l);
+    }
+
+    let accepted = sale
+        .accepted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let facts = FlashSaleFacts {
+        coupon,
+        expected_issued: args.quantity.min(users.len() as i64),
+        users: (
+            users.first().copied().unwrap_or_default(),
+            users.last().copied().unwrap_or_default(),
+        ),
+        accepted,
+        unexpected_answers: sale.outcomes.unexpected(),
+        keys_with_two_requests: sale.keys_with_two_requests.load(Ordering::Relaxed),
+        concurrency: common.concurrency,
+    };
+    let checks = checks::flash_sale(&harness.db, &harness.api, &facts).await?;
+    let mut notes = Vec::new();
+    if drained.is_none() {
+        notes.push(format!(
+            "requests were still pending {} s after the load",
+            common.drain_timeout_secs
+        ));
+    }
+    let mut params = base_params(common);
+    params.insert("users".to_owned(), users.len().to_string());
+    params.insert("quantity".to_owned(), args.quantity.to_string());
+    params.insert("requests".to_owned(), requests.to_string());
+    let violations = checks.violations();
+    harness.finish(ScenarioResult {
+        scenario: "flash-sale".to_owned(),
+        label: common.label.clone(),
+        pace: common.pace().describe(),
+        params,
+        started_at: timing.started_at,
+        figures,
+        latencies,
+        outcomes: sale.outcomes.snapshot(),
+        checks: checks.into_vec(),
+        violations,
+        stages: measured.stages,
+        cpu: measured.cpu,
+        memory: Vec::new(),
+        db_waits: measured.db_waits,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn every_user_asks_once_and_retries_follow_their_first_request() {
+        let users: Vec<i64> = (1..=1_000).collect();
+        let plan = plan_attempts(&users, 0.10, 0.05, 20, 7);
+        let count = |k: AttemptKind| plan.iter().filter(|a| a.kind == k).count();
+        assert_eq!(count(AttemptKind::First), 1_000);
+        assert_eq!(count(AttemptKind::Retry), 100);
+        assert_eq!(count(AttemptKind::Second), 50);
+        let mut first_at = HashMap::new();
+        for (i, a) in plan.iter().enumerate() {
+            match a.kind {
+                AttemptKind::First => {
+                    assert_eq!(a.key, format!("flash-{}-1", a.user));
+                    assert!(
+                        first_at.insert(a.user, i).is_none(),
+                        "user {} asked first twice",
+                        a.user
+                    );
+                }
+                AttemptKind::Retry => {
+                    assert_eq!(a.key, format!("flash-{}-1", a.user), "a retry reuses the key");
+                    assert!(first_at.contains_key(&a.user), "a retry comes after its first");
+                }
+                AttemptKind::Second => {
+                    assert_eq!(
+                        a.key,
+                        format!("flash-{}-2", a.user),
+                        "a second attempt has its own key"
+                    );
+                    assert!(
+                        first_at.get(&a.user).is_some_and(|f| *f < i),
+                        "a second attempt comes later"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            plan,
+            plan_attempts(&users, 0.10, 0.05, 20, 7),
+            "the plan is repeatable"
+        );
+    }
+
+    fn answer(status: u16, code: Option<&str>) -> Answer {
+        Answer {
+            status,
+            code: code.map(str::to_owned),
+            body: Value::Null,
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn sold_out_and_already_held_are_correct_answers_and_errors_are_not() {
+        use AttemptKind::*;
+        assert!(is_allowed(First, &answer(202, None)));
+        assert!(is_allowed(First, &answer(410, Some("ERR_COUPON_OUT_OF_STOCK"))));
+        assert!(is_allowed(
+            Second,
+            &answer(409, Some("ERR_COUPON_ALREADY_ACQUIRED"))
+        ));
+        assert!(is_allowed(
+            Retry,
+            &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))
+        ));
+        assert!(!is_allowed(
+            Second,
+            &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))
+        ));
+        assert!(!is_allowed(First, &answer(503, Some("ERR_UNAVAILABLE"))));
+        assert!(!is_allowed(First, &answer(500, Some("ERR_INTERNAL"))));
+        assert!(!is_allowed(
+            Retry,
+            &answer(422, Some("ERR_IDEMPOTENCY_KEY_REUSED"))
+        ));
+    }
+}

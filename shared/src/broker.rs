@@ -1,0 +1,241 @@
+//! The RabbitMQ connection of a process.
+//!
+//! A process keeps one connection and hands out channels on it. When the broker restarts
+//! the connection dies; the next caller that needs it opens a new one, so processes recover
+//! by themselves without a restart and without a reconnect loop that spins while nobody
+//! needs the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::config::BrokerSettings;
+
+/// How long one connection attempt may take. A healthy local broker answers in
+/// milliseconds; an attempt that stalls is abandoned and tried once more.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Attempts per call before the broker counts as down.
+const CONNECT_ATTEMPTS: u32 = 2;
+
+/// Why the broker cannot be used right now.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("RabbitMQ did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+/// A connection that is re-opened on demand after it breaks.
+pub struct Broker {
+    url: String,
+    /// Shown in the RabbitMQ management UI, so operators can tell processes apart.
+    connection_name: String,
+    current: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Broker {
+    pub fn new(settings: &BrokerSettings, connection_name: impl Into<String>) -> Self {
+        Self {
+            url: settings.url.clone(),
+            connection_name: connection_name.into(),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The live connection, opening a new one if there is none or the last one broke.
+    pub async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        let mut current = self.current.lock().await;
+        if let Some(conn) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(Arc::clone(conn));
+        }
+        let conn = self.connect().await?;
+        tracing::info!(name = %self.connection_name, "connected to RabbitMQ");
+        let conn = Arc::new(conn);
+        *current = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Opens a connection. Now and then a handshake stalls with no answer (seen under load
+    /// on a busy two-core machine); it is abandoned after [`CONNECT_TIMEOUT`] and tried again.
+    async fn connect(&self) -> Result<Connection, BrokerError> {
+        let mut attempt = 1;
+        loop {
+            let properties =
+                ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, properties)).await {
+                Ok(connected) => return Ok(connected?),
+                Err(_) if attempt < CONNECT_ATTEMPTS => {
+                    tracing::warn!(name = %self.connection_name, "RabbitMQ handshake stalled; trying again");
+                    attempt += 1;
+                }
+                Err(_) => return Err(BrokerError::Timeout(CONNECT_TIMEOUT)),
+            }
+        }
+    }
+
+    /// A new channel on the live connection.
+    pub async fn channel(&self) -> Result<Channel, BrokerError> {
+        Ok(self.connection().await?.create_channel().await?)
+    }
+
+    /// True when the broker answers now (used by readiness checks).
+    pub async fn is_reachable(&self) -> bool {
+        self.connection().await.is_ok()
+    }
+
+    /// Waits until the broker answers or `cancel` fires; used at start-up.
+    pub async fn wait_until_reachable(
+        &self,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), BrokerError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.connection().await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "RabbitMQ not reachable, retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Err(e),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Closes the connection politely, so the broker does not log an abrupt disconnect.
+    pub async fn close(&self) {
+        if let Some(conn) = self.current.lock().await.take() {
+            if let Err(e) = conn.close(200, "shutdown".into()).await {
+                tracing::debug!(error = %e, "closing the RabbitMQ connection");
+            }
+        }
+    }
+}
+
+/// Why a message was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("RabbitMQ did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("no queue is bound for routing key {0:?}")]
+    Unroutable(String),
+}
+
+impl From<lapin::Error> for PublishError {
+    fn from(error: lapin::Error) -> Self {
+        Self::Broker(BrokerError::Amqp(error))
+    }
+}
+
+/// How long a publish may wait for the broker's confirm before it counts as failed.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes persistent, mandatory messages and waits for the broker's confirm.
+///
+/// One confirm-mode channel serves every caller: lapin pipelines publishes on it and
+/// matches each confirm to its publish, so concurrent requests do not queue behind each
+/// other's round trips. A broken channel is replaced on the next publish.
+pub struct Publisher {
+    broker: Arc<Broker>,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Publisher {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self {
+            broker,
+            channel: Mutex::new(None),
+        }
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut current = self.channel.lock().await;
+        if let Some(channel) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.broker.channel().await?;
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
+        *current = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Publishes `body` and returns once the broker has confirmed it is stored (persistent
+    /// message, quorum queue); with `mandatory`, also that it was routed to a queue.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: &str,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let published = self
+            .publish_once(exchange, routing_key, message_id, body, mandatory)
+            .await;
+        if matches!(
+            published,
+            Err(PublishError::Broker(_) | PublishError::ConfirmTimeout(_))
+        ) {
+            // A channel that failed or stalled is not trusted again: the next publish opens
+            // a new one (and a new connection if this one is gone).
+            let stale = self.channel.lock().await.take();
+            if let Some(channel) = stale {
+                let _ =
+                    tokio::time::timeout(CONFIRM_TIMEOUT, channel.close(200, "publish failed".into())).await;
+            }
+        }
+        published
+    }
+
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: &str,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let properties = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
+        let options = lapin::options::BasicPublishOptions {
+            mandatory,
+            ..lapin::options::BasicPublishOptions::default()
+        };
+        let confirm = async {
+            channel
+                .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+                .await?
+                .await
+        };
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout(CONFIRM_TIMEOUT))??;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        if confirmation.take_message().is_some() {
+            return Err(PublishError::Unroutable(routing_key.to_owned()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The PostgreSQL pool and the schema migrations.
+//!
+//! Every binary runs the migrations at start. sqlx takes a PostgreSQL advisory lock around
+//! them, so several processes starting at once apply each migration exactly once; the
+//! database itself is created when missing, tolerating a concurrent creator.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::DatabaseSettings;
+
+/// The one schema, from the workspace's `migrations/` folder, embedded in every binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// How long start-up keeps trying to reach PostgreSQL before giving up: long enough for a
+/// database container that starts next to us, short enough to fail visibly when it is absent.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connects (creating the database when it does not exist) and applies pending migrations.
+pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match try_connect_and_migrate(settings, app_name).await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = format!("{e:#}"), "PostgreSQL not ready, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
+    create_database_if_missing(&settings.url).await?;
+    let options: PgConnectOptions = settings
+        .url
+        .parse()
+        .context("DATABASE_URL is not a PostgreSQL URL")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name(app_name))
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    MIGRATOR.run(&pool).await.context("cannot apply migrations")?;
+    Ok(pool)
+}
+
+async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    if Postgres::database_exists(url)
+        .await
+        .context("cannot reach PostgreSQL")?
+    {
+        return Ok(());
+    }
+    match Postgres::create_database(url).await {
+        Ok(()) => {
+            tracing::info!("created the database");
+            Ok(())
+        }
+        // Another process created it between our check and our create.
+        Err(_) if Postgres::database_exists(url).await.unwrap_or(false) => Ok(()),
+        Err(e) => Err(e).context("cannot create the database"),
+    }
+}
+
+/// True when a database error means "PostgreSQL is unreachable" rather than "this query is
+/// wrong", so callers can answer 503 and let clients retry.
+pub fn is_connectivity_error(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+    ) || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// The name of the constraint a statement violated, if that is why it failed.
+pub fn violated_constraint(error: &sqlx::Error) -> Option<&str> {
+    match error {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}

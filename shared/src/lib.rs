@@ -1,0 +1,36 @@
+//! Domain rules and plumbing shared by the `api`, `worker` and `batch` binaries.
+//!
+//! # Layout
+//! - [`config`]: settings read from environment variables, with defaults that work on a
+//!   developer machine.
+//! - [`telemetry`]: tracing setup, as text for people or JSON for log shippers.
+//! - [`db`]: the PostgreSQL pool and the migrations every binary runs at start.
+//! - [`broker`]: the RabbitMQ connection, re-established on demand after the broker restarts.
+//! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
+//! - [`error`]: the contract's machine-readable error codes and error body.
+//! - [`domain`]: ids, money and the other rules that need no I/O.
+//! - [`command`]: asynchronous requests and the messages that carry them.
+//! - [`coupon`]: who gets a coupon from a batch of issue requests.
+//! - [`partition`]: which partition a key goes to, which replica owns a partition.
+//! - [`topology`]: the command exchanges and partition queues.
+//! - [`money`]: order totals and coupon discounts.
+//! - [`reservations`]: expiry of overdue stock reservations.
+//! - [`popular`]: the daily sales rollup and the popular-products ranking, computed and read.
+
+pub mod broker;
+pub mod command;
+pub mod config;
+pub mod coupon;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod money;
+pub mod partition;
+pub mod popular;
+pub mod reservations;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+#[cfg(feature = "test-support")]
+pub mod testing;

@@ -1,0 +1,203 @@
+//! The RabbitMQ topology of commands, declared idempotently by whichever process starts
+//! first (declaring what exists with the same arguments is a no-op).
+//!
+//! ```text
+//! {prefix}commands (direct) ──coupon.p00…pNN──▶ quorum queues, single active consumer
+//!                            ──order.p00…pNN───▶   (delivery limit, dead-letter exchange)
+//! {prefix}commands.dead (direct) ──coupon──▶ coupon.dead   ──order──▶ order.dead
+//!      (workers mark the requests of dead letters FAILED, then move them to coupon.parked /
+//!       order.parked, where they stay for inspection and replay)
+//! ```
+//! The prefix is empty in production; tests give each test its own.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{var, ConfigError};
+
+/// A family of commands; each has its own partition queues and dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Coupon issues, partitioned by `couponId`.
+    Coupon,
+    /// Order creation and payment, partitioned by `userId`.
+    Order,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Coupon, Family::Order];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Coupon => "coupon",
+            Family::Order => "order",
+        }
+    }
+}
+
+/// Names and arguments of the command queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// `AMQP_PREFIX`: prepended to every exchange and queue name (tests isolate themselves).
+    pub prefix: String,
+    /// `COMMAND_PARTITIONS`: partition queues per family. Changing it re-routes keys, so it
+    /// is fixed for the life of a deployment.
+    pub partitions: u16,
+    /// `COMMAND_DELIVERY_LIMIT`: deliveries of one message before it is dead-lettered.
+    pub delivery_limit: u32,
+    /// `COMMAND_QUEUE_EXPIRES_MS`: delete queues unused for this long. Tests only: a
+    /// production queue must never disappear.
+    pub queue_expires_ms: Option<u32>,
+}
+
+impl Topology {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let expires: u32 = var("COMMAND_QUEUE_EXPIRES_MS", 0)?;
+        Ok(Self {
+            prefix: var("AMQP_PREFIX", String::new())?,
+            partitions: var("COMMAND_PARTITIONS", 16_u16)?.max(1),
+            delivery_limit: var("COMMAND_DELIVERY_LIMIT", 10)?,
+            queue_expires_ms: (expires > 0).then_some(expires),
+        })
+    }
+
+    pub fn commands_exchange(&self) -> String {
+        format!("{}commands", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}commands.dead", self.prefix)
+    }
+
+    /// The queue of one partition, e.g. `coupon.p07`; also its routing key.
+    pub fn queue(&self, family: Family, partition: u16) -> String {
+        format!("{}{}.p{:02}", self.prefix, family.as_str(), partition)
+    }
+
+    pub fn dead_letter_queue(&self, family: Family) -> String {
+        format!("{}{}.dead", self.prefix, family.as_str())
+    }
+
+    /// Where dead letters rest once their requests are marked failed.
+    pub fn parked_queue(&self, family: Family) -> String {
+        format!("{}{}.parked", self.prefix, family.as_str())
+    }
+
+    /// The durable topic exchange of events to the data platform (`ecommerce.events`).
+    pub fn events_exchange(&self) -> String {
+        format!("{}ecommerce.events", self.prefix)
+    }
+
+    /// Declares the events exchange (by the relay and by consumers, whichever comes first).
+    pub async fn declare_events(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Declares exchanges, partition queues and dead-letter queues.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.commands_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let queue_options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        for family in Family::ALL {
+            channel
+                .queue_declare(
+                    self.parked_queue(family).as_str().into(),
+                    queue_options,
+                    self.quorum_arguments(None),
+                )
+                .await?;
+            let dead = self.dead_letter_queue(family);
+            channel
+                .queue_declare(dead.as_str().into(), queue_options, self.quorum_arguments(None))
+                .await?;
+            channel
+                .queue_bind(
+                    dead.as_str().into(),
+                    self.dead_letter_exchange().into(),
+                    family.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            for partition in 0..self.partitions {
+                let queue = self.queue(family, partition);
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        queue_options,
+                        self.quorum_arguments(Some(family)),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        self.commands_exchange().into(),
+                        queue.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Arguments of a quorum queue; partition queues (`dead_letter_to` set) also get single
+    /// active consumer, the delivery limit and their family's dead-letter route.
+    fn quorum_arguments(&self, dead_letter_to: Option<Family>) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        if let Some(family) = dead_letter_to {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongUInt(self.delivery_limit),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dead_letter_exchange().into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(family.as_str().into()),
+            );
+        }
+        if let Some(ms) = self.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        args
+    }
+}

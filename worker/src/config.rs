@@ -1,0 +1,61 @@
+//! The worker's configuration, from environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
+use shared::topology::Topology;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `WORKER_NAME`: how this replica appears in logs and in `worker_replicas`.
+    pub name: String,
+    /// `WORKER_METRICS_ADDR`: where `/metrics` and `/health/live` are served; each replica
+    /// on one host needs its own port (0 picks a free one).
+    pub metrics_addr: SocketAddr,
+    /// `WORKER_BATCH_SIZE`: most commands settled in one transaction (and the prefetch).
+    pub batch_size: u16,
+    /// `WORKER_HEARTBEAT_MS`: how often the replica renews its presence and leases and
+    /// rebalances partitions.
+    pub heartbeat: Duration,
+    /// `WORKER_REPLICA_TTL_MS`: a replica not heard from for this long counts as gone.
+    pub replica_ttl: Duration,
+    /// `WORKER_LEASE_TTL_MS`: a lease not renewed for this long can be taken over.
+    pub lease_ttl: Duration,
+    /// `WORKER_SETTLE_ATTEMPTS`: tries of a command that fails for a reason other than an
+    /// unreachable database, before it is dead-lettered.
+    pub settle_attempts: u32,
+    /// `RESERVATION_TTL_SECS`: how long reserved stock is held for an unpaid order.
+    pub reservation_ttl: Duration,
+    /// `OUTBOX_RELAY_ENABLED`: publish outbox events from this replica (on by default; off
+    /// for a replica that should only settle, e.g. when relays run elsewhere).
+    pub outbox_relay: bool,
+    /// `WORKER_SWEEP_INTERVAL_MS`: how often unpublished requests are looked for.
+    pub sweep_interval: Duration,
+    pub database: DatabaseSettings,
+    pub broker: BrokerSettings,
+    pub topology: Topology,
+    pub telemetry: TelemetrySettings,
+}
+
+impl WorkerConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let default_name = format!("worker-{}", std::process::id());
+        Ok(Self {
+            name: var("WORKER_NAME", default_name)?,
+            metrics_addr: var("WORKER_METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9100)))?,
+            batch_size: var("WORKER_BATCH_SIZE", 100_u16)?.max(1),
+            heartbeat: Duration::from_millis(var("WORKER_HEARTBEAT_MS", 1_000)?),
+            replica_ttl: Duration::from_millis(var("WORKER_REPLICA_TTL_MS", 5_000)?),
+            lease_ttl: Duration::from_millis(var("WORKER_LEASE_TTL_MS", 6_000)?),
+            settle_attempts: var("WORKER_SETTLE_ATTEMPTS", 3_u32)?.max(1),
+            reservation_ttl: Duration::from_secs(var("RESERVATION_TTL_SECS", 600)?),
+            outbox_relay: flag("OUTBOX_RELAY_ENABLED", true)?,
+            sweep_interval: Duration::from_millis(var("WORKER_SWEEP_INTERVAL_MS", 2_000)?),
+            database: DatabaseSettings::from_env()?,
+            broker: BrokerSettings::from_env()?,
+            topology: Topology::from_env()?,
+            telemetry: TelemetrySettings::from_env()?,
+        })
+    }
+}

@@ -1,0 +1,190 @@
+//! Spreads partitions over live replicas and runs one consumer per owned partition.
+//!
+//! Every heartbeat the coordinator renews its presence and leases, computes the rendezvous
+//! owner of every partition over the live replicas, hands over what it should no longer
+//! own (after the partition's consumer has finished and acked its batch) and acquires what
+//! it should. A replica that joins or leaves moves partitions within a few heartbeats; one
+//! killed outright loses them when its leases expire.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use shared::partition::rendezvous_owner;
+use shared::topology::Family;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::leases::{self, Lease};
+use crate::{consumer, Context};
+
+/// A partition this replica consumes.
+struct Running {
+    lease: Lease,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Asks the consumer to finish its batch, ack and close its channel, and waits for it.
+    async fn stop(self) -> Lease {
+        self.stop.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "a partition consumer ended abnormally");
+        }
+        self.lease
+    }
+}
+
+type Key = (Family, u16);
+
+pub struct Coordinator {
+    ctx: Arc<Context>,
+    running: HashMap<Key, Running>,
+}
+
+impl Coordinator {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Rebalances every heartbeat until `shutdown`, then drains and hands over everything.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        leases::ensure_rows(&self.ctx.db, &self.ctx.config.topology).await?;
+        let mut tick = tokio::time::interval(self.ctx.config.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.rebalance().await {
+                tracing::warn!(error = %e, "rebalancing failed; retrying at the next heartbeat");
+            }
+            self.report();
+        }
+        self.leave().await;
+        Ok(())
+    }
+
+    async fn rebalance(&mut self) -> Result<(), sqlx::Error> {
+        let ctx = Arc::clone(&self.ctx);
+        let me = ctx.replica;
+        let live = leases::heartbeat(&ctx.db, me, &ctx.config.name, ctx.config.replica_ttl).await?;
+        let held = leases::renew(&ctx.db, me, ctx.config.lease_ttl).await?;
+
+        // Consumers that ended by themselves (broker gone) or whose lease was taken over
+        // while this replica could not renew it.
+        let stale: Vec<Key> = self
+            .running
+            .iter()
+            .filter(|(_, r)| {
+                r.task.is_finished()
+                    || !held.iter().any(|(f, p, e)| {
+                        f == r.lease.family.as_str()
+                            && *p == i32::from(r.lease.partition)
+                            && *e == r.lease.epoch
+                    })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            if let Some(running) = self.running.remove(&key) {
+                tracing::info!(
+                    family = key.0.as_str(),
+                    partition = key.1,
+                    "partition consumer ended; it restarts if still ours"
+                );
+                running.stop().await;
+            }
+        }
+
+        let mut give_away = Vec::new();
+        let mut take = Vec::new();
+        for family in Family::ALL {
+            for partition in 0..ctx.config.topology.partitions {
+                let owner = rendezvous_owner(&live, family.as_str(), partition);
+                let running = self.running.contains_key(&(family, partition));
+                match (running, owner == Some(me)) {
+                    (true, false) => give_away.push(((family, partition), owner)),
+                    (false, true) => take.push((family, partition)),
+                    _ => {}
+                }
+            }
+        }
+
+        // Drain the partitions that moved away, all at once, then hand each to its new owner.
+        let stopping: Vec<_> = give_away
+            .into_iter()
+            .filter_map(|(key, next)| self.running.remove(&key).map(|r| (r, next)))
+            .collect();
+        let drained = join_all(
+            stopping
+                .into_iter()
+                .map(|(r, next)| async move { (r.stop().await, next) }),
+        )
+        .await;
+        for (lease, next) in drained {
+            leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl).await?;
+            tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over");
+        }
+
+        for (family, partition) in take {
+            if let Some(lease) = leases::acquire(&ctx.db, me, family, partition, ctx.config.lease_ttl).await?
+            {
+                tracing::info!(
+                    family = family.as_str(),
+                    partition,
+                    epoch = lease.epoch,
+                    "partition acquired"
+                );
+                self.start(lease);
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, lease: Lease) {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer::run(Arc::clone(&self.ctx), lease, stop.clone()));
+        self.running
+            .insert((lease.family, lease.partition), Running { lease, stop, task });
+    }
+
+    fn report(&self) {
+        for family in Family::ALL {
+            let owned = self.running.keys().filter(|(f, _)| *f == family).count();
+            metrics::gauge!("worker_partitions_owned", "family" => family.as_str()).set(owned as f64);
+        }
+    }
+
+    /// Shutdown: every consumer finishes and acks its batch, then each lease goes to the
+    /// partition's owner among the replicas that stay.
+    async fn leave(&mut self) {
+        let ctx = Arc::clone(&self.ctx);
+        let others: Vec<Uuid> =
+            match leases::heartbeat(&ctx.db, ctx.replica, &ctx.config.name, ctx.config.replica_ttl).await {
+                Ok(live) => live.into_iter().filter(|r| *r != ctx.replica).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read live replicas; leases will expire instead");
+                    Vec::new()
+                }
+            };
+        let running: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
+        let drained = join_all(running.into_iter().map(Running::stop)).await;
+        for lease in drained {
+            let next = rendezvous_owner(&others, lease.family.as_str(), lease.partition);
+            if let Err(e) = leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl).await {
+                tracing::warn!(error = %e, "cannot hand over a lease; it will expire instead");
+            }
+        }
+        if let Err(e) = leases::leave(&ctx.db, ctx.replica).await {
+            tracing::warn!(error = %e, "cannot remove this replica from the live list");
+        }
+        self.report();
+    }
+}

@@ -1,0 +1,108 @@
+//! Dead letters: every command that could not be settled ends here, whichever way it got
+//! here (dead-lettered by a worker after its attempts, or by the broker past the delivery
+//! limit). Its request is marked `FAILED` with `ERR_PROCESSING_FAILED`, so no request stays
+//! `PENDING` forever, and the message moves to the family's parked queue, where it stays
+//! for inspection and replay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use shared::command::CommandMessage;
+use shared::error::{ErrorBody, ErrorCode};
+use shared::topology::Family;
+use tokio_util::sync::CancellationToken;
+
+use crate::Context;
+
+/// Drains both families' dead-letter queues until `shutdown`, reconnecting as needed.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let drains = Family::ALL.map(|family| {
+        let ctx = Arc::clone(&ctx);
+        let shutdown = shutdown.clone();
+        async move {
+            while !shutdown.is_cancelled() {
+                if let Err(e) = drain(&ctx, family, &shutdown).await {
+                    tracing::warn!(
+                        family = family.as_str(),
+                        error = format!("{e:#}"),
+                        "dead-letter consumer failed; restarting"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    });
+    futures::future::join_all(drains).await;
+}
+
+async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let topology = &ctx.config.topology;
+    let channel = ctx.broker.channel().await?;
+    channel.basic_qos(10, BasicQosOptions::default()).await?;
+    let queue = topology.dead_letter_queue(family);
+    let tag = format!("{}/{}", ctx.config.name, queue);
+    let mut deliveries = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = deliveries.next() => match next {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+        };
+        if let Ok(message) = serde_json::from_slice::<CommandMessage>(&delivery.data) {
+            mark_failed(ctx, &message).await?;
+        }
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        ctx.publisher
+            .publish(
+                "",
+                &topology.parked_queue(family),
+                &message_id,
+                &delivery.data,
+                true,
+            )
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let _ = channel.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+async fn mark_failed(ctx: &Context, message: &CommandMessage) -> Result<(), sqlx::Error> {
+    let error = ErrorBody::new(
+        ErrorCode::ProcessingFailed,
+        "the command could not be settled; it is kept for operators to inspect",
+    );
+    let marked = sqlx::query(
+        "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now(), published = true
+         WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(message.request_id)
+    .bind(serde_json::to_value(&error).unwrap_or_default())
+    .execute(&ctx.db)
+    .await?;
+    if marked.rows_affected() > 0 {
+        tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
+        metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => message.kind.family().as_str()).increment(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Replica presence and partition leases, in PostgreSQL.
+//!
+//! Each replica heartbeats a row in `worker_replicas`. Every replica computes, from the
+//! same list of live replicas, the rendezvous owner of each partition; it acquires the
+//! leases it should own and hands over those it should not. A lease carries an epoch that
+//! grows with every change of hands; settlement checks it inside its transaction, so a
+//! replica that lost a lease (paused, partitioned away) cannot commit on that partition.
+
+use std::time::Duration;
+
+use shared::topology::{Family, Topology};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A lease this replica holds on one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub family: Family,
+    pub partition: u16,
+    pub owner: Uuid,
+    pub epoch: i64,
+}
+
+impl Lease {
+    /// Inside a settling transaction: true while this lease still stands. The row stays
+    /// share-locked until commit, so the lease cannot change hands under a batch in flight.
+    pub async fn fence(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+        let held: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM partition_leases
+             WHERE family = $1 AND partition = $2 AND owner = $3 AND epoch = $4
+             FOR SHARE",
+        )
+        .bind(self.family.as_str())
+        .bind(i32::from(self.partition))
+        .bind(self.owner)
+        .bind(self.epoch)
+        .fetch_optional(conn)
+        .await?;
+        Ok(held.is_some())
+    }
+}
+
+fn interval_secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Creates the lease rows of every partition (once per deployment; later calls do nothing).
+pub async fn ensure_rows(db: &PgPool, topology: &Topology) -> Result<(), sqlx::Error> {
+    for family in Family::ALL {
+        sqlx::query(
+            "INSERT INTO partition_leases (family, partition)
+             SELECT $1, p FROM generate_series(0, $2 - 1) AS p
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(family.as_str())
+        .bind(i32::from(topology.partitions))
+        .execute(db)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Records that this replica is alive and returns the ids of all live replicas.
+pub async fn heartbeat(
+    db: &PgPool,
+    replica: Uuid,
+    name: &str,
+    replica_ttl: Duration,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO worker_replicas (id, name) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+    )
+    .bind(replica)
+    .bind(name)
+    .execute(db)
+    .await?;
+    sqlx::query_scalar(
+        "SELECT id FROM worker_replicas WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY id",
+    )
+    .bind(interval_secs(replica_ttl))
+    .fetch_all(db)
+    .await
+}
+
+/// Extends every lease this replica holds; returns them as `(family, partition, epoch)`.
+pub async fn renew(
+    db: &PgPool,
+    replica: Uuid,
+    lease_ttl: Duration,
+) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE partition_leases SET expires_at = now() + make_interval(secs => $2)
+         WHERE owner = $1
+         RETURNING family, partition, epoch",
+    )
+    .bind(replica)
+    .bind(interval_secs(lease_ttl))
+    .fetch_all(db)
+    .await
+}
+
+/// Takes the lease of a partition that is free, expired, or already handed to this
+/// replica, with a new epoch. `None` while another replica still holds it.
+pub async fn acquire(
+    db: &PgPool,
+    replica: Uuid,
+    family: Family,
+    partition: u16,
+    lease_ttl: Duration,
+) -> Result<Option<Lease>, sqlx::Error> {
+    let epoch: Option<i64> = sqlx::query_scalar(
+        "UPDATE partition_leases
+         SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $4)
+         WHERE family = $2 AND partition = $3
+           AND (owner IS NULL OR owner = $1 OR expires_at < now())
+         RETURNING epoch",
+    )
+    .bind(replica)
+    .bind(family.as_str())
+    .bind(i32::from(partition))
+    .bind(interval_secs(lease_ttl))
+    .fetch_optional(db)
+    .await?;
+    Ok(epoch.map(|epoch| Lease {
+        family,
+        partition,
+        owner: replica,
+        epoch,
+    }))
+}
+
+/// Gives a lease this replica holds to `next` (the partition's rendezvous owner), or
+/// frees it when there is none. Handing it over directly, rather than freeing it, means
+/// the partition always has exactly one live owner.
+pub async fn hand_over(
+    db: &PgPool,
+    lease: &Lease,
+    next: Option<Uuid>,
+    lease_ttl: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE partition_leases
+         SET owner = $4, epoch = epoch + 1,
+             expires_at = CASE WHEN $4::uuid IS NULL THEN '-infinity' ELSE now() + make_interval(secs => $5) END
+         WHERE family = $1 AND partition = $2 AND owner = $3",
+    )
+    .bind(lease.family.as_str())
+    .bind(i32::from(lease.partition))
+    .bind(lease.owner)
+    .bind(next)
+    .bind(interval_secs(lease_ttl))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Removes this replica from the live list (at shutdown, after its leases are handed over),
+/// and forgets replicas that have been gone for a day.
+pub async fn leave(db: &PgPool, replica: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM worker_replicas WHERE id = $1 OR heartbeat_at < now() - interval '1 day'")
+        .bind(replica)
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Re-publishes requests whose publish was never confirmed (the API crashed or the broker
+//! failed between commit and confirm), so that no accepted request is lost.
+//!
+//! Each pass claims a slice of due requests with `FOR UPDATE SKIP LOCKED` and pushes their
+//! `publish_after` forward, so several replicas sweep without publishing the same request
+//! twice at once; the claim is not held across the publish. A request published twice is
+//! harmless: the worker that settles it second finds it terminal.
+
+use std::sync::Arc;
+
+use shared::command::{self, RequestKind};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::Context;
+
+/// Requests re-published per pass at most.
+const SWEEP_LIMIT: i64 = 500;
+
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(ctx.config.sweep_interval) => {}
+        }
+        match sweep_once(&ctx).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(requests = n, "re-published unconfirmed requests"),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping unpublished requests failed"),
+        }
+    }
+}
+
+/// One pass; returns how many requests were re-published.
+pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
+    let due: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "UPDATE requests SET publish_after = now() + interval '30 seconds'
+         WHERE id IN (
+           SELECT id FROM requests
+           WHERE NOT published AND status = 'PENDING' AND publish_after <= now()
+           ORDER BY created_at LIMIT $1
+           FOR UPDATE SKIP LOCKED)
+         RETURNING id, kind, partition_key",
+    )
+    .bind(SWEEP_LIMIT)
+    .fetch_all(&ctx.db)
+    .await?;
+    let mut published = Vec::with_capacity(due.len());
+    for (id, kind, key) in due {
+        let Some(kind) = RequestKind::parse(&kind) else {
+            continue;
+        };
+        command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await?;
+        published.push(id);
+    }
+    sqlx::query("UPDATE requests SET published = true WHERE id = ANY($1)")
+        .bind(&published)
+        .execute(&ctx.db)
+        .await?;
+    metrics::counter!("worker_requests_republished_total").increment(published.len() as u64);
+    Ok(published.len())
+}

@@ -1,0 +1,345 @@
+//! The whole pipeline for tests: the real API in-process over a fresh database and a
+//! topology of the test's own, and worker replicas as separate OS processes of the real
+//! `worker` binary, which tests can stop (SIGTERM) or kill (SIGKILL) like an operator or a
+//! crash would.
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../../api/tests/common/mod.rs"]
+pub mod api;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub use api::{socket_of, Answer, Proxy, TestApp};
+
+/// How long a test waits for everything it started to settle before it fails. Generous:
+/// the assertion is that everything settles, not how fast.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+pub struct System {
+    pub app: TestApp,
+    workers: std::sync::Mutex<Vec<Option<Child>>>,
+    log_dir: std::path::PathBuf,
+}
+
+impl System {
+    /// The API plus `workers` worker processes.
+    pub async fn start(workers: usize) -> Self {
+        let app = api::spawn_app().await;
+        let log_dir = std::env::temp_dir().join("ecommerce-test-logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let system = Self {
+            app,
+            workers: std::sync::Mutex::new(Vec::new()),
+            log_dir,
+        };
+        for _ in 0..workers {
+            system.spawn_worker().await;
+        }
+        system
+    }
+
+    /// Starts one more worker process; returns its index.
+    pub async fn spawn_worker(&self) -> usize {
+        self.spawn_worker_with(&[]).await
+    }
+
+    /// Starts one more worker process with some variables overridden; returns its index.
+    pub async fn spawn_worker_with(&self, overrides: &[(&str, String)]) -> usize {
+        let index = self.workers.lock().unwrap().len();
+        let name = format!("{}w{index}", self.app.topology.prefix);
+        let log = std::fs::File::create(self.log_dir.join(format!("{name}.log"))).unwrap();
+        let topology = &self.app.topology;
+        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .env("DATABASE_URL", &self.app.database_url)
+            .env("AMQP_PREFIX", &topology.prefix)
+            .env("COMMAND_PARTITIONS", topology.partitions.to_string())
+            .env("COMMAND_DELIVERY_LIMIT", topology.delivery_limit.to_string())
+            .env(
+                "COMMAND_QUEUE_EXPIRES_MS",
+                topology.queue_expires_ms.unwrap_or(0).to_string(),
+            )
+            .env("WORKER_NAME", &name)
+            .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+            .env("WORKER_HEARTBEAT_MS", "200")
+            .env("WORKER_REPLICA_TTL_MS", "1500")
+            .env("WORKER_LEASE_TTL_MS", "2000")
+            .env("WORKER_SWEEP_INTERVAL_MS", "300")
+            .env("DATABASE_MAX_CONNECTIONS", "4")
+            .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .envs(overrides.iter().map(|(k, v)| (*k, v.as_str())))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the worker binary starts");
+        self.workers.lock().unwrap().push(Some(child));
+        index
+    }
+
+    pub fn worker_pid(&self, index: usize) -> u32 {
+        self.workers.lock().unwrap()[index]
+            .as_ref()
+            .and_then(Child::id)
+            .unwrap()
+    }
+
+    /// SIGKILL: no shutdown, no lease hand-over, unacked messages in flight.
+    pub async fn kill_worker(&self, index: usize) {
+        let mut child = self.take(index);
+        child.kill().await.unwrap();
+    }
+
+    /// SIGTERM, then waits for the process to exit by itself.
+    pub async fn stop_worker(&self, index: usize) {
+        let mut child = self.take(index);
+        let pid = child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(PATIENCE, child.wait())
+            .await
+            .expect("the worker exits after SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "the worker exited with {exit}");
+    }
+
+    fn take(&self, index: usize) -> Child {
+        self.workers.lock().unwrap()[index]
+            .take()
+            .expect("the worker is running")
+    }
+
+    /// Live replicas, as the workers see each other.
+    pub async fn live_replicas(&self) -> Vec<uuid::Uuid> {
+        sqlx::query_scalar(
+            "SELECT id FROM worker_replicas WHERE heartbeat_at > now() - interval '1.5 seconds' ORDER BY id",
+        )
+        .fetch_all(&self.app.db)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until `partitions` leases per family are held by `replicas` distinct live replicas.
+    pub async fn wait_for_owners(&self, replicas: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let owners: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT owner) FROM partition_leases l
+                 JOIN worker_replicas r ON r.id = l.owner
+                 WHERE l.expires_at > now() AND r.heartbeat_at > now() - interval '1.5 seconds'",
+            )
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap();
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM partition_leases WHERE owner IS NOT NULL AND expires_at > now()",
+            )
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap();
+            let expected = 2 * i64::from(self.app.topology.partitions);
+            if owners == replicas as i64 && held == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{owners} owners hold {held} of {expected} leases"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until no request is PENDING; fails the test after [`PATIENCE`].
+    pub async fn wait_until_settled(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM requests WHERE status = 'PENDING'")
+                .fetch_one(&self.app.db)
+                .await
+                .unwrap();
+            if pending == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} requests still pending"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A coupon of `quantity`, valid for a day, for every product.
+    pub async fn coupon(&self, quantity: i64) -> i64 {
+        let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+        self.app
+            .create_coupon(serde_json::json!({
+                "name": "Flash", "discountType": "FIXED", "discountValue": 1000,
+                "totalQuantity": quantity, "expiresAt": expires,
+            }))
+            .await
+    }
+
+    /// Asks for `coupon` for `user` through the HTTP API.
+    pub async fn issue(&self, coupon: i64, user: i64) -> Answer {
+        self.app
+            .command(
+                &format!("/coupons/{coupon}/issue"),
+                serde_json::json!({ "userId": user }),
+            )
+            .await
+    }
+
+    /// A product created through the admin API.
+    pub async fn product(&self, price: i64, stock: i64) -> i64 {
+        self.app.create_product("Item", price, stock).await
+    }
+
+    /// `POST /orders` for one user.
+    pub async fn order(&self, user: i64, items: &[(i64, i64)]) -> Answer {
+        let items: Vec<serde_json::Value> = items
+            .iter()
+            .map(|(product, quantity)| serde_json::json!({"productId": product, "quantity": quantity}))
+            .collect();
+        self.app
+            .command("/orders", serde_json::json!({"userId": user, "items": items}))
+            .await
+    }
+
+    /// `POST /orders/{id}/payment`.
+    pub async fn pay(&self, order: &str, user: i64, coupon: Option<i64>) -> Answer {
+        let mut body = serde_json::json!({"userId": user});
+        if let Some(coupon) = coupon {
+            body["couponId"] = serde_json::json!(coupon);
+        }
+        self.app.command(&format!("/orders/{order}/payment"), body).await
+    }
+
+    /// The terminal outcome of a request: `SUCCEEDED` or its error code.
+    pub async fn outcome(&self, request_id: &str) -> String {
+        let answer = self.app.settled(request_id, PATIENCE).await;
+        match answer.body["status"].as_str() {
+            Some("SUCCEEDED") => "SUCCEEDED".to_owned(),
+            Some("FAILED") => answer.body["error"]["code"].as_str().unwrap_or("").to_owned(),
+            other => panic!("request {request_id} is {other:?}"),
+        }
+    }
+
+    /// Creates an order and waits until it is reserved; returns its id.
+    pub async fn reserved_order(&self, user: i64, items: &[(i64, i64)]) -> String {
+        let answer = self.order(user, items).await;
+        assert_eq!(answer.status, reqwest::StatusCode::ACCEPTED, "{answer:?}");
+        let outcome = self.outcome(answer.body["requestId"].as_str().unwrap()).await;
+        assert_eq!(outcome, "SUCCEEDED");
+        answer.body["orderId"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.app.db).await.unwrap()
+    }
+
+    /// Money invariants: no balance negative, every balance equal to its ledger, every paid
+    /// order paid total minus discount with exactly one payment and one debit.
+    pub async fn assert_money_invariants(&self) {
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM balances WHERE amount < 0")
+                .await,
+            0
+        );
+        let mismatched = self
+            .scalar(
+                "SELECT count(*) FROM balances b
+                 WHERE b.amount <> COALESCE((SELECT sum(CASE WHEN kind = 'PAYMENT' THEN -amount ELSE amount END)
+                                             FROM balance_transactions t WHERE t.user_id = b.user_id), 0)",
+            )
+            .await;
+        assert_eq!(mismatched, 0, "a balance differs from its ledger");
+        let wrong_paid = self
+            .scalar(
+                "SELECT count(*) FROM orders o
+                 WHERE o.status = 'PAID' AND (
+                   o.paid_amount <> o.total_amount - o.discount_amount
+                   OR (SELECT count(*) FROM payments p WHERE p.order_id = o.id AND p.amount = o.paid_amount) <> 1
+                   OR (SELECT COALESCE(sum(amount), 0) FROM balance_transactions t
+                       WHERE t.order_id = o.id AND t.kind = 'PAYMENT') <> o.paid_amount)",
+            )
+            .await;
+        assert_eq!(wrong_paid, 0, "a paid order's payment or debit is wrong");
+        let unpaid_payments = self
+            .scalar(
+                "SELECT count(*) FROM payments p JOIN orders o ON o.id = p.order_id WHERE o.status <> 'PAID'",
+            )
+            .await;
+        assert_eq!(unpaid_payments, 0);
+        let coupon_misuse = self
+            .scalar(
+                "SELECT count(*) FROM user_coupons uc
+                 WHERE (uc.used_at IS NOT NULL) <> EXISTS (SELECT 1 FROM payments p WHERE p.user_coupon_id = uc.id)",
+            )
+            .await;
+        assert_eq!(coupon_misuse, 0, "a coupon's use and the payments disagree");
+    }
+
+    /// Stock invariants of one product: on hand + sold = `initial`, reserved = units of
+    /// RESERVED orders, sold = units of PAID orders.
+    pub async fn assert_stock_reconciles(&self, product: i64, initial: i64) -> (i64, i64, i64) {
+        let (stock, reserved, sold): (i64, i64, i64) =
+            sqlx::query_as("SELECT stock, reserved, sold FROM products WHERE id = $1")
+                .bind(product)
+                .fetch_one(&self.app.db)
+                .await
+                .unwrap();
+        let units = |status: &'static str| {
+            let db = self.app.db.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT COALESCE(sum(oi.quantity), 0)::bigint FROM order_items oi JOIN orders o ON o.id = oi.order_id
+                     WHERE oi.product_id = $1 AND o.status = $2",
+                )
+                .bind(product)
+                .bind(status)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(stock + sold, initial, "on hand + sold");
+        assert_eq!(reserved, units("RESERVED").await, "reserved units");
+        assert_eq!(sold, units("PAID").await, "sold units");
+        (stock, reserved, sold)
+    }
+
+    /// Asserts the coupon invariants in the database: never beyond the total, one per user,
+    /// the issued count equal to the rows. Returns the number issued.
+    pub async fn assert_coupon_invariants(&self, coupon: i64) -> i64 {
+        let (issued, total): (i64, i64) =
+            sqlx::query_as("SELECT issued_quantity, total_quantity FROM coupons WHERE id = $1")
+                .bind(coupon)
+                .fetch_one(&self.app.db)
+                .await
+                .unwrap();
+        let (rows, users): (i64, i64) =
+            sqlx::query_as("SELECT count(*), count(DISTINCT user_id) FROM user_coupons WHERE coupon_id = $1")
+                .bind(coupon)
+                .fetch_one(&self.app.db)
+                .await
+                .unwrap();
+        assert!(issued <= total, "issued {issued} of {total}");
+        assert_eq!(rows, issued, "the issued count differs from the coupons held");
+        assert_eq!(users, rows, "a user holds the coupon twice");
+        let succeeded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM requests WHERE kind = 'COUPON_ISSUE' AND status = 'SUCCEEDED' AND (payload->>'couponId')::bigint = $1",
+        )
+        .bind(coupon)
+        .fetch_one(&self.app.db)
+        .await
+        .unwrap();
+        assert_eq!(succeeded, rows, "succeeded requests differ from coupons held");
+        issued
+    }
+}

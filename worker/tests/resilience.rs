@@ -1,0 +1,215 @@
+//! The pipeline under failure: a worker killed mid-sale, replicas joining and leaving, and
+//! a command that cannot be settled.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::System;
+use futures::StreamExt;
+use reqwest::StatusCode;
+
+/// Sends issue requests for `users`, `concurrency` at a time; returns how many were accepted.
+async fn issue_all(system: &System, coupon: i64, users: &[i64], concurrency: usize) -> usize {
+    futures::stream::iter(users.iter().map(|&user| system.issue(coupon, user)))
+        .buffer_unordered(concurrency)
+        .filter(|answer| {
+            assert!(
+                answer.status == StatusCode::ACCEPTED || answer.code() == "ERR_COUPON_OUT_OF_STOCK",
+                "{answer:?}"
+            );
+            futures::future::ready(answer.status == StatusCode::ACCEPTED)
+        })
+        .count()
+        .await
+}
+
+async fn count(system: &System, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&system.app.db).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_sale_loses_nothing_and_issues_nothing_twice() {
+    let system = System::start(2).await;
+    system.wait_for_owners(2).await;
+    let coupon = system.coupon(400).await;
+    let users = system.app.create_users(1_200).await;
+
+    let sending = issue_all(&system, coupon, &users, 40);
+    let killing = async {
+        // Kill once the sale is under way, with work in flight.
+        while count(&system, "SELECT count(*) FROM requests WHERE status <> 'PENDING'").await < 100 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let pid = system.worker_pid(0);
+        std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        let settled = count(&system, "SELECT count(*) FROM requests WHERE status <> 'PENDING'").await;
+        let stored = count(&system, "SELECT count(*) FROM requests").await;
+        eprintln!("killed worker 0 with {settled} of {stored} stored requests settled");
+    };
+    let (accepted, ()) = tokio::join!(sending, killing);
+    system.kill_worker(0).await; // reap the process
+    system.wait_until_settled().await;
+
+    let stored = count(&system, "SELECT count(*) FROM requests").await;
+    assert_eq!(stored, accepted as i64, "every 202 has its request");
+    let issued = system.assert_coupon_invariants(coupon).await;
+    assert_eq!(issued, 400.min(accepted as i64));
+    let wrong_failures = count(
+        &system,
+        "SELECT count(*) FROM requests WHERE status = 'FAILED' AND error->>'code' <> 'ERR_COUPON_OUT_OF_STOCK'",
+    )
+    .await;
+    assert_eq!(wrong_failures, 0);
+}
+
+/// The names of the worker processes that are running, as the test knows them.
+type Alive = Arc<Mutex<HashSet<String>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_follow_replicas_that_join_and_leave_and_always_have_one_live_owner() {
+    let system = System::start(1).await;
+    system.wait_for_owners(1).await;
+    let prefix = system.app.topology.prefix.clone();
+    let alive: Alive = Arc::new(Mutex::new(HashSet::from([format!("{prefix}w0")])));
+
+    // Sample ownership continuously: every lease must be held by a process that runs.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let db = system.app.db.clone();
+        let alive = Arc::clone(&alive);
+        let sampling = Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut samples = 0;
+            let mut violations = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                // Who runs is read before the leases: a process that exits after this read
+                // may still show as an owner, one that exited before must not.
+                let running = alive.lock().unwrap().clone();
+                let owners: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+                    "SELECT l.family, l.partition, r.name FROM partition_leases l
+                     LEFT JOIN worker_replicas r ON r.id = l.owner ORDER BY 1, 2",
+                )
+                .fetch_all(&db)
+                .await
+                .unwrap();
+                for (family, partition, owner) in owners {
+                    if !owner.as_ref().is_some_and(|o| running.contains(o)) {
+                        violations.push(format!(
+                            "{family}.{partition} owned by {owner:?} while {running:?} run"
+                        ));
+                    }
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (samples, violations)
+        })
+    };
+
+    let coupon = system.coupon(100_000).await;
+    let users = system.app.create_users(900).await;
+    let load = async {
+        issue_all(&system, coupon, &users[..300], 10).await;
+    };
+    load.await;
+
+    let second = system.spawn_worker().await;
+    alive.lock().unwrap().insert(format!("{prefix}w{second}"));
+    system.wait_for_owners(2).await;
+    issue_all(&system, coupon, &users[300..600], 10).await;
+
+    // The first replica leaves: it drains, hands every partition to the second, and exits.
+    let stopping = async {
+        system.stop_worker(0).await;
+        alive.lock().unwrap().remove(&format!("{prefix}w0"));
+    };
+    tokio::join!(stopping, issue_all(&system, coupon, &users[600..], 10));
+    system.wait_for_owners(1).await;
+    system.wait_until_settled().await;
+
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (samples, violations) = sampler.await.unwrap();
+    eprintln!("{samples} ownership samples");
+    assert!(samples > 10, "only {samples} samples");
+    assert!(
+        violations.is_empty(),
+        "{} bad samples, e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    assert_eq!(system.assert_coupon_invariants(coupon).await, 900);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails() {
+    let system = System::start(1).await;
+    let coupon = system.coupon(10).await;
+    // A stored request whose payload no worker can read, left for the sweeper to publish,
+    // exactly as if the API had crashed between commit and publish.
+    let poison = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO requests (id, kind, partition_key, payload, publish_after)
+         VALUES ($1, 'COUPON_ISSUE', $2, '{\"garbage\": true}', now())",
+    )
+    .bind(poison)
+    .bind(coupon)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+
+    let failed = system.app.settled(&poison.to_string(), common::PATIENCE).await;
+    assert_eq!(failed.body["status"], "FAILED", "{failed:?}");
+    assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
+
+    // The message rests in the family's parked dead-letter queue.
+    let conn = lapin::Connection::connect(
+        &shared::config::BrokerSettings::from_env().unwrap().url,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let parked = system.app.topology.parked_queue(shared::topology::Family::Coupon);
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let queue = channel
+            .queue_declare(
+                parked.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if queue.message_count() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} messages parked",
+            queue.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The partition is not blocked: a good command on the same key still settles.
+    let user = system.app.create_users(1).await[0];
+    let good = system.issue(coupon, user).await;
+    assert_eq!(good.status, StatusCode::ACCEPTED);
+    let settled = system
+        .app
+        .settled(good.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .await;
+    assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+}
