@@ -421,7 +421,7 @@ async fn cancel_order(
     let mut tx = state.db.begin().await?;
     // The same row lock as payment and expiry: whichever commits first wins.
     let found: Option<(i64, String)> =
-        sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1 FOR UPDATE")
+        sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1 FOR NO KEY UPDATE")
             .bind(order)
             .fetch_optional(&mut *tx)
             .await?;

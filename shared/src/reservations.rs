@@ -1,7 +1,7 @@
 //! Expiry of stock reservations: `RESERVED` orders past `reserved_until` become `EXPIRED`
 //! and their units go back on sale. Called by the batch's schedule (and by tests).
 //!
-//! Orders are claimed with `FOR UPDATE SKIP LOCKED`: an order that a payment or a cancel
+//! Orders are claimed with `FOR NO KEY UPDATE SKIP LOCKED`: an order that a payment or a cancel
 //! holds right now is left alone, and whichever of them commits first wins; the others
 //! see a status that is no longer `RESERVED`. Locks are taken orders first, then products
 //! in id order, like every other writer, so expiry never deadlocks with them.
@@ -30,7 +30,7 @@ async fn expire_chunk(db: &PgPool) -> Result<u64, sqlx::Error> {
         "SELECT id FROM orders
          WHERE status = 'RESERVED' AND reserved_until < now()
          ORDER BY id LIMIT $1
-         FOR UPDATE SKIP LOCKED",
+         FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(CHUNK)
     .fetch_all(&mut *tx)
@@ -60,7 +60,7 @@ pub async fn release_stock(conn: &mut sqlx::PgConnection, orders: &[Uuid]) -> Re
     .fetch_all(&mut *conn)
     .await?;
     let (products, quantities): (Vec<i64>, Vec<i64>) = lines.into_iter().unzip();
-    sqlx::query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    sqlx::query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .bind(&products)
         .execute(&mut *conn)
         .await?;

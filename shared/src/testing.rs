@@ -9,6 +9,19 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
+/// Sends the logs of what a test runs in-process (the API) to the test's captured output,
+/// so a failing test shows the cause of, say, a 500 next to its assertion. `RUST_LOG`
+/// applies; warnings and errors by default.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Several tests share a process: the first one installs it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Creates an empty database with a unique name and returns its URL. Names start with
 /// `t_`, so `scripts/test` can drop what earlier runs left behind.
 pub async fn fresh_database_url() -> anyhow::Result<String> {
@@ -33,4 +46,37 @@ pub fn isolated_topology() -> crate::topology::Topology {
         delivery_limit: 5,
         queue_expires_ms: Some(300_000),
     }
+}
+
+/// Deletes a test's topology (and the data-platform queue under its prefix) from RabbitMQ,
+/// blocking until done or `CLEANUP_TIMEOUT` passed.
+///
+/// Meant for `Drop` of test harnesses: every quorum queue holds file descriptors in the
+/// broker, and a suite that left them to `x-expires` ran a stock RabbitMQ (1,024 descriptors)
+/// out of them, after which it accepted sockets but never answered a handshake. The work runs
+/// on a thread with a runtime of its own, so it can be called from inside a test's runtime
+/// and still finish while that runtime is being torn down.
+pub fn delete_topology_blocking(topology: &crate::topology::Topology, amqp_url: &str) {
+    const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    let topology = topology.clone();
+    let amqp_url = amqp_url.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async {
+            let work = async {
+                let properties = lapin::ConnectionProperties::default()
+                    .with_connection_name(format!("{}cleanup", topology.prefix).into());
+                let connection = lapin::Connection::connect(&amqp_url, properties).await?;
+                topology
+                    .delete(&connection, &[topology.data_platform_queue()])
+                    .await?;
+                connection.close(200, "cleaned up".into()).await
+            };
+            // Best effort: a broker that is down leaves the queues to `x-expires`.
+            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, work).await;
+        });
+    });
+    let _ = cleanup.join();
 }

@@ -10,9 +10,11 @@
 //! ```
 //! The prefix is empty in production; tests give each test its own.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{var, ConfigError};
 
@@ -87,6 +89,63 @@ impl Topology {
     /// The durable topic exchange of events to the data platform (`ecommerce.events`).
     pub fn events_exchange(&self) -> String {
         format!("{}ecommerce.events", self.prefix)
+    }
+
+    /// The default queue of the data-platform stand-in (`worker data-platform`).
+    pub fn data_platform_queue(&self) -> String {
+        format!("{}data-platform.order-paid", self.prefix)
+    }
+
+    /// Every queue the topology declares: partitions, dead letters and parked letters.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = Vec::new();
+        for family in Family::ALL {
+            queues.extend((0..self.partitions).map(|p| self.queue(family, p)));
+            queues.push(self.dead_letter_queue(family));
+            queues.push(self.parked_queue(family));
+        }
+        queues
+    }
+
+    /// Every exchange the topology declares, the events exchange included.
+    pub fn exchanges(&self) -> [String; 3] {
+        [
+            self.commands_exchange(),
+            self.dead_letter_exchange(),
+            self.events_exchange(),
+        ]
+    }
+
+    /// Deletes the topology's queues and exchanges, and `extra_queues` (queues bound to it
+    /// by others), with whatever they hold. For tests and benchmarks that ran under a prefix
+    /// of their own; never for production, whose queues hold commands not yet settled.
+    ///
+    /// RabbitMQ answers the delete of a missing queue with success, so the count is of
+    /// deletes the broker accepted, not of queues that were there.
+    pub async fn delete(&self, connection: &Connection, extra_queues: &[String]) -> lapin::Result<usize> {
+        let mut accepted = 0;
+        for queue in self.queues().iter().chain(extra_queues) {
+            // A refused delete closes its channel: one channel per delete.
+            let channel = connection.create_channel().await?;
+            if channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+        for exchange in self.exchanges() {
+            let channel = connection.create_channel().await?;
+            if channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+        Ok(accepted)
     }
 
     /// Declares the events exchange (by the relay and by consumers, whichever comes first).

@@ -36,7 +36,7 @@ pub async fn settle(
 
     let coupons: Vec<(i64, i64, bool)> = sqlx::query_as(
         "SELECT id, total_quantity - issued_quantity, expires_at <= now()
-         FROM coupons WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+         FROM coupons WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(&coupon_ids)
     .fetch_all(&mut *conn)

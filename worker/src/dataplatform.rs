@@ -16,11 +16,8 @@ use crate::WorkerConfig;
 
 /// The queue the stand-in consumes (`DATA_PLATFORM_QUEUE`).
 pub fn queue_name(config: &WorkerConfig) -> String {
-    shared::config::var(
-        "DATA_PLATFORM_QUEUE",
-        format!("{}data-platform.order-paid", config.topology.prefix),
-    )
-    .unwrap_or_else(|e| e.value)
+    shared::config::var("DATA_PLATFORM_QUEUE", config.topology.data_platform_queue())
+        .unwrap_or_else(|e| e.value)
 }
 
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {

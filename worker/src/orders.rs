@@ -67,14 +67,18 @@ pub async fn settle(
     let mut order_ids: Vec<Uuid> = commands.iter().map(OrderCommand::order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
-    sqlx::query("SELECT id FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    // `NO KEY UPDATE`, here and wherever rows are locked: settlements never change keys, and
+    // this lock does not conflict with the key-share locks that foreign-key checks take. With
+    // `FOR UPDATE`, the API inserting order lines (locking their products in the client's
+    // order) and a reservation locking the same products deadlocked under a burst.
+    sqlx::query("SELECT id FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .bind(&order_ids)
         .execute(&mut *conn)
         .await?;
     sqlx::query(
         "SELECT id FROM products
          WHERE id IN (SELECT product_id FROM order_items WHERE order_id = ANY($1))
-         ORDER BY id FOR UPDATE",
+         ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(&order_ids)
     .execute(&mut *conn)
@@ -372,7 +376,7 @@ async fn coupon_discount(
                 c.expires_at <= now() AS expired, c.all_products
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.coupon_id = $2
-         FOR UPDATE OF uc",
+         FOR NO KEY UPDATE OF uc",
     )
     .bind(pay.user_id)
     .bind(coupon_id)

@@ -4,7 +4,7 @@
 //!
 //! The relay wakes when a batch commits and every second otherwise, so whatever a crash
 //! left unpublished goes out within a second of any replica running. Events are claimed
-//! with `FOR UPDATE SKIP LOCKED` and a claim that expires, so replicas never publish the
+//! with `FOR NO KEY UPDATE SKIP LOCKED` and a claim that expires, so replicas never publish the
 //! same event at the same time, and one that died holding a claim is taken over. Delivery
 //! is at least once: a crash between the confirm and the mark publishes an event again, and
 //! consumers deduplicate on `eventId`.
@@ -57,7 +57,7 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
            SELECT id FROM outbox
            WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < now())
            ORDER BY created_at LIMIT $1
-           FOR UPDATE SKIP LOCKED)
+           FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, routing_key, payload",
     )
     .bind(BATCH)

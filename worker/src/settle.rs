@@ -247,7 +247,7 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
         return Err(SettleError::LeaseLost);
     }
     let rows: Vec<RequestRow> = sqlx::query_as(
-        "SELECT id, kind, payload, status, created_at FROM requests WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, kind, payload, status, created_at FROM requests WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(ids)
     .fetch_all(&mut *tx)

@@ -1,7 +1,7 @@
 //! Re-publishes requests whose publish was never confirmed (the API crashed or the broker
 //! failed between commit and confirm), so that no accepted request is lost.
 //!
-//! Each pass claims a slice of due requests with `FOR UPDATE SKIP LOCKED` and pushes their
+//! Each pass claims a slice of due requests with `FOR NO KEY UPDATE SKIP LOCKED` and pushes their
 //! `publish_after` forward, so several replicas sweep without publishing the same request
 //! twice at once; the claim is not held across the publish. A request published twice is
 //! harmless: the worker that settles it second finds it terminal.
@@ -39,7 +39,7 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
            SELECT id FROM requests
            WHERE NOT published AND status = 'PENDING' AND publish_after <= now()
            ORDER BY created_at LIMIT $1
-           FOR UPDATE SKIP LOCKED)
+           FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, kind, partition_key",
     )
     .bind(SWEEP_LIMIT)

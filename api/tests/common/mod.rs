@@ -19,6 +19,8 @@ pub struct TestApp {
     /// A pool on the app's database, for asserting what was (not) stored.
     pub db: PgPool,
     pub database_url: String,
+    /// The broker itself (not a test proxy), for deleting the topology at the end.
+    amqp_url: String,
     shutdown: CancellationToken,
 }
 
@@ -43,6 +45,7 @@ pub async fn spawn_app() -> TestApp {
 /// The API over a fresh database, with commands on a topology of the test's own (a unique
 /// name prefix), after `adjust` had its say on the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
+    shared::testing::capture_logs();
     let database_url = shared::testing::fresh_database_url()
         .await
         .expect("fresh database");
@@ -51,6 +54,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     config.database.url = database_url.clone();
     config.admin_token = ADMIN_TOKEN.to_owned();
     config.topology = shared::testing::isolated_topology();
+    let amqp_url = config.broker.url.clone();
     adjust(&mut config);
     let app = Application::build(config).await.expect("the api starts");
     let addr = app.local_addr().unwrap();
@@ -64,6 +68,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
         client: reqwest::Client::new(),
         db,
         database_url,
+        amqp_url,
         shutdown,
     };
     // Tests start from a ready API (its broker connection may still be opening).
@@ -77,6 +82,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        shared::testing::delete_topology_blocking(&self.topology, &self.amqp_url);
     }
 }
 

@@ -24,6 +24,38 @@ pub struct System {
     log_dir: std::path::PathBuf,
 }
 
+impl Drop for System {
+    /// Workers die before the API's drop deletes the topology, so none of them re-declares
+    /// its queues on the way out.
+    fn drop(&mut self) {
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for mut child in workers.into_iter().flatten() {
+            let pid = child.id();
+            let _ = child.start_kill();
+            if let Some(pid) = pid {
+                wait_until_dead(pid);
+            }
+        }
+    }
+}
+
+/// Waits (briefly, without a runtime) until a killed process is gone or a zombie.
+fn wait_until_dead(pid: u32) {
+    for _ in 0..200 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name: "Z" is a zombie.
+            Ok(stat)
+                if !stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z')) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => return,
+        }
+    }
+}
+
 impl System {
     /// The API plus `workers` worker processes.
     pub async fn start(workers: usize) -> Self {
