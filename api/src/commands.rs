@@ -17,7 +17,7 @@ use shared::broker::{Broker, PublishError, Publisher};
 use shared::command::{self, RequestKind};
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Topology;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use utoipa::ToSchema;
@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
-use crate::idempotency::{self, Outcome};
+use crate::idempotency;
 use crate::AppState;
 
 /// Seconds a client should wait before polling a pending request.
@@ -140,50 +140,67 @@ pub struct NewCommand {
     /// What the partition hashes: the coupon for coupon commands, the user for order commands.
     pub partition_key: i64,
     pub payload: serde_json::Value,
-    pub order_id: Option<Uuid>,
+    /// The order an `ORDER_CREATE` creates, stored `PENDING` with the request.
+    pub order: Option<PendingOrder>,
 }
 
-/// Runs `check_and_store` (the command's own checks and rows) and stores the request, in
-/// one idempotent transaction; then publishes and answers 202.
+/// An order as the API stores it before a worker settles it: readable at once, with the
+/// prices quoted when it was placed.
+pub struct PendingOrder {
+    pub order_id: Uuid,
+    pub user_id: i64,
+    pub total: i64,
+    pub product_ids: Vec<i64>,
+    pub names: Vec<String>,
+    pub unit_prices: Vec<i64>,
+    pub quantities: Vec<i64>,
+}
+
+/// Accepts a command whose checks already ran: `checked` is the command, or why the API
+/// refused it at once.
+///
+/// The hot path of a flash sale, so it costs one statement and one commit: the request,
+/// the rows it creates and, with an `Idempotency-Key`, the key with its `202` are written
+/// together, and a refusal is saved under its key by a single insert. Only a key seen
+/// before costs more (reading what it answered). The checks read outside any transaction:
+/// what they refuse (unknown, expired, sold out, already held, not payable) never comes
+/// back, and anything they let through is settled for good by the worker.
 pub async fn submit(
     state: &AppState,
     key: &IdempotencyKey,
     scope: &str,
     request: &serde_json::Value,
-    command: NewCommand,
-    check_and_store: impl AsyncFnOnce(&mut PgConnection, Uuid) -> Result<()>,
+    checked: Result<NewCommand>,
 ) -> Result<Response> {
-    let request_id = Uuid::now_v7();
-    let outcome = idempotency::run(
-        &state.db,
-        key,
-        scope,
-        request,
-        StatusCode::ACCEPTED,
-        async |conn| {
-            check_and_store(&mut *conn, request_id).await?;
-            sqlx::query("INSERT INTO requests (id, kind, partition_key, payload) VALUES ($1, $2, $3, $4)")
-                .bind(request_id)
-                .bind(command.kind.as_str())
-                .bind(command.partition_key)
-                .bind(&command.payload)
-                .execute(&mut *conn)
-                .await?;
-            Ok(Accepted {
-                request_id,
-                kind: command.kind.as_str(),
-                status: "PENDING",
-                status_url: format!("/requests/{request_id}"),
-                order_id: command.order_id,
-            })
-        },
-    )
-    .await?;
-
-    let accepted = match outcome {
-        Outcome::Fresh(accepted) => accepted,
-        Outcome::Replayed(response) => return Ok(response),
+    let command = match checked {
+        Ok(command) => command,
+        Err(ApiError::Client(refusal)) => {
+            if let Some(key) = key.0.as_deref() {
+                if !idempotency::save_refusal(&state.db, scope, key, request, &refusal).await? {
+                    return idempotency::answer_again(&state.db, scope, key, request).await;
+                }
+            }
+            return Err(ApiError::Client(refusal));
+        }
+        Err(other) => return Err(other),
     };
+
+    let request_id = Uuid::now_v7();
+    let accepted = Accepted {
+        request_id,
+        kind: command.kind.as_str(),
+        status: "PENDING",
+        status_url: format!("/requests/{request_id}"),
+        order_id: command.order.as_ref().map(|o| o.order_id),
+    };
+    let stored = store(state, key.0.as_deref(), scope, request, &command, &accepted).await?;
+    if !stored {
+        // The key was used before: its first answer (or 409/422) stands.
+        if let Some(key) = key.0.as_deref() {
+            return idempotency::answer_again(&state.db, scope, key, request).await;
+        }
+    }
+
     if let Err(e) = state
         .commands
         .publish(request_id, command.kind, command.partition_key)
@@ -193,6 +210,61 @@ pub async fn submit(
         return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
     }
     Ok(accepted_response(accepted))
+}
+
+/// Writes the request, the pending order if any, and the key with its `202`, in one
+/// statement. False when the key already existed, in which case nothing was written.
+async fn store(
+    state: &AppState,
+    key: Option<&str>,
+    scope: &str,
+    request: &serde_json::Value,
+    command: &NewCommand,
+    accepted: &Accepted,
+) -> Result<bool> {
+    let body = serde_json::to_value(accepted).map_err(ApiError::internal)?;
+    let order = command.order.as_ref();
+    // Data-modifying CTEs see the same snapshot and run together; each insert is gated on
+    // the one before through its RETURNING rows, and the foreign keys of the order lines
+    // are checked at the end of the statement, once their order exists.
+    let stored: i64 = sqlx::query_scalar(
+        "WITH claim AS (
+            INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
+            SELECT $1, $2, $3, 202, $4 WHERE $2::text IS NOT NULL
+            ON CONFLICT (scope, key) DO NOTHING
+            RETURNING 1),
+         request AS (
+            INSERT INTO requests (id, kind, partition_key, payload)
+            SELECT $5, $6, $7, $8 WHERE $2::text IS NULL OR EXISTS (SELECT 1 FROM claim)
+            RETURNING id),
+         pending_order AS (
+            INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
+            SELECT $9, $10, 'PENDING', id, $11 FROM request WHERE $9::uuid IS NOT NULL
+            RETURNING id),
+         lines AS (
+            INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
+            SELECT o.id, l.* FROM pending_order o,
+                   UNNEST($12::bigint[], $13::text[], $14::bigint[], $15::bigint[]) AS l)
+         SELECT count(*) FROM request",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(request)
+    .bind(&body)
+    .bind(accepted.request_id)
+    .bind(command.kind.as_str())
+    .bind(command.partition_key)
+    .bind(&command.payload)
+    .bind(order.map(|o| o.order_id))
+    .bind(order.map(|o| o.user_id))
+    .bind(order.map(|o| o.total))
+    .bind(order.map(|o| o.product_ids.as_slice()).unwrap_or_default())
+    .bind(order.map(|o| o.names.as_slice()).unwrap_or_default())
+    .bind(order.map(|o| o.unit_prices.as_slice()).unwrap_or_default())
+    .bind(order.map(|o| o.quantities.as_slice()).unwrap_or_default())
+    .fetch_one(&state.db)
+    .await?;
+    Ok(stored == 1)
 }
 
 /// `202` with `Location` and `Retry-After`.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shared::command::{CouponIssue, RequestKind};
 use shared::domain::{parse_name, whole_number_in, CouponId, UserId, MAX_PRICE};
 use shared::error::ErrorCode;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -143,21 +143,20 @@ async fn issue_coupon(
     };
     let payload = serde_json::to_value(issue).map_err(ApiError::internal)?;
     let scope = format!("POST /coupons/{coupon}/issue");
-    let command = NewCommand {
-        kind: RequestKind::CouponIssue,
-        partition_key: coupon.get(),
-        payload: payload.clone(),
-        order_id: None,
-    };
-    commands::submit(&state, &key, &scope, &payload, command, async |conn, _| {
-        refuse_what_is_known(conn, coupon, user).await
-    })
-    .await
+    let checked = refuse_what_is_known(&state.db, coupon, user)
+        .await
+        .map(|()| NewCommand {
+            kind: RequestKind::CouponIssue,
+            partition_key: coupon.get(),
+            payload: payload.clone(),
+            order: None,
+        });
+    commands::submit(&state, &key, &scope, &payload, checked).await
 }
 
 /// The checks that need no queue, in the contract's order: the user (400), the coupon
 /// (404), then its state (409, 410).
-async fn refuse_what_is_known(conn: &mut PgConnection, coupon: CouponId, user: UserId) -> Result<()> {
+async fn refuse_what_is_known(db: &PgPool, coupon: CouponId, user: UserId) -> Result<()> {
     let (user_exists, coupon_exists, expired, sold_out, held): (bool, bool, bool, bool, bool) =
         sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM users WHERE id = $2),
@@ -169,7 +168,7 @@ async fn refuse_what_is_known(conn: &mut PgConnection, coupon: CouponId, user: U
         )
         .bind(coupon.get())
         .bind(user.get())
-        .fetch_one(conn)
+        .fetch_one(db)
         .await?;
     let refusal = if !user_exists {
         Some(ErrorCode::BalanceInvalidUser)

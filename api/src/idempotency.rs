@@ -1,17 +1,21 @@
 //! `Idempotency-Key`, with Stripe's semantics, stored in PostgreSQL.
 //!
-//! A key is claimed in a short transaction of its own, so a second request with the same
-//! key sees it in flight (409) instead of waiting on a lock. The response is saved in the
-//! same transaction as the effect, so a saved response always describes a committed effect.
-//! A 4xx is saved too (the same request would fail the same way); a 5xx releases the key so
-//! that the client's retry runs again. A claim left behind by a crashed process can be taken
-//! over once it is older than [`STALE_CLAIM`].
+//! Synchronous requests ([`run`]): a key is claimed in a short transaction of its own, so a
+//! second request with the same key sees it in flight (409) instead of waiting on a lock.
+//! The response is saved in the same transaction as the effect, so a saved response always
+//! describes a committed effect. A 4xx is saved too (the same request would fail the same
+//! way); a 5xx releases the key so that the client's retry runs again. A claim left behind
+//! by a crashed process can be taken over once it is older than [`STALE_CLAIM_SECS`].
+//!
+//! Asynchronous commands (`crate::commands`) write the key together with their request and
+//! its `202`, or with their refusal, in one statement, so their keys are never half-claimed;
+//! a saved `202` counts as in flight (409) until the broker's confirm is recorded.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use shared::error::ErrorCode;
+use shared::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use crate::error::{ApiError, Result};
@@ -121,34 +125,102 @@ async fn claim(
             return Ok(None);
         }
 
-        let existing: Option<(bool, Option<i16>, Option<serde_json::Value>)> = sqlx::query_as(
-            "SELECT request = $3, response_status, response_body
-             FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        )
-        .bind(scope)
-        .bind(key)
-        .bind(request)
-        .fetch_optional(pool)
-        .await?;
-
-        match existing {
-            None => continue,
-            Some((false, _, _)) => {
-                return Err(ApiError::new(
-                    ErrorCode::IdempotencyKeyReused,
-                    "this Idempotency-Key was used with a different request",
-                ))
-            }
-            Some((true, Some(status), Some(body))) => return Ok(Some(replay(status, body))),
-            Some((true, _, _)) => break,
+        match earlier_answer(pool, scope, key, request).await? {
+            Earlier::Gone => continue,
+            Earlier::Answer(answer) => return answer.map(Some),
         }
     }
-    Err(ApiError::new(
-        ErrorCode::IdempotencyKeyInUse,
-        "a request with this Idempotency-Key is still being handled; retry later",
-    ))
+    Err(in_use())
 }
 
+fn in_use() -> ApiError {
+    ApiError::new(
+        ErrorCode::IdempotencyKeyInUse,
+        "a request with this Idempotency-Key is still being handled; retry later",
+    )
+}
+
+/// What the first request with a key left behind, as seen by a later one.
+enum Earlier {
+    /// No row (any more): the key is free.
+    Gone,
+    /// The answer to give: a replay, 409 (still being handled) or 422 (other request).
+    Answer(Result<Response>),
+}
+
+async fn earlier_answer(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    request: &serde_json::Value,
+) -> Result<Earlier> {
+    // A saved 202 counts as still being handled until the broker confirmed its command:
+    // until then the request may yet be withdrawn.
+    let existing: Option<(bool, Option<i16>, Option<serde_json::Value>, bool)> = sqlx::query_as(
+        "SELECT k.request = $3, k.response_status, k.response_body,
+                COALESCE(r.status = 'PENDING' AND NOT r.published, false)
+         FROM idempotency_keys k
+         LEFT JOIN requests r
+           ON k.response_status = 202 AND r.id = (k.response_body->>'requestId')::uuid
+         WHERE k.scope = $1 AND k.key = $2",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(request)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match existing {
+        None => Earlier::Gone,
+        Some((false, _, _, _)) => Earlier::Answer(Err(ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used with a different request",
+        ))),
+        Some((true, Some(status), Some(body), false)) => Earlier::Answer(Ok(replay(status, body))),
+        Some((true, _, _, _)) => Earlier::Answer(Err(in_use())),
+    })
+}
+
+/// The answer to a key that was used before (asynchronous commands): the replay of the
+/// first answer, 409 while that request is still being handled, 422 for another request.
+pub async fn answer_again(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    request: &serde_json::Value,
+) -> Result<Response> {
+    match earlier_answer(pool, scope, key, request).await? {
+        // Freed a moment ago (a withdrawn request): the client's retry will find it free.
+        Earlier::Gone => Err(in_use()),
+        Earlier::Answer(answer) => answer,
+    }
+}
+
+/// Saves a refusal under a key that was not used before, in one statement. False when the
+/// key already existed: then its earlier answer stands and nothing was written.
+pub async fn save_refusal(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    request: &serde_json::Value,
+    refusal: &ErrorBody,
+) -> Result<bool> {
+    let status = i16::try_from(refusal.code.http_status()).unwrap_or(400);
+    let body = serde_json::to_value(refusal).map_err(ApiError::internal)?;
+    let saved: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (scope, key) DO NOTHING
+         RETURNING true",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(request)
+    .bind(status)
+    .bind(body)
+    .fetch_optional(pool)
+    .await?;
+    Ok(saved.is_some())
+}
 fn replay(status: i16, body: serde_json::Value) -> Response {
     let status = u16::try_from(status)
         .ok()

@@ -16,13 +16,13 @@ use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
 use shared::domain::{whole_number_in, UserId};
 use shared::error::ErrorCode;
 use shared::money::order_total;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::commands::{self, Accepted, NewCommand};
+use crate::commands::{self, Accepted, NewCommand, PendingOrder};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
@@ -229,41 +229,44 @@ async fn create_order(
         items: lines.clone(),
     };
     let request = serde_json::json!({ "userId": user.get(), "items": lines });
-    let new = NewCommand {
+    let payload = serde_json::to_value(&command).map_err(ApiError::internal)?;
+    let checked = quote(&state.db, &command).await.map(|order| NewCommand {
         kind: RequestKind::OrderCreate,
         partition_key: user.get(),
-        payload: serde_json::to_value(&command).map_err(ApiError::internal)?,
-        order_id: Some(order_id),
-    };
-    commands::submit(
-        &state,
-        &key,
-        "POST /orders",
-        &request,
-        new,
-        async |conn, request_id| store_pending_order(conn, &command, request_id).await,
-    )
-    .await
+        payload,
+        order: Some(order),
+    });
+    commands::submit(&state, &key, "POST /orders", &request, checked).await
 }
 
-/// Checks the user and the products, and stores the order as `PENDING` with a quote.
-async fn store_pending_order(conn: &mut PgConnection, order: &OrderCreate, request_id: Uuid) -> Result<()> {
-    let user_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
-        .bind(order.user_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !user_exists {
+#[derive(sqlx::FromRow)]
+struct QuoteRow {
+    user_exists: bool,
+    id: Option<i64>,
+    name: Option<String>,
+    price: Option<i64>,
+}
+
+/// Checks the user and the products, and prices the order as it will be stored `PENDING`.
+async fn quote(db: &PgPool, order: &OrderCreate) -> Result<PendingOrder> {
+    let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
+    // One round trip: the user's existence rides along with every product row, and with a
+    // single row of NULLs when no product matches.
+    let rows: Vec<QuoteRow> = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS user_exists, p.id, p.name, p.price
+         FROM (SELECT 1) AS one LEFT JOIN products p ON p.id = ANY($2)",
+    )
+    .bind(order.user_id)
+    .bind(&ids)
+    .fetch_all(db)
+    .await?;
+    if !rows.first().is_some_and(|row| row.user_exists) {
         return Err(invalid_user());
     }
-    let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
-    let products: HashMap<i64, (String, i64)> =
-        sqlx::query_as::<_, (i64, String, i64)>("SELECT id, name, price FROM products WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|(id, name, price)| (id, (name, price)))
-            .collect();
+    let products: HashMap<i64, (String, i64)> = rows
+        .into_iter()
+        .filter_map(|row| Some((row.id?, (row.name?, row.price?))))
+        .collect();
     let mut names = Vec::new();
     let mut prices = Vec::new();
     let mut quantities = Vec::new();
@@ -280,28 +283,15 @@ async fn store_pending_order(conn: &mut PgConnection, order: &OrderCreate, reque
     }
     let total = order_total(prices.iter().copied().zip(quantities.iter().copied()))
         .ok_or_else(|| invalid_items("the order total is too large"))?;
-    sqlx::query(
-        "INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
-         VALUES ($1, $2, 'PENDING', $3, $4)",
-    )
-    .bind(order.order_id)
-    .bind(order.user_id)
-    .bind(request_id)
-    .bind(total)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
-         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[])",
-    )
-    .bind(order.order_id)
-    .bind(&ids)
-    .bind(&names)
-    .bind(&prices)
-    .bind(&quantities)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    Ok(PendingOrder {
+        order_id: order.order_id,
+        user_id: order.user_id,
+        total,
+        product_ids: ids,
+        names,
+        unit_prices: prices,
+        quantities,
+    })
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -352,26 +342,25 @@ async fn pay_order(
         coupon_id,
     };
     let payload = serde_json::to_value(command).map_err(ApiError::internal)?;
-    let new = NewCommand {
-        kind: RequestKind::OrderPay,
-        partition_key: user.get(),
-        payload: payload.clone(),
-        order_id: None,
-    };
     let scope = format!("POST /orders/{order}/payment");
-    commands::submit(&state, &key, &scope, &payload, new, async |conn, _| {
-        refuse_unpayable(conn, order, user).await
-    })
-    .await
+    let checked = refuse_unpayable(&state.db, order, user)
+        .await
+        .map(|()| NewCommand {
+            kind: RequestKind::OrderPay,
+            partition_key: user.get(),
+            payload: payload.clone(),
+            order: None,
+        });
+    commands::submit(&state, &key, &scope, &payload, checked).await
 }
 
 /// What the API knows at once about a payment: the order exists (404), is the user's
 /// (403), and can still be paid (400). A `PENDING` order is accepted: its creation is
 /// settled first, in the same partition.
-async fn refuse_unpayable(conn: &mut PgConnection, order: Uuid, user: UserId) -> Result<()> {
+async fn refuse_unpayable(db: &PgPool, order: Uuid, user: UserId) -> Result<()> {
     let found: Option<(i64, String)> = sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1")
         .bind(order)
-        .fetch_optional(conn)
+        .fetch_optional(db)
         .await?;
     let (owner, status) =
         found.ok_or_else(|| ApiError::new(ErrorCode::PaymentOrderNotFound, "no order with this orderId"))?;
