@@ -193,7 +193,11 @@ pub async fn submit(
         status_url: format!("/requests/{request_id}"),
         order_id: command.order.as_ref().map(|o| o.order_id),
     };
+    let family = command.kind.family().as_str();
+    let started = std::time::Instant::now();
     let stored = store(state, key.0.as_deref(), scope, request, &command, &accepted).await?;
+    metrics::histogram!("api_command_store_seconds", "family" => family)
+        .record(started.elapsed().as_secs_f64());
     if !stored {
         // The key was used before: its first answer (or 409/422) stands.
         if let Some(key) = key.0.as_deref() {
@@ -201,11 +205,14 @@ pub async fn submit(
         }
     }
 
-    if let Err(e) = state
+    let started = std::time::Instant::now();
+    let published = state
         .commands
         .publish(request_id, command.kind, command.partition_key)
-        .await
-    {
+        .await;
+    metrics::histogram!("api_command_publish_seconds", "family" => family)
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = published {
         withdraw(&state.db, request_id, key, scope).await;
         return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
     }

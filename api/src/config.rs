@@ -9,6 +9,12 @@ use shared::topology::Topology;
 /// announced with a warning at start so nobody ships it by accident.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
+/// The API's default pool. Every request holds a connection only for a statement or two,
+/// and with fewer connections than about a tenth of the concurrent clients, requests wait
+/// for a connection rather than for PostgreSQL: in the flash-sale benchmark (200 clients)
+/// 30 connections settled 1.4x the coupons per second that 10 did.
+pub const DEFAULT_POOL: u32 = 30;
+
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// `HTTP_ADDR`: where the API listens. Port 0 picks a free port (tests do).
@@ -29,7 +35,7 @@ impl ApiConfig {
             http_addr: var("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             admin_token: var("ADMIN_TOKEN", DEV_ADMIN_TOKEN.to_owned())?,
             max_body_bytes: var("MAX_BODY_BYTES", 64 * 1024)?,
-            database: DatabaseSettings::from_env()?,
+            database: DatabaseSettings::from_env_with_pool(DEFAULT_POOL)?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,

@@ -206,9 +206,16 @@ pub async fn save_refusal(
 ) -> Result<bool> {
     let status = i16::try_from(refusal.code.http_status()).unwrap_or(400);
     let body = serde_json::to_value(refusal).map_err(ApiError::internal)?;
+    // Committed without waiting for the WAL flush (`synchronous_commit` off for this one
+    // statement's transaction): in a sold-out flash sale these records are most of the
+    // writes, and losing the last few to a PostgreSQL crash costs nothing that matters.
+    // A refusal has no effect to protect, and its causes (sold out, expired, already held,
+    // not payable) do not go away, so a retry after such a loss gets the same answer,
+    // computed again.
     let saved: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
-         VALUES ($1, $2, $3, $4, $5)
+        "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+         INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
+         SELECT $1, $2, $3, $4, $5 FROM relaxed
          ON CONFLICT (scope, key) DO NOTHING
          RETURNING true",
     )

@@ -181,9 +181,9 @@ pub struct BaselineArgs {
     /// pgbench clients (connections); lowered to what PostgreSQL's max_connections leaves free.
     #[arg(long, short = 'c', default_value_t = 200)]
     pub concurrency: usize,
-    /// Also run with this many clients (a synchronous server's connection pool; the api's
-    /// is 10); 0 to skip.
-    #[arg(long, default_value_t = 10)]
+    /// Also run with this many clients (a synchronous server's connection pool, as large as
+    /// the api's: 30); 0 to skip.
+    #[arg(long, default_value_t = 30)]
     pub pooled_clients: usize,
     /// Transactions in all, one per distinct user (rounded up to a multiple of the clients).
     #[arg(long, short = 'u', default_value_t = 20_000)]

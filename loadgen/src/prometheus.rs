@@ -242,6 +242,20 @@ pub fn breakdown(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Stage> {
         );
         stages.extend(stage(format!("api {method} {route} {status}"), &h, seconds, "ms"));
     }
+    for family in ["coupon", "order"] {
+        let filter = |l: &BTreeMap<String, String>| l.get("family").map(String::as_str) == Some(family);
+        for (metric, label) in [
+            ("api_command_store_seconds", "store (one statement)"),
+            ("api_command_publish_seconds", "publish until confirmed"),
+        ] {
+            let h = Histogram::collect(&after.api, metric, &filter).minus(&Histogram::collect(
+                &before.api,
+                metric,
+                &filter,
+            ));
+            stages.extend(stage(format!("api {family}: {label}"), &h, seconds, "ms"));
+        }
+    }
     let workers = |scrape: &Scrape| scrape.workers.concat();
     let (w_before, w_after) = (workers(before), workers(after));
     for family in ["coupon", "order"] {

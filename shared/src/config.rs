@@ -61,10 +61,16 @@ pub struct DatabaseSettings {
 impl DatabaseSettings {
     pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:5432/ecommerce";
 
+    /// The settings with a pool of 10 connections unless `DATABASE_MAX_CONNECTIONS` says.
     pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_env_with_pool(10)
+    }
+
+    /// The settings with `pool` connections unless `DATABASE_MAX_CONNECTIONS` says.
+    pub fn from_env_with_pool(pool: u32) -> Result<Self, ConfigError> {
         Ok(Self {
             url: var("DATABASE_URL", Self::DEFAULT_URL.to_owned())?,
-            max_connections: var("DATABASE_MAX_CONNECTIONS", 10)?,
+            max_connections: var("DATABASE_MAX_CONNECTIONS", pool)?,
         })
     }
 }

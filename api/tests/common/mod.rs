@@ -54,6 +54,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     config.database.url = database_url.clone();
     config.admin_token = ADMIN_TOKEN.to_owned();
     config.topology = shared::testing::isolated_topology();
+    // Tests run side by side, each with an API and workers, on one PostgreSQL.
+    config.database.max_connections = 10;
     let amqp_url = config.broker.url.clone();
     adjust(&mut config);
     let app = Application::build(config).await.expect("the api starts");
