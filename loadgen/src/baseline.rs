@@ -92,6 +92,11 @@ pub async fn run(args: &BaselineArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         report::write_json(out, &result)?;
     }
+    let violations: usize = result.variants.iter().map(|v| v.violations).sum();
+    anyhow::ensure!(
+        violations == 0,
+        "{violations} baseline check(s) violated; see the checks above"
+    );
     Ok(())
 }
 

@@ -229,6 +229,12 @@ impl Harness {
         if let Some(out) = &self.common.out {
             report::write_json(out, &result)?;
         }
+        // A run that broke an invariant fails, so that scripts and CI stop on it.
+        anyhow::ensure!(
+            result.violations == 0,
+            "{} correctness check(s) violated; see the checks above",
+            result.violations
+        );
         Ok(())
     }
 }
