@@ -71,14 +71,16 @@ pub async fn settle(
     // this lock does not conflict with the key-share locks that foreign-key checks take. With
     // `FOR UPDATE`, the API inserting order lines (locking their products in the client's
     // order) and a reservation locking the same products deadlocked under a burst.
-    sqlx::query("SELECT id FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&order_ids)
-        .execute(&mut *conn)
-        .await?;
+    // One round trip: the orders by id, then the products of their lines by id.
     sqlx::query(
-        "SELECT id FROM products
-         WHERE id IN (SELECT product_id FROM order_items WHERE order_id = ANY($1))
-         ORDER BY id FOR NO KEY UPDATE",
+        "WITH locked_orders AS MATERIALIZED (
+            SELECT id FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE),
+         locked_products AS MATERIALIZED (
+            SELECT id FROM products
+            WHERE id IN (SELECT product_id FROM order_items
+                         WHERE order_id IN (SELECT id FROM locked_orders))
+            ORDER BY id FOR NO KEY UPDATE)
+         SELECT (SELECT count(*) FROM locked_orders), (SELECT count(*) FROM locked_products)",
     )
     .bind(&order_ids)
     .execute(&mut *conn)
@@ -95,25 +97,39 @@ pub async fn settle(
     Ok(decisions)
 }
 
+/// An order's status with one of its lines (line fields are NULL for an order without
+/// lines, which the API never stores).
 #[derive(sqlx::FromRow)]
 struct Line {
-    product_id: i64,
-    quantity: i64,
-    price: i64,
-    available: i64,
+    status: String,
+    product_id: Option<i64>,
+    quantity: Option<i64>,
+    name: Option<String>,
+    price: Option<i64>,
+    available: Option<i64>,
 }
 
 /// Reserves every line of a `PENDING` order or none, snapshotting names and prices.
+///
+/// Two statements, a read and a write, because the batch holds its product locks while it
+/// runs: every round trip here is time other partitions wait for the same products.
 async fn reserve_stock(
     conn: &mut PgConnection,
     create: &OrderCreate,
     ttl: Duration,
 ) -> Result<Decision, SettleError> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-        .bind(create.order_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match status.as_deref() {
+    let lines: Vec<Line> = sqlx::query_as(
+        "SELECT o.status, oi.product_id, oi.quantity, p.name, p.price,
+                p.stock - p.reserved AS available
+         FROM orders o
+         LEFT JOIN order_items oi ON oi.order_id = o.id
+         LEFT JOIN products p ON p.id = oi.product_id
+         WHERE o.id = $1 ORDER BY oi.product_id",
+    )
+    .bind(create.order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    match lines.first().map(|l| l.status.as_str()) {
         Some("PENDING") => {}
         Some(_) => {
             return Ok(refuse(
@@ -123,24 +139,42 @@ async fn reserve_stock(
         }
         None => return Ok(refuse(ErrorCode::OrderNotFound, "the order does not exist")),
     }
-    let lines: Vec<Line> = sqlx::query_as(
-        "SELECT oi.product_id, oi.quantity, p.price, p.stock - p.reserved AS available
-         FROM order_items oi JOIN products p ON p.id = oi.product_id
-         WHERE oi.order_id = $1 ORDER BY oi.product_id",
-    )
-    .bind(create.order_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let short = lines.iter().find(|l| l.available < l.quantity);
-    let total = order_total(lines.iter().map(|l| (l.price, l.quantity)));
+    let mut products = Vec::with_capacity(lines.len());
+    let mut quantities = Vec::with_capacity(lines.len());
+    let mut names = Vec::with_capacity(lines.len());
+    let mut prices = Vec::with_capacity(lines.len());
+    let mut short = None;
+    for line in &lines {
+        let (Some(product), Some(quantity), Some(name), Some(price), Some(available)) = (
+            line.product_id,
+            line.quantity,
+            line.name.clone(),
+            line.price,
+            line.available,
+        ) else {
+            continue;
+        };
+        if available < quantity && short.is_none() {
+            short = Some((product, available));
+        }
+        products.push(product);
+        quantities.push(quantity);
+        names.push(name);
+        prices.push(price);
+    }
+    let total = order_total(prices.iter().copied().zip(quantities.iter().copied()));
     let refusal = match (short, total) {
-        (Some(line), _) => Some(refuse(
+        (Some((product, available)), _) => Some(refuse(
             ErrorCode::OrderOutOfStock,
-            format!("product {} has {} left", line.product_id, line.available.max(0)),
+            format!("product {product} has {} left", available.max(0)),
         )),
         (None, None) => Some(refuse(
             ErrorCode::OrderInvalidItems,
             "the order total is too large",
+        )),
+        (None, Some(_)) if products.is_empty() => Some(refuse(
+            ErrorCode::OrderInvalidItems,
+            "the order has no lines",
         )),
         (None, Some(_)) => None,
     };
@@ -154,29 +188,24 @@ async fn reserve_stock(
     }
     let total = total.unwrap_or_default();
 
-    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
-    let quantities: Vec<i64> = lines.iter().map(|l| l.quantity).collect();
-    sqlx::query(
-        "UPDATE products p SET reserved = p.reserved + r.quantity, updated_at = now()
-         FROM UNNEST($1::bigint[], $2::bigint[]) AS r(product_id, quantity)
-         WHERE p.id = r.product_id",
-    )
-    .bind(&products)
-    .bind(&quantities)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE order_items oi SET name = p.name, unit_price = p.price
-         FROM products p WHERE oi.order_id = $1 AND p.id = oi.product_id",
-    )
-    .bind(create.order_id)
-    .execute(&mut *conn)
-    .await?;
     let reserved_until: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE orders SET status = 'RESERVED', total_amount = $2, reserved_until = now() + make_interval(secs => $3)
+        "WITH reserve AS (
+            UPDATE products p SET reserved = p.reserved + r.quantity, updated_at = now()
+            FROM UNNEST($2::bigint[], $3::bigint[]) AS r(product_id, quantity)
+            WHERE p.id = r.product_id),
+         snapshot AS (
+            UPDATE order_items oi SET name = r.name, unit_price = r.price
+            FROM UNNEST($2::bigint[], $4::text[], $5::bigint[]) AS r(product_id, name, price)
+            WHERE oi.order_id = $1 AND oi.product_id = r.product_id)
+         UPDATE orders SET status = 'RESERVED', total_amount = $6,
+                reserved_until = now() + make_interval(secs => $7)
          WHERE id = $1 RETURNING reserved_until",
     )
     .bind(create.order_id)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&names)
+    .bind(&prices)
     .bind(total)
     .bind(ttl.as_secs_f64())
     .fetch_one(&mut *conn)
@@ -190,8 +219,12 @@ async fn reserve_stock(
     })))
 }
 
+/// An order with one of its lines, as a payment reads it.
 #[derive(sqlx::FromRow)]
 struct PaidLine {
+    user_id: i64,
+    status: String,
+    total_amount: i64,
     product_id: i64,
     name: String,
     unit_price: i64,
@@ -206,46 +239,50 @@ struct HeldCoupon {
     discount_value: i64,
     expired: bool,
     all_products: bool,
+    /// The order's products this coupon applies to (when it is restricted).
+    applicable: Vec<i64>,
 }
 
 /// Pays a `RESERVED` order: balance debited with its ledger entry, reserved units sold, the
 /// coupon used, the payment written, the order `PAID`, and an `order.paid` event in the
 /// outbox. Any refusal leaves everything as it was (a failed payment keeps the order
 /// `RESERVED`, so the user can charge and pay again).
+///
+/// A read, the coupon's read when there is one, and one write: the batch holds its product
+/// locks meanwhile, so round trips are what the other partitions wait for.
 async fn settle_payment(
     conn: &mut PgConnection,
     pay: &OrderPay,
     request_id: Uuid,
 ) -> Result<Decision, SettleError> {
-    let order: Option<(i64, String, i64)> =
-        sqlx::query_as("SELECT user_id, status, total_amount FROM orders WHERE id = $1")
-            .bind(pay.order_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((owner, status, total)) = order else {
+    let lines: Vec<PaidLine> = sqlx::query_as(
+        "SELECT o.user_id, o.status, o.total_amount,
+                oi.product_id, oi.name, oi.unit_price, oi.quantity
+         FROM orders o JOIN order_items oi ON oi.order_id = o.id
+         WHERE o.id = $1 ORDER BY oi.product_id",
+    )
+    .bind(pay.order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some(order) = lines.first() else {
         return Ok(refuse(
             ErrorCode::PaymentOrderNotFound,
             "no order with this orderId",
         ));
     };
-    if owner != pay.user_id {
+    if order.user_id != pay.user_id {
         return Ok(refuse(
             ErrorCode::OrderUnauthorized,
             "this order belongs to another user",
         ));
     }
-    if status != "RESERVED" {
+    if order.status != "RESERVED" {
         return Ok(refuse(
             ErrorCode::PaymentInvalidOrderStatus,
-            format!("an order that is {status} cannot be paid"),
+            format!("an order that is {} cannot be paid", order.status),
         ));
     }
-    let lines: Vec<PaidLine> = sqlx::query_as(
-        "SELECT product_id, name, unit_price, quantity FROM order_items WHERE order_id = $1 ORDER BY product_id",
-    )
-    .bind(pay.order_id)
-    .fetch_all(&mut *conn)
-    .await?;
+    let total = order.total_amount;
 
     let (discount, user_coupon) = match pay.coupon_id {
         None => (0, None),
@@ -256,79 +293,7 @@ async fn settle_payment(
     };
     let amount = total - discount;
 
-    if amount > 0 {
-        let balance_after: Option<i64> = sqlx::query_scalar(
-            "UPDATE balances SET amount = amount - $2, updated_at = now()
-             WHERE user_id = $1 AND amount >= $2 RETURNING amount",
-        )
-        .bind(pay.user_id)
-        .bind(amount)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(balance_after) = balance_after else {
-            metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
-            return Ok(refuse(
-                ErrorCode::PaymentInsufficientBalance,
-                format!("the balance does not cover {amount} won"),
-            ));
-        };
-        sqlx::query(
-            "INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
-             VALUES ($1, 'PAYMENT', $2, $3, $4)",
-        )
-        .bind(pay.user_id)
-        .bind(amount)
-        .bind(balance_after)
-        .bind(pay.order_id)
-        .execute(&mut *conn)
-        .await?;
-    }
-
-    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
-    let quantities: Vec<i64> = lines.iter().map(|l| l.quantity).collect();
-    sqlx::query(
-        "UPDATE products p
-         SET reserved = p.reserved - s.quantity, stock = p.stock - s.quantity, sold = p.sold + s.quantity,
-             updated_at = now()
-         FROM UNNEST($1::bigint[], $2::bigint[]) AS s(product_id, quantity)
-         WHERE p.id = s.product_id",
-    )
-    .bind(&products)
-    .bind(&quantities)
-    .execute(&mut *conn)
-    .await?;
-    if let Some(user_coupon) = user_coupon {
-        sqlx::query("UPDATE user_coupons SET used_at = now(), order_id = $2 WHERE id = $1")
-            .bind(user_coupon)
-            .bind(pay.order_id)
-            .execute(&mut *conn)
-            .await?;
-    }
     let payment_id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(payment_id)
-    .bind(pay.order_id)
-    .bind(pay.user_id)
-    .bind(request_id)
-    .bind(amount)
-    .bind(discount)
-    .bind(user_coupon)
-    .execute(&mut *conn)
-    .await?;
-    let paid_at: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE orders SET status = 'PAID', paid_at = now(), discount_amount = $2, paid_amount = $3, coupon_id = $4
-         WHERE id = $1 RETURNING paid_at",
-    )
-    .bind(pay.order_id)
-    .bind(discount)
-    .bind(amount)
-    .bind(pay.coupon_id.filter(|_| user_coupon.is_some()))
-    .fetch_one(&mut *conn)
-    .await?;
-
     let event_id = Uuid::now_v7();
     let items: Vec<serde_json::Value> = lines
         .iter()
@@ -337,7 +302,6 @@ async fn settle_payment(
     let mut event = json!({
         "eventId": event_id,
         "type": "order.paid",
-        "occurredAt": paid_at,
         "orderId": pay.order_id,
         "userId": pay.user_id,
         "items": items,
@@ -345,14 +309,68 @@ async fn settle_payment(
         "discountAmount": discount,
         "paidAmount": amount,
     });
-    if let (Some(coupon_id), Some(_)) = (pay.coupon_id, user_coupon) {
+    let coupon_used = pay.coupon_id.filter(|_| user_coupon.is_some());
+    if let Some(coupon_id) = coupon_used {
         event["couponId"] = json!(coupon_id);
     }
-    sqlx::query("INSERT INTO outbox (id, routing_key, payload) VALUES ($1, 'order.paid', $2)")
-        .bind(event_id)
-        .bind(&event)
-        .execute(&mut *conn)
-        .await?;
+    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
+    let quantities: Vec<i64> = lines.iter().map(|l| l.quantity).collect();
+    // Every effect is gated on `go`: the debit went through, or there was nothing to debit.
+    // A balance that does not cover the amount leaves `go` empty and the statement writes
+    // nothing at all.
+    let paid_at: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "WITH debit AS (
+            UPDATE balances SET amount = amount - $3, updated_at = now()
+            WHERE user_id = $2 AND amount >= $3 AND $3 > 0
+            RETURNING amount),
+         go AS (SELECT 1 WHERE $3 = 0 OR EXISTS (SELECT 1 FROM debit)),
+         ledger AS (
+            INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
+            SELECT $2, 'PAYMENT', $3, amount, $1 FROM debit),
+         sold AS (
+            UPDATE products p
+            SET reserved = p.reserved - s.quantity, stock = p.stock - s.quantity,
+                sold = p.sold + s.quantity, updated_at = now()
+            FROM UNNEST($4::bigint[], $5::bigint[]) AS s(product_id, quantity)
+            WHERE p.id = s.product_id AND EXISTS (SELECT 1 FROM go)),
+         used AS (
+            UPDATE user_coupons SET used_at = now(), order_id = $1
+            WHERE id = $6 AND EXISTS (SELECT 1 FROM go)),
+         payment AS (
+            INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
+            SELECT $7, $1, $2, $8, $3, $9, $6 FROM go),
+         paid AS (
+            UPDATE orders SET status = 'PAID', paid_at = now(), discount_amount = $9,
+                   paid_amount = $3, coupon_id = $10
+            WHERE id = $1 AND EXISTS (SELECT 1 FROM go)
+            RETURNING paid_at),
+         event AS (
+            INSERT INTO outbox (id, routing_key, payload)
+            SELECT $11, 'order.paid', $12::jsonb || jsonb_build_object('occurredAt', paid_at)
+            FROM paid)
+         SELECT paid_at FROM paid",
+    )
+    .bind(pay.order_id)
+    .bind(pay.user_id)
+    .bind(amount)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(user_coupon)
+    .bind(payment_id)
+    .bind(request_id)
+    .bind(discount)
+    .bind(coupon_used)
+    .bind(event_id)
+    .bind(&event)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if paid_at.is_none() {
+        metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
+        return Ok(refuse(
+            ErrorCode::PaymentInsufficientBalance,
+            format!("the balance does not cover {amount} won"),
+        ));
+    }
     metrics::counter!("payments_total", "outcome" => "paid").increment(1);
     Ok(Decision::Succeeded(json!({
         "orderId": pay.order_id,
@@ -371,15 +389,19 @@ async fn coupon_discount(
     lines: &[PaidLine],
 ) -> Result<Result<(i64, Option<Uuid>), Decision>, SettleError> {
     let invalid = |message: &str| Err(refuse(ErrorCode::PaymentInvalidCoupon, message));
+    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
     let held: Option<HeldCoupon> = sqlx::query_as(
         "SELECT uc.id, uc.used_at IS NOT NULL AS used, c.discount_type, c.discount_value,
-                c.expires_at <= now() AS expired, c.all_products
+                c.expires_at <= now() AS expired, c.all_products,
+                ARRAY(SELECT cp.product_id FROM coupon_products cp
+                      WHERE cp.coupon_id = c.id AND cp.product_id = ANY($3)) AS applicable
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.coupon_id = $2
          FOR NO KEY UPDATE OF uc",
     )
     .bind(pay.user_id)
     .bind(coupon_id)
+    .bind(&products)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(held) = held else {
@@ -394,18 +416,10 @@ async fn coupon_discount(
     let base = if held.all_products {
         total
     } else {
-        let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
-        let applicable: Vec<i64> = sqlx::query_scalar(
-            "SELECT product_id FROM coupon_products WHERE coupon_id = $1 AND product_id = ANY($2)",
-        )
-        .bind(coupon_id)
-        .bind(&products)
-        .fetch_all(&mut *conn)
-        .await?;
         // The coupon discounts the lines it applies to.
         lines
             .iter()
-            .filter(|l| applicable.contains(&l.product_id))
+            .filter(|l| held.applicable.contains(&l.product_id))
             .map(|l| l.unit_price * l.quantity)
             .sum()
     };

@@ -2,7 +2,7 @@
 //! the durable topic exchange `ecommerce.events`, persistent and confirmed, with
 //! `message_id` = the event id, and marked published only after the broker's confirm.
 //!
-//! The relay wakes when a batch commits and every second otherwise, so whatever a crash
+//! The relay wakes when a batch with a payment commits and every second otherwise, so whatever a crash
 //! left unpublished goes out within a second of any replica running. Events are claimed
 //! with `FOR NO KEY UPDATE SKIP LOCKED` and a claim that expires, so replicas never publish the
 //! same event at the same time, and one that died holding a claim is taken over. Delivery

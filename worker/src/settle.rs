@@ -296,8 +296,12 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
     };
     write_outcomes(&mut tx, &pending, &decisions).await?;
     tx.commit().await?;
-    if lease.family == Family::Order {
-        // Payments may have written events: let the outbox relay publish them now.
+    let paid = pending
+        .iter()
+        .zip(&decisions)
+        .any(|(p, d)| p.kind == RequestKind::OrderPay && matches!(d, Decision::Succeeded(_)));
+    if paid {
+        // A payment wrote an event: let the outbox relay publish it now.
         ctx.outbox_written.notify_one();
     }
 
