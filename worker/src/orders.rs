@@ -172,10 +172,9 @@ async fn reserve_stock(
             ErrorCode::OrderInvalidItems,
             "the order total is too large",
         )),
-        (None, Some(_)) if products.is_empty() => Some(refuse(
-            ErrorCode::OrderInvalidItems,
-            "the order has no lines",
-        )),
+        (None, Some(_)) if products.is_empty() => {
+            Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
+        }
         (None, Some(_)) => None,
     };
     if let Some(refusal) = refusal {

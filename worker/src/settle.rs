@@ -353,13 +353,18 @@ async fn write_outcomes(
         id: pending[0].id,
         reason: e.to_string(),
     })?;
+    let ids: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
+    // `r.id = ANY($2)` is for the planner: it cannot tell how many rows a JSON document
+    // holds, guesses 100, and then prefers a sequential scan of the whole requests table to
+    // a hundred index lookups (seen in the checkout benchmark: 3 million rows read).
     sqlx::query(
         "UPDATE requests r
          SET status = o.status, result = o.result, error = o.error, completed_at = now(), published = true
          FROM jsonb_to_recordset($1) AS o(id uuid, status text, result jsonb, error jsonb)
-         WHERE r.id = o.id",
+         WHERE r.id = ANY($2) AND r.id = o.id",
     )
     .bind(outcomes)
+    .bind(&ids)
     .execute(conn)
     .await?;
     Ok(())
