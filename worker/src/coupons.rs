@@ -51,10 +51,15 @@ pub async fn settle(
         .await?
         .into_iter()
         .collect();
+    // Looked up pair by pair on `user_coupon_once`: with `coupon_id = ANY(..)` the planner
+    // walked every coupon issued so far for a hot coupon, on every batch.
+    let pair_coupons: Vec<i64> = issues.iter().map(|i| i.coupon_id).collect();
     let held: HashSet<(i64, i64)> = sqlx::query_as::<_, (i64, i64)>(
-        "SELECT coupon_id, user_id FROM user_coupons WHERE coupon_id = ANY($1) AND user_id = ANY($2)",
+        "SELECT uc.coupon_id, uc.user_id
+         FROM UNNEST($1::bigint[], $2::bigint[]) AS k(coupon_id, user_id)
+         JOIN user_coupons uc ON uc.user_id = k.user_id AND uc.coupon_id = k.coupon_id",
     )
-    .bind(&coupon_ids)
+    .bind(&pair_coupons)
     .bind(&user_ids)
     .fetch_all(&mut *conn)
     .await?
