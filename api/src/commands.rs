@@ -162,9 +162,10 @@ pub struct PendingOrder {
 /// The hot path of a flash sale, so it costs one statement and one commit: the request,
 /// the rows it creates and, with an `Idempotency-Key`, the key with its `202` are written
 /// together, and a refusal is saved under its key by a single insert. Only a key seen
-/// before costs more (reading what it answered). The checks read outside any transaction:
-/// what they refuse (unknown, expired, sold out, already held, not payable) never comes
-/// back, and anything they let through is settled for good by the worker.
+/// before costs more (reading what it answered). The checks read outside any transaction,
+/// which is safe because they only filter: a refusal is true of the moment it was read
+/// (and sold out, expired, already held or paid never turn back), and whatever they let
+/// through is decided for good by the worker under its locks.
 pub async fn submit(
     state: &AppState,
     key: &IdempotencyKey,
@@ -199,10 +200,14 @@ pub async fn submit(
     metrics::histogram!("api_command_store_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if !stored {
-        // The key was used before: its first answer (or 409/422) stands.
-        if let Some(key) = key.0.as_deref() {
-            return idempotency::answer_again(&state.db, scope, key, request).await;
-        }
+        // Only a key can stop the insert: it was used before, and its first answer (or
+        // 409/422) stands.
+        return match key.0.as_deref() {
+            Some(key) => idempotency::answer_again(&state.db, scope, key, request).await,
+            None => Err(ApiError::internal(anyhow::anyhow!(
+                "request {request_id} was not stored"
+            ))),
+        };
     }
 
     let started = std::time::Instant::now();

@@ -323,3 +323,47 @@ async fn the_same_key_and_body_give_the_same_request_and_another_body_is_refused
     assert_eq!(elsewhere.status, StatusCode::ACCEPTED);
     assert_ne!(elsewhere.body["requestId"], first.body["requestId"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_issues_with_one_key_store_one_request() {
+    let app = spawn_app().await;
+    let coupon = fixed_coupon(&app, 5).await;
+    let ann = app.create_user("Ann").await;
+    let path = format!("/coupons/{coupon}/issue");
+    let answers = futures::future::join_all(
+        (0..20).map(|_| app.post_with_key(&path, json!({ "userId": ann }), "burst")),
+    )
+    .await;
+    let mut request_ids = std::collections::HashSet::new();
+    for answer in &answers {
+        match answer.status {
+            StatusCode::ACCEPTED => {
+                request_ids.insert(answer.body["requestId"].as_str().unwrap().to_owned());
+            }
+            // The first request's confirm was not recorded yet when this one arrived.
+            StatusCode::CONFLICT => assert_eq!(answer.code(), "ERR_IDEMPOTENCY_KEY_IN_USE"),
+            other => panic!("unexpected {other}: {answer:?}"),
+        }
+    }
+    assert_eq!(request_ids.len(), 1, "{answers:?}");
+    let stored: Vec<String> = sqlx::query_scalar("SELECT id::text FROM requests")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, request_ids.into_iter().collect::<Vec<_>>());
+
+    // A refusal under a key is saved once too, and replayed.
+    let unknown = "/coupons/999999/issue";
+    let refusals = futures::future::join_all(
+        (0..10).map(|_| app.post_with_key(unknown, json!({ "userId": ann }), "burst-2")),
+    )
+    .await;
+    for answer in &refusals {
+        assert_eq!(answer.code(), "ERR_COUPON_NOT_FOUND", "{answer:?}");
+    }
+    let replayed = refusals
+        .iter()
+        .filter(|a| a.headers.get("idempotent-replayed").is_some())
+        .count();
+    assert_eq!(replayed, refusals.len() - 1);
+}
