@@ -186,6 +186,16 @@ pub async fn submit(
         Err(other) => return Err(other),
     };
 
+    let family = command.kind.family().as_str();
+    if state.backpressure.is_overloaded(command.kind.family()) {
+        // Not saved under the key: the same request is welcome once the queues drain.
+        metrics::counter!("api_commands_overloaded_total", "family" => family).increment(1);
+        return Err(ApiError::new(
+            ErrorCode::Overloaded,
+            "too many commands are waiting to be settled; retry later",
+        ));
+    }
+
     let request_id = Uuid::now_v7();
     let accepted = Accepted {
         request_id,
@@ -194,7 +204,6 @@ pub async fn submit(
         status_url: format!("/requests/{request_id}"),
         order_id: command.order.as_ref().map(|o| o.order_id),
     };
-    let family = command.kind.family().as_str();
     let started = std::time::Instant::now();
     let stored = store(state, key.0.as_deref(), scope, request, &command, &accepted).await?;
     metrics::histogram!("api_command_store_seconds", "family" => family)

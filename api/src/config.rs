@@ -1,6 +1,7 @@
 //! The API's configuration, from environment variables.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use shared::config::{var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::topology::Topology;
@@ -23,6 +24,11 @@ pub struct ApiConfig {
     pub admin_token: String,
     /// `MAX_BODY_BYTES`: larger request bodies are answered 413.
     pub max_body_bytes: usize,
+    /// `COMMAND_QUEUE_LIMIT`: ready messages a family's queues may hold before new commands
+    /// of that family are answered 429 (0: no limit).
+    pub command_queue_limit: u64,
+    /// `COMMAND_QUEUE_SAMPLE_MS`: how often the queue depth is sampled.
+    pub command_queue_sample: Duration,
     pub database: DatabaseSettings,
     pub broker: BrokerSettings,
     pub topology: Topology,
@@ -35,6 +41,8 @@ impl ApiConfig {
             http_addr: var("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             admin_token: var("ADMIN_TOKEN", DEV_ADMIN_TOKEN.to_owned())?,
             max_body_bytes: var("MAX_BODY_BYTES", 64 * 1024)?,
+            command_queue_limit: var("COMMAND_QUEUE_LIMIT", 100_000)?,
+            command_queue_sample: Duration::from_millis(var("COMMAND_QUEUE_SAMPLE_MS", 500)?),
             database: DatabaseSettings::from_env_with_pool(DEFAULT_POOL)?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,

@@ -7,7 +7,7 @@ use shared::error::{ErrorBody, ErrorCode};
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
-/// Seconds a client should wait before retrying after a 503.
+/// Seconds a client should wait before retrying after a 503 or a 429.
 const RETRY_AFTER_UNAVAILABLE: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         match self {
-            Self::Client(body) => (status, Json(body)).into_response(),
+            Self::Client(body) => {
+                let overloaded = body.code == ErrorCode::Overloaded;
+                let mut response = (status, Json(body)).into_response();
+                if overloaded {
+                    response.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE),
+                    );
+                }
+                response
+            }
             Self::Unavailable(cause) => {
                 tracing::warn!(error = format!("{cause:#}"), "dependency unavailable");
                 let body = ErrorBody::new(

@@ -8,6 +8,7 @@
 //! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`], [`admin`]: one router
 //!   per part of the contract.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
+//! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`health`], [`observability`]: readiness, liveness and `/metrics`.
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
@@ -15,6 +16,7 @@
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 
 pub mod admin;
+pub mod backpressure;
 pub mod balance;
 pub mod commands;
 pub mod config;
@@ -53,6 +55,7 @@ use utoipa_axum::router::OpenApiRouter;
 pub use config::ApiConfig;
 pub use state::AppState;
 
+use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::error::ApiError;
 
@@ -63,6 +66,8 @@ pub struct Application {
     state: AppState,
     /// Records publish confirmations; drained at shutdown.
     confirmations: tokio::task::JoinHandle<()>,
+    /// Samples the command queues for backpressure; stopped at shutdown.
+    sampler: (CancellationToken, tokio::task::JoinHandle<()>),
 }
 
 impl Application {
@@ -85,10 +90,20 @@ impl Application {
         if config.admin_token == config::DEV_ADMIN_TOKEN {
             tracing::warn!("ADMIN_TOKEN is unset: the admin routes accept the development token");
         }
+        let backpressure = Arc::new(Backpressure::default());
+        let sampler_stop = CancellationToken::new();
+        let sampler = backpressure.start(
+            Arc::clone(&broker),
+            config.topology.clone(),
+            config.command_queue_limit,
+            config.command_queue_sample,
+            sampler_stop.clone(),
+        );
         let state = AppState {
             db,
             broker,
             commands,
+            backpressure,
             config: Arc::new(config),
             metrics: shared::telemetry::metrics_recorder()?,
         };
@@ -98,6 +113,7 @@ impl Application {
             router,
             state,
             confirmations,
+            sampler: (sampler_stop, sampler),
         })
     }
 
@@ -117,8 +133,13 @@ impl Application {
             .await
             .context("the HTTP server failed")?;
         let Self {
-            state, confirmations, ..
+            state,
+            confirmations,
+            sampler: (sampler_stop, sampler),
+            ..
         } = self;
+        sampler_stop.cancel();
+        let _ = sampler.await;
         let broker = Arc::clone(&state.broker);
         let db = state.db.clone();
         // The router (and its copies of the state) is gone; dropping the last copy closes the
