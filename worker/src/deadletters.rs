@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use shared::command::CommandMessage;
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Family;
@@ -64,7 +64,7 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
             },
         };
         if let Ok(message) = serde_json::from_slice::<CommandMessage>(&delivery.data) {
-            mark_failed(ctx, &message).await?;
+            mark_failed(ctx, &message, &death_reason(&delivery.properties)).await?;
         }
         let message_id = delivery
             .properties
@@ -87,7 +87,42 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
     Ok(())
 }
 
-async fn mark_failed(ctx: &Context, message: &CommandMessage) -> Result<(), sqlx::Error> {
+/// Why the broker dead-lettered a message, from the newest entry of its `x-death` header:
+/// `delivery_limit`, `rejected` (a worker gave up on it), `expired` or `maxlen`.
+fn death_reason(properties: &lapin::BasicProperties) -> String {
+    let newest = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-death"))
+        .and_then(|deaths| match deaths {
+            AMQPValue::FieldArray(deaths) => deaths.as_slice().first(),
+            _ => None,
+        });
+    let reason = match newest {
+        Some(AMQPValue::FieldTable(death)) => death.inner().get("reason").and_then(|r| match r {
+            AMQPValue::LongString(r) => Some(r.to_string()),
+            AMQPValue::ShortString(r) => Some(r.as_str().to_owned()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    reason.unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Records the dead letter for operators (`worker dead-letters`), then marks its request
+/// failed. A crash in between leaves the message unacked: it comes back and both run again.
+async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (request_id) DO UPDATE
+           SET reason = EXCLUDED.reason, dead_at = now(), resolution = NULL, resolved_at = NULL",
+    )
+    .bind(message.request_id)
+    .bind(message.kind.family().as_str())
+    .bind(message.kind.as_str())
+    .bind(reason)
+    .execute(&ctx.db)
+    .await?;
     let error = ErrorBody::new(
         ErrorCode::ProcessingFailed,
         "the command could not be settled; it is kept for operators to inspect",

@@ -24,6 +24,7 @@ pub mod deadletters;
 pub mod leases;
 pub mod orders;
 pub mod outbox;
+pub mod parked;
 pub mod settle;
 pub mod sweeper;
 

@@ -203,6 +203,56 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Operators see it, with why it died.
+    let id = poison.to_string();
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success(), "{listed}");
+    assert!(listed.starts_with("1 dead letter(s)"), "{listed}");
+    let line = listed.lines().find(|l| l.starts_with(&id)).expect(&listed);
+    assert!(
+        line.contains("COUPON_ISSUE") && line.contains("rejected") && line.contains("FAILED"),
+        "{line}"
+    );
+
+    // Replaying a command whose request is terminal does nothing: nothing sent, nothing
+    // changed, the message still parked.
+    let (ok, replayed) = system.worker_command(&["dead-letters", "replay", &id]).await;
+    assert!(ok.success(), "{replayed}");
+    assert!(replayed.contains("nothing was sent"), "{replayed}");
+    let after = system.app.settled(&id, common::PATIENCE).await;
+    assert_eq!(after.body, failed.body);
+    let parked_now = |channel: lapin::Channel, queue: String| async move {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    };
+    assert_eq!(parked_now(channel.clone(), parked.clone()).await, 1);
+
+    // Discarding removes it for good.
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success() && listed.starts_with("0 dead letter(s)"), "{listed}");
+    sqlx::query("UPDATE dead_letters SET resolution = NULL, resolved_at = NULL")
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    let (ok, discarded) = system.worker_command(&["dead-letters", "discard", &id]).await;
+    assert!(ok.success(), "{discarded}");
+    assert!(discarded.contains("was deleted"), "{discarded}");
+    assert_eq!(parked_now(channel.clone(), parked.clone()).await, 0);
+    let (ok, unknown) = system
+        .worker_command(&["dead-letters", "replay", "not-an-id"])
+        .await;
+    assert!(!ok.success(), "{unknown}");
+
     // The partition is not blocked: a good command on the same key still settles.
     let user = system.app.create_users(1).await[0];
     let good = system.issue(coupon, user).await;

@@ -118,6 +118,25 @@ impl System {
             .unwrap()
     }
 
+    /// Runs `worker <args>` (an operator subcommand) against this system; its exit status
+    /// and what it printed.
+    pub async fn worker_command(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let topology = &self.app.topology;
+        let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(args)
+            .env("DATABASE_URL", &self.app.database_url)
+            .env("AMQP_PREFIX", &topology.prefix)
+            .env("COMMAND_PARTITIONS", topology.partitions.to_string())
+            .env("COMMAND_DELIVERY_LIMIT", topology.delivery_limit.to_string())
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .expect("the worker binary runs");
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status, text)
+    }
+
     /// SIGKILL: no shutdown, no lease hand-over, unacked messages in flight.
     pub async fn kill_worker(&self, index: usize) {
         let mut child = self.take(index);

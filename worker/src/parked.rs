@@ -1,0 +1,171 @@
+//! Dead letters for operators: `worker dead-letters list | replay <requestId> | discard
+//! <requestId>`.
+//!
+//! Every dead-lettered command has a row in `dead_letters` (why it died, and what was done
+//! about it) and its message in the family's parked queue. `list` shows the open ones with
+//! their request's status. `replay` sends a command back to its partition queue, but only
+//! while its request is still `PENDING`: a request that is terminal (every dead letter's
+//! request is marked `FAILED` when it is parked) has had its answer, and replaying it does
+//! nothing but record that. `discard` removes the message for good.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use shared::broker::{Broker, Publisher};
+use shared::command::{CommandMessage, RequestKind};
+use shared::topology::Family;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::WorkerConfig;
+
+/// Runs one operator command; `args` are what follows `worker dead-letters`. Returns the
+/// text to print.
+pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String> {
+    let db = shared::db::connect_and_migrate(&config.database, "dead-letters").await?;
+    let broker = Arc::new(Broker::new(
+        &config.broker,
+        format!("{}-dead-letters", config.name),
+    ));
+    let publisher = Publisher::new(Arc::clone(&broker));
+    let outcome = match args {
+        [verb] if verb == "list" => list(&db).await,
+        [verb, id] if verb == "replay" => replay(&config, &db, &publisher, parse(id)?).await,
+        [verb, id] if verb == "discard" => discard(&config, &db, &broker, parse(id)?).await,
+        _ => bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId>"),
+    };
+    broker.close().await;
+    db.close().await;
+    outcome
+}
+
+fn parse(id: &str) -> anyhow::Result<Uuid> {
+    Uuid::parse_str(id).with_context(|| format!("{id:?} is not a request id"))
+}
+
+#[derive(sqlx::FromRow)]
+struct Open {
+    request_id: Uuid,
+    kind: String,
+    reason: String,
+    dead_at: DateTime<Utc>,
+    status: Option<String>,
+}
+
+async fn list(db: &PgPool) -> anyhow::Result<String> {
+    let open: Vec<Open> = sqlx::query_as(
+        "SELECT d.request_id, d.kind, d.reason, d.dead_at, r.status
+         FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
+         WHERE d.resolution IS NULL ORDER BY d.dead_at",
+    )
+    .fetch_all(db)
+    .await?;
+    let mut out = format!("{} dead letter(s) awaiting a decision\n", open.len());
+    for d in &open {
+        let _ = writeln!(
+            out,
+            "{}  {:<13} {:<15} {}  request {}",
+            d.request_id,
+            d.kind,
+            d.reason,
+            d.dead_at.to_rfc3339(),
+            d.status.as_deref().unwrap_or("(pruned)")
+        );
+    }
+    Ok(out)
+}
+
+#[derive(sqlx::FromRow)]
+struct Letter {
+    kind: String,
+    status: Option<String>,
+    partition_key: Option<i64>,
+}
+
+async fn letter(db: &PgPool, id: Uuid) -> anyhow::Result<Letter> {
+    sqlx::query_as(
+        "SELECT d.kind, r.status, r.partition_key
+         FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
+         WHERE d.request_id = $1 AND d.resolution IS NULL",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .with_context(|| format!("no open dead letter for request {id}"))
+}
+
+async fn resolve(db: &PgPool, id: Uuid, resolution: &str) -> anyhow::Result<()> {
+    sqlx::query("UPDATE dead_letters SET resolution = $2, resolved_at = now() WHERE request_id = $1")
+        .bind(id)
+        .bind(resolution)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+async fn replay(
+    config: &WorkerConfig,
+    db: &PgPool,
+    publisher: &Publisher,
+    id: Uuid,
+) -> anyhow::Result<String> {
+    let letter = letter(db, id).await?;
+    let kind =
+        RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
+    let (Some("PENDING"), Some(partition_key)) = (letter.status.as_deref(), letter.partition_key) else {
+        resolve(db, id, "no-op").await?;
+        return Ok(format!(
+            "request {id} is {}: it already has its answer, so replaying it would change nothing; nothing was sent\n",
+            letter.status.as_deref().unwrap_or("gone")
+        ));
+    };
+    // Published before it leaves the parked queue: a crash in between leaves a copy parked,
+    // and the worker settles the request once whatever number of copies arrives.
+    shared::command::publish(publisher, &config.topology, id, kind, partition_key).await?;
+    take_parked(config, publisher.broker(), kind.family(), id).await?;
+    resolve(db, id, "replayed").await?;
+    Ok(format!("request {id} sent back to its partition queue\n"))
+}
+
+async fn discard(config: &WorkerConfig, db: &PgPool, broker: &Broker, id: Uuid) -> anyhow::Result<String> {
+    let letter = letter(db, id).await?;
+    let kind =
+        RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
+    let found = take_parked(config, broker, kind.family(), id).await?;
+    resolve(db, id, "discarded").await?;
+    Ok(if found {
+        format!("request {id}: its parked command was deleted\n")
+    } else {
+        format!("request {id}: no parked command was found; recorded as discarded\n")
+    })
+}
+
+/// Removes request `id`'s message from the family's parked queue. Messages looked at on
+/// the way stay unacked and go back to the queue when the channel closes.
+async fn take_parked(
+    config: &WorkerConfig,
+    broker: &Broker,
+    family: Family,
+    id: Uuid,
+) -> anyhow::Result<bool> {
+    let channel = broker.channel().await?;
+    let queue = config.topology.parked_queue(family);
+    let mut found = false;
+    while let Some(message) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        let ours = serde_json::from_slice::<CommandMessage>(&message.delivery.data)
+            .is_ok_and(|m| m.request_id == id);
+        if ours {
+            message.delivery.acker.ack(BasicAckOptions::default()).await?;
+            found = true;
+            break;
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(found)
+}
