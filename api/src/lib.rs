@@ -161,7 +161,7 @@ impl Application {
 /// The whole API: every route of the contract, `/openapi.json`, and the layers that give
 /// every answer, including errors of routing, the contract's shape.
 pub fn router(state: AppState) -> Router {
-    let (routes, api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (routes, mut api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(users::router())
         .merge(balance::router())
         .merge(popular::router())
@@ -173,6 +173,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(observability::router())
         .split_for_parts();
+    openapi::document_shared_errors(&mut api);
     let document = Arc::new(api);
 
     routes

@@ -45,3 +45,55 @@ pub struct IdempotencyKeyHeader {
     #[allow(dead_code)]
     idempotency_key: Option<String>,
 }
+
+/// Documents the answers that every route of a kind can give, whatever its handler says:
+/// 413 and 415 wherever a body is read (the extractor answers them before the handler
+/// runs), and 409 and 422 wherever an `Idempotency-Key` is accepted. Applied to the merged
+/// document, so no route can forget them.
+pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Error")))
+                    .build(),
+            )
+            .build()
+    };
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            item.get.as_mut(),
+            item.put.as_mut(),
+            item.post.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for operation in operations.into_iter().flatten() {
+            let mut shared = Vec::new();
+            if operation.request_body.is_some() {
+                shared.push(("413", "ERR_PAYLOAD_TOO_LARGE"));
+                shared.push(("415", "ERR_UNSUPPORTED_MEDIA_TYPE: the body must be JSON"));
+            }
+            let keyed = operation
+                .parameters
+                .iter()
+                .flatten()
+                .any(|p| p.name == "Idempotency-Key");
+            if keyed {
+                shared.push(("409", "ERR_IDEMPOTENCY_KEY_IN_USE"));
+                shared.push(("422", "ERR_IDEMPOTENCY_KEY_REUSED"));
+            }
+            for (status, description) in shared {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
+    }
+}
