@@ -16,6 +16,7 @@ use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
 use shared::domain::{whole_number_in, UserId};
 use shared::error::ErrorCode;
 use shared::money::order_total;
+use shared::order::{OrderEvent, OrderStatus};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -369,7 +370,7 @@ async fn refuse_unpayable(db: &PgPool, order: Uuid, user: UserId) -> Result<()> 
     if owner != user.get() {
         return Err(not_the_owner());
     }
-    if !matches!(status.as_str(), "PENDING" | "RESERVED") {
+    if !OrderStatus::parse(&status).is_some_and(OrderStatus::accepts_payment) {
         return Err(ApiError::new(
             ErrorCode::PaymentInvalidOrderStatus,
             format!("an order that is {status} cannot be paid"),
@@ -420,19 +421,21 @@ async fn cancel_order(
     if owner != user.get() {
         return Err(not_the_owner());
     }
-    match status.as_str() {
-        "RESERVED" => shared::reservations::release_stock(&mut tx, &[order]).await?,
-        // Its creation is still queued: the worker will find it cancelled and reserve nothing.
-        "PENDING" => {}
-        other => {
-            return Err(ApiError::new(
-                ErrorCode::OrderInvalidStatus,
-                format!("an order that is {other} cannot be cancelled"),
-            ))
-        }
+    let current = OrderStatus::parse(&status);
+    let Some(cancelled) = current.and_then(|s| s.after(OrderEvent::Cancel)) else {
+        return Err(ApiError::new(
+            ErrorCode::OrderInvalidStatus,
+            format!("an order that is {status} cannot be cancelled"),
+        ));
+    };
+    // A PENDING order holds nothing yet: its queued creation will find it cancelled and
+    // reserve nothing.
+    if current.is_some_and(OrderStatus::holds_stock) {
+        shared::reservations::release_stock(&mut tx, &[order]).await?;
     }
-    sqlx::query("UPDATE orders SET status = 'CANCELLED', closed_at = now() WHERE id = $1")
+    sqlx::query("UPDATE orders SET status = $2, closed_at = now() WHERE id = $1")
         .bind(order)
+        .bind(cancelled.as_str())
         .execute(&mut *tx)
         .await?;
     let cancelled = fetch_order(&mut tx, order).await?.ok_or_else(order_not_found)?;

@@ -25,6 +25,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod money;
+pub mod order;
 pub mod partition;
 pub mod popular;
 pub mod reservations;

@@ -1,12 +1,14 @@
 //! Property tests of the domain rules: for any input, not just the examples in the unit
 //! tests, discounts stay within what they apply to, totals never wrap, keys always land
-//! on the same partition, and ownership moves only when it has to.
+//! on the same partition, ownership moves only when it has to, and an order's life has one
+//! ending.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use proptest::prelude::*;
 use shared::domain::{whole_number_in, MAX_PRICE};
 use shared::money::{order_total, Discount};
+use shared::order::{OrderEvent, OrderStatus, EVENTS};
 use shared::partition::{partition_of, rendezvous_owner};
 use uuid::Uuid;
 
@@ -96,4 +98,54 @@ proptest! {
             prop_assert_eq!(after, Some(owner));
         }
     }
+
+    #[test]
+    fn an_order_ends_once_and_is_paid_only_from_a_reservation(events in prop::collection::vec(prop::sample::select(EVENTS.to_vec()), 0..20)) {
+        let mut status = OrderStatus::Pending;
+        let mut closings = 0;
+        for event in events {
+            let Some(next) = status.after(event) else {
+                continue;
+            };
+            prop_assert!(!status.is_closed(), "{status:?} moved on {event:?}");
+            if next == OrderStatus::Paid {
+                prop_assert_eq!(status, OrderStatus::Reserved);
+            }
+            if next.is_closed() {
+                closings += 1;
+            }
+            status = next;
+        }
+        prop_assert!(closings <= 1);
+        // Stock is held exactly while reserved, and a payment is accepted only before the end.
+        prop_assert_eq!(status.holds_stock(), status == OrderStatus::Reserved);
+        prop_assert_eq!(status.accepts_payment(), !status.is_closed());
+    }
+
+    #[test]
+    fn an_order_status_reads_back_as_written(status in prop::sample::select(OrderStatus::ALL.to_vec())) {
+        prop_assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+        prop_assert_eq!(OrderStatus::parse(&status.as_str().to_lowercase()), None);
+    }
+}
+
+#[test]
+fn closed_statuses_are_the_four_endings() {
+    let closed: Vec<OrderStatus> = OrderStatus::ALL.into_iter().filter(|s| s.is_closed()).collect();
+    assert_eq!(
+        closed,
+        [
+            OrderStatus::Paid,
+            OrderStatus::Rejected,
+            OrderStatus::Cancelled,
+            OrderStatus::Expired
+        ]
+    );
+    assert!(EVENTS
+        .iter()
+        .all(|e| OrderStatus::Pending.after(*e) != Some(OrderStatus::Paid)));
+    assert_eq!(
+        OrderStatus::Reserved.after(OrderEvent::Pay),
+        Some(OrderStatus::Paid)
+    );
 }

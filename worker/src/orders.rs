@@ -14,6 +14,7 @@ use serde_json::json;
 use shared::command::{OrderCreate, OrderPay, RequestKind};
 use shared::error::{ErrorBody, ErrorCode};
 use shared::money::{order_total, Discount};
+use shared::order::{OrderEvent, OrderStatus};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -129,8 +130,9 @@ async fn reserve_stock(
     .bind(create.order_id)
     .fetch_all(&mut *conn)
     .await?;
-    match lines.first().map(|l| l.status.as_str()) {
-        Some("PENDING") => {}
+    let status = lines.first().map(|l| OrderStatus::parse(&l.status));
+    match status {
+        Some(Some(s)) if s.after(OrderEvent::Reserve).is_some() => {}
         Some(_) => {
             return Ok(refuse(
                 ErrorCode::OrderConcurrencyConflict,
@@ -275,7 +277,10 @@ async fn settle_payment(
             "this order belongs to another user",
         ));
     }
-    if order.status != "RESERVED" {
+    if OrderStatus::parse(&order.status)
+        .and_then(|s| s.after(OrderEvent::Pay))
+        .is_none()
+    {
         return Ok(refuse(
             ErrorCode::PaymentInvalidOrderStatus,
             format!("an order that is {} cannot be paid", order.status),
