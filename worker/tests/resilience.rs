@@ -179,11 +179,10 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     .unwrap();
     let channel = conn.create_channel().await.unwrap();
     let parked = system.app.topology.parked_queue(shared::topology::Family::Coupon);
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    loop {
-        let queue = channel
+    let parked_now = |channel: lapin::Channel, queue: String| async move {
+        channel
             .queue_declare(
-                parked.as_str().into(),
+                queue.as_str().into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -191,15 +190,16 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
                 Default::default(),
             )
             .await
-            .unwrap();
-        if queue.message_count() == 1 {
+            .unwrap()
+            .message_count()
+    };
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    loop {
+        let count = parked_now(channel.clone(), parked.clone()).await;
+        if count == 1 {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} messages parked",
-            queue.message_count()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{count} messages parked");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -221,20 +221,6 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     assert!(replayed.contains("nothing was sent"), "{replayed}");
     let after = system.app.settled(&id, common::PATIENCE).await;
     assert_eq!(after.body, failed.body);
-    let parked_now = |channel: lapin::Channel, queue: String| async move {
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
-    };
     assert_eq!(parked_now(channel.clone(), parked.clone()).await, 1);
 
     // Discarding removes it for good.
