@@ -174,7 +174,12 @@ pub fn router(state: AppState) -> Router {
         .merge(observability::router())
         .split_for_parts();
     openapi::document_shared_errors(&mut api);
-    let document = Arc::new(api);
+    let mut document = serde_json::to_value(&api).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot render the OpenAPI document");
+        serde_json::Value::Null
+    });
+    openapi::link_operations(&mut document);
+    let document = Arc::new(document);
 
     routes
         .route(

@@ -97,3 +97,165 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
         }
     }
 }
+
+/// Links from what a response creates to the operations that use it (OpenAPI `links`), so
+/// that clients and stateful testers (schemathesis) can follow a user, a product, a coupon,
+/// an order or a request from the answer that made it.
+///
+/// Written into the JSON document rather than through utoipa's `Link`, which (in 5.5)
+/// serializes `operationId` as `operation_id`.
+pub fn link_operations(document: &mut serde_json::Value) {
+    // (operation, status, link name, target operation, parameter, field of the response)
+    const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
+        (
+            "create_user",
+            "201",
+            "GetBalance",
+            "get_balance",
+            "userId",
+            "userId",
+        ),
+        (
+            "create_user",
+            "201",
+            "ChargeBalance",
+            "charge_balance",
+            "userId",
+            "userId",
+        ),
+        (
+            "create_user",
+            "201",
+            "ListTransactions",
+            "list_transactions",
+            "userId",
+            "userId",
+        ),
+        (
+            "create_user",
+            "201",
+            "UserCoupons",
+            "user_coupons",
+            "userId",
+            "userId",
+        ),
+        (
+            "create_user",
+            "201",
+            "ListOrders",
+            "list_orders",
+            "userId",
+            "userId",
+        ),
+        (
+            "create_product",
+            "201",
+            "GetProduct",
+            "get_product",
+            "productId",
+            "productId",
+        ),
+        (
+            "create_product",
+            "201",
+            "UpdateProduct",
+            "update_product",
+            "productId",
+            "productId",
+        ),
+        (
+            "create_coupon",
+            "201",
+            "GetCoupon",
+            "get_coupon",
+            "couponId",
+            "couponId",
+        ),
+        (
+            "create_coupon",
+            "201",
+            "ApplicableProducts",
+            "applicable_products",
+            "couponId",
+            "couponId",
+        ),
+        (
+            "create_coupon",
+            "201",
+            "IssueCoupon",
+            "issue_coupon",
+            "couponId",
+            "couponId",
+        ),
+        (
+            "issue_coupon",
+            "202",
+            "GetRequest",
+            "get_request",
+            "requestId",
+            "requestId",
+        ),
+        (
+            "create_order",
+            "202",
+            "GetRequest",
+            "get_request",
+            "requestId",
+            "requestId",
+        ),
+        (
+            "create_order",
+            "202",
+            "PayOrder",
+            "pay_order",
+            "orderId",
+            "orderId",
+        ),
+        (
+            "create_order",
+            "202",
+            "CancelOrder",
+            "cancel_order",
+            "orderId",
+            "orderId",
+        ),
+        (
+            "pay_order",
+            "202",
+            "GetRequest",
+            "get_request",
+            "requestId",
+            "requestId",
+        ),
+    ];
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
+            let Some(id) = operation
+                .get("operationId")
+                .and_then(|i| i.as_str())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            for (from, status, name, to, parameter, field) in LINKS {
+                if *from != id {
+                    continue;
+                }
+                let response = operation
+                    .get_mut("responses")
+                    .and_then(|r| r.get_mut(*status))
+                    .and_then(|r| r.as_object_mut());
+                if let Some(response) = response {
+                    let links = response.entry("links").or_insert_with(|| serde_json::json!({}));
+                    links[*name] = serde_json::json!({
+                        "operationId": to,
+                        "parameters": { *parameter: format!("$response.body#/{field}") },
+                    });
+                }
+            }
+        }
+    }
+}

@@ -114,6 +114,34 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
             "{path} is documented but not routed"
         );
     }
+
+    // Answers every route of a kind can give are documented on all of them, and what a
+    // response creates links to the operations that use it.
+    let charge = &paths["/users/{userId}/balance/charge"]["post"]["responses"];
+    for status in ["409", "413", "415", "422"] {
+        assert!(charge.get(status).is_some(), "charge does not document {status}");
+    }
+    let link = &paths["/users"]["post"]["responses"]["201"]["links"]["GetBalance"];
+    assert_eq!(link["operationId"], "get_balance");
+    assert_eq!(link["parameters"]["userId"], "$response.body#/userId");
+    let operation_ids: Vec<&str> = paths
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str())
+        .collect();
+    for item in paths.values() {
+        for op in item.as_object().unwrap().values() {
+            for response in op["responses"].as_object().into_iter().flat_map(|r| r.values()) {
+                for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
+                    let target = link["operationId"].as_str().unwrap();
+                    assert!(
+                        operation_ids.contains(&target),
+                        "a link to {target}, which does not exist"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]
