@@ -68,16 +68,12 @@ impl Backpressure {
             let mut channel: Option<Channel> = None;
             loop {
                 for family in Family::ALL {
-                    let sampled = match channel.as_ref().filter(|c| c.status().connected()) {
+                    if !channel.as_ref().is_some_and(|c| c.status().connected()) {
+                        channel = broker.channel().await.ok();
+                    }
+                    let sampled = match &channel {
                         Some(open) => depth(open, &topology, family).await,
-                        None => match broker.channel().await {
-                            Ok(open) => {
-                                let sampled = depth(&open, &topology, family).await;
-                                channel = Some(open);
-                                sampled
-                            }
-                            Err(e) => Err(e.into()),
-                        },
+                        None => Err(anyhow::anyhow!("RabbitMQ is unreachable")),
                     };
                     match sampled {
                         Ok(depth) => {

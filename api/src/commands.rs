@@ -205,7 +205,7 @@ pub async fn submit(
         order_id: command.order.as_ref().map(|o| o.order_id),
     };
     let started = std::time::Instant::now();
-    let stored = store(state, key.0.as_deref(), scope, request, &command, &accepted).await?;
+    let stored = store(&state.db, key.0.as_deref(), scope, request, &command, &accepted).await?;
     metrics::histogram!("api_command_store_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if !stored {
@@ -236,7 +236,7 @@ pub async fn submit(
 /// Writes the request, the pending order if any, and the key with its `202`, in one
 /// statement. False when the key already existed, in which case nothing was written.
 async fn store(
-    state: &AppState,
+    db: &PgPool,
     key: Option<&str>,
     scope: &str,
     request: &serde_json::Value,
@@ -283,7 +283,7 @@ async fn store(
     .bind(order.map(|o| o.names.as_slice()).unwrap_or_default())
     .bind(order.map(|o| o.unit_prices.as_slice()).unwrap_or_default())
     .bind(order.map(|o| o.quantities.as_slice()).unwrap_or_default())
-    .fetch_one(&state.db)
+    .fetch_one(db)
     .await?;
     Ok(stored == 1)
 }

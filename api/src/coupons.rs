@@ -124,8 +124,6 @@ pub struct IssueRequest {
         (status = 409, body = ErrorSchema, description = "ERR_COUPON_ALREADY_ACQUIRED, ERR_IDEMPOTENCY_KEY_IN_USE"),
         (status = 410, body = ErrorSchema, description = "ERR_COUPON_EXPIRED, ERR_COUPON_OUT_OF_STOCK"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
-        (status = 429, body = ErrorSchema, description = "ERR_OVERLOADED: the queues hold more than they should; retry after Retry-After"),
-        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
     )
 )]
 async fn issue_coupon(

@@ -48,7 +48,8 @@ pub struct IdempotencyKeyHeader {
 
 /// Documents the answers that every route of a kind can give, whatever its handler says:
 /// 413 and 415 wherever a body is read (the extractor answers them before the handler
-/// runs), and 409 and 422 wherever an `Idempotency-Key` is accepted. Applied to the merged
+/// runs), 429 and 503 wherever a command is accepted, and 409 and 422 wherever an
+/// `Idempotency-Key` is accepted. Applied to the merged
 /// document, so no route can forget them.
 pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -78,6 +79,12 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
                 shared.push(("413", "ERR_PAYLOAD_TOO_LARGE"));
                 shared.push(("415", "ERR_UNSUPPORTED_MEDIA_TYPE: the body must be JSON"));
             }
+            // A command (answered 202) is refused while its queues are too deep, and when
+            // RabbitMQ cannot be reached.
+            if operation.responses.responses.contains_key("202") {
+                shared.push(("429", "ERR_OVERLOADED, with Retry-After"));
+                shared.push(("503", "ERR_UNAVAILABLE, with Retry-After"));
+            }
             let keyed = operation
                 .parameters
                 .iter()
@@ -105,128 +112,58 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
 /// Written into the JSON document rather than through utoipa's `Link`, which (in 5.5)
 /// serializes `operationId` as `operation_id`.
 pub fn link_operations(document: &mut serde_json::Value) {
-    // (operation, status, link name, target operation, parameter, field of the response)
-    const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
+    // What an operation's answer creates (its status, and the field that names the thing,
+    // also the target's path parameter), and the operations that take it: (link, target).
+    /// (link name, target operation)
+    type Targets = &'static [(&'static str, &'static str)];
+    const LINKS: &[(&str, &str, &str, Targets)] = &[
         (
             "create_user",
             "201",
-            "GetBalance",
-            "get_balance",
             "userId",
-            "userId",
-        ),
-        (
-            "create_user",
-            "201",
-            "ChargeBalance",
-            "charge_balance",
-            "userId",
-            "userId",
-        ),
-        (
-            "create_user",
-            "201",
-            "ListTransactions",
-            "list_transactions",
-            "userId",
-            "userId",
-        ),
-        (
-            "create_user",
-            "201",
-            "UserCoupons",
-            "user_coupons",
-            "userId",
-            "userId",
-        ),
-        (
-            "create_user",
-            "201",
-            "ListOrders",
-            "list_orders",
-            "userId",
-            "userId",
+            &[
+                ("GetBalance", "get_balance"),
+                ("ChargeBalance", "charge_balance"),
+                ("ListTransactions", "list_transactions"),
+                ("UserCoupons", "user_coupons"),
+                ("ListOrders", "list_orders"),
+            ],
         ),
         (
             "create_product",
             "201",
-            "GetProduct",
-            "get_product",
             "productId",
-            "productId",
-        ),
-        (
-            "create_product",
-            "201",
-            "UpdateProduct",
-            "update_product",
-            "productId",
-            "productId",
+            &[("GetProduct", "get_product"), ("UpdateProduct", "update_product")],
         ),
         (
             "create_coupon",
             "201",
-            "GetCoupon",
-            "get_coupon",
             "couponId",
-            "couponId",
+            &[
+                ("GetCoupon", "get_coupon"),
+                ("ApplicableProducts", "applicable_products"),
+                ("IssueCoupon", "issue_coupon"),
+            ],
         ),
         (
-            "create_coupon",
-            "201",
-            "ApplicableProducts",
-            "applicable_products",
-            "couponId",
-            "couponId",
+            "create_order",
+            "202",
+            "orderId",
+            &[("PayOrder", "pay_order"), ("CancelOrder", "cancel_order")],
         ),
         (
-            "create_coupon",
-            "201",
-            "IssueCoupon",
-            "issue_coupon",
-            "couponId",
-            "couponId",
+            "create_order",
+            "202",
+            "requestId",
+            &[("GetRequest", "get_request")],
         ),
         (
             "issue_coupon",
             "202",
-            "GetRequest",
-            "get_request",
             "requestId",
-            "requestId",
+            &[("GetRequest", "get_request")],
         ),
-        (
-            "create_order",
-            "202",
-            "GetRequest",
-            "get_request",
-            "requestId",
-            "requestId",
-        ),
-        (
-            "create_order",
-            "202",
-            "PayOrder",
-            "pay_order",
-            "orderId",
-            "orderId",
-        ),
-        (
-            "create_order",
-            "202",
-            "CancelOrder",
-            "cancel_order",
-            "orderId",
-            "orderId",
-        ),
-        (
-            "pay_order",
-            "202",
-            "GetRequest",
-            "get_request",
-            "requestId",
-            "requestId",
-        ),
+        ("pay_order", "202", "requestId", &[("GetRequest", "get_request")]),
     ];
     let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
         return;
@@ -240,7 +177,7 @@ pub fn link_operations(document: &mut serde_json::Value) {
             else {
                 continue;
             };
-            for (from, status, name, to, parameter, field) in LINKS {
+            for (from, status, field, targets) in LINKS {
                 if *from != id {
                     continue;
                 }
@@ -250,10 +187,12 @@ pub fn link_operations(document: &mut serde_json::Value) {
                     .and_then(|r| r.as_object_mut());
                 if let Some(response) = response {
                     let links = response.entry("links").or_insert_with(|| serde_json::json!({}));
-                    links[*name] = serde_json::json!({
-                        "operationId": to,
-                        "parameters": { *parameter: format!("$response.body#/{field}") },
-                    });
+                    for (name, to) in *targets {
+                        links[*name] = serde_json::json!({
+                            "operationId": to,
+                            "parameters": { *field: format!("$response.body#/{field}") },
+                        });
+                    }
                 }
             }
         }

@@ -213,8 +213,6 @@ fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
         (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
         (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
-        (status = 429, body = ErrorSchema, description = "ERR_OVERLOADED: the queues hold more than they should; retry after Retry-After"),
-        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
     )
 )]
 async fn create_order(
@@ -318,8 +316,6 @@ pub struct PaymentRequest {
         (status = 404, body = ErrorSchema, description = "ERR_PAYMENT_ORDER_NOT_FOUND"),
         (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
-        (status = 429, body = ErrorSchema, description = "ERR_OVERLOADED: the queues hold more than they should; retry after Retry-After"),
-        (status = 503, body = ErrorSchema, description = "ERR_UNAVAILABLE"),
     )
 )]
 async fn pay_order(

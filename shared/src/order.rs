@@ -77,13 +77,13 @@ impl OrderStatus {
 
     /// True once nothing can happen to the order any more.
     pub fn is_closed(self) -> bool {
-        crate::order::EVENTS.iter().all(|e| self.after(*e).is_none())
+        EVENTS.iter().all(|e| self.after(*e).is_none())
     }
 
-    /// Whether the api accepts a payment command for it: a `RESERVED` order, or a `PENDING`
-    /// one, whose creation is settled first in the same partition.
+    /// Whether the api accepts a payment command for it: any order that has not ended. A
+    /// `PENDING` one is paid after its creation, which is settled first in the same partition.
     pub fn accepts_payment(self) -> bool {
-        matches!(self, OrderStatus::Pending | OrderStatus::Reserved)
+        !self.is_closed()
     }
 
     /// Whether its units are held as `reserved` stock.

@@ -123,27 +123,21 @@ impl Topology {
     /// RabbitMQ answers the delete of a missing queue with success, so the count is of
     /// deletes the broker accepted, not of queues that were there.
     pub async fn delete(&self, connection: &Connection, extra_queues: &[String]) -> lapin::Result<usize> {
+        // A refused delete closes its channel: one channel per delete.
         let mut accepted = 0;
         for queue in self.queues().iter().chain(extra_queues) {
-            // A refused delete closes its channel: one channel per delete.
             let channel = connection.create_channel().await?;
-            if channel
+            let deleted = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .is_ok()
-            {
-                accepted += 1;
-            }
+                .await;
+            accepted += usize::from(deleted.is_ok());
         }
         for exchange in self.exchanges() {
             let channel = connection.create_channel().await?;
-            if channel
+            let deleted = channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .is_ok()
-            {
-                accepted += 1;
-            }
+                .await;
+            accepted += usize::from(deleted.is_ok());
         }
         Ok(accepted)
     }
