@@ -129,7 +129,7 @@ impl Coordinator {
         )
         .await;
         for (lease, next) in drained {
-            leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl).await?;
+            leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl, ctx.config.replica_ttl).await?;
             tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over");
         }
 
@@ -166,24 +166,45 @@ impl Coordinator {
     /// partition's owner among the replicas that stay.
     async fn leave(&mut self) {
         let ctx = Arc::clone(&self.ctx);
-        let others: Vec<Uuid> =
-            match leases::heartbeat(&ctx.db, ctx.replica, &ctx.config.name, ctx.config.replica_ttl).await {
-                Ok(live) => live.into_iter().filter(|r| *r != ctx.replica).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read live replicas; leases will expire instead");
-                    Vec::new()
-                }
-            };
+        // Off the live list first: replicas leaving at the same time then hand their
+        // partitions to those that stay, not to this one.
+        if let Err(e) = leases::retire(&ctx.db, ctx.replica).await {
+            tracing::warn!(error = %e, "cannot take this replica off the live list");
+        }
+        let others: Vec<Uuid> = match leases::live(&ctx.db, ctx.config.replica_ttl).await {
+            Ok(live) => live.into_iter().filter(|r| *r != ctx.replica).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read live replicas; leases will expire instead");
+                Vec::new()
+            }
+        };
         let running: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
         let drained = join_all(running.into_iter().map(Running::stop)).await;
         for lease in drained {
             let next = rendezvous_owner(&others, lease.family.as_str(), lease.partition);
-            if let Err(e) = leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl).await {
+            let handed = leases::hand_over(
+                &ctx.db,
+                &lease,
+                next,
+                ctx.config.lease_ttl,
+                ctx.config.replica_ttl,
+            );
+            if let Err(e) = handed.await {
                 tracing::warn!(error = %e, "cannot hand over a lease; it will expire instead");
             }
         }
+        match leases::free_all(&ctx.db, ctx.replica).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                leases = n,
+                "freed leases handed to this replica while it was leaving"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot free leases handed to this replica; they will expire")
+            }
+        }
         if let Err(e) = leases::leave(&ctx.db, ctx.replica).await {
-            tracing::warn!(error = %e, "cannot remove this replica from the live list");
+            tracing::warn!(error = %e, "cannot remove this replica's row");
         }
         self.report();
     }

@@ -75,6 +75,11 @@ pub async fn heartbeat(
     .bind(name)
     .execute(db)
     .await?;
+    live(db, replica_ttl).await
+}
+
+/// The ids of the replicas heard from within `replica_ttl`.
+pub async fn live(db: &PgPool, replica_ttl: Duration) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT id FROM worker_replicas WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY id",
     )
@@ -133,16 +138,28 @@ pub async fn acquire(
 /// Gives a lease this replica holds to `next` (the partition's rendezvous owner), or
 /// frees it when there is none. Handing it over directly, rather than freeing it, means
 /// the partition always has exactly one live owner.
+///
+/// `next` may be leaving at the same moment (a scale-down stops several replicas at once):
+/// the lease goes to it only while it is live, read under a share lock so that its
+/// [`retire`] waits for this handover or this handover sees it retired. A replica that
+/// leaves frees, after handing over its own, whatever was handed to it before it retired
+/// (see [`free_all`]); otherwise such a partition would wait for its lease to expire.
 pub async fn hand_over(
     db: &PgPool,
     lease: &Lease,
     next: Option<Uuid>,
     lease_ttl: Duration,
+    replica_ttl: Duration,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE partition_leases
-         SET owner = $4, epoch = epoch + 1,
-             expires_at = CASE WHEN $4::uuid IS NULL THEN '-infinity' ELSE now() + make_interval(secs => $5) END
+        "WITH next AS (
+            SELECT id FROM worker_replicas
+            WHERE id = $4 AND heartbeat_at > now() - make_interval(secs => $6)
+            FOR SHARE)
+         UPDATE partition_leases
+         SET owner = (SELECT id FROM next), epoch = epoch + 1,
+             expires_at = CASE WHEN EXISTS (SELECT 1 FROM next) THEN now() + make_interval(secs => $5)
+                               ELSE '-infinity' END
          WHERE family = $1 AND partition = $2 AND owner = $3",
     )
     .bind(lease.family.as_str())
@@ -150,13 +167,38 @@ pub async fn hand_over(
     .bind(lease.owner)
     .bind(next)
     .bind(interval_secs(lease_ttl))
+    .bind(interval_secs(replica_ttl))
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// Removes this replica from the live list (at shutdown, after its leases are handed over),
-/// and forgets replicas that have been gone for a day.
+/// Takes this replica off the live list without removing its row (first thing at
+/// shutdown): from then on no replica hands it a partition, while the leases it still
+/// drains keep naming a replica that exists.
+pub async fn retire(db: &PgPool, replica: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE worker_replicas SET heartbeat_at = '-infinity' WHERE id = $1")
+        .bind(replica)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Frees every lease still naming `replica`: at shutdown, after its own were handed over,
+/// those other leaving replicas handed to it meanwhile.
+pub async fn free_all(db: &PgPool, replica: Uuid) -> Result<u64, sqlx::Error> {
+    let freed = sqlx::query(
+        "UPDATE partition_leases SET owner = NULL, epoch = epoch + 1, expires_at = '-infinity'
+         WHERE owner = $1",
+    )
+    .bind(replica)
+    .execute(db)
+    .await?;
+    Ok(freed.rows_affected())
+}
+
+/// Removes this replica's row (last thing at shutdown, once it holds no lease), and forgets
+/// replicas that have been gone for a day.
 pub async fn leave(db: &PgPool, replica: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM worker_replicas WHERE id = $1 OR heartbeat_at < now() - interval '1 day'")
         .bind(replica)

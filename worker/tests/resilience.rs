@@ -149,6 +149,38 @@ async fn partitions_follow_replicas_that_join_and_leave_and_always_have_one_live
     assert_eq!(system.assert_coupon_invariants(coupon).await, 900);
 }
 
+/// Found by the fault suite (scale 4 -> 1): replicas stopped together handed partitions to
+/// each other, and those waited for their leases to expire with nobody consuming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_stopped_together_leave_no_partition_to_one_another() {
+    let system = System::start(4).await;
+    system.wait_for_replicas(4).await;
+    let stays: uuid::Uuid = sqlx::query_scalar("SELECT id FROM worker_replicas WHERE name = $1")
+        .bind(format!("{}w0", system.app.topology.prefix))
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap();
+
+    tokio::join!(
+        system.stop_worker(1),
+        system.stop_worker(2),
+        system.stop_worker(3)
+    );
+
+    // Once they have exited, every partition is either the remaining replica's or free for
+    // it to take: none is left to a replica that is gone.
+    let stranded: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT family, partition FROM partition_leases
+         WHERE owner IS NOT NULL AND owner <> $1 ORDER BY 1, 2",
+    )
+    .bind(stays)
+    .fetch_all(&system.app.db)
+    .await
+    .unwrap();
+    assert!(stranded.is_empty(), "left to stopped replicas: {stranded:?}");
+    system.wait_for_owners(1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails() {
     let system = System::start(1).await;

@@ -59,7 +59,12 @@ fn wait_until_dead(pid: u32) {
 impl System {
     /// The API plus `workers` worker processes.
     pub async fn start(workers: usize) -> Self {
-        let app = api::spawn_app().await;
+        Self::start_with(workers, |_| {}).await
+    }
+
+    /// The API, configured by `adjust`, plus `workers` worker processes.
+    pub async fn start_with(workers: usize, adjust: impl FnOnce(&mut ::api::ApiConfig)) -> Self {
+        let app = api::spawn_app_with(adjust).await;
         let log_dir = std::env::temp_dir().join("ecommerce-test-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
         let system = Self {
@@ -201,6 +206,32 @@ impl System {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{owners} owners hold {held} of {expected} leases"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `replicas` replicas are live and every lease is held by one of them (with
+    /// few partitions, rendezvous hashing may leave a replica without any).
+    pub async fn wait_for_replicas(&self, replicas: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let live = self.live_replicas().await;
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM partition_leases WHERE owner = ANY($1) AND expires_at > now()",
+            )
+            .bind(&live)
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap();
+            let expected = 2 * i64::from(self.app.topology.partitions);
+            if live.len() == replicas && held == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} live replicas hold {held} of {expected} leases",
+                live.len()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
