@@ -227,7 +227,12 @@ pub async fn submit(
     metrics::histogram!("api_command_publish_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
-        withdraw(&state.db, request_id, key, scope).await;
+        if withdraw(&state.db, request_id, key, scope).await == Withdrawal::TooLate {
+            // The broker took the message and a worker settled it; only the confirm was
+            // lost. The truth is 202, and the key must keep naming this request.
+            tracing::info!(%request_id, error = %e, "publish unconfirmed but the request was settled; answering 202");
+            return Ok(accepted_response(accepted));
+        }
         return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
     }
     Ok(accepted_response(accepted))
@@ -306,17 +311,31 @@ pub fn add_polling_headers(response: &mut Response, status_url: &str) {
         .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
 }
 
+/// What became of a request whose publish failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withdrawal {
+    /// Failed as `ERR_UNAVAILABLE`, its order rejected and its key released.
+    Withdrawn,
+    /// A worker had settled it already: the broker routed the message and only its
+    /// confirm was lost. It stands, and so does its key.
+    TooLate,
+    /// PostgreSQL could not be reached: it stays `PENDING` and the sweeper publishes it.
+    Unknown,
+}
+
 /// Takes back a request whose publish failed, so that the 503 the client gets is true:
 /// the request can no longer take effect (a worker that receives it anyway finds it
-/// terminal), and its idempotency key is free for the retry.
-async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &str) {
+/// terminal), and its idempotency key is free for the retry. Nothing is taken back from a
+/// request a worker has settled: releasing its key would let the retry take effect twice.
+async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &str) -> Withdrawal {
     let withdrawn = async {
         let mut tx = db.begin().await?;
         let error = ErrorBody::new(
             ErrorCode::Unavailable,
             "the request could not be queued; it was not accepted",
         );
-        sqlx::query(
+        // Waits for a worker settling it right now (its row lock), then sees its outcome.
+        let failed = sqlx::query(
             "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now()
              WHERE id = $1 AND status = 'PENDING'",
         )
@@ -324,6 +343,9 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
         .bind(serde_json::to_value(&error).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
+        if failed.rows_affected() == 0 {
+            return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
+        }
         sqlx::query(
             "UPDATE orders SET status = 'REJECTED', closed_at = now()
              WHERE create_request_id = $1 AND status = 'PENDING'",
@@ -338,10 +360,14 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(Withdrawal::Withdrawn)
     };
-    if let Err(e) = withdrawn.await {
-        // PostgreSQL is down too: the request stays PENDING and the sweeper publishes it later.
-        tracing::warn!(%request_id, error = %e, "cannot withdraw an unpublished request; it will be published later");
+    match withdrawn.await {
+        Ok(withdrawal) => withdrawal,
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "cannot withdraw an unpublished request; it will be published later");
+            Withdrawal::Unknown
+        }
     }
 }

@@ -305,6 +305,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     upstream: SocketAddr,
     running: std::sync::Mutex<CancellationToken>,
+    /// While set, what the upstream sends is dropped: requests get through, answers do not.
+    muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -314,6 +316,7 @@ impl Proxy {
             addr: listener.local_addr().unwrap(),
             upstream,
             running: std::sync::Mutex::new(CancellationToken::new()),
+            muted: std::sync::Arc::default(),
         });
         proxy.serve(listener);
         proxy
@@ -327,6 +330,7 @@ impl Proxy {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let token = self.running.lock().unwrap().clone();
         let upstream = self.upstream;
+        let muted = std::sync::Arc::clone(&self.muted);
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -337,20 +341,44 @@ impl Proxy {
                     continue;
                 };
                 let token = token.clone();
+                let muted = std::sync::Arc::clone(&muted);
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     // Without it, Nagle's algorithm and delayed acks add 40 ms per round trip.
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
+                    let (mut from_client, mut to_client) = inbound.split();
+                    let (mut from_upstream, mut to_upstream) = tokio::io::split(outbound);
+                    let answers = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0_u8; 16 * 1024];
+                        loop {
+                            let n = match from_upstream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !muted.load(std::sync::atomic::Ordering::SeqCst)
+                                && to_client.write_all(&buffer[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
                         () = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = tokio::io::copy(&mut from_client, &mut to_upstream) => {}
+                        () = answers => {}
                     }
                 });
             }
         });
+    }
+
+    /// From now on, what the upstream sends is lost on the way (requests still arrive).
+    pub fn mute(&self) {
+        self.muted.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops every connection and stops listening: the dependency is down.
@@ -358,7 +386,7 @@ impl Proxy {
         self.running.lock().unwrap().cancel();
     }
 
-    /// Listens again on the same port: the dependency is back.
+    /// Listens again on the same port, passing everything both ways: the dependency is back.
     pub async fn restore(&self) {
         let listener = loop {
             match tokio::net::TcpListener::bind(self.addr).await {
@@ -367,6 +395,7 @@ impl Proxy {
             }
         };
         *self.running.lock().unwrap() = CancellationToken::new();
+        self.muted.store(false, std::sync::atomic::Ordering::SeqCst);
         self.serve(listener);
     }
 }

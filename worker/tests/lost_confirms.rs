@@ -1,0 +1,75 @@
+//! A command the broker took and a worker settled, but whose publisher confirm never reached
+//! the API: the client must not be told 503, or its retry would take effect a second time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use common::{socket_of, Proxy, System};
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// Found by the fault suite (RabbitMQ restarted under a checkout): the API answered 503 and
+/// released the key of an order a worker had already reserved, the client's retry with the
+/// same key created a second order, and a payment answered 400 for an order already paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_settled_without_its_confirm_is_answered_202_once() {
+    let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
+    let proxy = Proxy::start(socket_of(&broker_url)).await;
+    let proxied = proxy.url_for(&broker_url);
+    // The API publishes through the proxy; the worker consumes from RabbitMQ directly.
+    let system = System::start_with(1, |config| config.broker.url = proxied).await;
+    system.wait_for_owners(1).await;
+    let product = system.product(1_000, 10).await;
+    let user = system.app.create_users(1).await[0];
+    // A first order opens the API's publishing channel before the answers are lost.
+    system.reserved_order(user, &[(product, 1)]).await;
+
+    proxy.mute();
+    let body = json!({ "userId": user, "items": [{ "productId": product, "quantity": 1 }] });
+    let first = system
+        .app
+        .post_with_key("/orders", body.clone(), "order-once")
+        .await;
+    let settled_before_the_answer: i64 = system
+        .scalar("SELECT count(*) FROM requests WHERE kind = 'ORDER_CREATE' AND status = 'SUCCEEDED'")
+        .await;
+    proxy.cut();
+    proxy.restore().await;
+    let again = system
+        .app
+        .eventually(StatusCode::ACCEPTED, common::PATIENCE, || {
+            system.app.post_with_key("/orders", body.clone(), "order-once")
+        })
+        .await;
+
+    // The worker settles within milliseconds and the API waits seconds for a confirm, so
+    // the request is settled before the API gives up; should the worker ever be slower,
+    // the API withdraws it and 503 is the true answer. Either way the key names one order.
+    if settled_before_the_answer == 2 {
+        assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
+        assert_eq!(again.body["orderId"], first.body["orderId"], "{again:?}");
+    } else {
+        eprintln!("the worker was slower than the confirm timeout; the request was withdrawn");
+        assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE, "{first:?}");
+    }
+    // And the API publishes again (a new connection replaces the one that went silent).
+    let next = system
+        .app
+        .eventually(StatusCode::ACCEPTED, common::PATIENCE, || {
+            system.app.post_with_key("/orders", body.clone(), "order-next")
+        })
+        .await;
+    assert_ne!(next.body["orderId"], first.body["orderId"]);
+    system.wait_until_settled().await;
+    let live_orders = system
+        .scalar(&format!(
+            "SELECT count(*) FROM orders WHERE user_id = {user} AND status <> 'REJECTED'"
+        ))
+        .await;
+    assert_eq!(live_orders, 3, "the warm-up order, one for the key and the next");
+    let reserved: i64 = system
+        .scalar(&format!("SELECT reserved FROM products WHERE id = {product}"))
+        .await;
+    assert_eq!(reserved, 3, "one unit per live order");
+}
