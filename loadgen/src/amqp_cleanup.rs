@@ -9,25 +9,37 @@ use shared::topology::Topology;
 use crate::cli::CleanupArgs;
 
 pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
-    // An empty prefix names the production queues.
-    if args.prefix.trim().is_empty() {
-        bail!("refusing to clean up an empty AMQP_PREFIX");
-    }
-    let topology = Topology {
-        prefix: args.prefix.clone(),
-        partitions: args.partitions,
-        delivery_limit: 0,
-        queue_expires_ms: None,
-    };
-    let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default())
-        .await
-        .context("cannot connect to RabbitMQ")?;
-    let accepted = topology.delete(&connection, &[]).await?;
-    let _ = connection.close(200, "cleaned up".into()).await;
+    let topology = topology(&args.prefix, args.partitions);
+    let accepted = delete(&args.amqp_url, &topology, &[]).await?;
     println!(
         "deleted {accepted} of {} queues and exchanges named with prefix {:?}",
         topology.queues().len() + topology.exchanges().len(),
         args.prefix
     );
     Ok(())
+}
+
+/// The names of what runs under `prefix`.
+pub fn topology(prefix: &str, partitions: u16) -> Topology {
+    Topology {
+        prefix: prefix.to_owned(),
+        partitions,
+        delivery_limit: 0,
+        queue_expires_ms: None,
+    }
+}
+
+/// Deletes the topology's queues and exchanges and `extra_queues`; how many deletes the
+/// broker accepted.
+pub async fn delete(amqp_url: &str, topology: &Topology, extra_queues: &[String]) -> anyhow::Result<usize> {
+    // An empty prefix names the production queues.
+    if topology.prefix.trim().is_empty() {
+        bail!("refusing to clean up an empty AMQP_PREFIX");
+    }
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .context("cannot connect to RabbitMQ")?;
+    let accepted = topology.delete(&connection, extra_queues).await?;
+    let _ = connection.close(200, "cleaned up".into()).await;
+    Ok(accepted)
 }

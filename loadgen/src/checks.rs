@@ -125,11 +125,13 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
     checks.expect_eq("no user holds it twice", rows, users);
     checks.expect_none("issued only to users of this run", strangers);
 
+    // ERR_UNAVAILABLE: a request the api stored, could not queue, and withdrew before
+    // answering 503; never one that was answered 202 (checked below).
     let (pending, succeeded, odd_failures): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'PENDING'),
                 count(*) FILTER (WHERE status = 'SUCCEEDED'),
-                count(*) FILTER (WHERE status = 'FAILED'
-                    AND error->>'code' NOT IN ('ERR_COUPON_OUT_OF_STOCK', 'ERR_COUPON_ALREADY_ACQUIRED'))
+                count(*) FILTER (WHERE status = 'FAILED' AND error->>'code' NOT IN
+                    ('ERR_COUPON_OUT_OF_STOCK', 'ERR_COUPON_ALREADY_ACQUIRED', 'ERR_UNAVAILABLE'))
          FROM requests WHERE kind = 'COUPON_ISSUE' AND partition_key = $1",
     )
     .bind(coupon)
@@ -138,9 +140,16 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
     checks.expect_none("every request terminal (DB)", pending);
     checks.expect_eq("one succeeded request per issued coupon", rows, succeeded);
     checks.expect_none(
-        "failures are only out of stock or already acquired (no ERR_PROCESSING_FAILED)",
+        "failures are only out of stock, already acquired or withdrawn after a 503 (no ERR_PROCESSING_FAILED)",
         odd_failures,
     );
+    let withdrawn_202 = count(
+        db,
+        "SELECT count(*) FROM requests WHERE id = ANY($1) AND error->>'code' = 'ERR_UNAVAILABLE'",
+        |q| q.bind(facts.accepted.clone()),
+    )
+    .await?;
+    checks.expect_none("no request answered 202 was withdrawn", withdrawn_202);
     let orphans = count(
         db,
         "SELECT count(*) FROM requests r
@@ -466,6 +475,175 @@ pub async fn browse(
         "GET /users/{id}/balance = the balance row (API, sample)",
         balance_off == 0,
         format!("{balance_off} of {} differ", sample.len()),
+    );
+    Ok(checks)
+}
+
+/// Invariants of the whole database, whatever ran against it: the fault suite checks them
+/// after every scenario, once the load is settled and the events had time to arrive.
+pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
+    let mut checks = Checks::default();
+    let rows = |sql: &'static str| count(db, sql, |q| q);
+
+    // Coupons: never over-issued, never held twice, the count is the rows.
+    checks.expect_none(
+        "no coupon issued beyond its total",
+        rows("SELECT count(*) FROM coupons WHERE issued_quantity > total_quantity").await?,
+    );
+    checks.expect_none(
+        "every coupon's issued count = the coupons held",
+        rows(
+            "SELECT count(*) FROM coupons c WHERE c.issued_quantity <>
+               (SELECT count(*) FROM user_coupons uc WHERE uc.coupon_id = c.id)",
+        )
+        .await?,
+    );
+    checks.expect_none(
+        "no user holds a coupon twice",
+        rows("SELECT count(*) FROM (SELECT 1 FROM user_coupons GROUP BY user_id, coupon_id HAVING count(*) > 1) d")
+            .await?,
+    );
+
+    // Stock: never oversold; what is reserved and sold is what orders say.
+    checks.expect_none(
+        "no product with negative stock or reservations, or more reserved than on hand",
+        rows("SELECT count(*) FROM products WHERE stock < 0 OR reserved < 0 OR reserved > stock").await?,
+    );
+    let units = |status: &str, column: &str| {
+        format!(
+            "SELECT count(*) FROM products p WHERE p.{column} <> COALESCE(
+               (SELECT sum(oi.quantity) FROM order_items oi JOIN orders o ON o.id = oi.order_id
+                WHERE oi.product_id = p.id AND o.status = '{status}'), 0)"
+        )
+    };
+    checks.expect_none(
+        "reserved = units of RESERVED orders, every product",
+        count(db, &units("RESERVED", "reserved"), |q| q).await?,
+    );
+    checks.expect_none(
+        "sold = units of PAID orders, every product",
+        count(db, &units("PAID", "sold"), |q| q).await?,
+    );
+
+    // Money: balances are their ledgers, never negative; nothing charged twice.
+    checks.expect_none(
+        "no balance negative",
+        rows("SELECT count(*) FROM balances WHERE amount < 0").await?,
+    );
+    checks.expect_none(
+        "balance = CHARGE + REFUND - PAYMENT of its ledger, every user",
+        rows(
+            "SELECT count(*) FROM balances b
+             LEFT JOIN (SELECT user_id, sum(CASE kind WHEN 'PAYMENT' THEN -amount ELSE amount END) AS total
+                        FROM balance_transactions GROUP BY user_id) l USING (user_id)
+             WHERE b.amount <> COALESCE(l.total, 0)",
+        )
+        .await?,
+    );
+    checks.expect_none(
+        "no order paid twice (payments, ledger PAYMENT entries)",
+        rows(
+            "SELECT count(*) FROM (
+               SELECT order_id FROM payments GROUP BY order_id HAVING count(*) > 1
+               UNION ALL
+               SELECT order_id FROM balance_transactions WHERE kind = 'PAYMENT'
+               GROUP BY order_id HAVING count(*) > 1) d",
+        )
+        .await?,
+    );
+    checks.expect_none(
+        "a payment and its ledger entry for every PAID order, for no other",
+        rows(
+            "SELECT count(*) FROM orders o
+             WHERE (o.status = 'PAID') <> EXISTS (SELECT 1 FROM payments p WHERE p.order_id = o.id)
+                OR (o.status = 'PAID') <> EXISTS (SELECT 1 FROM balance_transactions t
+                                                  WHERE t.order_id = o.id AND t.kind = 'PAYMENT')",
+        )
+        .await?,
+    );
+    checks.expect_none(
+        "every order settled as its create request says (REJECTED if and only if it FAILED)",
+        rows(
+            "SELECT count(*) FROM orders o LEFT JOIN requests r ON r.id = o.create_request_id
+             WHERE r.status IS DISTINCT FROM 'SUCCEEDED' AND r.status IS DISTINCT FROM 'FAILED'
+                OR o.status = 'PENDING' OR (o.status = 'REJECTED') <> (r.status = 'FAILED')",
+        )
+        .await?,
+    );
+
+    // Commands: every one settled, none given up on.
+    checks.expect_none(
+        "every request terminal",
+        rows("SELECT count(*) FROM requests WHERE status = 'PENDING'").await?,
+    );
+    checks.expect_none(
+        "no request failed for want of processing (ERR_PROCESSING_FAILED)",
+        rows("SELECT count(*) FROM requests WHERE error->>'code' = 'ERR_PROCESSING_FAILED'").await?,
+    );
+    checks.expect_none(
+        "nothing dead-lettered",
+        rows("SELECT count(*) FROM dead_letters").await?,
+    );
+
+    // Events: one order.paid per paid order, published and received once.
+    checks.expect_none(
+        "every event published",
+        rows("SELECT count(*) FROM outbox WHERE published_at IS NULL").await?,
+    );
+    checks.expect_none(
+        "one order.paid event per PAID order, none for others (outbox)",
+        rows(
+            "SELECT count(*) FROM orders o WHERE (o.status = 'PAID')::int <>
+               (SELECT count(*) FROM outbox e WHERE e.routing_key = 'order.paid'
+                  AND e.payload->>'orderId' = o.id::text)",
+        )
+        .await?,
+    );
+    checks.expect_none(
+        "the data platform received one order.paid per PAID order, none for others",
+        rows(
+            "SELECT count(*) FROM orders o WHERE (o.status = 'PAID')::int <>
+               (SELECT count(*) FROM received_events e WHERE e.routing_key = 'order.paid'
+                  AND e.payload->>'orderId' = o.id::text)",
+        )
+        .await?,
+    );
+
+    // Through the API: a sample of requests reads terminal, of balances reads the row.
+    let sample: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM requests ORDER BY random() LIMIT 100")
+        .fetch_all(db)
+        .await?;
+    let mut not_terminal = 0;
+    for id in &sample {
+        let answer = api.request_status(*id).await?;
+        if !(answer.status == 200 && matches!(answer.str_field("status"), Some("SUCCEEDED" | "FAILED"))) {
+            not_terminal += 1;
+        }
+    }
+    checks.expect(
+        "GET /requests/{id} reads terminal (API, sample)",
+        not_terminal == 0,
+        format!("{not_terminal} of {} sampled requests do not", sample.len()),
+    );
+    let balances: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT user_id, amount FROM balances ORDER BY random() LIMIT 100")
+            .fetch_all(db)
+            .await?;
+    let mut balance_off = 0;
+    for (user, amount) in &balances {
+        if api
+            .get(&format!("/users/{user}/balance"))
+            .await?
+            .i64_field("balance")
+            != Some(*amount)
+        {
+            balance_off += 1;
+        }
+    }
+    checks.expect(
+        "GET /users/{id}/balance = the balance row (API, sample)",
+        balance_off == 0,
+        format!("{balance_off} of {} sampled users differ", balances.len()),
     );
     Ok(checks)
 }

@@ -1,9 +1,11 @@
 //! The command line: one subcommand per scenario, the baseline, the report and the cleanup.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::Notify;
 
 use crate::schedule::Pace;
 
@@ -32,6 +34,9 @@ pub enum Command {
     Report(ReportArgs),
     /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
     CleanupAmqp(CleanupArgs),
+    /// The fault suite: a flash sale and a checkout under worker kills, broker and database
+    /// restarts, scaling and a stop of everything, with the invariants checked after each.
+    Faults(FaultsArgs),
 }
 
 /// What every scenario needs: where the system is, and how hard to push it.
@@ -84,6 +89,14 @@ pub struct Common {
     /// Where to write the result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Behave as a client of a degraded system: for up to this many seconds, send a request
+    /// again with the same Idempotency-Key when it got no answer, 429, 502, 503, 504 or
+    /// 409 ERR_IDEMPOTENCY_KEY_IN_USE. 0 (benchmarks): every answer counts as it is.
+    #[arg(long, default_value_t = 0)]
+    pub patience_secs: u64,
+    /// Told when the measured load starts (the fault suite times its faults by it).
+    #[arg(skip)]
+    pub load_started: Option<Arc<Notify>>,
 }
 
 impl Common {
@@ -223,4 +236,77 @@ pub struct CleanupArgs {
     pub prefix: String,
     #[arg(long, env = "COMMAND_PARTITIONS", default_value_t = 16)]
     pub partitions: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Fault {
+    /// `kill -9` one of three workers every few seconds, and start it again.
+    KillWorkers,
+    /// Stop RabbitMQ mid-run, and start it again.
+    RestartBroker,
+    /// Stop PostgreSQL mid-run, and start it again.
+    RestartDatabase,
+    /// One worker, then four, then one again (SIGTERM), under load.
+    Scale,
+    /// SIGTERM to every process mid-run, then start them all again.
+    StopEverything,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FaultsArgs {
+    /// Scenarios to run, one at a time (default: all, in the order listed here).
+    #[arg(long = "fault", value_enum)]
+    pub faults: Vec<Fault>,
+    /// Where the `api` and `worker` binaries are.
+    #[arg(long, env = "FAULTS_BIN_DIR")]
+    pub bin_dir: PathBuf,
+    /// The script that stops and starts PostgreSQL and RabbitMQ: `<script> stop rabbitmq`,
+    /// `<script> stop postgres`, and `<script>` to start whatever is down and wait for it.
+    #[arg(long, default_value = "scripts/services")]
+    pub services: PathBuf,
+    /// PostgreSQL server; each scenario gets a database of its own there.
+    #[arg(
+        long,
+        env = "FAULTS_PG_SERVER",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    pub pg_server: String,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "dev-admin-token")]
+    pub admin_token: String,
+    #[arg(long, env = "COMMAND_PARTITIONS", default_value_t = 16)]
+    pub partitions: u16,
+    /// Seconds of load in each scenario (open loop); the faults fall inside them.
+    /// kill-workers runs 1.5 times as long, to kill each of its three replicas once.
+    #[arg(long, default_value_t = 24)]
+    pub load_secs: u64,
+    /// Flash sale: coupon requests per second.
+    #[arg(long, default_value_t = 150.0)]
+    pub flash_rate: f64,
+    /// Checkout: journeys (order, then payment) started per second.
+    #[arg(long, default_value_t = 15.0)]
+    pub checkout_rate: f64,
+    /// How long a dependency stays down when it is restarted.
+    #[arg(long, default_value_t = 5)]
+    pub outage_secs: u64,
+    /// kill-workers: seconds between one recovery and the next kill.
+    #[arg(long, default_value_t = 3)]
+    pub kill_every_secs: u64,
+    /// How long the system may take to recover from one fault before the scenario fails.
+    #[arg(long, default_value_t = 60)]
+    pub recovery_bound_secs: u64,
+    /// A scenario that takes longer than this is stopped and fails.
+    #[arg(long, default_value_t = 240)]
+    pub scenario_timeout_secs: u64,
+    /// Logs of every process and the results, one directory per scenario.
+    #[arg(long, default_value = ".run/faults")]
+    pub log_dir: PathBuf,
+    /// Keep each scenario's database and queues (for inspection).
+    #[arg(long)]
+    pub keep: bool,
 }

@@ -1,6 +1,8 @@
 //! A typed client of the HTTP contract (`../shared/API.md`): one method per call the
 //! scenarios make, answering the status, the error code and the JSON body.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -20,6 +22,8 @@ pub struct Answer {
     pub body: Value,
     /// `Idempotent-Replayed: true`: the first answer to this key, sent again.
     pub replayed: bool,
+    /// `Retry-After`, in seconds.
+    pub retry_after: Option<Duration>,
 }
 
 impl Answer {
@@ -55,7 +59,15 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     admin: HeaderMap,
+    /// How long a patient client keeps sending a request again (see [`Api::patient`]).
+    patience: Duration,
+    /// What was answered to requests that were then sent again, by outcome.
+    retried: Arc<Mutex<BTreeMap<String, u64>>>,
 }
+
+/// First wait before a request is sent again; grows 1.5x up to [`RETRY_MAX_WAIT`].
+const RETRY_FIRST_WAIT: Duration = Duration::from_millis(100);
+const RETRY_MAX_WAIT: Duration = Duration::from_secs(1);
 
 impl Api {
     /// `connections`: idle connections kept per host, so `connections` concurrent clients
@@ -77,7 +89,27 @@ impl Api {
             http,
             base: base.trim_end_matches('/').to_owned(),
             admin,
+            patience: Duration::ZERO,
+            retried: Arc::default(),
         })
+    }
+
+    /// A client that behaves as the contract asks of clients while the system is degraded:
+    /// for up to `patience` it sends a request again, with the same `Idempotency-Key`, when
+    /// there was no answer, when the answer was `429`, `502`, `503` or `504` (after its
+    /// `Retry-After`), or `409 ERR_IDEMPOTENCY_KEY_IN_USE` (the first send is still being
+    /// handled). The last answer is returned as it is.
+    pub fn patient(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Answers that made the client send a request again, by outcome.
+    pub fn retried(&self) -> BTreeMap<String, u64> {
+        self.retried
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn base(&self) -> &str {
@@ -85,12 +117,54 @@ impl Api {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        if self.patience.is_zero() {
+            return self.send_once(request).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut wait = RETRY_FIRST_WAIT;
+        let mut request = request;
+        loop {
+            // Bodies here are JSON bytes, which always clone; without a copy, send once.
+            let Some(again) = request.try_clone() else {
+                return self.send_once(request).await;
+            };
+            let answer = self.send_once(request).await;
+            let (outcome, asked_wait) = match &answer {
+                Ok(a) => match retry_after(a) {
+                    Some(asked) => (a.outcome(), asked),
+                    None => return answer,
+                },
+                Err(e) => (transport_outcome(e), None),
+            };
+            let pause = asked_wait.unwrap_or(wait).min(RETRY_MAX_WAIT);
+            if tokio::time::Instant::now() + pause >= deadline {
+                return answer;
+            }
+            *self
+                .retried
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(outcome)
+                .or_default() += 1;
+            tokio::time::sleep(pause).await;
+            wait = wait.mul_f64(1.5).min(RETRY_MAX_WAIT);
+            request = again;
+        }
+    }
+
+    async fn send_once(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
         let response = request.send().await?;
         let status = response.status().as_u16();
         let replayed = response
             .headers()
             .get(REPLAYED)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = response.bytes().await?;
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let code = (status >= 400)
@@ -101,6 +175,7 @@ impl Api {
             code,
             body,
             replayed,
+            retry_after,
         })
     }
 
@@ -207,6 +282,22 @@ impl Api {
             }
         }
     }
+}
+
+/// Whether a patient client sends this again: `Some(wait it asked for, if any)`.
+fn retry_after(answer: &Answer) -> Option<Option<Duration>> {
+    match (answer.status, answer.code.as_deref()) {
+        (429 | 502 | 503 | 504, _) | (409, Some("ERR_IDEMPOTENCY_KEY_IN_USE")) => Some(answer.retry_after),
+        _ => None,
+    }
+}
+
+/// `timeout` or `transport error`: how a request without an answer is counted.
+pub fn transport_outcome(e: &anyhow::Error) -> String {
+    let timed_out = e
+        .downcast_ref::<reqwest::Error>()
+        .is_some_and(reqwest::Error::is_timeout);
+    if timed_out { "timeout" } else { "transport error" }.to_owned()
 }
 
 fn created_id(answer: &Answer, field: &str) -> anyhow::Result<i64> {

@@ -23,6 +23,8 @@
 //!   (commits, rows, WAL).
 //! - [`report`]: results as JSON, and the side-by-side table with the baseline.
 //! - [`amqp_cleanup`]: deletes the queues and exchanges of a benchmark's `AMQP_PREFIX`.
+//! - [`faults`]: the fault suite: the loads under worker kills, broker and database
+//!   restarts, scaling and a stop of everything, with recovery times and invariants.
 
 pub mod amqp_cleanup;
 pub mod baseline;
@@ -30,6 +32,7 @@ pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod db_activity;
+pub mod faults;
 pub mod histogram;
 pub mod prometheus;
 pub mod report;
@@ -49,5 +52,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Baseline(args) => baseline::run(&args).await,
         Command::Report(args) => report::print_runs(&args),
         Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
+        Command::Faults(args) => faults::run(&args).await,
     }
 }

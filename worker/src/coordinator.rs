@@ -129,7 +129,14 @@ impl Coordinator {
         )
         .await;
         for (lease, next) in drained {
-            leases::hand_over(&ctx.db, &lease, next, ctx.config.lease_ttl, ctx.config.replica_ttl).await?;
+            leases::hand_over(
+                &ctx.db,
+                &lease,
+                next,
+                ctx.config.lease_ttl,
+                ctx.config.replica_ttl,
+            )
+            .await?;
             tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over");
         }
 

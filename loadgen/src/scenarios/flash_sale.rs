@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::{base_params, db_latency, Harness, Outcomes};
 use crate::checks::{self, FlashSaleFacts};
 use crate::cli::FlashSaleArgs;
-use crate::client::{Answer, Api};
+use crate::client::{transport_outcome, Answer, Api};
 use crate::histogram::Recorder;
 use crate::report::ScenarioResult;
 use crate::schedule;
@@ -156,15 +156,7 @@ impl Sale {
         let answer = match answer {
             Ok(answer) => answer,
             Err(e) => {
-                let outcome = if e
-                    .downcast_ref::<reqwest::Error>()
-                    .is_some_and(reqwest::Error::is_timeout)
-                {
-                    "timeout"
-                } else {
-                    "transport error"
-                };
-                self.outcomes.count(outcome, false);
+                self.outcomes.count(&transport_outcome(&e), false);
                 return;
             }
         };
@@ -439,6 +431,7 @@ mod tests {
             code: code.map(str::to_owned),
             body: Value::Null,
             replayed: false,
+            retry_after: None,
         }
     }
 

@@ -79,6 +79,7 @@ impl Harness {
             common.request_timeout(),
         )?;
         api.wait_until_ready(STARTUP_PATIENCE).await?;
+        let api = api.patient(Duration::from_secs(common.patience_secs));
         let mut harness = Self {
             api,
             db,
@@ -152,6 +153,9 @@ impl Harness {
     pub async fn begin(&self) -> Window {
         self.flush_statistics().await;
         let before = prometheus::scrape(&self.metrics, &self.common.api, &self.common.worker_metrics).await;
+        if let Some(started) = &self.common.load_started {
+            started.notify_one();
+        }
         Window {
             started: Instant::now(),
             counters: db_activity::counters(&self.db).await,
@@ -224,6 +228,9 @@ impl Harness {
     /// Writes the result (JSON, if asked) and prints it.
     pub fn finish(&self, mut result: ScenarioResult) -> anyhow::Result<()> {
         result.memory = resources::memory(&self.processes);
+        for (outcome, n) in self.api.retried() {
+            result.outcomes.insert(format!("(sent again after {outcome})"), n);
+        }
         result.notes.extend(self.notes.iter().cloned());
         report::print_scenario(&result);
         if let Some(out) = &self.common.out {

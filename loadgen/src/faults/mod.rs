@@ -1,0 +1,548 @@
+//! `faults`: the fault suite.
+//!
+//! Each scenario gets a database and an AMQP prefix of its own and starts the system from
+//! its release binaries (api, worker replicas, the data-platform stand-in). It runs a flash
+//! sale and a checkout at once, open loop, with patient clients (they send a request again
+//! with the same `Idempotency-Key` when there was no answer or a 429/502/503/504, as the
+//! contract asks of clients), and injects its fault during the load. Once the load has
+//! settled it runs each load's own checks, then the invariants of the whole database and
+//! the events check, and prints how long the system took to recover from each fault.
+//!
+//! A scenario that breaks an invariant, does not recover within the bound, or does not end
+//! within its time limit fails the suite; the next scenario still runs.
+
+pub mod recovery;
+pub mod system;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use clap::ValueEnum;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::checks;
+use crate::cli::{CheckoutArgs, Common, Fault, FaultsArgs, FlashSaleArgs};
+use crate::client::Api;
+use crate::scenarios::{checkout, flash_sale};
+use recovery::Watch;
+use system::System;
+
+/// How long the api may take to start (it creates and migrates the database).
+const STARTUP: Duration = Duration::from_secs(90);
+/// How long events may take to reach the data platform once the load has settled.
+const EVENTS_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a patient client keeps sending a request again.
+const CLIENT_PATIENCE: Duration = Duration::from_secs(120);
+
+impl Fault {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Worker replicas when the load starts.
+    fn workers_at_start(self) -> usize {
+        match self {
+            Fault::Scale => 1,
+            _ => 3,
+        }
+    }
+
+    /// How long this scenario's load lasts. A kill is only over once the victim's leases
+    /// have expired (`WORKER_LEASE_TTL_MS`, 6 s), so killing each of the three replicas in
+    /// turn takes half as long again as the other faults.
+    fn load(self, args: &FaultsArgs) -> Duration {
+        let load = Duration::from_secs(args.load_secs.max(1));
+        match self {
+            Fault::KillWorkers => load.mul_f64(1.5),
+            _ => load,
+        }
+    }
+}
+
+/// One fault and how the system came back from it.
+struct Event {
+    /// Seconds since the load started.
+    at: f64,
+    what: String,
+    /// From the repair to whole again; or what was seen when the bound ran out.
+    recovery: Result<Duration, recovery::State>,
+}
+
+/// How one scenario went.
+struct Outcome {
+    fault: Fault,
+    seconds: f64,
+    events: Vec<Event>,
+    violations: usize,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn passed(&self) -> bool {
+        self.error.is_none() && self.violations == 0 && self.events.iter().all(|e| e.recovery.is_ok())
+    }
+}
+
+pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
+    let faults = if args.faults.is_empty() {
+        Fault::value_variants().to_vec()
+    } else {
+        args.faults.clone()
+    };
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let series = args.log_dir.join(&stamp);
+    let mut outcomes = Vec::new();
+    for fault in faults {
+        let outcome = scenario(args, fault, &series, &stamp).await;
+        outcomes.push(outcome);
+    }
+
+    println!("\nfault suite ({}):", series.display());
+    println!(
+        "  {:<18} {:>8} {:>7} {:>14} {:>10}  result",
+        "scenario", "seconds", "faults", "max recovery", "violated"
+    );
+    for o in &outcomes {
+        let worst = o
+            .events
+            .iter()
+            .filter_map(|e| e.recovery.as_ref().ok())
+            .max()
+            .map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let result = match (&o.error, o.passed()) {
+            (Some(e), _) => format!("FAILED: {e}"),
+            (None, true) => "passed".to_owned(),
+            (None, false) => "FAILED".to_owned(),
+        };
+        println!(
+            "  {:<18} {:>8.0} {:>7} {:>14} {:>10}  {result}",
+            o.fault.name(),
+            o.seconds,
+            o.events.len(),
+            worst,
+            o.violations
+        );
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    if failed > 0 {
+        bail!("{failed} of {} fault scenarios failed", outcomes.len());
+    }
+    Ok(())
+}
+
+/// One scenario, from a fresh database to its removal, whatever happens in between.
+async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str) -> Outcome {
+    let name = fault.name();
+    let started = Instant::now();
+    let tag = format!("{}_{}", stamp.to_lowercase(), name.replace('-', "_"));
+    let database = format!("faults_{tag}");
+    let prefix = format!("faults.{tag}.");
+    let database_url = format!("{}/{database}", args.pg_server.trim_end_matches('/'));
+    let log_dir = series.join(&name);
+    say(
+        &name,
+        &format!(
+            "database {database}, AMQP prefix {prefix}, logs in {}",
+            log_dir.display()
+        ),
+    );
+
+    let mut events = Vec::new();
+    let mut violations = 0;
+    let env = vec![
+        ("DATABASE_URL".to_owned(), database_url.clone()),
+        ("AMQP_URL".to_owned(), args.amqp_url.clone()),
+        ("AMQP_PREFIX".to_owned(), prefix.clone()),
+        ("ADMIN_TOKEN".to_owned(), args.admin_token.clone()),
+        ("COMMAND_PARTITIONS".to_owned(), args.partitions.to_string()),
+    ];
+    let error = match System::new(&args.bin_dir, &log_dir, env) {
+        Err(e) => Some(format!("{e:#}")),
+        Ok(mut system) => {
+            let bound = Duration::from_secs(args.scenario_timeout_secs);
+            let exercised = tokio::time::timeout(
+                bound,
+                exercise(args, fault, &mut system, &database_url, &log_dir, &mut events),
+            )
+            .await;
+            let error = match exercised {
+                Ok(Ok(v)) => {
+                    violations = v;
+                    None
+                }
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some(format!("did not end within {} s", bound.as_secs())),
+            };
+            for s in system.stop_all().await {
+                if s.killed {
+                    say(
+                        &name,
+                        &format!("{} did not stop on SIGTERM and was killed", s.name),
+                    );
+                }
+            }
+            error
+        }
+    };
+    // A scenario cut short may have left a dependency stopped.
+    if let Err(e) = services(&args.services, &[]).await {
+        say(&name, &format!("cannot bring the services back: {e:#}"));
+    }
+    if args.keep {
+        say(
+            &name,
+            &format!("kept database {database} and AMQP prefix {prefix}"),
+        );
+    } else {
+        clean_up(args, &database, &prefix).await;
+    }
+    if let Some(e) = &error {
+        say(&name, &format!("FAILED: {e}"));
+    }
+    Outcome {
+        fault,
+        seconds: started.elapsed().as_secs_f64(),
+        events,
+        violations,
+        error,
+    }
+}
+
+/// Starts the system, runs the loads with the fault, checks; the number of violated checks.
+async fn exercise(
+    args: &FaultsArgs,
+    fault: Fault,
+    system: &mut System,
+    database_url: &str,
+    log_dir: &Path,
+    events: &mut Vec<Event>,
+) -> anyhow::Result<usize> {
+    let name = fault.name();
+    system.start_all(fault.workers_at_start())?;
+    let api = Api::new(&system.api_url(), &args.admin_token, 8, Duration::from_secs(10))?;
+    api.wait_until_ready(STARTUP).await?;
+    let db = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(database_url)
+        .await
+        .with_context(|| format!("cannot connect to {database_url}"))?;
+    let watch = Watch {
+        api: api.clone(),
+        db: db.clone(),
+        partitions: i64::from(args.partitions),
+    };
+    let bound = Duration::from_secs(args.recovery_bound_secs);
+    if let Err(state) = watch
+        .recovered((Instant::now(), Utc::now()), &system.worker_names(), bound)
+        .await
+    {
+        bail!("the system was not whole before the load: {state}");
+    }
+
+    let flash_started = Arc::new(Notify::new());
+    let checkout_started = Arc::new(Notify::new());
+    let (flash, shop) = loads(
+        args,
+        fault.load(args),
+        &system.api_url(),
+        database_url,
+        log_dir,
+        &flash_started,
+        &checkout_started,
+    );
+    let loads = async { tokio::join!(flash_sale::run(&flash), checkout::run(&shop)) };
+    let faults = async {
+        // Setup of the two loads takes a moment; the clock starts with the later of them.
+        tokio::try_join!(
+            tokio::time::timeout(STARTUP, flash_started.notified()),
+            tokio::time::timeout(STARTUP, checkout_started.notified()),
+        )
+        .context("the loads did not start")?;
+        say(&name, "load started");
+        inject(args, fault, system, &watch, events).await
+    };
+    let ((flash_result, checkout_result), injected) = tokio::join!(loads, faults);
+    injected?;
+    let mut failures = Vec::new();
+    for (load, result) in [("flash sale", flash_result), ("checkout", checkout_result)] {
+        if let Err(e) = result {
+            failures.push(format!("{load}: {e:#}"));
+        }
+    }
+
+    let exited = system.exited();
+    if !exited.is_empty() {
+        failures.push(format!("exited by themselves: {}", exited.join(", ")));
+    }
+    wait_for_events(&db).await;
+    let checks = checks::whole_system(&db, &api).await?;
+    let violated: Vec<_> = checks.into_vec().into_iter().filter(|c| !c.passed).collect();
+    for c in &violated {
+        say(&name, &format!("VIOLATED: {} ({})", c.name, c.detail));
+    }
+    if violated.is_empty() {
+        say(&name, "whole-system invariants hold");
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(violated.len())
+}
+
+/// The two loads: a flash sale and a checkout, sized to last `load` at their rates.
+fn loads(
+    args: &FaultsArgs,
+    load: Duration,
+    api: &str,
+    database_url: &str,
+    log_dir: &Path,
+    flash_started: &Arc<Notify>,
+    checkout_started: &Arc<Notify>,
+) -> (FlashSaleArgs, CheckoutArgs) {
+    let common = |rate: f64, out: &str, started: &Arc<Notify>| Common {
+        api: api.to_owned(),
+        database_url: database_url.to_owned(),
+        admin_token: args.admin_token.clone(),
+        concurrency: 200,
+        rate: Some(rate),
+        seed: 1,
+        request_timeout_secs: 30,
+        warmup: 0,
+        drain_timeout_secs: 180,
+        worker_metrics: Vec::new(),
+        processes: Vec::new(),
+        label: String::new(),
+        out: Some(log_dir.join(out)),
+        patience_secs: CLIENT_PATIENCE.as_secs(),
+        load_started: Some(Arc::clone(started)),
+    };
+    let seconds = load.as_secs_f64();
+    // A flash sale sends about 1.15 requests a user (retries and second attempts). Coupons
+    // for nine users in ten: the sale is still selling when the faults come, and sells out
+    // before the end, so both answers are exercised.
+    let flash_users = ((args.flash_rate * seconds / 1.15) as usize).max(10);
+    let flash = FlashSaleArgs {
+        common: common(args.flash_rate, "flash-sale.json", flash_started),
+        users: flash_users,
+        quantity: i64::try_from(flash_users * 9 / 10).unwrap_or(1).max(1),
+        retry_share: 0.10,
+        second_attempt_share: 0.05,
+    };
+    let shop = CheckoutArgs {
+        common: common(args.checkout_rate, "checkout.json", checkout_started),
+        users: ((args.checkout_rate * seconds) as usize).max(1),
+        products: 20,
+        coupon_share: 0.2,
+        poll_initial_ms: 20,
+        poll_max_ms: 500,
+    };
+    (flash, shop)
+}
+
+/// The fault itself, timed from the start of the load.
+async fn inject(
+    args: &FaultsArgs,
+    fault: Fault,
+    system: &mut System,
+    watch: &Watch,
+    events: &mut Vec<Event>,
+) -> anyhow::Result<()> {
+    let name = fault.name();
+    let load_started = Instant::now();
+    let load = fault.load(args);
+    let bound = Duration::from_secs(args.recovery_bound_secs);
+    let outage = Duration::from_secs(args.outage_secs);
+    let at = |share: f64| tokio::time::sleep_until(load_started + load.mul_f64(share));
+    let mut record = |what: String, recovery: Result<Duration, recovery::State>| {
+        let event = Event {
+            at: load_started.elapsed().as_secs_f64(),
+            what,
+            recovery,
+        };
+        match &event.recovery {
+            Ok(d) => say(
+                &name,
+                &format!(
+                    "+{:.1}s recovered from {} in {:.1} s",
+                    event.at,
+                    event.what,
+                    d.as_secs_f64()
+                ),
+            ),
+            Err(state) => say(
+                &name,
+                &format!(
+                    "+{:.1}s NOT recovered from {} within {} s: {state}",
+                    event.at,
+                    event.what,
+                    bound.as_secs()
+                ),
+            ),
+        }
+        events.push(event);
+    };
+    let mark = |what: &str| {
+        say(
+            &name,
+            &format!("+{:.1}s {what}", load_started.elapsed().as_secs_f64()),
+        )
+    };
+
+    match fault {
+        Fault::KillWorkers => {
+            // Kill the oldest replica each time (restarted ones join at the end), so each of
+            // the three goes in turn; the next kill comes a few seconds after recovery.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let last_kill = load_started + load.mul_f64(0.75);
+            while Instant::now() < last_kill {
+                let victim = system.kill_worker(0).await?;
+                let replacement = system.start_worker()?;
+                mark(&format!("kill -9 {victim}; started {replacement}"));
+                let repaired = (Instant::now(), Utc::now());
+                let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+                let failed = recovery.is_err();
+                record(format!("kill -9 {victim}"), recovery);
+                if failed {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(args.kill_every_secs)).await;
+            }
+        }
+        Fault::RestartBroker | Fault::RestartDatabase => {
+            let (what, service) = match fault {
+                Fault::RestartBroker => ("RabbitMQ", "rabbitmq"),
+                _ => ("PostgreSQL", "postgres"),
+            };
+            at(0.3).await;
+            mark(&format!("stopping {what}"));
+            services(&args.services, &["stop", service]).await?;
+            mark(&format!(
+                "{what} stopped; starting it again in {} s",
+                outage.as_secs()
+            ));
+            tokio::time::sleep(outage).await;
+            services(&args.services, &[]).await?;
+            mark(&format!("{what} is back"));
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record(format!("a restart of {what}"), recovery);
+        }
+        Fault::Scale => {
+            at(0.2).await;
+            let mut added = Vec::new();
+            for _ in 0..3 {
+                added.push(system.start_worker()?);
+            }
+            mark(&format!("scaled 1 -> 4: started {}", added.join(", ")));
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record("scaling up to 4 workers".to_owned(), recovery);
+            at(0.6).await;
+            let stopped = system.stop_newest_workers(3).await;
+            mark(&format!("scaled 4 -> 1: {}", describe_stops(&stopped)));
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record("scaling down to 1 worker".to_owned(), recovery);
+        }
+        Fault::StopEverything => {
+            at(0.3).await;
+            let stopped = system.stop_all().await;
+            mark(&format!("SIGTERM to every process: {}", describe_stops(&stopped)));
+            system.start_all(3)?;
+            mark("started the api, 3 workers and the data-platform stand-in again");
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record("a stop of every process".to_owned(), recovery);
+        }
+    }
+    Ok(())
+}
+
+fn describe_stops(stopped: &[system::Stopped]) -> String {
+    stopped
+        .iter()
+        .map(|s| {
+            let how = if s.killed {
+                ", killed after SIGTERM was ignored"
+            } else {
+                ""
+            };
+            format!("{} stopped in {:.1} s{how}", s.name, s.took.as_secs_f64())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Waits until every event is published and the data platform has received one per paid
+/// order (or [`EVENTS_PATIENCE`] runs out: the checks then say what is missing).
+async fn wait_for_events(db: &PgPool) {
+    let deadline = Instant::now() + EVENTS_PATIENCE;
+    while Instant::now() < deadline {
+        let caught_up: Result<bool, _> = sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)
+                AND (SELECT count(*) FROM received_events WHERE routing_key = 'order.paid')
+                  = (SELECT count(*) FROM orders WHERE status = 'PAID')",
+        )
+        .fetch_one(db)
+        .await;
+        if matches!(caught_up, Ok(true)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs the services script with `args` (stop one dependency, or start what is down).
+async fn services(script: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{} {} failed: {status}",
+        script.display(),
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// Drops the scenario's database and deletes its queues.
+async fn clean_up(args: &FaultsArgs, database: &str, prefix: &str) {
+    let admin_url = format!("{}/postgres", args.pg_server.trim_end_matches('/'));
+    let dropped = async {
+        let db = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
+            .execute(&db)
+            .await?;
+        db.close().await;
+        anyhow::Ok(())
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("faults: cannot drop database {database}: {e:#}");
+    }
+    let topology = crate::amqp_cleanup::topology(prefix, args.partitions);
+    let extra = [topology.data_platform_queue()];
+    if let Err(e) = crate::amqp_cleanup::delete(&args.amqp_url, &topology, &extra).await {
+        eprintln!("faults: cannot delete the queues of {prefix}: {e:#}");
+    }
+}
+
+fn say(scenario: &str, what: &str) {
+    println!("faults[{scenario}] {what}");
+}
