@@ -55,10 +55,8 @@ impl Watch {
         let deadline = Instant::now() + bound;
         let mut state = State::default();
         loop {
-            if let Some(now) = self.read(repaired.1, workers, &mut state).await {
-                if now {
-                    return Ok(repaired.0.elapsed());
-                }
+            if self.read(repaired.1, workers, &mut state).await == Some(true) {
+                return Ok(repaired.0.elapsed());
             }
             if Instant::now() >= deadline {
                 return Err(state);

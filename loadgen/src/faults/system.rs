@@ -74,10 +74,6 @@ impl System {
         self.workers.iter().map(|w| w.name.clone()).collect()
     }
 
-    pub fn worker_count(&self) -> usize {
-        self.workers.len()
-    }
-
     fn spawn(
         &self,
         name: &str,

@@ -18,6 +18,22 @@ pub use api::{socket_of, Answer, Proxy, TestApp};
 /// the assertion is that everything settles, not how fast.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
+/// Reads `state` every 100 ms until it is `Ok`; fails the test with the last state read
+/// after [`PATIENCE`].
+async fn poll_until<F, Fut>(mut state: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = state().await;
+        let Err(seen) = seen else { return };
+        assert!(tokio::time::Instant::now() < deadline, "{seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub struct System {
     pub app: TestApp,
     workers: std::sync::Mutex<Vec<Option<Child>>>,
@@ -183,8 +199,7 @@ impl System {
 
     /// Waits until `partitions` leases per family are held by `replicas` distinct live replicas.
     pub async fn wait_for_owners(&self, replicas: usize) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        poll_until(|| async {
             let owners: i64 = sqlx::query_scalar(
                 "SELECT count(DISTINCT owner) FROM partition_leases l
                  JOIN worker_replicas r ON r.id = l.owner
@@ -199,23 +214,18 @@ impl System {
             .fetch_one(&self.app.db)
             .await
             .unwrap();
-            let expected = 2 * i64::from(self.app.topology.partitions);
-            if owners == replicas as i64 && held == expected {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{owners} owners hold {held} of {expected} leases"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let expected = self.leases();
+            (owners == replicas as i64 && held == expected)
+                .then_some(())
+                .ok_or(format!("{owners} owners hold {held} of {expected} leases"))
+        })
+        .await;
     }
 
     /// Waits until `replicas` replicas are live and every lease is held by one of them (with
     /// few partitions, rendezvous hashing may leave a replica without any).
     pub async fn wait_for_replicas(&self, replicas: usize) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        poll_until(|| async {
             let live = self.live_replicas().await;
             let held: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM partition_leases WHERE owner = ANY($1) AND expires_at > now()",
@@ -224,36 +234,34 @@ impl System {
             .fetch_one(&self.app.db)
             .await
             .unwrap();
-            let expected = 2 * i64::from(self.app.topology.partitions);
-            if live.len() == replicas && held == expected {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} live replicas hold {held} of {expected} leases",
-                live.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let expected = self.leases();
+            (live.len() == replicas && held == expected)
+                .then_some(())
+                .ok_or(format!(
+                    "{} live replicas hold {held} of {expected} leases",
+                    live.len()
+                ))
+        })
+        .await;
     }
 
     /// Waits until no request is PENDING; fails the test after [`PATIENCE`].
     pub async fn wait_until_settled(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        poll_until(|| async {
             let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM requests WHERE status = 'PENDING'")
                 .fetch_one(&self.app.db)
                 .await
                 .unwrap();
-            if pending == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{pending} requests still pending"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            (pending == 0)
+                .then_some(())
+                .ok_or(format!("{pending} requests still pending"))
+        })
+        .await;
+    }
+
+    /// Leases of both command families.
+    fn leases(&self) -> i64 {
+        2 * i64::from(self.app.topology.partitions)
     }
 
     /// A coupon of `quantity`, valid for a day, for every product.
