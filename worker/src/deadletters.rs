@@ -1,8 +1,8 @@
 //! Dead letters: every command that could not be settled ends here, whichever way it got
 //! here (dead-lettered by a worker after its attempts, or by the broker past the delivery
-//! limit). Its request is marked `FAILED` with `ERR_PROCESSING_FAILED`, so no request stays
-//! `PENDING` forever, and the message moves to the family's parked queue, where it stays
-//! for inspection and replay.
+//! limit). Its request is marked `FAILED` with `ERR_PROCESSING_FAILED` (and the order of a
+//! creation `REJECTED`), so no request or order stays `PENDING` forever, and the message
+//! moves to the family's parked queue, where it stays for inspection and replay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use shared::command::CommandMessage;
+use shared::command::{CommandMessage, RequestKind};
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Family;
 use tokio_util::sync::CancellationToken;
@@ -110,8 +110,11 @@ fn death_reason(properties: &lapin::BasicProperties) -> String {
 }
 
 /// Records the dead letter for operators (`worker dead-letters`), then marks its request
-/// failed. A crash in between leaves the message unacked: it comes back and both run again.
+/// failed and, for an order's creation, rejects the order, which would otherwise stay
+/// `PENDING` for ever. One transaction: a crash leaves the message unacked, it comes back
+/// and all of it runs again.
 async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<(), sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
     sqlx::query(
         "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, $2, $3, $4)
          ON CONFLICT (request_id) DO UPDATE
@@ -121,21 +124,35 @@ async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> R
     .bind(message.kind.family().as_str())
     .bind(message.kind.as_str())
     .bind(reason)
-    .execute(&ctx.db)
+    .execute(&mut *tx)
     .await?;
     let error = ErrorBody::new(
         ErrorCode::ProcessingFailed,
         "the command could not be settled; it is kept for operators to inspect",
     );
+    // Waits on the row lock of a worker settling a copy of this command: if that worker
+    // commits first, the request is no longer PENDING and nothing here changes it.
     let marked = sqlx::query(
         "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now(), published = true
          WHERE id = $1 AND status = 'PENDING'",
     )
     .bind(message.request_id)
     .bind(serde_json::to_value(&error).unwrap_or_default())
-    .execute(&ctx.db)
+    .execute(&mut *tx)
     .await?;
-    if marked.rows_affected() > 0 {
+    let marked = marked.rows_affected() > 0;
+    if marked && message.kind == RequestKind::OrderCreate {
+        // A PENDING order holds no stock, so rejecting it releases nothing.
+        sqlx::query(
+            "UPDATE orders SET status = 'REJECTED', closed_at = now()
+             WHERE create_request_id = $1 AND status = 'PENDING'",
+        )
+        .bind(message.request_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    if marked {
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
         metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => message.kind.family().as_str()).increment(1);
     }

@@ -1,5 +1,5 @@
 //! The pipeline under failure: a worker killed mid-sale, replicas joining and leaving, and
-//! a command that cannot be settled.
+//! a command that cannot be settled, for a coupon or an order.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
@@ -280,4 +280,59 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
         .settled(good.body["requestId"].as_str().unwrap(), common::PATIENCE)
         .await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_lettered_order_creation_rejects_its_order() {
+    let system = System::start(1).await;
+    let user = system.app.create_users(1).await[0];
+    let product = system.product(1_000, 5).await;
+    // An order as the API stores it, but with a creation command no worker can read.
+    let (order, poison) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let mut tx = system.app.db.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, create_request_id, total_amount) VALUES ($1, $2, $3, 1000)",
+    )
+    .bind(order)
+    .bind(user)
+    .bind(poison)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
+         VALUES ($1, $2, 'quoted', 1000, 1)",
+    )
+    .bind(order)
+    .bind(product)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO requests (id, kind, partition_key, payload, publish_after)
+         VALUES ($1, 'ORDER_CREATE', $2, '{\"garbage\": true}', now())",
+    )
+    .bind(poison)
+    .bind(user)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let failed = system.app.settled(&poison.to_string(), common::PATIENCE).await;
+    assert_eq!(failed.body["status"], "FAILED", "{failed:?}");
+    assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
+    // The order is closed, not left PENDING for ever, and it held no stock.
+    let read = system.app.get(&format!("/users/{user}/orders/{order}")).await;
+    assert_eq!(read.status, StatusCode::OK, "{read:?}");
+    assert_eq!(read.body["status"], "REJECTED", "{read:?}");
+    assert_eq!(system.assert_stock_reconciles(product, 5).await, (5, 0, 0));
+
+    // A payment sent for it afterwards is refused at once, and charges nothing.
+    system.app.charge(user, 5_000).await;
+    let pay = system.pay(&order.to_string(), user, None).await;
+    assert_eq!(pay.status, StatusCode::BAD_REQUEST, "{pay:?}");
+    assert_eq!(pay.code(), "ERR_PAYMENT_INVALID_ORDER_STATUS");
+    assert_eq!(system.app.balance(user).await, 5_000);
+    system.assert_money_invariants().await;
 }
