@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! {prefix}commands (direct) ──coupon.p00…pNN──▶ quorum queues, single active consumer
-//!                            ──order.p00…pNN───▶   (delivery limit, dead-letter exchange)
+//!                            ──order.p00…pNN───▶   (delivery limit, dead-letter exchange,
+//!                                                   dead-lettering at least once)
 //! {prefix}commands.dead (direct) ──coupon──▶ coupon.dead   ──order──▶ order.dead
 //!      (workers mark the requests of dead letters FAILED, then move them to coupon.parked /
 //!       order.parked, where they stay for inspection and replay)
@@ -229,7 +230,8 @@ impl Topology {
     }
 
     /// Arguments of a quorum queue; partition queues (`dead_letter_to` set) also get single
-    /// active consumer, the delivery limit and their family's dead-letter route.
+    /// active consumer, the delivery limit and their family's dead-letter route, at least
+    /// once.
     fn quorum_arguments(&self, dead_letter_to: Option<Family>) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -247,6 +249,17 @@ impl Topology {
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(family.as_str().into()),
             );
+            // A quorum queue dead-letters at most once by default: a dead letter lost in
+            // transit would leave its request PENDING for ever (it is marked published, so
+            // the sweeper never sends it again). At least once keeps the message in its
+            // partition queue until the dead-letter queue confirms it; the strategy only
+            // takes effect with `reject-publish` overflow, and no length limit is set, so
+            // that changes nothing else.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
         }
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));

@@ -336,3 +336,53 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
     assert_eq!(system.app.balance(user).await, 5_000);
     system.assert_money_invariants().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_queues_dead_letter_at_least_once() {
+    let system = System::start(0).await;
+    let topology = &system.app.topology;
+    let conn = lapin::Connection::connect(
+        &shared::config::BrokerSettings::from_env().unwrap().url,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    // RabbitMQ refuses to re-declare a queue with other arguments than it has: a partition
+    // queue declared without the at-least-once strategy is refused (406), with it accepted.
+    let declare = |strategy: Option<&'static str>| {
+        let conn = &conn;
+        let queue = topology.queue(shared::topology::Family::Order, 0);
+        let dead_letters = topology.dead_letter_exchange();
+        let delivery_limit = topology.delivery_limit;
+        let expires = topology.queue_expires_ms;
+        async move {
+            use lapin::types::{AMQPValue, FieldTable};
+            let mut args = FieldTable::default();
+            let text = |s: &str| AMQPValue::LongString(s.into());
+            args.insert("x-queue-type".into(), text("quorum"));
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            args.insert("x-delivery-limit".into(), AMQPValue::LongUInt(delivery_limit));
+            args.insert("x-dead-letter-exchange".into(), text(&dead_letters));
+            args.insert("x-dead-letter-routing-key".into(), text("order"));
+            if let Some(strategy) = strategy {
+                args.insert("x-dead-letter-strategy".into(), text(strategy));
+                args.insert("x-overflow".into(), text("reject-publish"));
+            }
+            if let Some(ms) = expires {
+                args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+            }
+            let channel = conn.create_channel().await.unwrap();
+            let options = lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel.queue_declare(queue.as_str().into(), options, args).await.map(|_| ())
+        }
+    };
+    let at_most_once = declare(None).await;
+    assert!(
+        matches!(&at_most_once, Err(e) if format!("{e:?}").contains("PRECONDITION_FAILED")),
+        "{at_most_once:?}"
+    );
+    declare(Some("at-least-once")).await.unwrap();
+}
