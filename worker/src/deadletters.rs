@@ -118,7 +118,10 @@ async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> R
     sqlx::query(
         "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, $2, $3, $4)
          ON CONFLICT (request_id) DO UPDATE
-           SET reason = EXCLUDED.reason, dead_at = now(), resolution = NULL, resolved_at = NULL",
+           SET reason = EXCLUDED.reason, dead_at = now(), resolution = NULL, resolved_at = NULL,
+               -- What a worker noted as it gave up on this death; a detail left from a
+               -- death that was already dealt with belongs to that one, not this.
+               detail = CASE WHEN dead_letters.resolution IS NULL THEN dead_letters.detail END",
     )
     .bind(message.request_id)
     .bind(message.kind.family().as_str())

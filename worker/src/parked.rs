@@ -1,19 +1,23 @@
 //! Dead letters for operators: `worker dead-letters list | replay <requestId> | discard
 //! <requestId>`.
 //!
-//! Every dead-lettered command has a row in `dead_letters` (why it died, and what was done
-//! about it) and its message in the family's parked queue. `list` shows the open ones with
-//! their request's status. `replay` sends a command back to its partition queue, but only
-//! while its request is still `PENDING`: a request that is terminal (every dead letter's
-//! request is marked `FAILED` when it is parked) has had its answer, and replaying it does
-//! nothing but record that. `discard` removes the message for good.
+//! Every dead-lettered command has a row in `dead_letters` (why it died, what the worker
+//! last saw go wrong, and what was done about it) and its message in the family's parked
+//! queue. `list` shows the open ones with their request's status, and how many messages
+//! each parked queue holds (a message no worker could even decode is parked without a
+//! row). `replay` sends a command back to its partition queue, but only while its request
+//! is still `PENDING`: a request that is terminal (every dead letter's request is marked
+//! `FAILED` when it is parked) has had its answer, so replaying it sends nothing and
+//! changes nothing; the letter stays open until it is discarded. `discard` removes the
+//! message for good.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use shared::broker::{Broker, Publisher};
 use shared::command::{CommandMessage, RequestKind};
 use shared::topology::Family;
@@ -32,7 +36,7 @@ pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String
     ));
     let publisher = Publisher::new(Arc::clone(&broker));
     let outcome = match args {
-        [verb] if verb == "list" => list(&db).await,
+        [verb] if verb == "list" => list(&config, &db, &broker).await,
         [verb, id] if verb == "replay" => replay(&config, &db, &publisher, parse(id)?).await,
         [verb, id] if verb == "discard" => discard(&config, &db, &broker, parse(id)?).await,
         _ => bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId>"),
@@ -51,13 +55,14 @@ struct Open {
     request_id: Uuid,
     kind: String,
     reason: String,
+    detail: Option<String>,
     dead_at: DateTime<Utc>,
     status: Option<String>,
 }
 
-async fn list(db: &PgPool) -> anyhow::Result<String> {
+async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Result<String> {
     let open: Vec<Open> = sqlx::query_as(
-        "SELECT d.request_id, d.kind, d.reason, d.dead_at, r.status
+        "SELECT d.request_id, d.kind, d.reason, d.detail, d.dead_at, r.status
          FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
          WHERE d.resolution IS NULL ORDER BY d.dead_at",
     )
@@ -74,7 +79,27 @@ async fn list(db: &PgPool) -> anyhow::Result<String> {
             d.dead_at.to_rfc3339(),
             d.status.as_deref().unwrap_or("(pruned)")
         );
+        if let Some(detail) = &d.detail {
+            let _ = writeln!(out, "    {detail}");
+        }
     }
+    let channel = broker.channel().await?;
+    for family in Family::ALL {
+        let queue = config.topology.parked_queue(family);
+        let depth = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let _ = writeln!(out, "{queue}: {depth} parked message(s)");
+    }
+    let _ = channel.close(200, "done".into()).await;
     Ok(out)
 }
 
@@ -116,9 +141,9 @@ async fn replay(
     let kind =
         RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
     let (Some("PENDING"), Some(partition_key)) = (letter.status.as_deref(), letter.partition_key) else {
-        resolve(db, id, "no-op").await?;
         return Ok(format!(
-            "request {id} is {}: it already has its answer, so replaying it would change nothing; nothing was sent\n",
+            "request {id} is {}: it already has its answer, so replaying it would change nothing; \
+             nothing was sent and the letter stays open (discard it once inspected)\n",
             letter.status.as_deref().unwrap_or("gone")
         ));
     };

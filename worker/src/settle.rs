@@ -147,12 +147,36 @@ pub async fn process_batch(
                     Attempt::Stopped | Attempt::LeaseLost => return Ok(Continue::No),
                     Attempt::GaveUp(reason) => {
                         tracing::error!(family, request_id = %message.request_id, %reason, "command cannot be settled; dead-lettering it");
+                        note_why(ctx, message, &reason).await;
                         dead_letter(lease.family, delivery).await?;
                     }
                 }
             }
             Ok(Continue::Yes)
         }
+    }
+}
+
+/// Writes down why this worker gives up on a command, for `worker dead-letters list`,
+/// before the broker dead-letters it (the broker's own reason is only `rejected`). Best
+/// effort: the dead letter does not depend on it, and the database may be what failed.
+async fn note_why(ctx: &Context, message: &CommandMessage, reason: &str) {
+    // Enough to read the error; a pathological message must not bloat the row.
+    let detail: String = reason.chars().take(1_000).collect();
+    let noted = sqlx::query(
+        "INSERT INTO dead_letters (request_id, family, kind, reason, detail)
+         VALUES ($1, $2, $3, 'rejected', $4)
+         ON CONFLICT (request_id) DO UPDATE
+           SET detail = EXCLUDED.detail, resolution = NULL, resolved_at = NULL",
+    )
+    .bind(message.request_id)
+    .bind(message.kind.family().as_str())
+    .bind(message.kind.as_str())
+    .bind(detail)
+    .execute(&ctx.db)
+    .await;
+    if let Err(e) = noted {
+        tracing::warn!(request_id = %message.request_id, error = %e, "could not note why the command is dead-lettered");
     }
 }
 

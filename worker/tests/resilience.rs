@@ -235,37 +235,52 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Operators see it, with why it died.
+    // Operators see it, with why it died and what the worker saw go wrong.
     let id = poison.to_string();
     let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
     assert!(ok.success(), "{listed}");
     assert!(listed.starts_with("1 dead letter(s)"), "{listed}");
-    let line = listed.lines().find(|l| l.starts_with(&id)).expect(&listed);
+    let mut lines = listed.lines().skip_while(|l| !l.starts_with(&id));
+    let line = lines.next().expect(&listed);
     assert!(
         line.contains("COUPON_ISSUE") && line.contains("rejected") && line.contains("FAILED"),
         "{line}"
     );
+    let detail = lines.next().expect(&listed);
+    assert!(
+        detail.starts_with("    ") && detail.contains("payload"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&format!("{parked}: 1 parked message(s)")),
+        "{listed}"
+    );
 
     // Replaying a command whose request is terminal does nothing: nothing sent, nothing
-    // changed, the message still parked.
+    // changed, the message still parked and the letter still open.
     let (ok, replayed) = system.worker_command(&["dead-letters", "replay", &id]).await;
     assert!(ok.success(), "{replayed}");
     assert!(replayed.contains("nothing was sent"), "{replayed}");
     let after = system.app.settled(&id, common::PATIENCE).await;
     assert_eq!(after.body, failed.body);
     assert_eq!(parked_now(channel.clone(), parked.clone()).await, 1);
+    let (ok, listed_again) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success());
+    assert_eq!(listed_again, listed);
 
     // Discarding removes it for good.
-    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
-    assert!(ok.success() && listed.starts_with("0 dead letter(s)"), "{listed}");
-    sqlx::query("UPDATE dead_letters SET resolution = NULL, resolved_at = NULL")
-        .execute(&system.app.db)
-        .await
-        .unwrap();
     let (ok, discarded) = system.worker_command(&["dead-letters", "discard", &id]).await;
     assert!(ok.success(), "{discarded}");
     assert!(discarded.contains("was deleted"), "{discarded}");
     assert_eq!(parked_now(channel.clone(), parked.clone()).await, 0);
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success() && listed.starts_with("0 dead letter(s)"), "{listed}");
+    let resolution: String = sqlx::query_scalar("SELECT resolution FROM dead_letters WHERE request_id = $1")
+        .bind(poison)
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap();
+    assert_eq!(resolution, "discarded");
     let (ok, unknown) = system
         .worker_command(&["dead-letters", "replay", "not-an-id"])
         .await;
@@ -376,7 +391,10 @@ async fn partition_queues_dead_letter_at_least_once() {
                 durable: true,
                 ..Default::default()
             };
-            channel.queue_declare(queue.as_str().into(), options, args).await.map(|_| ())
+            channel
+                .queue_declare(queue.as_str().into(), options, args)
+                .await
+                .map(|_| ())
         }
     };
     let at_most_once = declare(None).await;
