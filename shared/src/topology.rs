@@ -259,7 +259,10 @@ impl Topology {
                 "x-dead-letter-strategy".into(),
                 AMQPValue::LongString("at-least-once".into()),
             );
-            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
         }
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
