@@ -473,6 +473,14 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
+        "a coupon is held if and only if a COUPON_ISSUE request SUCCEEDED in issuing it",
+        rows(
+            "SELECT count(*) FROM requests r LEFT JOIN user_coupons uc ON uc.request_id = r.id
+             WHERE r.kind = 'COUPON_ISSUE' AND (r.status = 'SUCCEEDED') <> (uc.id IS NOT NULL)",
+        )
+        .await?,
+    );
+    checks.expect_none(
         "no user holds a coupon twice",
         rows("SELECT count(*) FROM (SELECT 1 FROM user_coupons GROUP BY user_id, coupon_id HAVING count(*) > 1) d")
             .await?,
@@ -525,22 +533,37 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         )
         .await?,
     );
+    // An order paid in full by its coupon debits nothing, so it has no ledger entry (the
+    // ledger holds positive amounts only).
     checks.expect_none(
-        "a payment and its ledger entry for every PAID order, for no other",
+        "a payment for every PAID order and no other; a ledger PAYMENT entry for every one that cost something",
         rows(
             "SELECT count(*) FROM orders o
              WHERE (o.status = 'PAID') <> EXISTS (SELECT 1 FROM payments p WHERE p.order_id = o.id)
-                OR (o.status = 'PAID') <> EXISTS (SELECT 1 FROM balance_transactions t
-                                                  WHERE t.order_id = o.id AND t.kind = 'PAYMENT')",
+                OR (o.status = 'PAID' AND o.paid_amount > 0)
+                   <> EXISTS (SELECT 1 FROM balance_transactions t
+                              WHERE t.order_id = o.id AND t.kind = 'PAYMENT' AND t.amount = o.paid_amount)",
         )
         .await?,
     );
     checks.expect_none(
-        "every order settled as its create request says (REJECTED if and only if it FAILED)",
+        "a payment exists if and only if an ORDER_PAY request SUCCEEDED in making it",
+        rows(
+            "SELECT count(*) FROM requests r LEFT JOIN payments p ON p.request_id = r.id
+             WHERE r.kind = 'ORDER_PAY' AND (r.status = 'SUCCEEDED') <> (p.id IS NOT NULL)",
+        )
+        .await?,
+    );
+    // A create FAILED leaves its order REJECTED, or CANCELLED if the user cancelled it while
+    // it was PENDING (never reserved); one that SUCCEEDED reserved it.
+    checks.expect_none(
+        "every order settled as its create request says",
         rows(
             "SELECT count(*) FROM orders o LEFT JOIN requests r ON r.id = o.create_request_id
              WHERE r.status IS DISTINCT FROM 'SUCCEEDED' AND r.status IS DISTINCT FROM 'FAILED'
-                OR o.status = 'PENDING' OR (o.status = 'REJECTED') <> (r.status = 'FAILED')",
+                OR o.status = 'PENDING'
+                OR (r.status = 'FAILED')
+                   <> (o.status = 'REJECTED' OR (o.status = 'CANCELLED' AND o.reserved_until IS NULL))",
         )
         .await?,
     );

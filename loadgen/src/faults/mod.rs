@@ -1,15 +1,17 @@
 //! `faults`: the fault suite.
 //!
 //! Each scenario gets a database and an AMQP prefix of its own and starts the system from
-//! its release binaries (api, worker replicas, the data-platform stand-in). It runs a flash
-//! sale and a checkout at once, open loop, with patient clients (they send a request again
-//! with the same `Idempotency-Key` when there was no answer or a 429/502/503/504, as the
-//! contract asks of clients), and injects its fault during the load. Once the load has
-//! settled it runs each load's own checks, then the invariants of the whole database and
-//! the events check, and prints how long the system took to recover from each fault.
+//! its release binaries (api, worker replicas, the batch, the data-platform stand-in). It
+//! runs a flash sale and a checkout at once, open loop, with patient clients (they send a
+//! request again with the same `Idempotency-Key` when there was no answer or a
+//! 429/502/503/504, as the contract asks of clients), and injects its fault during the
+//! load. Once the load has settled it runs each load's own checks, then the invariants of
+//! the whole database and the events check, and prints how long the system took to
+//! recover from each fault.
 //!
-//! A scenario that breaks an invariant, does not recover within the bound, or does not end
-//! within its time limit fails the suite; the next scenario still runs.
+//! A scenario that breaks an invariant, does not recover within the bound, has a process
+//! that does not stop gracefully on SIGTERM, or does not end within its time limit fails
+//! the suite; the next scenario still runs, while the suite's own time limit lasts.
 
 pub mod recovery;
 pub mod system;
@@ -40,6 +42,8 @@ const STARTUP: Duration = Duration::from_secs(90);
 const EVENTS_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a patient client keeps sending a request again.
 const CLIENT_PATIENCE: Duration = Duration::from_secs(120);
+/// Less time than this left in the suite, and a scenario is not started.
+const MINIMUM_SCENARIO: Duration = Duration::from_secs(30);
 
 impl Fault {
     fn name(self) -> String {
@@ -100,9 +104,29 @@ pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
     };
     let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
     let series = args.log_dir.join(&stamp);
+    // The suite as a whole is bounded too: each scenario gets its own limit or what is left
+    // of the suite's, whichever is less, and one that would start with too little left is
+    // not run (and fails the suite).
+    let suite_ends = Instant::now() + Duration::from_secs(args.suite_timeout_secs);
     let mut outcomes = Vec::new();
     for fault in faults {
-        let outcome = scenario(args, fault, &series, &stamp).await;
+        let left = suite_ends.saturating_duration_since(Instant::now());
+        let bound = left.min(Duration::from_secs(args.scenario_timeout_secs));
+        let outcome = if bound < MINIMUM_SCENARIO {
+            say(&fault.name(), "not run: the suite's time limit is reached");
+            Outcome {
+                fault,
+                seconds: 0.0,
+                events: Vec::new(),
+                violations: 0,
+                error: Some(format!(
+                    "not run within the suite's {} s",
+                    args.suite_timeout_secs
+                )),
+            }
+        } else {
+            scenario(args, fault, &series, &stamp, bound).await
+        };
         outcomes.push(outcome);
     }
 
@@ -140,7 +164,7 @@ pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
 }
 
 /// One scenario, from a fresh database to its removal, whatever happens in between.
-async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str) -> Outcome {
+async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, bound: Duration) -> Outcome {
     let name = fault.name();
     let started = Instant::now();
     let tag = format!("{}_{}", stamp.to_lowercase(), name.replace('-', "_"));
@@ -168,13 +192,12 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str) -
     let error = match System::new(&args.bin_dir, &log_dir, env) {
         Err(e) => Some(format!("{e:#}")),
         Ok(mut system) => {
-            let bound = Duration::from_secs(args.scenario_timeout_secs);
             let exercised = tokio::time::timeout(
                 bound,
                 exercise(args, fault, &mut system, &database_url, &log_dir, &mut events),
             )
             .await;
-            let error = match exercised {
+            let mut error = match exercised {
                 Ok(Ok(v)) => {
                     violations = v;
                     None
@@ -182,13 +205,9 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str) -
                 Ok(Err(e)) => Some(format!("{e:#}")),
                 Err(_) => Some(format!("did not end within {} s", bound.as_secs())),
             };
-            for s in system.stop_all().await {
-                if s.killed {
-                    say(
-                        &name,
-                        &format!("{} did not stop on SIGTERM and was killed", s.name),
-                    );
-                }
+            let unclean = unclean(&system.stop_all().await);
+            if error.is_none() && !unclean.is_empty() {
+                error = Some(format!("not a graceful stop at the end: {unclean}"));
             }
             error
         }
@@ -272,8 +291,7 @@ async fn exercise(
         inject(args, fault, system, &watch, events).await
     };
     let ((flash_result, checkout_result), injected) = tokio::join!(loads, faults);
-    injected?;
-    let mut failures = Vec::new();
+    let mut failures = injected?;
     for (load, result) in [("flash sale", flash_result), ("checkout", checkout_result)] {
         if let Err(e) = result {
             failures.push(format!("{load}: {e:#}"));
@@ -349,14 +367,16 @@ fn loads(
     (flash, shop)
 }
 
-/// The fault itself, timed from the start of the load.
+/// The fault itself, timed from the start of the load. Returns what went wrong without
+/// stopping the scenario (a process that did not stop gracefully).
 async fn inject(
     args: &FaultsArgs,
     fault: Fault,
     system: &mut System,
     watch: &Watch,
     events: &mut Vec<Event>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
     let name = fault.name();
     let load_started = Instant::now();
     let load = fault.load(args);
@@ -401,10 +421,12 @@ async fn inject(
     match fault {
         Fault::KillWorkers => {
             // Kill the oldest replica each time (restarted ones join at the end), so each of
-            // the three goes in turn; the next kill comes a few seconds after recovery.
+            // the three first replicas goes once, in turn; the next kill comes a few seconds
+            // after recovery.
+            let first = system.worker_names();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let last_kill = load_started + load.mul_f64(0.75);
-            while Instant::now() < last_kill {
+            let mut victims = Vec::new();
+            for _ in 0..first.len() {
                 let victim = system.kill_worker(0).await?;
                 let replacement = system.start_worker()?;
                 mark(&format!("kill -9 {victim}; started {replacement}"));
@@ -412,10 +434,14 @@ async fn inject(
                 let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
                 let failed = recovery.is_err();
                 record(format!("kill -9 {victim}"), recovery);
+                victims.push(victim);
                 if failed {
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(args.kill_every_secs)).await;
+            }
+            if victims != first {
+                problems.push(format!("killed {victims:?}, not each of {first:?} once"));
             }
         }
         Fault::RestartBroker | Fault::RestartDatabase => {
@@ -450,6 +476,10 @@ async fn inject(
             at(0.6).await;
             let stopped = system.stop_newest_workers(3).await;
             mark(&format!("scaled 4 -> 1: {}", describe_stops(&stopped)));
+            let unclean = unclean(&stopped);
+            if !unclean.is_empty() {
+                problems.push(format!("scaling down was not graceful: {unclean}"));
+            }
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("scaling down to 1 worker".to_owned(), recovery);
@@ -458,27 +488,34 @@ async fn inject(
             at(0.3).await;
             let stopped = system.stop_all().await;
             mark(&format!("SIGTERM to every process: {}", describe_stops(&stopped)));
+            let unclean = unclean(&stopped);
+            if !unclean.is_empty() {
+                problems.push(format!("the stop of every process was not graceful: {unclean}"));
+            }
             system.start_all(3)?;
-            mark("started the api, 3 workers and the data-platform stand-in again");
+            mark("started the api, 3 workers, the batch and the data-platform stand-in again");
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("a stop of every process".to_owned(), recovery);
         }
     }
-    Ok(())
+    Ok(problems)
 }
 
 fn describe_stops(stopped: &[system::Stopped]) -> String {
     stopped
         .iter()
-        .map(|s| {
-            let how = if s.killed {
-                ", killed after SIGTERM was ignored"
-            } else {
-                ""
-            };
-            format!("{} stopped in {:.1} s{how}", s.name, s.took.as_secs_f64())
-        })
+        .map(system::Stopped::describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The processes that did not stop gracefully, described; empty if all did.
+fn unclean(stopped: &[system::Stopped]) -> String {
+    stopped
+        .iter()
+        .filter(|s| !s.clean())
+        .map(system::Stopped::describe)
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -1,11 +1,12 @@
-//! The system under test, run from its release binaries: the api, worker replicas and the
-//! data-platform stand-in, each a child process with its log in the scenario's directory.
+//! The system under test, run from its release binaries: the api, worker replicas, the
+//! batch and the data-platform stand-in, each a child process with its log in the
+//! scenario's directory.
 //! Processes can be killed, stopped and started again, one at a time or all together.
 
 use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,6 +31,26 @@ pub struct Stopped {
     pub took: Duration,
     /// It did not stop within [`STOP_PATIENCE`] of SIGTERM and was killed.
     pub killed: bool,
+    /// How it exited, when that could be read.
+    pub status: Option<ExitStatus>,
+}
+
+impl Stopped {
+    /// Stopped by SIGTERM alone, with a successful exit: what a graceful shutdown is.
+    pub fn clean(&self) -> bool {
+        !self.killed && self.status.is_some_and(|s| s.success())
+    }
+
+    /// How it stopped, for the log.
+    pub fn describe(&self) -> String {
+        let how = match (self.killed, self.status) {
+            (true, _) => ", killed after SIGTERM was ignored".to_owned(),
+            (false, Some(status)) if status.success() => String::new(),
+            (false, Some(status)) => format!(", exiting with {status}"),
+            (false, None) => ", exit status unknown".to_owned(),
+        };
+        format!("{} stopped in {:.1} s{how}", self.name, self.took.as_secs_f64())
+    }
 }
 
 pub struct System {
@@ -39,6 +60,7 @@ pub struct System {
     api_addr: SocketAddr,
     api: Option<Process>,
     workers: Vec<Process>,
+    batch: Option<Process>,
     data_platform: Option<Process>,
     /// Worker processes started so far: each gets a name of its own (`worker-7`), so that
     /// a restarted replica is told apart from the one it replaces.
@@ -60,6 +82,7 @@ impl System {
             api_addr,
             api: None,
             workers: Vec::new(),
+            batch: None,
             data_platform: None,
             workers_started: 0,
         })
@@ -140,12 +163,30 @@ impl System {
         Ok(())
     }
 
-    /// The api, `workers` replicas and the data-platform stand-in.
+    /// The batch, with reservation expiry every few seconds rather than every minute, so
+    /// that it runs (and locks orders and products) during the load, not beside it.
+    pub fn start_batch(&mut self) -> anyhow::Result<()> {
+        let batch = self.spawn(
+            "batch",
+            "batch",
+            &[],
+            &[
+                ("BATCH_NAME", "batch".to_owned()),
+                ("BATCH_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+                ("BATCH_RESERVATION_EXPIRY_CRON", "*/5 * * * * *".to_owned()),
+            ],
+        )?;
+        self.batch = Some(batch);
+        Ok(())
+    }
+
+    /// The api, `workers` replicas, the batch and the data-platform stand-in.
     pub fn start_all(&mut self, workers: usize) -> anyhow::Result<()> {
         self.start_api()?;
         for _ in 0..workers {
             self.start_worker()?;
         }
+        self.start_batch()?;
         self.start_data_platform()
     }
 
@@ -170,6 +211,7 @@ impl System {
     pub async fn stop_all(&mut self) -> Vec<Stopped> {
         let mut all: Vec<Process> = self.workers.drain(..).collect();
         all.extend(self.api.take());
+        all.extend(self.batch.take());
         all.extend(self.data_platform.take());
         stop(all).await
     }
@@ -181,6 +223,7 @@ impl System {
             .api
             .iter_mut()
             .chain(self.workers.iter_mut())
+            .chain(self.batch.iter_mut())
             .chain(self.data_platform.iter_mut());
         for process in processes {
             if let Ok(Some(status)) = process.child.try_wait() {
@@ -202,18 +245,18 @@ async fn stop(mut processes: Vec<Process>) -> Vec<Stopped> {
     let mut stopped = Vec::with_capacity(processes.len());
     for process in &mut processes {
         let left = STOP_PATIENCE.saturating_sub(started.elapsed());
-        let killed = match tokio::time::timeout(left, process.child.wait()).await {
-            Ok(_) => false,
+        let (killed, status) = match tokio::time::timeout(left, process.child.wait()).await {
+            Ok(status) => (false, status.ok()),
             Err(_) => {
                 let _ = process.child.start_kill();
-                let _ = process.child.wait().await;
-                true
+                (true, process.child.wait().await.ok())
             }
         };
         stopped.push(Stopped {
             name: process.name.clone(),
             took: started.elapsed(),
             killed,
+            status,
         });
     }
     stopped
