@@ -7,6 +7,10 @@
 //! flag. Between samples the queues can overshoot the limit by what arrives in one
 //! interval; the limit is a bound on the backlog, not an exact count. A sample that fails
 //! (the broker is down) clears the flags: publishing then fails on its own with 503.
+//!
+//! Each sample is also published as the gauge `api_command_queue_depth{family}`, which
+//! operators watch whether or not backpressure is on: with a limit of 0 the queues are still
+//! sampled, and nothing is ever refused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,7 +53,8 @@ impl Backpressure {
         }
     }
 
-    /// Samples the queues until `stop` fires. A `limit` of 0 turns backpressure off.
+    /// Samples the queues until `stop` fires. A `limit` of 0 turns backpressure off: the
+    /// depth is still sampled and published, and no family is ever flagged.
     pub fn start(
         self: &Arc<Self>,
         broker: Arc<Broker>,
@@ -60,9 +65,6 @@ impl Backpressure {
     ) -> JoinHandle<()> {
         let flags = Arc::clone(self);
         tokio::spawn(async move {
-            if limit == 0 {
-                return;
-            }
             // One channel for every sample; a failed declare closes it, and the next round
             // opens another.
             let mut channel: Option<Channel> = None;
@@ -79,7 +81,7 @@ impl Backpressure {
                         Ok(depth) => {
                             metrics::gauge!("api_command_queue_depth", "family" => family.as_str())
                                 .set(depth as f64);
-                            flags.set(family, depth > limit);
+                            flags.set(family, limit > 0 && depth > limit);
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "cannot sample the command queues");

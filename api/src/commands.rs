@@ -162,10 +162,11 @@ pub struct PendingOrder {
 /// The hot path of a flash sale, so it costs one statement and one commit: the request,
 /// the rows it creates and, with an `Idempotency-Key`, the key with its `202` are written
 /// together, and a refusal is saved under its key by a single insert. Only a key seen
-/// before costs more (reading what it answered). The checks read outside any transaction,
-/// which is safe because they only filter: a refusal is true of the moment it was read
-/// (and sold out, expired, already held or paid never turn back), and whatever they let
-/// through is decided for good by the worker under its locks.
+/// before costs more (reading what it answered), and so does a key sent while the family
+/// is overloaded (reading whether it has an answer, before refusing with 429). The checks
+/// read outside any transaction, which is safe because they only filter: a refusal is true
+/// of the moment it was read (and sold out, expired, already held or paid never turn back),
+/// and whatever they let through is decided for good by the worker under its locks.
 pub async fn submit(
     state: &AppState,
     key: &IdempotencyKey,
@@ -188,6 +189,15 @@ pub async fn submit(
 
     let family = command.kind.family().as_str();
     if state.backpressure.is_overloaded(command.kind.family()) {
+        // Only a new command is refused: a key that already has an answer (a retry of an
+        // accepted request, or a key reused for another body) gets that answer, as it would
+        // from a store that found the key taken. The read costs a round trip only here,
+        // under overload and with a key; every other path reads only the flag.
+        if let Some(key) = key.0.as_deref() {
+            if let Some(answer) = idempotency::recorded_answer(&state.db, scope, key, request).await? {
+                return Ok(answer);
+            }
+        }
         // Not saved under the key: the same request is welcome once the queues drain.
         metrics::counter!("api_commands_overloaded_total", "family" => family).increment(1);
         return Err(ApiError::new(

@@ -9,7 +9,9 @@
 //!
 //! Asynchronous commands (`crate::commands`) write the key together with their request and
 //! its `202`, or with their refusal, in one statement, so their keys are never half-claimed;
-//! a saved `202` counts as in flight (409) until the broker's confirm is recorded.
+//! a saved `202` counts as in flight (409) until the broker's confirm is recorded. A
+//! command refused for backpressure writes nothing, but first reads whether its key already
+//! has an answer, which then stands ([`recorded_answer`]).
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -192,6 +194,22 @@ pub async fn answer_again(
         // Freed a moment ago (a withdrawn request): the client's retry will find it free.
         Earlier::Gone => Err(in_use()),
         Earlier::Answer(answer) => answer,
+    }
+}
+
+/// The answer already recorded under a key (asynchronous commands), without claiming it:
+/// its replay, 409 while its request is still being handled, 422 for another request;
+/// `None` when the key is free. For a command that is refused before it is stored (the
+/// queues are too deep), so that a key which already has an answer still gets it.
+pub async fn recorded_answer(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    request: &serde_json::Value,
+) -> Result<Option<Response>> {
+    match earlier_answer(pool, scope, key, request).await? {
+        Earlier::Gone => Ok(None),
+        Earlier::Answer(answer) => answer.map(Some),
     }
 }
 

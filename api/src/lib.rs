@@ -81,7 +81,8 @@ impl Application {
         if let Err(e) = commands.declare_topology().await {
             tracing::warn!(
                 error = format!("{e:#}"),
-                "RabbitMQ not reachable yet; commands answer 503 until it is"
+                "cannot declare the command topology: RabbitMQ is not reachable yet (commands \
+                 answer 503 until it is), or it holds these queues with other arguments"
             );
         }
         let listener = TcpListener::bind(config.http_addr)
@@ -179,6 +180,7 @@ pub fn router(state: AppState) -> Router {
         serde_json::Value::Null
     });
     openapi::link_operations(&mut document);
+    openapi::document_command_headers(&mut document);
     let document = Arc::new(document);
 
     routes

@@ -105,6 +105,81 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// Declares the headers of a command's answers, exactly as the handlers send them: a `202`
+/// carries `Location` (its status URL) and `Retry-After` (when to poll;
+/// `crate::commands::accepted_response`, and the replay of a saved `202`), and a `429` or
+/// `503` carries `Retry-After` (`crate::error`). Each is marked required, so that a
+/// header-conformance check (schemathesis) fails an answer that leaves one out.
+///
+/// Written into the JSON document because utoipa's `Header` (5.5) has no `required`. Run
+/// after [`document_shared_errors`], which adds the `429` and `503` of every command.
+pub fn document_command_headers(document: &mut serde_json::Value) {
+    use serde_json::json;
+
+    let retry_after = |description: &str| {
+        json!({
+            "description": description,
+            "required": true,
+            "schema": { "type": "integer", "minimum": 0 },
+        })
+    };
+    let location = json!({
+        "description": "the status URL of the request: `/requests/{requestId}`",
+        "required": true,
+        "schema": { "type": "string", "pattern": "^/requests/[0-9a-f-]+$" },
+    });
+    let headers_by_status = [
+        (
+            "202",
+            vec![
+                ("Location", location),
+                (
+                    "Retry-After",
+                    retry_after("seconds to wait before polling the status URL"),
+                ),
+            ],
+        ),
+        (
+            "429",
+            vec![(
+                "Retry-After",
+                retry_after("seconds to wait before sending the command again"),
+            )],
+        ),
+        (
+            "503",
+            vec![(
+                "Retry-After",
+                retry_after("seconds to wait before sending the command again"),
+            )],
+        ),
+    ];
+
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
+            let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            // Only commands answer 202, and only their 429 and 503 come from the command path.
+            if !responses.contains_key("202") {
+                continue;
+            }
+            for (status, headers) in &headers_by_status {
+                let Some(response) = responses.get_mut(*status).and_then(|r| r.as_object_mut()) else {
+                    continue;
+                };
+                let declared = response.entry("headers").or_insert_with(|| json!({}));
+                for (name, header) in headers {
+                    declared[*name] = header.clone();
+                }
+            }
+        }
+    }
+}
+
 /// Links from what a response creates to the operations that use it (OpenAPI `links`), so
 /// that clients and stateful testers (schemathesis) can follow a user, a product, a coupon,
 /// an order or a request from the answer that made it.

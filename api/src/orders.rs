@@ -13,7 +13,7 @@ use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
-use shared::domain::{whole_number_in, UserId};
+use shared::domain::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
 use shared::error::ErrorCode;
 use shared::money::order_total;
 use shared::order::{OrderEvent, OrderStatus};
@@ -29,11 +29,6 @@ use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
 use crate::pagination::PageQuery;
 use crate::AppState;
-
-/// Most lines in one order.
-pub const MAX_LINES: usize = 50;
-/// Most units of one product in one order.
-pub const MAX_QUANTITY: i64 = 10_000;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -183,7 +178,7 @@ pub struct NewOrderLine {
 
 /// The shape and ranges of an order, before anything is looked up.
 fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
-    if lines.is_empty() || lines.len() > MAX_LINES {
+    if lines.is_empty() || lines.len() > MAX_ORDER_LINES {
         return Err(invalid_items("an order has 1 to 50 lines"));
     }
     let mut seen = HashSet::new();
@@ -192,7 +187,7 @@ fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
         .map(|line| {
             let product_id = whole_number_in(&line.product_id, 1, i64::MAX)
                 .ok_or_else(|| invalid_items("productId must be a positive integer"))?;
-            let quantity = whole_number_in(&line.quantity, 1, MAX_QUANTITY)
+            let quantity = whole_number_in(&line.quantity, 1, MAX_LINE_QUANTITY)
                 .ok_or_else(|| invalid_items("quantity must be a whole number from 1 to 10,000"))?;
             if !seen.insert(product_id) {
                 return Err(invalid_items("each product may appear once in an order"));

@@ -48,7 +48,9 @@ pub struct RequestStatus {
     get, path = "/requests/{requestId}", tag = "requests",
     params(("requestId" = Uuid, Path)),
     responses(
-        (status = 200, body = RequestStatus),
+        (status = 200, body = RequestStatus, headers(
+            ("Retry-After" = i64, description = "only while the request is PENDING: seconds to wait before polling again"),
+        )),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
         (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND"),
     )

@@ -121,6 +121,25 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
     for status in ["409", "413", "415", "422"] {
         assert!(charge.get(status).is_some(), "charge does not document {status}");
     }
+    // A command's answers declare, as required, the headers the handlers always send.
+    for (path, method) in [
+        ("/coupons/{couponId}/issue", "post"),
+        ("/orders", "post"),
+        ("/orders/{orderId}/payment", "post"),
+    ] {
+        let responses = &paths[path][method]["responses"];
+        for (status, header) in [
+            ("202", "Location"),
+            ("202", "Retry-After"),
+            ("429", "Retry-After"),
+            ("503", "Retry-After"),
+        ] {
+            assert_eq!(
+                responses[status]["headers"][header]["required"], true,
+                "{method} {path} does not declare {header} on {status}"
+            );
+        }
+    }
     let link = &paths["/users"]["post"]["responses"]["201"]["links"]["GetBalance"];
     assert_eq!(link["operationId"], "get_balance");
     assert_eq!(link["parameters"]["userId"], "$response.body#/userId");

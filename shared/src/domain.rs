@@ -10,6 +10,11 @@ pub const MAX_BALANCE: i64 = 1_000_000_000;
 pub const MAX_PRICE: i64 = 1_000_000_000;
 /// Most units of a product that can be on hand.
 pub const MAX_STOCK: i64 = 1_000_000_000;
+/// Most lines in one order.
+pub const MAX_ORDER_LINES: usize = 50;
+/// Most units of one product in one order. With [`MAX_PRICE`] and [`MAX_ORDER_LINES`] it
+/// bounds an order's total at 5e14 won, far from `i64` overflow.
+pub const MAX_LINE_QUANTITY: i64 = 10_000;
 
 macro_rules! positive_id {
     ($(#[$doc:meta])* $name:ident) => {

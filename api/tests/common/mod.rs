@@ -257,6 +257,9 @@ impl TestApp {
             "balance_transactions",
             "products",
             "idempotency_keys",
+            "requests",
+            "orders",
+            "order_items",
         ] {
             let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
                 .fetch_one(&self.db)
