@@ -192,6 +192,21 @@ impl Api {
         self.send(self.http.get(format!("{}{path}", self.base))).await
     }
 
+    /// `POST /users`; the new user's id.
+    pub async fn create_user(&self, name: &str) -> anyhow::Result<i64> {
+        let answer = self
+            .send(self.post("/users", &json!({ "name": name }), None))
+            .await?;
+        created_id(&answer, "userId").context("POST /users")
+    }
+
+    /// `POST /users/{userId}/balance/charge`.
+    pub async fn charge(&self, user: i64, amount: i64) -> anyhow::Result<Answer> {
+        let path = format!("/users/{user}/balance/charge");
+        self.send(self.post(&path, &json!({ "amount": amount }), None))
+            .await
+    }
+
     /// `POST /coupons/{couponId}/issue`.
     pub async fn issue_coupon(&self, coupon: i64, user: i64, key: &str) -> anyhow::Result<Answer> {
         let path = format!("/coupons/{coupon}/issue");

@@ -374,7 +374,7 @@ async fn write_outcomes(
         })
         .collect();
     let outcomes = serde_json::to_value(&outcomes).map_err(|e| SettleError::Unsettleable {
-        id: pending[0].id,
+        id: pending.first().map(|p| p.id).unwrap_or_default(),
         reason: e.to_string(),
     })?;
     let ids: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
