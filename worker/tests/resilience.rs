@@ -1,5 +1,5 @@
 //! The pipeline under failure: a worker killed mid-sale, replicas joining and leaving, and
-//! a command that cannot be settled, for a coupon or an order.
+//! a command that cannot be settled, for a coupon or an order, and its replay.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
@@ -403,4 +403,86 @@ async fn partition_queues_dead_letter_at_least_once() {
         "{at_most_once:?}"
     );
     declare(Some("at-least-once")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles() {
+    let system = System::start(1).await;
+    let coupon = system.coupon(10).await;
+    let user = system.app.create_users(1).await[0];
+    // A command parked while its request is still PENDING: the state replay exists for.
+    // The workers mark a dead letter's request FAILED as they park it, so it is set up by
+    // hand: stored, published, recorded, parked, and nowhere else.
+    let id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO requests (id, kind, partition_key, payload, published)
+         VALUES ($1, 'COUPON_ISSUE', $2, jsonb_build_object('userId', $3::bigint, 'couponId', $2::bigint), true)",
+    )
+    .bind(id)
+    .bind(coupon)
+    .bind(user)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, 'coupon', 'COUPON_ISSUE', 'delivery_limit')",
+    )
+    .bind(id)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+    let conn = lapin::Connection::connect(
+        &shared::config::BrokerSettings::from_env().unwrap().url,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let parked = system.app.topology.parked_queue(shared::topology::Family::Coupon);
+    let body = serde_json::to_vec(&shared::command::CommandMessage {
+        request_id: id,
+        kind: shared::command::RequestKind::CouponIssue,
+    })
+    .unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            parked.as_str().into(),
+            Default::default(),
+            &body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let pending = system.app.get(&format!("/requests/{id}")).await;
+    assert_eq!(pending.body["status"], "PENDING", "{pending:?}");
+
+    let (ok, replayed) = system
+        .worker_command(&["dead-letters", "replay", &id.to_string()])
+        .await;
+    assert!(ok.success(), "{replayed}");
+    assert!(
+        replayed.contains("sent back to its partition queue"),
+        "{replayed}"
+    );
+    let settled = system.app.settled(&id.to_string(), common::PATIENCE).await;
+    assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+    assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
+
+    // The parked copy is gone, and the decision is on record.
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success(), "{listed}");
+    assert!(listed.starts_with("0 dead letter(s)"), "{listed}");
+    assert!(
+        listed.contains(&format!("{parked}: 0 parked message(s)")),
+        "{listed}"
+    );
+    let resolution: String = sqlx::query_scalar("SELECT resolution FROM dead_letters WHERE request_id = $1")
+        .bind(id)
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap();
+    assert_eq!(resolution, "replayed");
 }
