@@ -109,19 +109,24 @@ fn death_reason(properties: &lapin::BasicProperties) -> String {
     reason.unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Records the dead letter for operators (`worker dead-letters`), then marks its request
-/// failed and, for an order's creation, rejects the order, which would otherwise stay
-/// `PENDING` for ever. One transaction: a crash leaves the message unacked, it comes back
-/// and all of it runs again.
+/// Records the dead letter for operators (`worker dead-letters`), with the worker's note of
+/// why it gave up, then marks its request failed and, for an order's creation, rejects the
+/// order, which would otherwise stay `PENDING` for ever. One transaction: a crash leaves
+/// the message unacked, it comes back and all of it runs again.
 async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<(), sqlx::Error> {
     let mut tx = ctx.db.begin().await?;
+    // The worker's note of why it gave up, if it rejected the message, moves to the letter.
+    // A second copy of the same death (dead-lettering is at least once) finds no note and
+    // keeps the detail the first one brought; a detail from a death already dealt with
+    // belongs to that one, not this.
     sqlx::query(
-        "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, $2, $3, $4)
+        "WITH note AS (DELETE FROM settle_failures WHERE request_id = $1 RETURNING detail)
+         INSERT INTO dead_letters (request_id, family, kind, reason, detail)
+         VALUES ($1, $2, $3, $4, (SELECT detail FROM note))
          ON CONFLICT (request_id) DO UPDATE
            SET reason = EXCLUDED.reason, dead_at = now(), resolution = NULL, resolved_at = NULL,
-               -- What a worker noted as it gave up on this death; a detail left from a
-               -- death that was already dealt with belongs to that one, not this.
-               detail = CASE WHEN dead_letters.resolution IS NULL THEN dead_letters.detail END",
+               detail = COALESCE(EXCLUDED.detail,
+                                 CASE WHEN dead_letters.resolution IS NULL THEN dead_letters.detail END)",
     )
     .bind(message.request_id)
     .bind(message.kind.family().as_str())

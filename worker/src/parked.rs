@@ -83,7 +83,24 @@ async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Re
             let _ = writeln!(out, "    {detail}");
         }
     }
+    // The database view stands on its own: with RabbitMQ down, list still shows it.
+    match parked_depths(config, broker).await {
+        Ok(depths) => {
+            for (queue, depth) in depths {
+                let _ = writeln!(out, "{queue}: {depth} parked message(s)");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "parked queues: depth unknown ({e:#})");
+        }
+    }
+    Ok(out)
+}
+
+/// How many messages each family's parked queue holds.
+async fn parked_depths(config: &WorkerConfig, broker: &Broker) -> anyhow::Result<Vec<(String, u32)>> {
     let channel = broker.channel().await?;
+    let mut depths = Vec::new();
     for family in Family::ALL {
         let queue = config.topology.parked_queue(family);
         let depth = channel
@@ -97,10 +114,10 @@ async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Re
             )
             .await?
             .message_count();
-        let _ = writeln!(out, "{queue}: {depth} parked message(s)");
+        depths.push((queue, depth));
     }
     let _ = channel.close(200, "done".into()).await;
-    Ok(out)
+    Ok(depths)
 }
 
 #[derive(sqlx::FromRow)]
@@ -150,16 +167,22 @@ async fn replay(
     // Published before it leaves the parked queue: a crash in between leaves a copy parked,
     // and the worker settles the request once whatever number of copies arrives.
     shared::command::publish(publisher, &config.topology, id, kind, partition_key).await?;
-    take_parked(config, publisher.broker(), kind.family(), id).await?;
+    let taken = take_parked(config, publisher.broker(), kind.family(), id).await?;
     resolve(db, id, "replayed").await?;
-    Ok(format!("request {id} sent back to its partition queue\n"))
+    Ok(if taken > 0 {
+        format!("request {id} sent back to its partition queue\n")
+    } else {
+        // Not parked yet (still on its way through the dead-letter queue, which will park
+        // it and open the letter again), or already removed by hand.
+        format!("request {id} sent back to its partition queue; no parked copy was found\n")
+    })
 }
 
 async fn discard(config: &WorkerConfig, db: &PgPool, broker: &Broker, id: Uuid) -> anyhow::Result<String> {
     let letter = letter(db, id).await?;
     let kind =
         RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
-    let found = take_parked(config, broker, kind.family(), id).await?;
+    let found = take_parked(config, broker, kind.family(), id).await? > 0;
     resolve(db, id, "discarded").await?;
     Ok(if found {
         format!("request {id}: its parked command was deleted\n")
@@ -168,17 +191,19 @@ async fn discard(config: &WorkerConfig, db: &PgPool, broker: &Broker, id: Uuid) 
     })
 }
 
-/// Removes request `id`'s message from the family's parked queue. Messages looked at on
-/// the way stay unacked and go back to the queue when the channel closes.
+/// Removes every copy of request `id`'s message from the family's parked queue (dead
+/// letters arrive at least once, so there may be more than one); how many it removed.
+/// Messages looked at on the way stay unacked and go back to the queue when the channel
+/// closes.
 async fn take_parked(
     config: &WorkerConfig,
     broker: &Broker,
     family: Family,
     id: Uuid,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<usize> {
     let channel = broker.channel().await?;
     let queue = config.topology.parked_queue(family);
-    let mut found = false;
+    let mut taken = 0;
     while let Some(message) = channel
         .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
         .await?
@@ -187,10 +212,9 @@ async fn take_parked(
             .is_ok_and(|m| m.request_id == id);
         if ours {
             message.delivery.acker.ack(BasicAckOptions::default()).await?;
-            found = true;
-            break;
+            taken += 1;
         }
     }
     let _ = channel.close(200, "done".into()).await;
-    Ok(found)
+    Ok(taken)
 }

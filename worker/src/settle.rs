@@ -157,21 +157,18 @@ pub async fn process_batch(
     }
 }
 
-/// Writes down why this worker gives up on a command, for `worker dead-letters list`,
-/// before the broker dead-letters it (the broker's own reason is only `rejected`). Best
-/// effort: the dead letter does not depend on it, and the database may be what failed.
+/// Notes why this worker gives up on a command, for `worker dead-letters list`, before the
+/// broker dead-letters it (the broker's own reason is only `rejected`); the dead-letter
+/// consumer takes the note over when it opens the letter. Best effort: the dead letter does
+/// not depend on it, and the database may be what failed.
 async fn note_why(ctx: &Context, message: &CommandMessage, reason: &str) {
     // Enough to read the error; a pathological message must not bloat the row.
     let detail: String = reason.chars().take(1_000).collect();
     let noted = sqlx::query(
-        "INSERT INTO dead_letters (request_id, family, kind, reason, detail)
-         VALUES ($1, $2, $3, 'rejected', $4)
-         ON CONFLICT (request_id) DO UPDATE
-           SET detail = EXCLUDED.detail, resolution = NULL, resolved_at = NULL",
+        "INSERT INTO settle_failures (request_id, detail) VALUES ($1, $2)
+         ON CONFLICT (request_id) DO UPDATE SET detail = EXCLUDED.detail, noted_at = now()",
     )
     .bind(message.request_id)
-    .bind(message.kind.family().as_str())
-    .bind(message.kind.as_str())
     .bind(detail)
     .execute(&ctx.db)
     .await;
