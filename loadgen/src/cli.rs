@@ -303,8 +303,9 @@ pub struct FaultsArgs {
     /// A scenario that takes longer than this is stopped and fails.
     #[arg(long, default_value_t = 240)]
     pub scenario_timeout_secs: u64,
-    /// The whole suite's limit: a scenario gets at most what is left of it, and one that
-    /// would start with less than 30 s left is not run (and fails the suite).
+    /// The whole suite's limit: a scenario gets at most what is left of it (less 45 s to
+    /// stop and clean up), and one that would start with less than 90 s is not run (and
+    /// fails the suite).
     #[arg(long, default_value_t = 540)]
     pub suite_timeout_secs: u64,
     /// Logs of every process and the results, one directory per scenario.

@@ -242,6 +242,13 @@ impl Api {
             .await
     }
 
+    /// `POST /orders/{orderId}/cancel`.
+    pub async fn cancel_order(&self, order: Uuid, user: i64) -> anyhow::Result<Answer> {
+        let path = format!("/orders/{order}/cancel");
+        self.send(self.post(&path, &json!({ "userId": user }), None))
+            .await
+    }
+
     /// `GET /requests/{requestId}`.
     pub async fn request_status(&self, request: Uuid) -> anyhow::Result<Answer> {
         self.get(&format!("/requests/{request}")).await

@@ -1,5 +1,7 @@
 //! The fault suite's whole-system checks can fail: over a small world settled by the real
-//! api and a real worker they all pass, and each kind of damage the suite is there to catch,
+//! api and a real worker they all pass (a world with an order paid entirely by a coupon,
+//! one rejected for want of stock and one cancelled before it was settled, each of which an
+//! over-strict check would flag), and each kind of damage the suite is there to catch,
 //! written into the database by hand, makes the check named for it fail.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
@@ -8,19 +10,23 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use loadgen::checks;
-use loadgen::client::Api;
+use loadgen::client::{Answer, Api};
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const ADMIN_TOKEN: &str = "checks-test-token";
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The api and one worker over a fresh database and a topology of their own.
+/// The api over a fresh database and a topology of its own, and a worker the test starts
+/// and stops.
 struct World {
     api: Api,
     db: PgPool,
+    database_url: String,
     stop: CancellationToken,
+    worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     topology: shared::topology::Topology,
     amqp_url: String,
 }
@@ -28,67 +34,96 @@ struct World {
 impl Drop for World {
     fn drop(&mut self) {
         self.stop.cancel();
+        if let Some((stop, _)) = &self.worker {
+            stop.cancel();
+        }
         shared::testing::delete_topology_blocking(&self.topology, &self.amqp_url);
     }
 }
 
-async fn start() -> World {
-    shared::testing::capture_logs();
-    let database_url = shared::testing::fresh_database_url().await.unwrap();
-    let topology = shared::testing::isolated_topology();
-    let stop = CancellationToken::new();
-
-    let mut config = api::ApiConfig::from_env().unwrap();
-    config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.database.url = database_url.clone();
-    config.database.max_connections = 5;
-    config.admin_token = ADMIN_TOKEN.to_owned();
-    config.topology = topology.clone();
-    let amqp_url = config.broker.url.clone();
-    let app = api::Application::build(config).await.unwrap();
-    let addr = app.local_addr().unwrap();
-    let db = app.state().db.clone();
-    tokio::spawn(app.run(stop.clone()));
-
-    let mut worker = worker::WorkerConfig::from_env().unwrap();
-    worker.name = format!("{}checks", topology.prefix);
-    worker.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    worker.database.url = database_url;
-    worker.database.max_connections = 5;
-    worker.topology = topology.clone();
-    tokio::spawn(worker::run(worker, stop.clone()));
-
-    let api = Api::new(&format!("http://{addr}"), ADMIN_TOKEN, 4, Duration::from_secs(10)).unwrap();
-    api.wait_until_ready(PATIENCE).await.unwrap();
-    World {
-        api,
-        db,
-        stop,
-        topology,
-        amqp_url,
-    }
-}
-
 impl World {
+    async fn start() -> Self {
+        shared::testing::capture_logs();
+        let database_url = shared::testing::fresh_database_url().await.unwrap();
+        let topology = shared::testing::isolated_topology();
+        let stop = CancellationToken::new();
+        let mut config = api::ApiConfig::from_env().unwrap();
+        config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database.url = database_url.clone();
+        config.database.max_connections = 5;
+        config.admin_token = ADMIN_TOKEN.to_owned();
+        config.topology = topology.clone();
+        let amqp_url = config.broker.url.clone();
+        let app = api::Application::build(config).await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let db = app.state().db.clone();
+        tokio::spawn(app.run(stop.clone()));
+        let api = Api::new(&format!("http://{addr}"), ADMIN_TOKEN, 4, Duration::from_secs(10)).unwrap();
+        api.wait_until_ready(PATIENCE).await.unwrap();
+        World {
+            api,
+            db,
+            database_url,
+            stop,
+            worker: None,
+            topology,
+            amqp_url,
+        }
+    }
+
+    fn start_worker(&mut self) {
+        let mut config = worker::WorkerConfig::from_env().unwrap();
+        config.name = format!("{}checks", self.topology.prefix);
+        config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.database.url = self.database_url.clone();
+        config.database.max_connections = 5;
+        config.topology = self.topology.clone();
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(worker::run(config, stop.clone()));
+        self.worker = Some((stop, running));
+    }
+
+    /// Stops the worker and waits until it has: nothing settles or relays after this.
+    async fn stop_worker(&mut self) {
+        let (stop, running) = self.worker.take().expect("a running worker");
+        stop.cancel();
+        running.await.unwrap().unwrap();
+    }
+
     /// Runs one or more statements (no parameters).
     async fn execute(&self, sql: &str) {
         sqlx::raw_sql(sql).execute(&self.db).await.unwrap();
     }
 
-    /// Waits until `request` is terminal through the API; its status.
-    async fn settled(&self, request: &str) -> String {
+    async fn accepted(&self, answer: anyhow::Result<Answer>) -> String {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 202, "{answer:?}");
+        answer.str_field("requestId").unwrap().to_owned()
+    }
+
+    /// Waits until `request` is terminal through the API; `SUCCEEDED` or its error code.
+    async fn outcome(&self, request: &str) -> String {
         let id = Uuid::parse_str(request).unwrap();
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let answer = self.api.request_status(id).await.unwrap();
             match answer.str_field("status") {
-                Some(status @ ("SUCCEEDED" | "FAILED")) => return status.to_owned(),
+                Some("SUCCEEDED") => return "SUCCEEDED".to_owned(),
+                Some("FAILED") => return answer.body["error"]["code"].as_str().unwrap().to_owned(),
                 _ if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 other => panic!("request {request} is still {other:?}"),
             }
         }
+    }
+
+    async fn order_status(&self, order: Uuid) -> String {
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
     }
 
     /// The names of the whole-system checks that fail now.
@@ -104,61 +139,88 @@ impl World {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_whole_system_check_passes_on_a_sound_world_and_fails_on_its_damage() {
-    let world = start().await;
-    let api = &world.api;
+fn order_id(answer: &anyhow::Result<Answer>) -> Uuid {
+    let answer = answer.as_ref().unwrap();
+    Uuid::parse_str(answer.str_field("orderId").unwrap()).unwrap()
+}
 
-    // Three users with money and a product; Ann pays her order with a coupon of 5,000, Bob
-    // pays his entirely with a coupon of its whole price (so his payment debits nothing and
-    // has no ledger entry), and Cat's order stays reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_damage() {
+    let mut world = World::start().await;
+    let api = world.api.clone();
+
     let mut users = Vec::new();
-    for name in ["Ann", "Bob", "Cat"] {
+    for name in ["Ann", "Bob", "Cat", "Dan", "Eve", "Fay"] {
         let user = api.create_user(name).await.unwrap();
         let charged = api.charge(user, 100_000).await.unwrap();
         assert_eq!(charged.status, 200, "{charged:?}");
         users.push(user);
     }
-    let product = api.create_product("Lamp", 30_000, 10).await.unwrap();
+    let [ann, bob, cat, dan, eve, fay] = users[..] else {
+        unreachable!()
+    };
+    let lamp = api.create_product("Lamp", 30_000, 10).await.unwrap();
+    let last = api.create_product("Last one", 10_000, 1).await.unwrap();
     let some_off = api.create_coupon("Spring", 5_000, 10).await.unwrap();
     let all_off = api.create_coupon("Gift", 60_000, 10).await.unwrap();
+
+    // Before any worker runs: Dan and Eve both get the last unit accepted, so one of them
+    // is rejected when they settle; Fay cancels her order while it is still PENDING.
+    let dan_order = api.create_order(dan, last, 1, "order-dan").await;
+    let eve_order = api.create_order(eve, last, 1, "order-eve").await;
+    let fay_order = api.create_order(fay, lamp, 1, "order-fay").await;
+    let (dan_order_id, eve_order_id, fay_order_id) =
+        (order_id(&dan_order), order_id(&eve_order), order_id(&fay_order));
+    let dan_create = world.accepted(dan_order).await;
+    let eve_create = world.accepted(eve_order).await;
+    let fay_create = world.accepted(fay_order).await;
+    let cancelled = api.cancel_order(fay_order_id, fay).await.unwrap();
+    assert_eq!(cancelled.status, 200, "{cancelled:?}");
+    world.start_worker();
+    // Dan and Eve are in partitions of their own, so either may settle first.
+    let mut last_unit = vec![
+        (
+            world.outcome(&dan_create).await,
+            world.order_status(dan_order_id).await,
+        ),
+        (
+            world.outcome(&eve_create).await,
+            world.order_status(eve_order_id).await,
+        ),
+    ];
+    last_unit.sort();
+    assert_eq!(
+        last_unit,
+        [
+            ("ERR_ORDER_OUT_OF_STOCK".to_owned(), "REJECTED".to_owned()),
+            ("SUCCEEDED".to_owned(), "RESERVED".to_owned())
+        ]
+    );
+    assert_eq!(world.outcome(&fay_create).await, "ERR_ORDER_CONCURRENCY_CONFLICT");
+    assert_eq!(world.order_status(fay_order_id).await, "CANCELLED");
+
+    // Ann pays with a coupon of 5,000; Bob pays entirely with a coupon of his order's whole
+    // price, so his payment debits nothing and has no ledger entry; Cat's order stays
+    // reserved.
     let mut orders = Vec::new();
-    for (user, coupon) in [
-        (users[0], Some(some_off)),
-        (users[1], Some(all_off)),
-        (users[2], None),
-    ] {
+    for (user, coupon) in [(ann, Some(some_off)), (bob, Some(all_off)), (cat, None)] {
         if let Some(coupon) = coupon {
-            let issued = api
-                .issue_coupon(coupon, user, &format!("issue-{user}"))
-                .await
-                .unwrap();
-            assert_eq!(issued.status, 202, "{issued:?}");
-            assert_eq!(
-                world.settled(issued.str_field("requestId").unwrap()).await,
-                "SUCCEEDED"
-            );
+            let issued = world
+                .accepted(api.issue_coupon(coupon, user, &format!("issue-{user}")).await)
+                .await;
+            assert_eq!(world.outcome(&issued).await, "SUCCEEDED");
         }
-        let ordered = api
-            .create_order(user, product, 2, &format!("order-{user}"))
-            .await
-            .unwrap();
-        assert_eq!(ordered.status, 202, "{ordered:?}");
-        assert_eq!(
-            world.settled(ordered.str_field("requestId").unwrap()).await,
-            "SUCCEEDED"
-        );
-        let order = Uuid::parse_str(ordered.str_field("orderId").unwrap()).unwrap();
-        if coupon.is_some() {
-            let paid = api
-                .pay_order(order, user, coupon, &format!("pay-{user}"))
-                .await
-                .unwrap();
-            assert_eq!(paid.status, 202, "{paid:?}");
-            assert_eq!(
-                world.settled(paid.str_field("requestId").unwrap()).await,
-                "SUCCEEDED"
-            );
+        let ordered = api.create_order(user, lamp, 2, &format!("order-{user}")).await;
+        let order = order_id(&ordered);
+        assert_eq!(world.outcome(&world.accepted(ordered).await).await, "SUCCEEDED");
+        if let Some(coupon) = coupon {
+            let paid = world
+                .accepted(
+                    api.pay_order(order, user, Some(coupon), &format!("pay-{user}"))
+                        .await,
+                )
+                .await;
+            assert_eq!(world.outcome(&paid).await, "SUCCEEDED");
         }
         orders.push(order);
     }
@@ -169,8 +231,9 @@ async fn every_whole_system_check_passes_on_a_sound_world_and_fails_on_its_damag
         .unwrap();
     assert_eq!(free, 0, "Bob's coupon paid it all");
 
-    // The data platform's receiving end is a stand-in here: what the relay published is
-    // what it received.
+    // Once the relay has published both events, the worker stops, so nothing it does can
+    // repair a damage before the checks look. The data platform's receiving end is a
+    // stand-in: what the relay published is what it received.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         .fetch_one(&world.db)
@@ -184,49 +247,45 @@ async fn every_whole_system_check_passes_on_a_sound_world_and_fails_on_its_damag
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    world
-        .execute(
-            "INSERT INTO received_events (event_id, routing_key, payload)
-             SELECT (payload->>'eventId')::uuid, routing_key, payload FROM outbox",
-        )
-        .await;
+    world.stop_worker().await;
+    let received = "INSERT INTO received_events (event_id, routing_key, payload)
+                    SELECT (payload->>'eventId')::uuid, routing_key, payload FROM outbox";
+    world.execute(received).await;
 
     assert_eq!(world.violated().await, Vec::<String>::new(), "a sound world");
 
-    // Each damage, the checks it must trip, and its repair. A request's status is changed
-    // with what the schema asks of it (an error when FAILED, no completion when PENDING),
-    // and put back from a copy.
-    let set_status = |kind: &str, status: &str| {
+    // Each damage, the checks it must trip, and its repair. Requests are changed with what
+    // the schema asks of them (an error when FAILED, no completion when PENDING) and put
+    // back from a copy.
+    let damage_requests = |kind: &str, set: &str, narrow: &str| {
         format!(
             "CREATE TABLE saved AS SELECT id, status, result, error, completed_at FROM requests WHERE kind = '{kind}';
-             UPDATE requests SET status = '{status}', result = NULL,
-               error = CASE WHEN '{status}' = 'FAILED' THEN '{{\"code\": \"ERR_DAMAGE\"}}'::jsonb END,
-               completed_at = CASE WHEN '{status}' = 'PENDING' THEN NULL ELSE completed_at END
-             WHERE kind = '{kind}';"
+             UPDATE requests SET {set} WHERE kind = '{kind}' {narrow};"
         )
     };
+    let failed = "status = 'FAILED', result = NULL, error = '{\"code\": \"ERR_DAMAGE\"}'";
     let restore = "UPDATE requests r SET status = s.status, result = s.result, error = s.error,
                      completed_at = s.completed_at
                    FROM saved s WHERE r.id = s.id;
                    DROP TABLE saved;";
     let damages: Vec<(String, &[&str], String)> = vec![
         (
-            "UPDATE balances SET amount = amount + 1 WHERE user_id = (SELECT min(user_id) FROM balances)".into(),
+            format!("UPDATE balances SET amount = amount + 1 WHERE user_id = {ann}"),
             &["balance = CHARGE + REFUND - PAYMENT of its ledger, every user"],
-            "UPDATE balances SET amount = amount - 1 WHERE user_id = (SELECT min(user_id) FROM balances)".into(),
+            format!("UPDATE balances SET amount = amount - 1 WHERE user_id = {ann}"),
         ),
         (
-            "UPDATE products SET stock = stock - 1, sold = sold + 1".into(),
+            format!("UPDATE products SET stock = stock - 1, sold = sold + 1 WHERE id = {lamp}"),
             &["sold = units of PAID orders, every product"],
-            "UPDATE products SET stock = stock + 1, sold = sold - 1".into(),
+            format!("UPDATE products SET stock = stock + 1, sold = sold - 1 WHERE id = {lamp}"),
         ),
         (
-            "UPDATE products SET reserved = reserved + 1".into(),
+            format!("UPDATE products SET reserved = reserved + 1 WHERE id = {lamp}"),
             &["reserved = units of RESERVED orders, every product"],
-            "UPDATE products SET reserved = reserved - 1".into(),
+            format!("UPDATE products SET reserved = reserved - 1 WHERE id = {lamp}"),
         ),
         (
-            set_status("COUPON_ISSUE", "FAILED"),
+            damage_requests("COUPON_ISSUE", failed, ""),
             &["a coupon is held if and only if a COUPON_ISSUE request SUCCEEDED in issuing it"],
             restore.into(),
         ),
@@ -236,7 +295,7 @@ async fn every_whole_system_check_passes_on_a_sound_world_and_fails_on_its_damag
             "UPDATE coupons SET issued_quantity = issued_quantity - 1".into(),
         ),
         (
-            set_status("ORDER_PAY", "FAILED"),
+            damage_requests("ORDER_PAY", failed, ""),
             &["a payment exists if and only if an ORDER_PAY request SUCCEEDED in making it"],
             restore.into(),
         ),
@@ -249,16 +308,45 @@ async fn every_whole_system_check_passes_on_a_sound_world_and_fails_on_its_damag
             "UPDATE balance_transactions SET amount = amount - 1 WHERE kind = 'PAYMENT'".into(),
         ),
         (
-            set_status("ORDER_CREATE", "PENDING"),
-            &["every request terminal", "every order settled as its create request says"],
+            damage_requests(
+                "ORDER_CREATE",
+                "status = 'PENDING', result = NULL, error = NULL, completed_at = NULL",
+                "",
+            ),
+            &[
+                "every request terminal",
+                "every order settled as its create request says",
+                "GET /requests/{id} reads terminal (API, sample)",
+            ],
             restore.into(),
+        ),
+        (
+            // A cancelled order that had been reserved cannot go with a failed creation.
+            format!("UPDATE orders SET reserved_until = now() WHERE id = '{fay_order_id}'"),
+            &["every order settled as its create request says"],
+            format!("UPDATE orders SET reserved_until = NULL WHERE id = '{fay_order_id}'"),
+        ),
+        (
+            damage_requests(
+                "ORDER_CREATE",
+                "error = jsonb_set(error, '{code}', '\"ERR_PROCESSING_FAILED\"')",
+                "AND status = 'FAILED'",
+            ),
+            &["no request failed for want of processing (ERR_PROCESSING_FAILED)"],
+            restore.into(),
+        ),
+        (
+            format!(
+                "INSERT INTO dead_letters (request_id, family, kind, reason)
+                 VALUES ('{fay_create}', 'order', 'ORDER_CREATE', 'rejected')"
+            ),
+            &["nothing dead-lettered"],
+            "DELETE FROM dead_letters".into(),
         ),
         (
             "DELETE FROM received_events".into(),
             &["the data platform received one order.paid per PAID order, none for others"],
-            "INSERT INTO received_events (event_id, routing_key, payload)
-             SELECT (payload->>'eventId')::uuid, routing_key, payload FROM outbox"
-                .into(),
+            received.into(),
         ),
         (
             "UPDATE outbox SET published_at = NULL".into(),

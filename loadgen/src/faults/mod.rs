@@ -42,8 +42,12 @@ const STARTUP: Duration = Duration::from_secs(90);
 const EVENTS_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a patient client keeps sending a request again.
 const CLIENT_PATIENCE: Duration = Duration::from_secs(120);
-/// Less time than this left in the suite, and a scenario is not started.
-const MINIMUM_SCENARIO: Duration = Duration::from_secs(30);
+/// Less time than this left in the suite, and a scenario is not started: startup, the
+/// longest load (36 s) and its checks.
+const MINIMUM_SCENARIO: Duration = Duration::from_secs(90);
+/// Kept from a scenario's time for what follows it: every process stopped (each may take
+/// its SIGTERM patience, 30 s) and the database and queues removed.
+const WIND_DOWN: Duration = Duration::from_secs(45);
 
 impl Fault {
     fn name(self) -> String {
@@ -110,7 +114,9 @@ pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
     let suite_ends = Instant::now() + Duration::from_secs(args.suite_timeout_secs);
     let mut outcomes = Vec::new();
     for fault in faults {
-        let left = suite_ends.saturating_duration_since(Instant::now());
+        let left = suite_ends
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(WIND_DOWN);
         let bound = left.min(Duration::from_secs(args.scenario_timeout_secs));
         let outcome = if bound < MINIMUM_SCENARIO {
             say(&fault.name(), "not run: the suite's time limit is reached");
@@ -427,6 +433,11 @@ async fn inject(
             tokio::time::sleep(Duration::from_secs(2)).await;
             let mut victims = Vec::new();
             for _ in 0..first.len() {
+                if Instant::now() >= load_started + load {
+                    // A kill with no load left to disturb would recover trivially.
+                    problems.push("the load ended before each first replica was killed".to_owned());
+                    break;
+                }
                 let victim = system.kill_worker(0).await?;
                 let replacement = system.start_worker()?;
                 mark(&format!("kill -9 {victim}; started {replacement}"));
