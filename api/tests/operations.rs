@@ -185,4 +185,12 @@ async fn migrations_are_safe_when_several_processes_start_at_once() {
         .await
         .unwrap();
     assert_eq!(applied, shared::db::MIGRATOR.iter().count() as i64);
+    // A migration that failed half-way and was retried can leave an index that exists but
+    // is not valid (an interrupted CREATE INDEX CONCURRENTLY); none may be.
+    let invalid: Vec<String> =
+        sqlx::query_scalar("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(invalid.is_empty(), "invalid indexes: {invalid:?}");
 }
