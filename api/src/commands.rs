@@ -56,6 +56,11 @@ impl Dispatcher {
         &self.topology
     }
 
+    /// Closes the publishing channel; once no request is being handled.
+    pub async fn close(&self) {
+        self.publisher.close().await;
+    }
+
     /// Declares the command topology (idempotent).
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
         let channel = self.publisher.broker().channel().await?;

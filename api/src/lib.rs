@@ -141,6 +141,8 @@ impl Application {
         } = self;
         sampler_stop.cancel();
         let _ = sampler.await;
+        // The server has finished every request: nothing publishes any more.
+        state.commands.close().await;
         let broker = Arc::clone(&state.broker);
         let db = state.db.clone();
         // The router (and its copies of the state) is gone; dropping the last copy closes the

@@ -162,6 +162,15 @@ impl Publisher {
         &self.broker
     }
 
+    /// Closes the publishing channel and waits for the broker's answer. Call it before
+    /// [`Broker::close`]: a channel merely dropped is closed in the background, and closing
+    /// the connection under it makes lapin log a connection error at every shutdown.
+    pub async fn close(&self) {
+        if let Some(channel) = self.channel.lock().await.take() {
+            let _ = tokio::time::timeout(CONFIRM_TIMEOUT, channel.close(200, "shutdown".into())).await;
+        }
+    }
+
     async fn channel(&self) -> Result<Channel, BrokerError> {
         let mut current = self.channel.lock().await;
         if let Some(channel) = current.as_ref().filter(|c| c.status().connected()) {

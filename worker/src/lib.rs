@@ -105,6 +105,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .run(shutdown.clone())
         .await;
     let _ = tokio::join!(sweeper, dead_letters, relay, metrics);
+    ctx.publisher.close().await;
     ctx.broker.close().await;
     ctx.db.close().await;
     tracing::info!("worker stopped");

@@ -41,6 +41,7 @@ pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String
         [verb, id] if verb == "discard" => discard(&config, &db, &broker, parse(id)?).await,
         _ => bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId>"),
     };
+    publisher.close().await;
     broker.close().await;
     db.close().await;
     outcome
