@@ -16,10 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::Channel;
-use shared::broker::Broker;
+use shared::broker::{queue_depth, Broker};
 use shared::topology::{Family, Topology};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -104,17 +102,9 @@ impl Backpressure {
 
 /// Ready messages over the family's partition queues.
 async fn depth(channel: &Channel, topology: &Topology, family: Family) -> anyhow::Result<u64> {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
     let mut depth = 0_u64;
     for partition in 0..topology.partitions {
-        let queue = topology.queue(family, partition);
-        let declared = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await?;
-        depth += u64::from(declared.message_count());
+        depth += u64::from(queue_depth(channel, &topology.queue(family, partition)).await?);
     }
     Ok(depth)
 }

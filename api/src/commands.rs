@@ -349,25 +349,9 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
             ErrorCode::Unavailable,
             "the request could not be queued; it was not accepted",
         );
-        // Waits for a worker settling it right now (its row lock), then sees its outcome.
-        let failed = sqlx::query(
-            "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now()
-             WHERE id = $1 AND status = 'PENDING'",
-        )
-        .bind(request_id)
-        .bind(serde_json::to_value(&error).unwrap_or_default())
-        .execute(&mut *tx)
-        .await?;
-        if failed.rows_affected() == 0 {
+        if !command::fail_pending(&mut tx, request_id, &error).await? {
             return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
         }
-        sqlx::query(
-            "UPDATE orders SET status = 'REJECTED', closed_at = now()
-             WHERE create_request_id = $1 AND status = 'PENDING'",
-        )
-        .bind(request_id)
-        .execute(&mut *tx)
-        .await?;
         if let Some(key) = key.0.as_deref() {
             sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
                 .bind(scope)

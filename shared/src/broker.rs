@@ -118,6 +118,19 @@ impl Broker {
     }
 }
 
+/// Ready messages in `queue`, by a passive declare (which fails, closing the channel, when
+/// the queue does not exist).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// Why a message was not published.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -109,6 +109,39 @@ pub struct OrderPay {
     pub coupon_id: Option<i64>,
 }
 
+/// Fails a request that is still `PENDING` with `error`, and rejects the order it was
+/// creating, if any (a `PENDING` order holds no stock, so nothing is released). Waits for
+/// the row lock of a worker settling the request right now: if that worker commits first,
+/// the request is no longer `PENDING` and nothing changes. True when it was failed here.
+///
+/// Both ways a request fails without being settled go through here: the api withdrawing
+/// one it could not publish, and a worker parking a dead letter.
+pub async fn fail_pending(
+    conn: &mut sqlx::PgConnection,
+    request_id: Uuid,
+    error: &crate::error::ErrorBody,
+) -> Result<bool, sqlx::Error> {
+    let failed = sqlx::query(
+        "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now()
+         WHERE id = $1 AND status = 'PENDING'",
+    )
+    .bind(request_id)
+    .bind(serde_json::to_value(error).unwrap_or_default())
+    .execute(&mut *conn)
+    .await?;
+    if failed.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE orders SET status = 'REJECTED', closed_at = now()
+         WHERE create_request_id = $1 AND status = 'PENDING'",
+    )
+    .bind(request_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
+}
+
 /// Publishes the command of a stored request to its partition queue and waits for the
 /// broker's confirm. The API calls it after committing the request; the sweeper calls it
 /// again for requests whose confirm was never recorded.

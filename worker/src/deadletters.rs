@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use shared::command::{CommandMessage, RequestKind};
+use shared::command::CommandMessage;
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Family;
 use tokio_util::sync::CancellationToken;
@@ -138,27 +138,7 @@ async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> R
         ErrorCode::ProcessingFailed,
         "the command could not be settled; it is kept for operators to inspect",
     );
-    // Waits on the row lock of a worker settling a copy of this command: if that worker
-    // commits first, the request is no longer PENDING and nothing here changes it.
-    let marked = sqlx::query(
-        "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now(), published = true
-         WHERE id = $1 AND status = 'PENDING'",
-    )
-    .bind(message.request_id)
-    .bind(serde_json::to_value(&error).unwrap_or_default())
-    .execute(&mut *tx)
-    .await?;
-    let marked = marked.rows_affected() > 0;
-    if marked && message.kind == RequestKind::OrderCreate {
-        // A PENDING order holds no stock, so rejecting it releases nothing.
-        sqlx::query(
-            "UPDATE orders SET status = 'REJECTED', closed_at = now()
-             WHERE create_request_id = $1 AND status = 'PENDING'",
-        )
-        .bind(message.request_id)
-        .execute(&mut *tx)
-        .await?;
-    }
+    let marked = shared::command::fail_pending(&mut tx, message.request_id, &error).await?;
     tx.commit().await?;
     if marked {
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");

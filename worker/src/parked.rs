@@ -16,9 +16,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use shared::broker::{Broker, Publisher};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use shared::broker::{queue_depth, Broker, Publisher};
 use shared::command::{CommandMessage, RequestKind};
 use shared::topology::Family;
 use sqlx::PgPool;
@@ -104,17 +103,7 @@ async fn parked_depths(config: &WorkerConfig, broker: &Broker) -> anyhow::Result
     let mut depths = Vec::new();
     for family in Family::ALL {
         let queue = config.topology.parked_queue(family);
-        let depth = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
+        let depth = queue_depth(&channel, &queue).await?;
         depths.push((queue, depth));
     }
     let _ = channel.close(200, "done".into()).await;

@@ -203,39 +203,8 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
 
     // The message rests in the family's parked dead-letter queue.
-    let conn = lapin::Connection::connect(
-        &shared::config::BrokerSettings::from_env().unwrap().url,
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    // Confirmed publishes: a copy parked by the test is in the queue before it goes on.
-    channel.confirm_select(Default::default()).await.unwrap();
-    let parked = system.app.topology.parked_queue(shared::topology::Family::Coupon);
-    let parked_now = |channel: lapin::Channel, queue: String| async move {
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
-    };
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    loop {
-        let count = parked_now(channel.clone(), parked.clone()).await;
-        if count == 1 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{count} messages parked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
+    parked.wait_for_depth(1).await;
 
     // Operators see it, with why it died and what the worker saw go wrong.
     let id = poison.to_string();
@@ -254,7 +223,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
         "{listed}"
     );
     assert!(
-        listed.contains(&format!("{parked}: 1 parked message(s)")),
+        listed.contains(&format!("{}: 1 parked message(s)", parked.name)),
         "{listed}"
     );
 
@@ -265,41 +234,20 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     assert!(replayed.contains("nothing was sent"), "{replayed}");
     let after = system.app.settled(&id, common::PATIENCE).await;
     assert_eq!(after.body, failed.body);
-    assert_eq!(parked_now(channel.clone(), parked.clone()).await, 1);
+    assert_eq!(parked.depth().await, 1);
     let (ok, listed_again) = system.worker_command(&["dead-letters", "list"]).await;
     assert!(ok.success());
     assert_eq!(listed_again, listed);
 
     // Discarding removes it for good, every copy of it: dead letters arrive at least once.
-    let copy = serde_json::to_vec(&shared::command::CommandMessage {
-        request_id: poison,
-        kind: shared::command::RequestKind::CouponIssue,
-    })
-    .unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            parked.as_str().into(),
-            Default::default(),
-            &copy,
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    while parked_now(channel.clone(), parked.clone()).await != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the copy was never parked"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    parked
+        .park(poison, shared::command::RequestKind::CouponIssue)
+        .await;
+    parked.wait_for_depth(2).await;
     let (ok, discarded) = system.worker_command(&["dead-letters", "discard", &id]).await;
     assert!(ok.success(), "{discarded}");
     assert!(discarded.contains("was deleted"), "{discarded}");
-    assert_eq!(parked_now(channel.clone(), parked.clone()).await, 0);
+    assert_eq!(parked.depth().await, 0);
     let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
     assert!(ok.success() && listed.starts_with("0 dead letter(s)"), "{listed}");
     let resolution: String = sqlx::query_scalar("SELECT resolution FROM dead_letters WHERE request_id = $1")
@@ -458,33 +406,8 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
     .execute(&system.app.db)
     .await
     .unwrap();
-    let conn = lapin::Connection::connect(
-        &shared::config::BrokerSettings::from_env().unwrap().url,
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    // Confirmed publishes: a copy parked by the test is in the queue before it goes on.
-    channel.confirm_select(Default::default()).await.unwrap();
-    let parked = system.app.topology.parked_queue(shared::topology::Family::Coupon);
-    let body = serde_json::to_vec(&shared::command::CommandMessage {
-        request_id: id,
-        kind: shared::command::RequestKind::CouponIssue,
-    })
-    .unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            parked.as_str().into(),
-            Default::default(),
-            &body,
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
+    parked.park(id, shared::command::RequestKind::CouponIssue).await;
     let pending = system.app.get(&format!("/requests/{id}")).await;
     assert_eq!(pending.body["status"], "PENDING", "{pending:?}");
 
@@ -505,7 +428,7 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
     assert!(ok.success(), "{listed}");
     assert!(listed.starts_with("0 dead letter(s)"), "{listed}");
     assert!(
-        listed.contains(&format!("{parked}: 0 parked message(s)")),
+        listed.contains(&format!("{}: 0 parked message(s)", parked.name)),
         "{listed}"
     );
     let resolution: String = sqlx::query_scalar("SELECT resolution FROM dead_letters WHERE request_id = $1")

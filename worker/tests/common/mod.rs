@@ -433,3 +433,67 @@ impl System {
         issued
     }
 }
+
+/// A family's parked queue, on a connection of its own with confirmed publishes: what a
+/// test parks is in the queue before the test goes on.
+pub struct ParkedQueue {
+    pub name: String,
+    channel: lapin::Channel,
+    _connection: lapin::Connection,
+}
+
+impl System {
+    pub async fn parked_queue(&self, family: shared::topology::Family) -> ParkedQueue {
+        let connection = lapin::Connection::connect(
+            &shared::config::BrokerSettings::from_env().unwrap().url,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        ParkedQueue {
+            name: self.app.topology.parked_queue(family),
+            channel,
+            _connection: connection,
+        }
+    }
+}
+
+impl ParkedQueue {
+    pub async fn depth(&self) -> u32 {
+        shared::broker::queue_depth(&self.channel, &self.name)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the queue holds `depth` messages; fails the test after [`PATIENCE`].
+    pub async fn wait_for_depth(&self, depth: u32) {
+        poll_until(|| async move {
+            let now = self.depth().await;
+            if now == depth {
+                Ok(())
+            } else {
+                Err(format!("{now} messages parked in {}, not {depth}", self.name))
+            }
+        })
+        .await;
+    }
+
+    /// Parks a copy of the command of request `id`, as the dead-letter consumer would.
+    pub async fn park(&self, id: uuid::Uuid, kind: shared::command::RequestKind) {
+        let body = serde_json::to_vec(&shared::command::CommandMessage { request_id: id, kind }).unwrap();
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.name.as_str().into(),
+                Default::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
