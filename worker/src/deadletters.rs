@@ -3,6 +3,11 @@
 //! limit). Its request is marked `FAILED` with `ERR_PROCESSING_FAILED` (and the order of a
 //! creation `REJECTED`), so no request or order stays `PENDING` forever, and the message
 //! moves to the family's parked queue, where it stays for inspection and replay.
+//!
+//! A message that is not a command of its queue's family (a body no worker can decode, or
+//! a command of the other family) has no request of this family to fail: it is recorded in
+//! `unreadable_letters`, named by the MD5 of its body, and parked under that name for an
+//! operator to inspect and discard.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +19,7 @@ use shared::command::CommandMessage;
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Family;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::Context;
 
@@ -63,15 +69,19 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
                 None => break,
             },
         };
-        if let Ok(message) = serde_json::from_slice::<CommandMessage>(&delivery.data) {
-            mark_failed(ctx, &message, &death_reason(&delivery.properties)).await?;
+        let reason = death_reason(&delivery.properties);
+        let command = serde_json::from_slice::<CommandMessage>(&delivery.data)
+            .ok()
+            .filter(|m| m.kind.family() == family);
+        // The parked copy's message id names it for `worker dead-letters`.
+        let message_id = match command {
+            Some(message) => {
+                mark_failed(ctx, &message, &reason).await?;
+                message.request_id
+            }
+            None => record_unreadable(ctx, family, &delivery.data, &reason).await?,
         }
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string())
-            .unwrap_or_default();
+        .to_string();
         ctx.publisher
             .publish(
                 "",
@@ -85,6 +95,54 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
     }
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// Records a dead letter that is not a command of `family`; its id, the MD5 of its body.
+/// Idempotent, like [`mark_failed`]: another copy of the same message finds its row (and
+/// opens it again if it had been discarded, since that copy is parked again).
+async fn record_unreadable(
+    ctx: &Context,
+    family: Family,
+    body: &[u8],
+    reason: &str,
+) -> Result<Uuid, sqlx::Error> {
+    let preview = preview(body);
+    tracing::error!(
+        family = family.as_str(),
+        bytes = body.len(),
+        %preview,
+        "a dead letter that is not a command of its family; parked as unreadable"
+    );
+    metrics::counter!("worker_unreadable_letters_total", "family" => family.as_str()).increment(1);
+    sqlx::query_scalar(
+        "INSERT INTO unreadable_letters (id, family, reason, bytes, preview)
+         VALUES (md5($1)::uuid, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE
+           SET family = EXCLUDED.family, reason = EXCLUDED.reason, dead_at = now(),
+               resolution = NULL, resolved_at = NULL
+         RETURNING id",
+    )
+    .bind(body)
+    .bind(family.as_str())
+    .bind(reason)
+    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
+    .bind(preview)
+    .fetch_one(&ctx.db)
+    .await
+}
+
+/// How many bytes of an unreadable body an operator is shown.
+const PREVIEW_BYTES: usize = 160;
+
+/// The start of a body as printable text: invalid UTF-8 replaced, control characters
+/// (NUL among them, which a PostgreSQL text cannot hold) escaped.
+fn preview(body: &[u8]) -> String {
+    let head = &body[..body.len().min(PREVIEW_BYTES)];
+    let mut text = String::from_utf8_lossy(head).escape_debug().to_string();
+    if body.len() > PREVIEW_BYTES {
+        text.push('…');
+    }
+    text
 }
 
 /// Why the broker dead-lettered a message, from the newest entry of its `x-death` header:

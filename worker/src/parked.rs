@@ -4,12 +4,13 @@
 //! Every dead-lettered command has a row in `dead_letters` (why it died, what the worker
 //! last saw go wrong, and what was done about it) and its message in the family's parked
 //! queue. `list` shows the open ones with their request's status, and how many messages
-//! each parked queue holds (a message no worker could even decode is parked without a
-//! row). `replay` sends a command back to its partition queue, but only while its request
+//! each parked queue holds. A message that is not a command of its queue's family (no
+//! worker can decode it) has no request: it is listed apart, by the id the dead-letter
+//! consumer gave it (the MD5 of its body), and can only be discarded. `replay` sends a command back to its partition queue, but only while its request
 //! is still `PENDING`: a request that is terminal (every dead letter's request is marked
 //! `FAILED` when it is parked) has had its answer, so replaying it sends nothing and
 //! changes nothing; the letter stays open until it is discarded. `discard` removes the
-//! message for good.
+//! message for good, a command's or an unreadable one's.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -38,7 +39,9 @@ pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String
         [verb] if verb == "list" => list(&config, &db, &broker).await,
         [verb, id] if verb == "replay" => replay(&config, &db, &publisher, parse(id)?).await,
         [verb, id] if verb == "discard" => discard(&config, &db, &broker, parse(id)?).await,
-        _ => bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId>"),
+        _ => {
+            bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId | unreadableId>")
+        }
     };
     publisher.close().await;
     broker.close().await;
@@ -58,6 +61,16 @@ struct Open {
     detail: Option<String>,
     dead_at: DateTime<Utc>,
     status: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Unreadable {
+    id: Uuid,
+    family: String,
+    reason: String,
+    bytes: i32,
+    preview: String,
+    dead_at: DateTime<Utc>,
 }
 
 async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Result<String> {
@@ -82,6 +95,29 @@ async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Re
         if let Some(detail) = &d.detail {
             let _ = writeln!(out, "    {detail}");
         }
+    }
+    let unreadable: Vec<Unreadable> = sqlx::query_as(
+        "SELECT id, family, reason, bytes, preview, dead_at FROM unreadable_letters
+         WHERE resolution IS NULL ORDER BY dead_at",
+    )
+    .fetch_all(db)
+    .await?;
+    let _ = writeln!(
+        out,
+        "{} unreadable message(s) awaiting a decision (not a command; discard only)",
+        unreadable.len()
+    );
+    for u in &unreadable {
+        let _ = writeln!(
+            out,
+            "{}  {:<13} {:<15} {}  {} byte(s)",
+            u.id,
+            u.family,
+            u.reason,
+            u.dead_at.to_rfc3339(),
+            u.bytes
+        );
+        let _ = writeln!(out, "    {}", u.preview);
     }
     // The database view stands on its own: with RabbitMQ down, list still shows it.
     match parked_depths(config, broker).await {
@@ -117,16 +153,36 @@ struct Letter {
     partition_key: Option<i64>,
 }
 
-async fn letter(db: &PgPool, id: Uuid) -> anyhow::Result<Letter> {
-    sqlx::query_as(
+async fn letter(db: &PgPool, id: Uuid) -> anyhow::Result<Option<Letter>> {
+    Ok(sqlx::query_as(
         "SELECT d.kind, r.status, r.partition_key
          FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
          WHERE d.request_id = $1 AND d.resolution IS NULL",
     )
     .bind(id)
     .fetch_optional(db)
-    .await?
-    .with_context(|| format!("no open dead letter for request {id}"))
+    .await?)
+}
+
+/// Whether `id` names an open unreadable message.
+async fn is_unreadable(db: &PgPool, id: Uuid) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM unreadable_letters WHERE id = $1 AND resolution IS NULL)",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await?)
+}
+
+/// The open dead letter `id`, or why there is none to act on.
+async fn open_letter(db: &PgPool, id: Uuid) -> anyhow::Result<Letter> {
+    if let Some(letter) = letter(db, id).await? {
+        return Ok(letter);
+    }
+    if is_unreadable(db, id).await? {
+        bail!("{id} is an unreadable message, not a command: there is nothing to replay; discard it once inspected");
+    }
+    bail!("no open dead letter for request {id}")
 }
 
 async fn resolve(db: &PgPool, id: Uuid, resolution: &str) -> anyhow::Result<()> {
@@ -144,7 +200,7 @@ async fn replay(
     publisher: &Publisher,
     id: Uuid,
 ) -> anyhow::Result<String> {
-    let letter = letter(db, id).await?;
+    let letter = open_letter(db, id).await?;
     let kind =
         RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
     let (Some("PENDING"), Some(partition_key)) = (letter.status.as_deref(), letter.partition_key) else {
@@ -157,7 +213,10 @@ async fn replay(
     // Published before it leaves the parked queue: a crash in between leaves a copy parked,
     // and the worker settles the request once whatever number of copies arrives.
     shared::command::publish(publisher, &config.topology, id, kind, partition_key).await?;
-    let taken = take_parked(config, publisher.broker(), kind.family(), id).await?;
+    let taken = take_parked(config, publisher.broker(), &[kind.family()], |m| {
+        is_command(m, kind.family(), id)
+    })
+    .await?;
     resolve(db, id, "replayed").await?;
     Ok(if taken > 0 {
         format!("request {id} sent back to its partition queue\n")
@@ -169,42 +228,73 @@ async fn replay(
 }
 
 async fn discard(config: &WorkerConfig, db: &PgPool, broker: &Broker, id: Uuid) -> anyhow::Result<String> {
-    let letter = letter(db, id).await?;
-    let kind =
-        RequestKind::parse(&letter.kind).with_context(|| format!("unknown command type {}", letter.kind))?;
-    let found = take_parked(config, broker, kind.family(), id).await? > 0;
-    resolve(db, id, "discarded").await?;
-    Ok(if found {
-        format!("request {id}: its parked command was deleted\n")
+    let found = if let Some(letter) = letter(db, id).await? {
+        let family = RequestKind::parse(&letter.kind)
+            .with_context(|| format!("unknown command type {}", letter.kind))?
+            .family();
+        let taken = take_parked(config, broker, &[family], |m| is_command(m, family, id)).await?;
+        resolve(db, id, "discarded").await?;
+        taken > 0
+    } else if is_unreadable(db, id).await? {
+        // Looked for in both parked queues: the same body may have died in either family.
+        let name = id.to_string();
+        let taken = take_parked(config, broker, &Family::ALL, |message| {
+            message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str())
+                == Some(name.as_str())
+        })
+        .await?;
+        sqlx::query(
+            "UPDATE unreadable_letters SET resolution = 'discarded', resolved_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .execute(db)
+        .await?;
+        taken > 0
     } else {
-        format!("request {id}: no parked command was found; recorded as discarded\n")
+        bail!("no open dead letter or unreadable message {id}");
+    };
+    Ok(if found {
+        format!("{id}: its parked message was deleted\n")
+    } else {
+        format!("{id}: no parked message was found; recorded as discarded\n")
     })
 }
 
-/// Removes every copy of request `id`'s message from the family's parked queue (dead
-/// letters arrive at least once, so there may be more than one); how many it removed.
+/// Whether a parked message is the command of request `id`, of `family`.
+fn is_command(message: &lapin::message::BasicGetMessage, family: Family, id: Uuid) -> bool {
+    serde_json::from_slice::<CommandMessage>(&message.delivery.data)
+        .is_ok_and(|m| m.request_id == id && m.kind.family() == family)
+}
+
+/// Removes every message that `ours` picks from the parked queues of `families` (dead
+/// letters arrive at least once, so there may be more than one copy); how many it removed.
 /// Messages looked at on the way stay unacked and go back to the queue when the channel
 /// closes.
 async fn take_parked(
     config: &WorkerConfig,
     broker: &Broker,
-    family: Family,
-    id: Uuid,
+    families: &[Family],
+    ours: impl Fn(&lapin::message::BasicGetMessage) -> bool,
 ) -> anyhow::Result<usize> {
-    let channel = broker.channel().await?;
-    let queue = config.topology.parked_queue(family);
     let mut taken = 0;
-    while let Some(message) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-        .await?
-    {
-        let ours = serde_json::from_slice::<CommandMessage>(&message.delivery.data)
-            .is_ok_and(|m| m.request_id == id);
-        if ours {
-            message.delivery.acker.ack(BasicAckOptions::default()).await?;
-            taken += 1;
+    for &family in families {
+        let channel = broker.channel().await?;
+        let queue = config.topology.parked_queue(family);
+        while let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            if ours(&message) {
+                message.delivery.acker.ack(BasicAckOptions::default()).await?;
+                taken += 1;
+            }
         }
+        let _ = channel.close(200, "done".into()).await;
     }
-    let _ = channel.close(200, "done".into()).await;
     Ok(taken)
 }

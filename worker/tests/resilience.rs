@@ -438,3 +438,103 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
         .unwrap();
     assert_eq!(resolution, "replayed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_and_can_be_discarded() {
+    use shared::topology::Family;
+    let system = System::start(1).await;
+    let coupon = system.coupon(10).await;
+    let user = system.app.create_users(1).await[0];
+    let issued = system.issue(coupon, user).await;
+    let request = issued.body["requestId"].as_str().unwrap().to_owned();
+    let settled = system.app.settled(&request, common::PATIENCE).await;
+    assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+
+    // A body no worker can decode, with a NUL in it (PostgreSQL text cannot hold one), on a
+    // coupon partition; and a copy of the coupon command on an order partition, where it is
+    // not a command of the family.
+    let garbage = b"\x00not a command".to_vec();
+    let misrouted = serde_json::to_vec(&shared::command::CommandMessage {
+        request_id: request.parse().unwrap(),
+        kind: shared::command::RequestKind::CouponIssue,
+    })
+    .unwrap();
+    system.send_raw(Family::Coupon, 0, &garbage).await;
+    system.send_raw(Family::Order, 3, &misrouted).await;
+    let coupon_parked = system.parked_queue(Family::Coupon).await;
+    let order_parked = system.parked_queue(Family::Order).await;
+    coupon_parked.wait_for_depth(1).await;
+    order_parked.wait_for_depth(1).await;
+
+    let id_of = |body: Vec<u8>| {
+        let db = system.app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>("SELECT md5($1)::uuid")
+                .bind(body)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+                .to_string()
+        }
+    };
+    let (garbage_id, misrouted_id) = (id_of(garbage).await, id_of(misrouted).await);
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(ok.success(), "{listed}");
+    assert!(listed.starts_with("0 dead letter(s)"), "{listed}");
+    assert!(listed.contains("2 unreadable message(s)"), "{listed}");
+    let mut lines = listed.lines().skip_while(|l| !l.starts_with(&garbage_id));
+    let line = lines.next().expect(&listed);
+    assert!(
+        line.contains("coupon") && line.contains("rejected") && line.contains("14 byte(s)"),
+        "{line}"
+    );
+    assert_eq!(lines.next(), Some("    \\0not a command"), "{listed}");
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&misrouted_id))
+        .expect(&listed);
+    assert!(line.contains("order"), "{line}");
+
+    // Nothing was failed or recorded against the request the misrouted copy names.
+    let after = system.app.get(&format!("/requests/{request}")).await;
+    assert_eq!(after.body, settled.body);
+    assert_eq!(
+        system
+            .scalar(&format!(
+                "SELECT count(*) FROM dead_letters WHERE request_id = '{request}'"
+            ))
+            .await,
+        0
+    );
+
+    // There is no command to replay, only a message to discard: each from its own queue.
+    let (ok, replayed) = system
+        .worker_command(&["dead-letters", "replay", &garbage_id])
+        .await;
+    assert!(
+        !ok.success() && replayed.contains("nothing to replay"),
+        "{replayed}"
+    );
+    assert_eq!(coupon_parked.depth().await, 1);
+    for (id, queue) in [(&garbage_id, &coupon_parked), (&misrouted_id, &order_parked)] {
+        let (ok, discarded) = system.worker_command(&["dead-letters", "discard", id]).await;
+        assert!(ok.success(), "{discarded}");
+        assert!(discarded.contains("was deleted"), "{discarded}");
+        assert_eq!(queue.depth().await, 0, "{}", queue.name);
+    }
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(
+        ok.success() && listed.contains("0 unreadable message(s)"),
+        "{listed}"
+    );
+
+    // The coupon partition was not blocked: a good command still settles there.
+    let other = system.app.create_users(1).await[0];
+    let good = system.issue(coupon, other).await;
+    let good = system
+        .app
+        .settled(good.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .await;
+    assert_eq!(good.body["status"], "SUCCEEDED", "{good:?}");
+    assert_eq!(system.assert_coupon_invariants(coupon).await, 2);
+}

@@ -497,3 +497,36 @@ impl ParkedQueue {
             .unwrap();
     }
 }
+
+impl System {
+    /// Publishes `body` as it is to partition `partition` of `family`, confirmed, as a
+    /// foreign or broken publisher would: no request stands behind it.
+    pub async fn send_raw(&self, family: shared::topology::Family, partition: u16, body: &[u8]) {
+        let connection = lapin::Connection::connect(
+            &shared::config::BrokerSettings::from_env().unwrap().url,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        let topology = &self.app.topology;
+        let confirm = channel
+            .basic_publish(
+                topology.commands_exchange().as_str().into(),
+                topology.queue(family, partition).as_str().into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack() && confirm.take_message().is_none(), "not routed");
+        let _ = connection.close(200, "done".into()).await;
+    }
+}
