@@ -5,6 +5,12 @@
 //! own (after the partition's consumer has finished and acked its batch) and acquires what
 //! it should. A replica that joins or leaves moves partitions within a few heartbeats; one
 //! killed outright loses them when its leases expire.
+//!
+//! A lease this replica holds without consuming it (handed to it by a replica whose view of
+//! the live list differed, or left behind by a consumer that ended or a handover that
+//! failed) is handed on to the partition's owner at the next heartbeat: renewed and never
+//! consumed, it would otherwise keep the partition from everyone for as long as this
+//! replica lives.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,39 +111,64 @@ impl Coordinator {
 
         let mut give_away = Vec::new();
         let mut take = Vec::new();
+        let mut idle = Vec::new();
         for family in Family::ALL {
             for partition in 0..ctx.config.topology.partitions {
                 let owner = rendezvous_owner(&live, family.as_str(), partition);
                 let running = self.running.contains_key(&(family, partition));
-                match (running, owner == Some(me)) {
-                    (true, false) => give_away.push(((family, partition), owner)),
-                    (false, true) => take.push((family, partition)),
+                let holds = held
+                    .iter()
+                    .find(|(f, p, _)| f == family.as_str() && *p == i32::from(partition))
+                    .map(|(_, _, epoch)| *epoch);
+                match (running, owner == Some(me), holds) {
+                    (true, false, _) => give_away.push(((family, partition), owner)),
+                    (false, true, _) => take.push((family, partition)),
+                    (false, false, Some(epoch)) => {
+                        let lease = Lease {
+                            family,
+                            partition,
+                            owner: me,
+                            epoch,
+                        };
+                        idle.push((lease, owner));
+                    }
                     _ => {}
                 }
             }
         }
 
-        // Drain the partitions that moved away, all at once, then hand each to its new owner.
+        // Drain the partitions that moved away, all at once, then hand each to its new owner;
+        // held leases with no consumer have nothing to drain.
         let stopping: Vec<_> = give_away
             .into_iter()
             .filter_map(|(key, next)| self.running.remove(&key).map(|r| (r, next)))
             .collect();
-        let drained = join_all(
+        let mut handing: Vec<(Lease, Option<Uuid>)> = join_all(
             stopping
                 .into_iter()
                 .map(|(r, next)| async move { (r.stop().await, next) }),
         )
         .await;
-        for (lease, next) in drained {
-            leases::hand_over(
+        handing.extend(idle);
+        for (lease, next) in handing {
+            // One failed handover must not strand the others: a lease it leaves with this
+            // replica is idle, and handed on at the next heartbeat.
+            match leases::hand_over(
                 &ctx.db,
                 &lease,
                 next,
                 ctx.config.lease_ttl,
                 ctx.config.replica_ttl,
             )
-            .await?;
-            tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over");
+            .await
+            {
+                Ok(()) => {
+                    tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over")
+                }
+                Err(e) => {
+                    tracing::warn!(family = lease.family.as_str(), partition = lease.partition, error = %e, "cannot hand over a partition; retrying at the next heartbeat")
+                }
+            }
         }
 
         for (family, partition) in take {

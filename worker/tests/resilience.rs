@@ -538,3 +538,58 @@ async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_an
     assert_eq!(good.body["status"], "SUCCEEDED", "{good:?}");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 2);
 }
+
+/// Found in review: a lease handed to a replica that, by its own view of the live list,
+/// does not own the partition (a replica joined between the two views) was renewed by it
+/// for ever and never consumed, and the partition's owner could never acquire it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_held_without_a_consumer_is_handed_on_to_the_partitions_owner() {
+    let system = System::start(2).await;
+    system.wait_for_replicas(2).await;
+    let coupon = system.coupon(10).await;
+    let partition = shared::partition::partition_of(coupon, system.app.topology.partitions);
+    let live = system.live_replicas().await;
+    let owner = shared::partition::rendezvous_owner(&live, "coupon", partition).unwrap();
+    let other = *live.iter().find(|r| **r != owner).expect("two live replicas");
+    let partition = i32::from(partition);
+    let holder = || async {
+        sqlx::query_scalar::<_, Option<uuid::Uuid>>(
+            "SELECT owner FROM partition_leases WHERE family = 'coupon' AND partition = $1",
+        )
+        .bind(partition)
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap()
+    };
+    // The second replica's partitions come to it over a few heartbeats: wait for this one.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while holder().await != Some(owner) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partition never reached its owner"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The lease as such a handover leaves it: with the other replica, fresh, a new epoch.
+    sqlx::query(
+        "UPDATE partition_leases SET owner = $2, epoch = epoch + 1, expires_at = now() + interval '1 hour'
+         WHERE family = 'coupon' AND partition = $1",
+    )
+    .bind(partition)
+    .bind(other)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+
+    // A command on that partition still settles: the lease came back to its owner.
+    let user = system.app.create_users(1).await[0];
+    let issued = system.issue(coupon, user).await;
+    let settled = system
+        .app
+        .settled(issued.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .await;
+    assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+    assert_eq!(holder().await, Some(owner));
+    assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
+}
