@@ -242,13 +242,22 @@ pub async fn submit(
     metrics::histogram!("api_command_publish_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
-        if withdraw(&state.db, request_id, key, scope).await == Withdrawal::TooLate {
+        match withdraw(&state.db, request_id, key, scope).await {
+            Withdrawal::Withdrawn => {
+                return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
+            }
             // The broker took the message and a worker settled it; only the confirm was
             // lost. The truth is 202, and the key must keep naming this request.
-            tracing::info!(%request_id, error = %e, "publish unconfirmed but the request was settled; answering 202");
-            return Ok(accepted_response(accepted));
+            Withdrawal::TooLate => {
+                tracing::info!(%request_id, error = %e, "publish unconfirmed but the request was settled; answering 202");
+            }
+            // It stays stored and PENDING, and the sweeper publishes it: it will take
+            // effect, so the truth is 202 (a 503 would have the client send it again), and
+            // its key already holds that 202.
+            Withdrawal::Unknown => {
+                tracing::warn!(%request_id, error = %e, "publish failed and the request could not be withdrawn; answering 202, the sweeper publishes it");
+            }
         }
-        return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
     }
     Ok(accepted_response(accepted))
 }

@@ -76,3 +76,102 @@ async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() 
         "the two accepted requests, and nothing else, are pending"
     );
 }
+
+/// Found in review: a publish that failed while PostgreSQL could not be reached either left
+/// the request stored and `PENDING` (the sweeper publishes it later, and its key keeps its
+/// `202`) but answered 503, which tells the client that nothing was accepted: a client
+/// without a key would then place it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_effect() {
+    let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
+    let broker = Proxy::start(socket_of(&broker_url)).await;
+    let server_url = shared::config::DatabaseSettings::from_env().unwrap().url;
+    let pg = Proxy::start(socket_of(&server_url)).await;
+    let app = {
+        let (broker, pg) = (broker.url_for(&broker_url), std::sync::Arc::clone(&pg));
+        spawn_app_with(move |config| {
+            config.broker.url = broker;
+            config.database.url = pg.url_for(&config.database.url);
+        })
+        .await
+    };
+    // The API's pool goes through the proxy; the test reads the database directly.
+    let direct = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let user = app.create_user("Ann").await;
+    let coupon = app
+        .create_coupon(json!({
+            "name": "C", "discountType": "FIXED", "discountValue": 100, "totalQuantity": 5,
+            "expiresAt": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339(),
+        }))
+        .await;
+    let path = format!("/coupons/{coupon}/issue");
+
+    // The broker takes the message but its confirm never comes; once the request is
+    // stored, PostgreSQL goes away too, so it cannot be withdrawn.
+    broker.mute();
+    let sent = {
+        let (client, url) = (reqwest::Client::new(), app.url(&path));
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", "kept")
+                .json(&json!({ "userId": user }))
+                .send()
+                .await
+                .unwrap();
+            common::read(response).await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+            .fetch_one(&direct)
+            .await
+            .unwrap();
+        if stored == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request was never stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    pg.cut();
+    let answer = sent.await.unwrap();
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+    let id = answer.body["requestId"].as_str().unwrap().to_owned();
+    let status: String = sqlx::query_scalar("SELECT status FROM requests WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!(status, "PENDING", "stored, for the sweeper to publish");
+
+    // Once both are back, the key still names that request: in flight (409) until the
+    // sweeper has published it (a worker's job, played here by marking it published), then
+    // its 202 again. Never a second request.
+    pg.restore().await;
+    broker.cut();
+    broker.restore().await;
+    let patience = std::time::Duration::from_secs(60);
+    let in_flight = app
+        .eventually(StatusCode::CONFLICT, patience, || {
+            app.post_with_key(&path, json!({ "userId": user }), "kept")
+        })
+        .await;
+    assert_eq!(in_flight.code(), "ERR_IDEMPOTENCY_KEY_IN_USE");
+    sqlx::query("UPDATE requests SET published = true WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&direct)
+        .await
+        .unwrap();
+    let again = app.post_with_key(&path, json!({ "userId": user }), "kept").await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{again:?}");
+    assert_eq!(again.body["requestId"], id.as_str(), "{again:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+}

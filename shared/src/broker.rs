@@ -17,6 +17,11 @@ use crate::config::BrokerSettings;
 /// milliseconds; an attempt that stalls is abandoned and tried once more.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a channel may take to open before its connection counts as dead. Longer than
+/// a handshake: a live but busy broker must not lose every channel of a connection because
+/// one open was slow.
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Attempts per call before the broker counts as down.
 const CONNECT_ATTEMPTS: u32 = 2;
 
@@ -77,9 +82,33 @@ impl Broker {
         }
     }
 
-    /// A new channel on the live connection.
+    /// A new channel on the live connection. A connection that does not answer the open
+    /// within [`CHANNEL_TIMEOUT`] (a broker or network that takes bytes and answers
+    /// nothing) is given up, so that the next call opens a fresh one instead of every
+    /// caller waiting out the heartbeat timeout, minutes, on a dead one.
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
-        Ok(self.connection().await?.create_channel().await?)
+        let conn = self.connection().await?;
+        match tokio::time::timeout(CHANNEL_TIMEOUT, conn.create_channel()).await {
+            Ok(channel) => Ok(channel?),
+            Err(_) => {
+                self.forget(&conn).await;
+                Err(BrokerError::Timeout(CHANNEL_TIMEOUT))
+            }
+        }
+    }
+
+    /// Drops `conn` as the live connection (if it still is) and closes it in the background.
+    async fn forget(&self, conn: &Arc<Connection>) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            tracing::warn!(name = %self.connection_name, "RabbitMQ connection unresponsive; opening a new one");
+            if let Some(stale) = current.take() {
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(CONNECT_TIMEOUT, stale.close(200, "unresponsive".into())).await;
+                });
+            }
+        }
     }
 
     /// True when the broker answers now (used by readiness checks).
@@ -190,9 +219,12 @@ impl Publisher {
             return Ok(channel.clone());
         }
         let channel = self.broker.channel().await?;
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await?;
+        tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+        )
+        .await
+        .map_err(|_| BrokerError::Timeout(CONFIRM_TIMEOUT))??;
         *current = Some(channel.clone());
         Ok(channel)
     }
