@@ -5,7 +5,11 @@
 //! The response is saved in the same transaction as the effect, so a saved response always
 //! describes a committed effect. A 4xx is saved too (the same request would fail the same
 //! way); a 5xx releases the key so that the client's retry runs again. A claim left behind
-//! by a crashed process can be taken over once it is older than [`STALE_CLAIM_SECS`].
+//! by a crashed process can be taken over once it is older than [`STALE_CLAIM_SECS`]. The
+//! claim's time is its token: a request saves its answer (in its effect's transaction) only
+//! while the key still holds its own claim, so a request that was merely slow, and whose
+//! claim was taken over meanwhile, rolls its effect back and answers 409 instead of
+//! applying it a second time.
 //!
 //! Asynchronous commands (`crate::commands`) write the key together with their request and
 //! its `202`, or with their refusal, in one statement, so their keys are never half-claimed;
@@ -16,6 +20,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
@@ -68,15 +73,19 @@ pub async fn run<T: Serialize>(
         return Ok(Outcome::Fresh(value));
     };
 
-    if let Some(replay) = claim(pool, scope, key, request).await? {
-        return Ok(Outcome::Replayed(replay));
-    }
+    let claimed = match claim(pool, scope, key, request).await? {
+        Claim::Held(claimed) => claimed,
+        Claim::Answered(replay) => return Ok(Outcome::Replayed(replay)),
+    };
 
     let attempt: Result<T> = async {
         let mut tx = pool.begin().await?;
         let value = work(&mut tx).await?;
         let body = serde_json::to_value(&value).map_err(ApiError::internal)?;
-        save_response(&mut *tx, scope, key, success, &body).await?;
+        if !save_response(&mut *tx, scope, key, claimed, success, &body).await? {
+            // Taken over while this request was running: the effect is rolled back.
+            return Err(in_use());
+        }
         tx.commit().await?;
         Ok(value)
     }
@@ -87,11 +96,12 @@ pub async fn run<T: Serialize>(
         Err(ApiError::Client(error)) => {
             let status = StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
             let body = serde_json::to_value(&error).map_err(ApiError::internal)?;
-            save_response(pool, scope, key, status, &body).await?;
+            // Saved only under this request's own claim (not over one that took it over).
+            save_response(pool, scope, key, claimed, status, &body).await?;
             Err(ApiError::Client(error))
         }
         Err(other) => {
-            if let Err(e) = release(pool, scope, key).await {
+            if let Err(e) = release(pool, scope, key, claimed).await {
                 tracing::warn!(error = %e, "cannot release an idempotency key; it frees itself when stale");
             }
             Err(other)
@@ -99,23 +109,24 @@ pub async fn run<T: Serialize>(
     }
 }
 
+/// A key claimed by this request (with its claim's time, its token), or the saved answer.
+enum Claim {
+    Held(DateTime<Utc>),
+    Answered(Response),
+}
+
 /// Claims the key, or returns the saved answer to replay. Errors with 409 while another
 /// request holds the key and 422 when the key was used for a different request.
-async fn claim(
-    pool: &PgPool,
-    scope: &str,
-    key: &str,
-    request: &serde_json::Value,
-) -> Result<Option<Response>> {
+async fn claim(pool: &PgPool, scope: &str, key: &str, request: &serde_json::Value) -> Result<Claim> {
     // Two rounds: a claim released between our insert and our read is free to take again.
     for _ in 0..2 {
-        let claimed: Option<bool> = sqlx::query_scalar(
+        let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
             "INSERT INTO idempotency_keys (scope, key, request) VALUES ($1, $2, $3)
              ON CONFLICT (scope, key) DO UPDATE SET locked_at = now()
                WHERE idempotency_keys.response_status IS NULL
                  AND idempotency_keys.request = EXCLUDED.request
                  AND idempotency_keys.locked_at < now() - make_interval(secs => $4)
-             RETURNING true",
+             RETURNING locked_at",
         )
         .bind(scope)
         .bind(key)
@@ -123,13 +134,13 @@ async fn claim(
         .bind(STALE_CLAIM_SECS)
         .fetch_optional(pool)
         .await?;
-        if claimed.is_some() {
-            return Ok(None);
+        if let Some(claimed) = claimed {
+            return Ok(Claim::Held(claimed));
         }
 
         match earlier_answer(pool, scope, key, request).await? {
             Earlier::Gone => continue,
-            Earlier::Answer(answer) => return answer.map(Some),
+            Earlier::Answer(answer) => return answer.map(Claim::Answered),
         }
     }
     Err(in_use())
@@ -263,31 +274,40 @@ fn replay(status: i16, body: serde_json::Value) -> Response {
     response
 }
 
+/// Saves the answer under the key while it still holds the claim made at `claimed`; false
+/// when another request has taken the claim over (or answered) since.
 async fn save_response(
     executor: impl PgExecutor<'_>,
     scope: &str,
     key: &str,
+    claimed: DateTime<Utc>,
     status: StatusCode,
     body: &serde_json::Value,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<bool> {
+    let saved = sqlx::query(
         "UPDATE idempotency_keys SET response_status = $3, response_body = $4
-         WHERE scope = $1 AND key = $2",
+         WHERE scope = $1 AND key = $2 AND locked_at = $5 AND response_status IS NULL",
     )
     .bind(scope)
     .bind(key)
     .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
     .bind(body)
+    .bind(claimed)
     .execute(executor)
     .await?;
-    Ok(())
+    Ok(saved.rows_affected() == 1)
 }
 
-async fn release(pool: &PgPool, scope: &str, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND response_status IS NULL")
-        .bind(scope)
-        .bind(key)
-        .execute(pool)
-        .await?;
+/// Frees the key, if it still holds this request's claim.
+async fn release(pool: &PgPool, scope: &str, key: &str, claimed: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys
+         WHERE scope = $1 AND key = $2 AND locked_at = $3 AND response_status IS NULL",
+    )
+    .bind(scope)
+    .bind(key)
+    .bind(claimed)
+    .execute(pool)
+    .await?;
     Ok(())
 }

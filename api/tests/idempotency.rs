@@ -150,3 +150,75 @@ async fn concurrent_requests_with_one_key_apply_the_effect_once() {
     assert!(answers.iter().any(|a| a.status == StatusCode::OK));
     assert_eq!(app.balance(user).await, 50);
 }
+
+/// Found in review: a request slower than the stale-claim age had its claim taken over by
+/// the client's retry, and both then committed: a charge applied twice. Now only the
+/// request that holds the claim when it commits applies its effect; the slow one rolls back
+/// and answers 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_whose_claim_was_taken_over_applies_nothing() {
+    let app = spawn_app().await;
+    let user = app.create_user("Kim").await;
+    let path = format!("/users/{user}/balance/charge");
+    let charge = || {
+        let (client, url) = (reqwest::Client::new(), app.url(&path));
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", "slow")
+                .json(&json!({ "amount": 1_000 }))
+                .send()
+                .await
+                .unwrap();
+            common::read(response).await
+        })
+    };
+    let claim_age = || async {
+        sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT extract(epoch FROM now() - locked_at)::float8 FROM idempotency_keys WHERE key = 'slow'",
+        )
+        .fetch_optional(&app.db)
+        .await
+        .unwrap()
+        .flatten()
+    };
+    let wait_for_claim = || async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !claim_age().await.is_some_and(|age| age < 30.0) {
+            assert!(tokio::time::Instant::now() < deadline, "no fresh claim");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+
+    // The balance row is held, so the first charge claims its key and then waits...
+    let mut blocker = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM balances WHERE user_id = $1 FOR UPDATE")
+        .bind(user)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let first = charge();
+    wait_for_claim().await;
+    // ...longer than a claim may live: its claim looks abandoned, and the retry takes it.
+    sqlx::query("UPDATE idempotency_keys SET locked_at = now() - interval '5 minutes' WHERE key = 'slow'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let retry = charge();
+    wait_for_claim().await;
+    blocker.rollback().await.unwrap();
+
+    let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
+    assert_eq!(first.status, StatusCode::CONFLICT, "{first:?}");
+    assert_eq!(first.code(), "ERR_IDEMPOTENCY_KEY_IN_USE");
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert_eq!(app.balance(user).await, 1_000, "charged once");
+    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM balance_transactions WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(ledger, 1);
+    let replay = app.post_with_key(&path, json!({ "amount": 1_000 }), "slow").await;
+    assert_eq!(replay.body, retry.body);
+}
