@@ -4,6 +4,13 @@
 //! creation `REJECTED`), so no request or order stays `PENDING` forever, and the message
 //! moves to the family's parked queue, where it stays for inspection and replay.
 //!
+//! One kind of death is not taken as poison at once: a command that ran out of deliveries
+//! (`delivery_limit`) with no worker having given up on it may only have been returned
+//! unread, again and again (a quorum queue counts every return: prefetched messages of a
+//! partition handed over, of a replica killed, of a broker restart). While its request is
+//! `PENDING`, it is sent back to its partition queue as a fresh message, up to
+//! [`REVIVALS`] times; a command that really kills whatever settles it still ends parked.
+//!
 //! A message that is not a command of its queue's family (a body no worker can decode, or
 //! a command of the other family) has no request of this family to fail: it is recorded in
 //! `unreadable_letters`, named by the MD5 of its body, and parked under that name for an
@@ -22,6 +29,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Context;
+
+/// How many times a command that ran out of deliveries, with no worker having given up on
+/// it, is sent back to its partition before it counts as poison. Each time costs up to
+/// `COMMAND_DELIVERY_LIMIT` deliveries, so a command that crashes its worker every time is
+/// parked after `(REVIVALS + 1) × COMMAND_DELIVERY_LIMIT` of them.
+pub const REVIVALS: i32 = 2;
 
 /// Drains both families' dead-letter queues until `shutdown`, reconnecting as needed.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
@@ -75,10 +88,24 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
             .filter(|m| m.kind.family() == family);
         // The parked copy's message id names it for `worker dead-letters`.
         let message_id = match command {
-            Some(message) => {
-                mark_failed(ctx, &message, &reason).await?;
-                message.request_id
-            }
+            Some(message) => match revive(ctx, &message, &reason).await? {
+                Some(partition_key) => {
+                    shared::command::publish(
+                        &ctx.publisher,
+                        topology,
+                        message.request_id,
+                        message.kind,
+                        partition_key,
+                    )
+                    .await?;
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                    continue;
+                }
+                None => {
+                    mark_failed(ctx, &message, &reason).await?;
+                    message.request_id
+                }
+            },
             None => record_unreadable(ctx, family, &delivery.data, &reason).await?,
         }
         .to_string();
@@ -95,6 +122,49 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
     }
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// Decides whether a dead command goes back to its partition rather than to the parked
+/// queue (see [`REVIVALS`]), and records it if so: its partition key, or `None` to park it.
+/// Committed before the caller publishes the fresh copy: a crash in between brings the dead
+/// letter back, and it is counted once more (the bound only comes sooner).
+async fn revive(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<Option<i64>, sqlx::Error> {
+    if reason != "delivery_limit" {
+        return Ok(None);
+    }
+    let mut tx = ctx.db.begin().await?;
+    let revivable: Option<i64> = sqlx::query_scalar(
+        "SELECT r.partition_key FROM requests r
+         WHERE r.id = $1 AND r.status = 'PENDING'
+           AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = r.id)
+           AND COALESCE((SELECT d.revivals FROM dead_letters d WHERE d.request_id = r.id), 0) < $2
+         FOR NO KEY UPDATE OF r",
+    )
+    .bind(message.request_id)
+    .bind(REVIVALS)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(partition_key) = revivable else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO dead_letters (request_id, family, kind, reason, revivals, resolution, resolved_at)
+         VALUES ($1, $2, $3, $4, 1, 'revived', now())
+         ON CONFLICT (request_id) DO UPDATE
+           SET revivals = dead_letters.revivals + 1, reason = EXCLUDED.reason, dead_at = now(),
+               resolution = 'revived', resolved_at = now()",
+    )
+    .bind(message.request_id)
+    .bind(message.kind.family().as_str())
+    .bind(message.kind.as_str())
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(request_id = %message.request_id, "a command ran out of deliveries without failing; sent back to its partition");
+    metrics::counter!("worker_commands_revived_total", "family" => message.kind.family().as_str())
+        .increment(1);
+    Ok(Some(partition_key))
 }
 
 /// Records a dead letter that is not a command of `family`; its id, the MD5 of its body.

@@ -593,3 +593,163 @@ async fn a_lease_held_without_a_consumer_is_handed_on_to_the_partitions_owner() 
     assert_eq!(holder().await, Some(owner));
     assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
 }
+
+/// Takes one delivery of the oldest message of `queue` and gives it back unread, as a
+/// consumer whose channel closes with prefetched messages does; false if it was empty.
+async fn return_unread(connection: &lapin::Connection, queue: &str) -> bool {
+    // A consumer, not basic.get: partition queues have a single active consumer.
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_qos(1, Default::default()).await.unwrap();
+    let mut deliveries = channel
+        .basic_consume(
+            queue.into(),
+            "returns-unread".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(500), deliveries.next())
+        .await
+        .is_ok_and(|d| d.is_some_and(|d| d.is_ok()));
+    channel.close(200, "returned unread".into()).await.unwrap();
+    got
+}
+
+/// Found in review: a quorum queue counts a message returned unread (prefetched by a
+/// consumer whose partition was handed over, killed or cut off) as a delivery, so a healthy
+/// command could be dead-lettered and its request failed without any worker having tried
+/// it. Such a command is now sent back to its partition, a bounded number of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounded_number_of_times() {
+    use shared::topology::Family;
+    let system = System::start(0).await;
+    let partitions = system.app.topology.partitions;
+    // Every partition is leased, for an hour, to a replica that does not run: the worker
+    // started below drains the dead letters but settles nothing until the leases are freed.
+    let absent = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO worker_replicas (id, name, heartbeat_at) VALUES ($1, 'absent', '-infinity')")
+        .bind(absent)
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO partition_leases (family, partition, owner, epoch, expires_at)
+         SELECT f, p, $1, 1, now() + interval '1 hour'
+         FROM unnest(ARRAY['coupon', 'order']) AS f, generate_series(0, $2 - 1) AS p",
+    )
+    .bind(absent)
+    .bind(i32::from(partitions))
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+    system.spawn_worker().await;
+
+    // Two requests on two partitions: one returned unread past its limit once, the other
+    // every time it comes back.
+    let (first, second) = loop {
+        let (a, b) = (system.coupon(10).await, system.coupon(10).await);
+        if shared::partition::partition_of(a, partitions) != shared::partition::partition_of(b, partitions) {
+            break (a, b);
+        }
+    };
+    let user = system.app.create_users(1).await[0];
+    let mut requests = Vec::new();
+    for coupon in [first, second] {
+        let issued = system.issue(coupon, user).await;
+        assert_eq!(issued.status, StatusCode::ACCEPTED, "{issued:?}");
+        let queue = system.app.topology.queue(
+            Family::Coupon,
+            shared::partition::partition_of(coupon, partitions),
+        );
+        requests.push((issued.body["requestId"].as_str().unwrap().to_owned(), queue));
+    }
+    let connection = lapin::Connection::connect(
+        &shared::config::BrokerSettings::from_env().unwrap().url,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let revivals = |id: String| {
+        let db = system.app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>("SELECT revivals FROM dead_letters WHERE request_id = $1::uuid")
+                .bind(id)
+                .fetch_optional(&db)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    // Returns the message unread until the broker dead-letters it, then waits for the
+    // dead-letter consumer's decision: sent back (counted), or failed.
+    let deliveries = system.app.topology.delivery_limit + 1;
+    let exhaust = |id: String, queue: String, expected: i32| {
+        let (connection, db) = (&connection, system.app.db.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + common::PATIENCE;
+            // Exactly its deliveries: a copy sent back must not be taken for this one.
+            for _ in 0..deliveries {
+                while !return_unread(connection, &queue).await {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "nothing to return in {queue}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            loop {
+                let (status, back): (String, bool) = sqlx::query_as(
+                    "SELECT r.status, COALESCE(d.revivals, 0) = $2
+                     FROM requests r LEFT JOIN dead_letters d ON d.request_id = r.id WHERE r.id = $1::uuid",
+                )
+                .bind(&id)
+                .bind(expected)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+                let requeued =
+                    shared::broker::queue_depth(&connection.create_channel().await.unwrap(), &queue)
+                        .await
+                        .unwrap()
+                        == 1;
+                if status == "FAILED" || (back && requeued) {
+                    return status;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no decision on {id}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // The second: sent back twice, still PENDING; the third time it is taken as poison.
+    let (id, queue) = requests[1].clone();
+    for round in 1..=worker::deadletters::REVIVALS {
+        assert_eq!(exhaust(id.clone(), queue.clone(), round).await, "PENDING");
+        assert_eq!(revivals(id.clone()).await, round);
+    }
+    assert_eq!(exhaust(id.clone(), queue.clone(), -1).await, "FAILED");
+    let failed = system.app.settled(&id, common::PATIENCE).await;
+    assert_eq!(
+        failed.body["error"]["code"], "ERR_PROCESSING_FAILED",
+        "{failed:?}"
+    );
+    let (ok, listed) = system.worker_command(&["dead-letters", "list"]).await;
+    assert!(
+        ok.success() && listed.starts_with("1 dead letter(s)") && listed.contains(&id),
+        "{listed}"
+    );
+
+    // The first: sent back once, then settled once its partition has a consumer again.
+    let (id, queue) = requests[0].clone();
+    assert_eq!(exhaust(id.clone(), queue, 1).await, "PENDING");
+    sqlx::query("UPDATE partition_leases SET owner = NULL, expires_at = '-infinity'")
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    let settled = system.app.settled(&id, common::PATIENCE).await;
+    assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
+    assert_eq!(system.assert_coupon_invariants(first).await, 1);
+    assert_eq!(system.assert_coupon_invariants(second).await, 0);
+    let _ = connection.close(200, "done".into()).await;
+}
