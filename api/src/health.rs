@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use shared::error::ErrorCode;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -15,16 +17,26 @@ use crate::AppState;
 /// broker connection's own retry).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When to ask again while not ready: the dependencies' clients reconnect within seconds.
+const RETRY_AFTER_SECS: &str = "1";
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(live)).routes(routes!(ready))
 }
 
+/// What `/health/ready` answers. While a dependency is down the answer is also the
+/// contract's error body (`ERR_UNAVAILABLE`, with `Retry-After`), beside which one it is.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     /// `UP` or `DOWN`.
     status: &'static str,
     postgres: &'static str,
     rabbitmq: &'static str,
+    /// `ERR_UNAVAILABLE`, while a dependency is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'static str>,
 }
 
 fn up(ok: bool) -> &'static str {
@@ -44,9 +56,12 @@ async fn live() -> StatusCode {
 /// 200 when PostgreSQL and RabbitMQ answer, else 503.
 #[utoipa::path(
     get, path = "/health/ready", tag = "operations",
-    responses((status = 200, body = Health), (status = 503, body = Health))
+    responses(
+        (status = 200, body = Health),
+        (status = 503, body = Health, headers(("Retry-After" = u32, description = "seconds to wait before asking again"))),
+    )
 )]
-async fn ready(State(state): State<AppState>) -> (StatusCode, axum::Json<Health>) {
+async fn ready(State(state): State<AppState>) -> Response {
     let postgres = async {
         tokio::time::timeout(CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(&state.db))
             .await
@@ -58,15 +73,21 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, axum::Json<Health>
             .unwrap_or(false)
     };
     let (postgres, rabbitmq) = tokio::join!(postgres, rabbitmq);
-    let status = if postgres && rabbitmq {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let ready = postgres && rabbitmq;
     let body = Health {
-        status: up(postgres && rabbitmq),
+        status: up(ready),
         postgres: up(postgres),
         rabbitmq: up(rabbitmq),
+        code: (!ready).then_some(ErrorCode::Unavailable.as_str()),
+        message: (!ready).then_some("a dependency is down; see postgres and rabbitmq"),
     };
-    (status, axum::Json(body))
+    if ready {
+        return (StatusCode::OK, axum::Json(body)).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS))],
+        axum::Json(body),
+    )
+        .into_response()
 }

@@ -15,6 +15,7 @@ async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
     assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
     assert_eq!(ready.body["postgres"], "UP");
     assert_eq!(ready.body["rabbitmq"], "UP");
+    assert!(ready.body.get("code").is_none(), "{ready:?}");
 }
 
 #[tokio::test]
@@ -38,6 +39,10 @@ async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.body["postgres"], "UP");
     assert_eq!(ready.body["rabbitmq"], "DOWN");
+    // The contract's error body and Retry-After, like every other 503.
+    assert_eq!(ready.code(), "ERR_UNAVAILABLE", "{ready:?}");
+    assert!(ready.body["message"].is_string(), "{ready:?}");
+    assert_eq!(ready.headers["retry-after"], "1");
     shutdown.cancel();
 }
 

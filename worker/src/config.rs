@@ -40,7 +40,15 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let default_name = format!("worker-{}", std::process::id());
+        // The host and the pid: replicas on one machine differ by pid, replicas in
+        // containers (where every pid is 1) by host name.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        let default_name = format!("worker-{host}-{}", std::process::id());
         Ok(Self {
             name: var("WORKER_NAME", default_name)?,
             metrics_addr: var("WORKER_METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9100)))?,
