@@ -239,6 +239,8 @@ pub struct CheckoutFacts {
     /// Products with the stock they started with.
     pub products: Vec<(i64, i64)>,
     pub coupon: i64,
+    /// Users who charged their balance through the API before ordering.
+    pub charged: Vec<i64>,
     /// Orders the client saw paid, with their users.
     pub paid: Vec<(i64, Uuid)>,
     pub expected_paid: i64,
@@ -268,6 +270,25 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
     )
     .await?;
     checks.expect_none("balance = CHARGE + REFUND - PAYMENT of its ledger", off_ledger);
+    // Charges sent again (no answer, 503, 409 while in flight) with their key: each user's
+    // charge is on the ledger exactly once, and only theirs.
+    let miscounted = count(
+        db,
+        "SELECT count(*) FROM unnest($1::bigint[]) AS u(user_id)
+         WHERE (SELECT count(*) FROM balance_transactions t
+                WHERE t.user_id = u.user_id AND t.kind = 'CHARGE' AND t.amount = $3)
+               <> CASE WHEN u.user_id = ANY($2) THEN 1 ELSE 0 END",
+        |q| {
+            q.bind(users.clone())
+                .bind(facts.charged.clone())
+                .bind(crate::scenarios::checkout::CHARGE)
+        },
+    )
+    .await?;
+    checks.expect_none(
+        "each charge applied exactly once, and only by the users who sent one",
+        miscounted,
+    );
     let stale_after = count(
         db,
         "SELECT count(*) FROM balances b

@@ -152,6 +152,10 @@ pub struct CheckoutArgs {
     /// Share of users who hold a coupon and pay with it.
     #[arg(long, default_value_t = 0.2)]
     pub coupon_share: f64,
+    /// Share of users who first charge their balance (`POST /users/{id}/balance/charge`
+    /// with an `Idempotency-Key`), so that charges and their keys are exercised too.
+    #[arg(long, default_value_t = 0.0)]
+    pub charge_share: f64,
     /// First wait before polling a pending request; grows 1.5x up to --poll-max-ms.
     #[arg(long, default_value_t = 20)]
     pub poll_initial_ms: u64,
@@ -291,8 +295,10 @@ pub struct FaultsArgs {
     /// Checkout: journeys (order, then payment) started per second.
     #[arg(long, default_value_t = 15.0)]
     pub checkout_rate: f64,
-    /// How long a dependency stays down when it is restarted.
-    #[arg(long, default_value_t = 5)]
+    /// How long a dependency stays down when it is restarted: longer than the leases
+    /// (`WORKER_LEASE_TTL_MS`, 6 s) and the replicas' presence (5 s), so that a database
+    /// outage lets every lease expire and the replicas must take them again.
+    #[arg(long, default_value_t = 10)]
     pub outage_secs: u64,
     /// kill-workers: seconds between one recovery and the next kill.
     #[arg(long, default_value_t = 3)]

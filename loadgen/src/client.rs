@@ -201,9 +201,9 @@ impl Api {
     }
 
     /// `POST /users/{userId}/balance/charge`.
-    pub async fn charge(&self, user: i64, amount: i64) -> anyhow::Result<Answer> {
+    pub async fn charge(&self, user: i64, amount: i64, key: Option<&str>) -> anyhow::Result<Answer> {
         let path = format!("/users/{user}/balance/charge");
-        self.send(self.post(&path, &json!({ "amount": amount }), None))
+        self.send(self.post(&path, &json!({ "amount": amount }), key))
             .await
     }
 

@@ -152,7 +152,7 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
     let mut users = Vec::new();
     for name in ["Ann", "Bob", "Cat", "Dan", "Eve", "Fay"] {
         let user = api.create_user(name).await.unwrap();
-        let charged = api.charge(user, 100_000).await.unwrap();
+        let charged = api.charge(user, 100_000, None).await.unwrap();
         assert_eq!(charged.status, 200, "{charged:?}");
         users.push(user);
     }
@@ -370,4 +370,66 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
             "after repairing {damage:?}"
         );
     }
+}
+
+/// The checkout's charge check can fail: a charge sent again with its key is on the ledger
+/// once and passes; a second copy of it, or a charge by a user who was not to send one,
+/// fails it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkout_charge_check_counts_each_charge_once() {
+    use loadgen::scenarios::checkout::CHARGE;
+    let world = World::start().await;
+    let api = world.api.clone();
+    let (ann, bob) = (
+        api.create_user("Ann").await.unwrap(),
+        api.create_user("Bob").await.unwrap(),
+    );
+    for _ in 0..2 {
+        let charged = api
+            .charge(ann, CHARGE, Some("checkout-ann-charge"))
+            .await
+            .unwrap();
+        assert_eq!(charged.status, 200, "{charged:?}");
+    }
+    let coupon = api.create_coupon("C", 1_000, 1).await.unwrap();
+    let facts = checks::CheckoutFacts {
+        users: vec![ann, bob],
+        products: Vec::new(),
+        coupon,
+        charged: vec![ann],
+        paid: Vec::new(),
+        expected_paid: 0,
+        unexpected_answers: 0,
+        failed_journeys: 0,
+    };
+    let holds = || async {
+        checks::checkout(&world.db, &api, &facts)
+            .await
+            .unwrap()
+            .into_vec()
+            .into_iter()
+            .find(|c| c.name == "each charge applied exactly once, and only by the users who sent one")
+            .expect("the check runs")
+            .passed
+    };
+    assert!(holds().await, "a charge retried with its key counts once");
+
+    world
+        .execute(&format!(
+            "INSERT INTO balance_transactions (user_id, kind, amount, balance_after)
+             VALUES ({ann}, 'CHARGE', {CHARGE}, {})",
+            2 * CHARGE
+        ))
+        .await;
+    assert!(!holds().await, "a charge applied twice");
+    world
+        .execute(&format!(
+            "DELETE FROM balance_transactions WHERE id = (SELECT max(id) FROM balance_transactions WHERE user_id = {ann})"
+        ))
+        .await;
+    assert!(holds().await);
+
+    let charged = api.charge(bob, CHARGE, None).await.unwrap();
+    assert_eq!(charged.status, 200, "{charged:?}");
+    assert!(!holds().await, "a charge nobody sent");
 }

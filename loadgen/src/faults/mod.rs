@@ -367,6 +367,7 @@ fn loads(
         users: ((args.checkout_rate * seconds) as usize).max(1),
         products: 20,
         coupon_share: 0.2,
+        charge_share: 0.5,
         poll_initial_ms: 20,
         poll_max_ms: 500,
     };

@@ -2,9 +2,9 @@
 //!
 //! Recovered means, all at once: the api answers ready (it reaches PostgreSQL and RabbitMQ),
 //! every partition of both command families is leased to a replica that is running now,
-//! every running replica holds at least one (the load is spread again), and commands settle
-//! (one settled after the repair, or none is waiting). Measured from the repair: the moment
-//! the stopped part was started again.
+//! every running replica holds at least one (the load is spread again), and the backlog is
+//! gone: every request accepted before the repair has reached a terminal status. Measured
+//! from the repair: the moment the stopped part was started again.
 
 use std::time::Duration;
 
@@ -23,15 +23,15 @@ pub struct State {
     pub ready: bool,
     pub leased: i64,
     pub holders: i64,
-    pub settling: bool,
+    pub caught_up: bool,
 }
 
 impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ready {}, {} partitions leased to running replicas, {} of them holding some, settling {}",
-            self.ready, self.leased, self.holders, self.settling
+            "ready {}, {} partitions leased to running replicas, {} of them holding some, backlog from before the repair settled {}",
+            self.ready, self.leased, self.holders, self.caught_up
         )
     }
 }
@@ -68,15 +68,14 @@ impl Watch {
     /// Reads the state into `state`; whether it is whole, or `None` if it could not be read.
     async fn read(&self, since: DateTime<Utc>, workers: &[String], state: &mut State) -> Option<bool> {
         state.ready = matches!(self.api.get("/health/ready").await, Ok(a) if a.status == 200);
-        let (leased, holders, settling): (i64, i64, bool) = sqlx::query_as(
+        let (leased, holders, caught_up): (i64, i64, bool) = sqlx::query_as(
             "WITH live AS (
                 SELECT l.family, l.partition, r.name FROM partition_leases l
                 JOIN worker_replicas r ON r.id = l.owner
                 WHERE l.expires_at > now() AND r.name = ANY($1))
              SELECT (SELECT count(*) FROM live),
                     (SELECT count(DISTINCT name) FROM live),
-                    EXISTS (SELECT 1 FROM requests WHERE completed_at > $2)
-                      OR NOT EXISTS (SELECT 1 FROM requests WHERE status = 'PENDING')",
+                    NOT EXISTS (SELECT 1 FROM requests WHERE status = 'PENDING' AND created_at <= $2)",
         )
         .bind(workers)
         .bind(since)
@@ -85,11 +84,11 @@ impl Watch {
         .ok()?;
         state.leased = leased;
         state.holders = holders;
-        state.settling = settling;
+        state.caught_up = caught_up;
         let everyone_holds = holders
             == i64::try_from(workers.len())
                 .unwrap_or(i64::MAX)
                 .min(2 * self.partitions);
-        Some(state.ready && leased == 2 * self.partitions && everyone_holds && settling)
+        Some(state.ready && leased == 2 * self.partitions && everyone_holds && caught_up)
     }
 }

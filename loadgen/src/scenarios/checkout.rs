@@ -1,4 +1,5 @@
-//! `checkout`: every user places an order (`POST /orders`), polls until it is `RESERVED`,
+//! `checkout`: every user (a share of them after charging their balance, with an
+//! `Idempotency-Key`) places an order (`POST /orders`), polls until it is `RESERVED`,
 //! pays (`POST /orders/{id}/payment`, a share of them with a coupon they hold), and polls
 //! until the payment is settled. A journey is one job: closed loop, `--concurrency` users
 //! shop at once; open loop, journeys start at `--rate` per second.
@@ -37,6 +38,9 @@ use crate::setup;
 const BALANCE: i64 = 1_000_000;
 /// Discount of the coupon some users pay with.
 const DISCOUNT: i64 = 1_000;
+/// What a charging user adds to their balance: unlike the seeded balance, so that the
+/// checks can count the charges made through the API.
+pub const CHARGE: i64 = 10_000;
 
 /// One user's purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,17 +48,21 @@ pub struct Journey {
     pub user: i64,
     pub product: i64,
     pub coupon: Option<i64>,
+    /// Whether the user charges [`CHARGE`] first.
+    pub charge: bool,
 }
 
 /// Users in random order, each buying one unit of the product after the last one's, the
-/// first `holders` of them paying with `coupon`.
+/// first `holders` of them paying with `coupon`, the last `chargers` charging first.
 pub fn plan_journeys(
     users: &[i64],
     products: &[i64],
     coupon: i64,
     holders: usize,
+    chargers: usize,
     seed: u64,
 ) -> Vec<Journey> {
+    let first_charger = users.len().saturating_sub(chargers);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order = users.to_vec();
     order.shuffle(&mut rng);
@@ -66,6 +74,7 @@ pub fn plan_journeys(
                 user,
                 product: *products.get(i % products.len().max(1))?,
                 coupon: (i < holders).then_some(coupon),
+                charge: i >= first_charger,
             })
         })
         .collect()
@@ -132,6 +141,21 @@ impl Shop {
 
     async fn shop(&self, journey: &Journey, intended: Instant) -> Result<Uuid, Stop> {
         let user = journey.user;
+        if journey.charge {
+            let label = "POST /users/{id}/balance/charge";
+            let sent = Instant::now();
+            let charged = self
+                .api
+                .charge(user, CHARGE, Some(&format!("checkout-{user}-charge")))
+                .await;
+            self.recorder.record(label, sent.elapsed());
+            let charged = charged.map_err(|e| Stop::Unexpected(format!("{label}: transport error: {e}")))?;
+            let outcome = format!("{label} {}", charged.outcome());
+            if charged.status != 200 {
+                return Err(Stop::Unexpected(outcome));
+            }
+            self.outcomes.count(&outcome, true);
+        }
         let created = self
             .api
             .create_order(user, journey.product, 1, &format!("checkout-{user}-order"))
@@ -230,7 +254,9 @@ async fn fixture(
             i64::try_from(holders.max(1)).unwrap_or(1),
         )
         .await?;
-    let plan = plan_journeys(&users, &products, coupon, holders, seed);
+    let chargers =
+        ((args.charge_share.clamp(0.0, 1.0) * users.len() as f64).round() as usize).min(users.len());
+    let plan = plan_journeys(&users, &products, coupon, holders, chargers, seed);
     let holder_ids: Vec<i64> = plan
         .iter()
         .filter(|j| j.coupon.is_some())
@@ -319,6 +345,7 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
         common.pace().describe()
     );
 
+    let charged: Vec<i64> = plan.iter().filter(|j| j.charge).map(|j| j.user).collect();
     let shop = Arc::new(Shop::new(harness.api.clone(), args));
     let window = harness.begin().await;
     let load = Arc::clone(&shop);
@@ -397,6 +424,7 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
         users: users.clone(),
         products: product_ids.iter().map(|id| (*id, stock)).collect(),
         coupon,
+        charged,
         paid: paid_seen,
         expected_paid: users.len() as i64,
         unexpected_answers: shop.outcomes.unexpected(),
@@ -441,11 +469,12 @@ mod tests {
     #[test]
     fn users_are_spread_evenly_over_the_products_and_holders_pay_with_the_coupon() {
         let users: Vec<i64> = (1..=10).collect();
-        let plan = plan_journeys(&users, &[100, 200, 300], 9, 4, 3);
+        let plan = plan_journeys(&users, &[100, 200, 300], 9, 4, 2, 3);
         assert_eq!(plan.len(), 10);
         let per_product = |p: i64| plan.iter().filter(|j| j.product == p).count();
         assert_eq!((per_product(100), per_product(200), per_product(300)), (4, 3, 3));
         assert_eq!(plan.iter().filter(|j| j.coupon == Some(9)).count(), 4);
+        assert_eq!(plan.iter().filter(|j| j.charge).count(), 2);
         let mut seen: Vec<i64> = plan.iter().map(|j| j.user).collect();
         seen.sort_unstable();
         assert_eq!(seen, users, "every user once");
