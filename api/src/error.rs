@@ -8,7 +8,7 @@ use shared::error::{ErrorBody, ErrorCode};
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 /// Seconds a client should wait before retrying after a 503 or a 429.
-const RETRY_AFTER_UNAVAILABLE: &str = "1";
+pub(crate) const RETRY_AFTER_UNAVAILABLE: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -11,14 +11,12 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::error::RETRY_AFTER_UNAVAILABLE;
 use crate::AppState;
 
 /// A dependency that takes longer than this to answer counts as down (long enough for the
 /// broker connection's own retry).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// When to ask again while not ready: the dependencies' clients reconnect within seconds.
-const RETRY_AFTER_SECS: &str = "1";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(live)).routes(routes!(ready))
@@ -86,7 +84,10 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        [(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS))],
+        [(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE),
+        )],
         axum::Json(body),
     )
         .into_response()

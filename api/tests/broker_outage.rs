@@ -5,16 +5,12 @@
 
 mod common;
 
-use common::{socket_of, spawn_app_with, Proxy};
+use common::{socket_of, spawn_app_with, Proxy, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() {
-    let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
-    let proxy = Proxy::start(socket_of(&broker_url)).await;
-    let proxied = proxy.url_for(&broker_url);
-    let app = spawn_app_with(|config| config.broker.url = proxied).await;
+/// A user, and the issue path of a coupon they can request.
+async fn user_and_coupon(app: &TestApp) -> (i64, String) {
     let user = app.create_user("Ann").await;
     let coupon = app
         .create_coupon(json!({
@@ -22,7 +18,16 @@ async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() 
             "expiresAt": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339(),
         }))
         .await;
-    let path = format!("/coupons/{coupon}/issue");
+    (user, format!("/coupons/{coupon}/issue"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() {
+    let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
+    let proxy = Proxy::start(socket_of(&broker_url)).await;
+    let proxied = proxy.url_for(&broker_url);
+    let app = spawn_app_with(|config| config.broker.url = proxied).await;
+    let (user, path) = user_and_coupon(&app).await;
     let patience = std::time::Duration::from_secs(60);
     app.eventually(StatusCode::OK, patience, || app.get("/health/ready"))
         .await;
@@ -97,14 +102,7 @@ async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_e
     };
     // The API's pool goes through the proxy; the test reads the database directly.
     let direct = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    let user = app.create_user("Ann").await;
-    let coupon = app
-        .create_coupon(json!({
-            "name": "C", "discountType": "FIXED", "discountValue": 100, "totalQuantity": 5,
-            "expiresAt": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339(),
-        }))
-        .await;
-    let path = format!("/coupons/{coupon}/issue");
+    let (user, path) = user_and_coupon(&app).await;
 
     // The broker takes the message but its confirm never comes; once the request is
     // stored, PostgreSQL goes away too, so it cannot be withdrawn.

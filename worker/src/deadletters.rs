@@ -86,10 +86,11 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
         let command = serde_json::from_slice::<CommandMessage>(&delivery.data)
             .ok()
             .filter(|m| m.kind.family() == family);
-        // The parked copy's message id names it for `worker dead-letters`.
-        let message_id = match command {
-            Some(message) => match revive(ctx, &message, &reason).await? {
-                Some(partition_key) => {
+        // What is parked carries, as its message id, the name `worker dead-letters` knows
+        // it by; a command sent back is not parked at all.
+        let parked_as = match command {
+            Some(message) => match decide(ctx, &message, &reason).await? {
+                Fate::SentBack(partition_key) => {
                     shared::command::publish(
                         &ctx.publisher,
                         topology,
@@ -98,73 +99,27 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
                         partition_key,
                     )
                     .await?;
-                    delivery.acker.ack(BasicAckOptions::default()).await?;
-                    continue;
+                    None
                 }
-                None => {
-                    mark_failed(ctx, &message, &reason).await?;
-                    message.request_id
-                }
+                Fate::Parked => Some(message.request_id),
             },
-            None => record_unreadable(ctx, family, &delivery.data, &reason).await?,
+            None => Some(record_unreadable(ctx, family, &delivery.data, &reason).await?),
+        };
+        if let Some(id) = parked_as {
+            ctx.publisher
+                .publish(
+                    "",
+                    &topology.parked_queue(family),
+                    &id.to_string(),
+                    &delivery.data,
+                    true,
+                )
+                .await?;
         }
-        .to_string();
-        ctx.publisher
-            .publish(
-                "",
-                &topology.parked_queue(family),
-                &message_id,
-                &delivery.data,
-                true,
-            )
-            .await?;
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
-}
-
-/// Decides whether a dead command goes back to its partition rather than to the parked
-/// queue (see [`REVIVALS`]), and records it if so: its partition key, or `None` to park it.
-/// Committed before the caller publishes the fresh copy: a crash in between brings the dead
-/// letter back, and it is counted once more (the bound only comes sooner).
-async fn revive(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<Option<i64>, sqlx::Error> {
-    if reason != "delivery_limit" {
-        return Ok(None);
-    }
-    let mut tx = ctx.db.begin().await?;
-    let revivable: Option<i64> = sqlx::query_scalar(
-        "SELECT r.partition_key FROM requests r
-         WHERE r.id = $1 AND r.status = 'PENDING'
-           AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = r.id)
-           AND COALESCE((SELECT d.revivals FROM dead_letters d WHERE d.request_id = r.id), 0) < $2
-         FOR NO KEY UPDATE OF r",
-    )
-    .bind(message.request_id)
-    .bind(REVIVALS)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(partition_key) = revivable else {
-        return Ok(None);
-    };
-    sqlx::query(
-        "INSERT INTO dead_letters (request_id, family, kind, reason, revivals, resolution, resolved_at)
-         VALUES ($1, $2, $3, $4, 1, 'revived', now())
-         ON CONFLICT (request_id) DO UPDATE
-           SET revivals = dead_letters.revivals + 1, reason = EXCLUDED.reason, dead_at = now(),
-               resolution = 'revived', resolved_at = now()",
-    )
-    .bind(message.request_id)
-    .bind(message.kind.family().as_str())
-    .bind(message.kind.as_str())
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    tracing::warn!(request_id = %message.request_id, "a command ran out of deliveries without failing; sent back to its partition");
-    metrics::counter!("worker_commands_revived_total", "family" => message.kind.family().as_str())
-        .increment(1);
-    Ok(Some(partition_key))
 }
 
 /// Records a dead letter that is not a command of `family`; its id, the MD5 of its body.
@@ -237,16 +192,46 @@ fn death_reason(properties: &lapin::BasicProperties) -> String {
     reason.unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Records the dead letter for operators (`worker dead-letters`), with the worker's note of
-/// why it gave up, then marks its request failed and, for an order's creation, rejects the
-/// order, which would otherwise stay `PENDING` for ever. One transaction: a crash leaves
-/// the message unacked, it comes back and all of it runs again.
-async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<(), sqlx::Error> {
+/// What becomes of a dead command.
+enum Fate {
+    /// Sent back to its partition (see [`REVIVALS`]), by the key it is partitioned on.
+    SentBack(i64),
+    /// Recorded for operators, its request failed: its message goes to the parked queue.
+    Parked,
+}
+
+/// Decides what becomes of a dead command and records it, in one transaction committed
+/// before the caller publishes anything: a crash leaves the message unacked, it comes back
+/// and all of it runs again (a command sent back is then counted once more, so the bound
+/// only comes sooner).
+async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result<Fate, sqlx::Error> {
+    let family = message.kind.family().as_str();
     let mut tx = ctx.db.begin().await?;
-    // The worker's note of why it gave up, if it rejected the message, moves to the letter.
-    // A second copy of the same death (dead-lettering is at least once) finds no note and
-    // keeps the detail the first one brought; a detail from a death already dealt with
-    // belongs to that one, not this.
+    if let Some(partition_key) = revivable(&mut tx, message, reason).await? {
+        sqlx::query(
+            "INSERT INTO dead_letters (request_id, family, kind, reason, revivals, resolution, resolved_at)
+             VALUES ($1, $2, $3, $4, 1, 'revived', now())
+             ON CONFLICT (request_id) DO UPDATE
+               SET revivals = dead_letters.revivals + 1, reason = EXCLUDED.reason, dead_at = now(),
+                   resolution = 'revived', resolved_at = now()",
+        )
+        .bind(message.request_id)
+        .bind(family)
+        .bind(message.kind.as_str())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(request_id = %message.request_id, "a command ran out of deliveries without failing; sent back to its partition");
+        metrics::counter!("worker_commands_revived_total", "family" => family).increment(1);
+        return Ok(Fate::SentBack(partition_key));
+    }
+
+    // Recorded for operators with the worker's note of why it gave up, if it rejected the
+    // message; then its request is failed and, for an order's creation, its order
+    // rejected (it would otherwise stay `PENDING` for ever). A second copy of the same
+    // death (dead-lettering is at least once) finds no note and keeps the detail the first
+    // one brought; a detail from a death already dealt with belongs to that one, not this.
     sqlx::query(
         "WITH note AS (DELETE FROM settle_failures WHERE request_id = $1 RETURNING detail)
          INSERT INTO dead_letters (request_id, family, kind, reason, detail)
@@ -257,7 +242,7 @@ async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> R
                                  CASE WHEN dead_letters.resolution IS NULL THEN dead_letters.detail END)",
     )
     .bind(message.request_id)
-    .bind(message.kind.family().as_str())
+    .bind(family)
     .bind(message.kind.as_str())
     .bind(reason)
     .execute(&mut *tx)
@@ -270,7 +255,32 @@ async fn mark_failed(ctx: &Context, message: &CommandMessage, reason: &str) -> R
     tx.commit().await?;
     if marked {
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
-        metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => message.kind.family().as_str()).increment(1);
+        metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => family).increment(1);
     }
-    Ok(())
+    Ok(Fate::Parked)
+}
+
+/// The partition key of a dead command that goes back to its partition rather than to the
+/// parked queue, its request row locked; `None` to park it. Only a command that ran out of
+/// deliveries, whose request is still `PENDING`, that no worker gave up on (no note), and
+/// that was sent back fewer than [`REVIVALS`] times.
+async fn revivable(
+    tx: &mut sqlx::PgConnection,
+    message: &CommandMessage,
+    reason: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    if reason != "delivery_limit" {
+        return Ok(None);
+    }
+    sqlx::query_scalar(
+        "SELECT r.partition_key FROM requests r
+         WHERE r.id = $1 AND r.status = 'PENDING'
+           AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = r.id)
+           AND COALESCE((SELECT d.revivals FROM dead_letters d WHERE d.request_id = r.id), 0) < $2
+         FOR NO KEY UPDATE OF r",
+    )
+    .bind(message.request_id)
+    .bind(REVIVALS)
+    .fetch_optional(tx)
+    .await
 }

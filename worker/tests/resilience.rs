@@ -331,12 +331,7 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
 async fn partition_queues_dead_letter_at_least_once() {
     let system = System::start(0).await;
     let topology = &system.app.topology;
-    let conn = lapin::Connection::connect(
-        &shared::config::BrokerSettings::from_env().unwrap().url,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let conn = common::broker_connection().await;
     // RabbitMQ refuses to re-declare a queue with other arguments than it has: a partition
     // queue declared without the at-least-once strategy is refused (406), with it accepted.
     let declare = |strategy: Option<&'static str>| {
@@ -664,12 +659,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
         );
         requests.push((issued.body["requestId"].as_str().unwrap().to_owned(), queue));
     }
-    let connection = lapin::Connection::connect(
-        &shared::config::BrokerSettings::from_env().unwrap().url,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let connection = common::broker_connection().await;
     let revivals = |id: String| {
         let db = system.app.db.clone();
         async move {

@@ -129,10 +129,21 @@ impl Shop {
         answer: anyhow::Result<Answer>,
         latency: Duration,
     ) -> Result<Answer, Stop> {
+        self.answered(label, answer, latency, 202)
+    }
+
+    /// Records an answer that should be `status`; the answer, or why not.
+    fn answered(
+        &self,
+        label: &str,
+        answer: anyhow::Result<Answer>,
+        latency: Duration,
+        status: u16,
+    ) -> Result<Answer, Stop> {
         self.recorder.record(label, latency);
         let answer = answer.map_err(|e| Stop::Unexpected(format!("{label}: transport error: {e}")))?;
         let outcome = format!("{label} {}", answer.outcome());
-        if answer.status != 202 {
+        if answer.status != status {
             return Err(Stop::Unexpected(outcome));
         }
         self.outcomes.count(&outcome, true);
@@ -142,19 +153,12 @@ impl Shop {
     async fn shop(&self, journey: &Journey, intended: Instant) -> Result<Uuid, Stop> {
         let user = journey.user;
         if journey.charge {
-            let label = "POST /users/{id}/balance/charge";
             let sent = Instant::now();
             let charged = self
                 .api
                 .charge(user, CHARGE, Some(&format!("checkout-{user}-charge")))
                 .await;
-            self.recorder.record(label, sent.elapsed());
-            let charged = charged.map_err(|e| Stop::Unexpected(format!("{label}: transport error: {e}")))?;
-            let outcome = format!("{label} {}", charged.outcome());
-            if charged.status != 200 {
-                return Err(Stop::Unexpected(outcome));
-            }
-            self.outcomes.count(&outcome, true);
+            self.answered("POST /users/{id}/balance/charge", charged, sent.elapsed(), 200)?;
         }
         let created = self
             .api

@@ -434,6 +434,25 @@ impl System {
     }
 }
 
+/// A connection of the test's own to the broker.
+pub async fn broker_connection() -> lapin::Connection {
+    lapin::Connection::connect(
+        &shared::config::BrokerSettings::from_env().unwrap().url,
+        Default::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// A connection of the test's own and a channel on it in confirm mode: what a test
+/// publishes there is in its queue once the publish returns.
+async fn confirmed_channel() -> (lapin::Connection, lapin::Channel) {
+    let connection = broker_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    (connection, channel)
+}
+
 /// A family's parked queue, on a connection of its own with confirmed publishes: what a
 /// test parks is in the queue before the test goes on.
 pub struct ParkedQueue {
@@ -444,14 +463,7 @@ pub struct ParkedQueue {
 
 impl System {
     pub async fn parked_queue(&self, family: shared::topology::Family) -> ParkedQueue {
-        let connection = lapin::Connection::connect(
-            &shared::config::BrokerSettings::from_env().unwrap().url,
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel.confirm_select(Default::default()).await.unwrap();
+        let (connection, channel) = confirmed_channel().await;
         ParkedQueue {
             name: self.app.topology.parked_queue(family),
             channel,
@@ -502,14 +514,7 @@ impl System {
     /// Publishes `body` as it is to partition `partition` of `family`, confirmed, as a
     /// foreign or broken publisher would: no request stands behind it.
     pub async fn send_raw(&self, family: shared::topology::Family, partition: u16, body: &[u8]) {
-        let connection = lapin::Connection::connect(
-            &shared::config::BrokerSettings::from_env().unwrap().url,
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel.confirm_select(Default::default()).await.unwrap();
+        let (connection, channel) = confirmed_channel().await;
         let topology = &self.app.topology;
         let confirm = channel
             .basic_publish(
