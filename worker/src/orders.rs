@@ -7,6 +7,7 @@
 //! either applies all its effects or, refused, none: a refusal is a decision, not an error,
 //! and does not roll the batch back.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -96,6 +97,86 @@ pub async fn settle(
         decisions.push(decision);
     }
     Ok(decisions)
+}
+
+/// `pending` with the creation of every order it pays for settled first, where that
+/// creation is still `PENDING` and does not come earlier in the batch.
+///
+/// A user's commands share a partition, so a creation is normally settled before any
+/// payment of its order. It comes later only when its message does: the api's publish was
+/// not confirmed and the sweeper sent it after the payment, or it was dead-lettered and
+/// sent back. The payment would then find its order `PENDING` and be refused, although the
+/// contract accepts a payment of a `PENDING` order. The creation's command is stored with
+/// its request, so it is settled here, in the payment's transaction; its late message then
+/// finds its request terminal and is acked as a duplicate.
+///
+/// The creations' request rows are locked after the batch's own (all of one partition,
+/// whose lease this transaction holds) and before any order or product, the order that
+/// every settlement follows.
+pub async fn with_creations_first(
+    conn: &mut PgConnection,
+    pending: Vec<PendingRequest>,
+) -> Result<Vec<PendingRequest>, SettleError> {
+    let paid: Vec<Uuid> = pending
+        .iter()
+        .filter(|r| r.kind == RequestKind::OrderPay)
+        .filter_map(|r| serde_json::from_value::<OrderPay>(r.payload.clone()).ok())
+        .map(|pay| pay.order_id)
+        .collect();
+    if paid.is_empty() {
+        return Ok(pending);
+    }
+    let creations: Vec<(Uuid, Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT o.id, r.id, r.payload, r.created_at
+         FROM orders o JOIN requests r ON r.id = o.create_request_id
+         WHERE o.id = ANY($1) AND o.status = 'PENDING'
+           AND r.status = 'PENDING' AND r.kind = $2
+         ORDER BY r.id FOR NO KEY UPDATE OF r",
+    )
+    .bind(&paid)
+    .bind(RequestKind::OrderCreate.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    if creations.is_empty() {
+        return Ok(pending);
+    }
+    let mut creation_of: HashMap<Uuid, PendingRequest> = creations
+        .into_iter()
+        .map(|(order, id, payload, created_at)| {
+            let request = PendingRequest {
+                id,
+                kind: RequestKind::OrderCreate,
+                payload,
+                created_at,
+            };
+            (order, request)
+        })
+        .collect();
+    let mut emitted = HashSet::new();
+    let mut ordered = Vec::with_capacity(pending.len() + creation_of.len());
+    for request in pending {
+        if emitted.contains(&request.id) {
+            // A creation's own message, later in this batch than its payment.
+            continue;
+        }
+        if request.kind == RequestKind::OrderPay {
+            let creation = serde_json::from_value::<OrderPay>(request.payload.clone())
+                .ok()
+                .and_then(|pay| creation_of.remove(&pay.order_id));
+            // Not when the creation came earlier in the batch: it is settled first anyway.
+            if let Some(creation) = creation.filter(|c| emitted.insert(c.id)) {
+                tracing::info!(
+                    request_id = %creation.id,
+                    payment_request_id = %request.id,
+                    "settling an order's creation before its payment, whose message came first"
+                );
+                ordered.push(creation);
+            }
+        }
+        emitted.insert(request.id);
+        ordered.push(request);
+    }
+    Ok(ordered)
 }
 
 /// An order's status with one of its lines (line fields are NULL for an order without

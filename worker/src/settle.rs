@@ -311,9 +311,16 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
         });
     }
 
-    let decisions = match lease.family {
-        Family::Coupon => coupons::settle(&mut tx, &pending).await?,
-        Family::Order => orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?,
+    let (pending, decisions) = match lease.family {
+        Family::Coupon => {
+            let decisions = coupons::settle(&mut tx, &pending).await?;
+            (pending, decisions)
+        }
+        Family::Order => {
+            let pending = orders::with_creations_first(&mut tx, pending).await?;
+            let decisions = orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?;
+            (pending, decisions)
+        }
     };
     write_outcomes(&mut tx, &pending, &decisions).await?;
     tx.commit().await?;

@@ -319,6 +319,91 @@ async fn a_users_create_and_pay_sent_back_to_back_are_settled_in_that_order() {
     );
 }
 
+/// A creation whose message comes after its payment's (its publish was not confirmed and
+/// the sweeper sends it late) is settled first, in the payment's transaction; its late
+/// message then changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first() {
+    let system = System::start(0).await;
+    let product = system.product(2_000, 5).await;
+    let user = system.app.create_users(1).await[0];
+    assert_eq!(system.app.charge(user, 10_000).await.status, StatusCode::OK);
+    let created = system.order(user, &[(product, 2)]).await;
+    assert_eq!(created.status, StatusCode::ACCEPTED, "{created:?}");
+    let create = created.body["requestId"].as_str().unwrap().to_owned();
+    let order = created.body["orderId"].as_str().unwrap().to_owned();
+
+    // No worker yet: the creation's message is still in its partition queue. Take it out,
+    // and leave its request as an api that died before the confirm does: unpublished, with
+    // the sweeper not due for an hour.
+    let topology = &system.app.topology;
+    let partition = shared::partition::partition_of(user, topology.partitions);
+    let queue = topology.queue(shared::topology::Family::Order, partition);
+    let connection = common::broker_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let purged = channel
+        .queue_purge(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 1, "the creation's message was in {queue}");
+    sqlx::query(
+        "UPDATE requests SET published = false, publish_after = now() + interval '1 hour' WHERE id = $1::uuid",
+    )
+    .bind(&create)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
+
+    let paid = system.pay(&order, user, None).await;
+    assert_eq!(paid.status, StatusCode::ACCEPTED, "{paid:?}");
+    let pay = paid.body["requestId"].as_str().unwrap().to_owned();
+    system.spawn_worker().await;
+    assert_eq!(system.outcome(&pay).await, "SUCCEEDED");
+    assert_eq!(system.outcome(&create).await, "SUCCEEDED");
+    let creation_settled: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
+            .bind(&create)
+            .fetch_one(&system.app.db)
+            .await
+            .unwrap();
+
+    // The creation's message arrives at last, then another order of the same user's: once
+    // that one is settled, the partition has been through the late message.
+    let late = serde_json::to_vec(&shared::command::CommandMessage {
+        request_id: create.parse().unwrap(),
+        kind: shared::command::RequestKind::OrderCreate,
+    })
+    .unwrap();
+    system
+        .send_raw(shared::topology::Family::Order, partition, &late)
+        .await;
+    let next = system.order(user, &[(product, 1)]).await;
+    assert_eq!(
+        system.outcome(next.body["requestId"].as_str().unwrap()).await,
+        "SUCCEEDED"
+    );
+
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1::uuid")
+        .bind(&order)
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "PAID");
+    let settled_again: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
+            .bind(&create)
+            .fetch_one(&system.app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        settled_again, creation_settled,
+        "the late message settled the creation again"
+    );
+    // 3 on hand (1 of them reserved by the next order), 2 sold: nothing reserved twice.
+    assert_eq!(system.assert_stock_reconciles(product, 5).await, (3, 1, 2));
+    system.assert_money_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expiry_racing_payment_lets_exactly_one_win_per_order() {
     let system = System::start(2).await;
