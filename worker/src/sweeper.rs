@@ -46,17 +46,30 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
     .fetch_all(&ctx.db)
     .await?;
     let mut published = Vec::with_capacity(due.len());
+    let mut failed = None;
     for (id, kind, key) in due {
         let Some(kind) = RequestKind::parse(&kind) else {
             continue;
         };
-        command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await?;
-        published.push(id);
+        match command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await {
+            Ok(()) => published.push(id),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
     }
+    // What was confirmed before a failure is marked too: otherwise the next pass would send
+    // it again (harmless, but a second message for every settled request behind it).
     sqlx::query("UPDATE requests SET published = true WHERE id = ANY($1)")
         .bind(&published)
         .execute(&ctx.db)
         .await?;
     metrics::counter!("worker_requests_republished_total").increment(published.len() as u64);
-    Ok(published.len())
+    match failed {
+        Some(e) => {
+            Err(anyhow::Error::new(e).context(format!("{} re-published before the failure", published.len())))
+        }
+        None => Ok(published.len()),
+    }
 }
