@@ -254,6 +254,9 @@ pub enum Fault {
     Scale,
     /// SIGTERM to every process mid-run, then start them all again.
     StopEverything,
+    /// `kill -9` every process mid-run (the api too, with requests in flight), then start
+    /// them all again.
+    KillEverything,
 }
 
 #[derive(Debug, Clone, Args)]

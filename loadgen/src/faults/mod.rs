@@ -510,6 +510,16 @@ async fn inject(
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("a stop of every process".to_owned(), recovery);
         }
+        Fault::KillEverything => {
+            at(0.3).await;
+            let killed = system.kill_all().await;
+            mark(&format!("kill -9 every process: {}", killed.join(", ")));
+            system.start_all(3)?;
+            mark("started the api, 3 workers, the batch and the data-platform stand-in again");
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record("a kill -9 of every process".to_owned(), recovery);
+        }
     }
     Ok(problems)
 }

@@ -218,6 +218,21 @@ impl System {
         stop(all).await
     }
 
+    /// `kill -9` every process at once, as a power cut does; their names.
+    pub async fn kill_all(&mut self) -> Vec<String> {
+        let mut all: Vec<Process> = self.workers.drain(..).collect();
+        all.extend(self.api.take());
+        all.extend(self.batch.take());
+        all.extend(self.data_platform.take());
+        for process in &mut all {
+            let _ = process.child.start_kill();
+        }
+        for process in &mut all {
+            let _ = process.child.wait().await;
+        }
+        all.into_iter().map(|p| p.name).collect()
+    }
+
     /// A process that exited by itself (it should not), with its status.
     pub fn exited(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
