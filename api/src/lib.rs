@@ -183,6 +183,7 @@ pub fn router(state: AppState) -> Router {
     });
     openapi::link_operations(&mut document);
     openapi::document_command_headers(&mut document);
+    openapi::document_replay_header(&mut document);
     let document = Arc::new(document);
 
     routes

@@ -180,6 +180,46 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
     }
 }
 
+/// Declares `Idempotent-Replayed` on the answers of every operation that takes an
+/// `Idempotency-Key`: present (`true`) when the answer is the saved one of an earlier
+/// request with the same key (`crate::idempotency`). Optional, as a first answer has none;
+/// not on `409`, `413`, `415`, `422` and `5xx`, which are never saved answers.
+pub fn document_replay_header(document: &mut serde_json::Value) {
+    use serde_json::json;
+
+    let header = json!({
+        "description": "`true` when this is the saved answer of an earlier request with the same Idempotency-Key",
+        "required": false,
+        "schema": { "type": "string", "enum": ["true"] },
+    });
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
+        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
+            let keyed = operation
+                .get("parameters")
+                .and_then(|p| p.as_array())
+                .is_some_and(|ps| ps.iter().any(|p| p["name"] == "Idempotency-Key"));
+            if !keyed {
+                continue;
+            }
+            let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            for (status, response) in responses.iter_mut() {
+                let saved =
+                    !matches!(status.as_str(), "409" | "413" | "415" | "422") && !status.starts_with('5');
+                let Some(response) = response.as_object_mut().filter(|_| saved) else {
+                    continue;
+                };
+                let declared = response.entry("headers").or_insert_with(|| json!({}));
+                declared["Idempotent-Replayed"] = header.clone();
+            }
+        }
+    }
+}
+
 /// Links from what a response creates to the operations that use it (OpenAPI `links`), so
 /// that clients and stateful testers (schemathesis) can follow a user, a product, a coupon,
 /// an order or a request from the answer that made it.

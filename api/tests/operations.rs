@@ -145,6 +145,19 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
             );
         }
     }
+    // A keyed operation's answers say that a replay is marked, optionally (a first answer
+    // is not); a 409 or 422 about the key is never a replay.
+    for (path, method, status) in [
+        ("/users/{userId}/balance/charge", "post", "200"),
+        ("/orders", "post", "202"),
+    ] {
+        let responses = &paths[path][method]["responses"];
+        assert_eq!(
+            responses[status]["headers"]["Idempotent-Replayed"]["required"], false,
+            "{method} {path} does not declare Idempotent-Replayed on {status}"
+        );
+        assert!(responses["409"]["headers"].get("Idempotent-Replayed").is_none());
+    }
     let link = &paths["/users"]["post"]["responses"]["201"]["links"]["GetBalance"];
     assert_eq!(link["operationId"], "get_balance");
     assert_eq!(link["parameters"]["userId"], "$response.body#/userId");
