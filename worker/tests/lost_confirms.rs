@@ -1,5 +1,6 @@
 //! A command the broker took and a worker settled, but whose publisher confirm never reached
 //! the API: the client must not be told 503, or its retry would take effect a second time.
+//! And a command the API stored but never published: the sweeper must send it, once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
@@ -72,4 +73,61 @@ async fn an_order_settled_without_its_confirm_is_answered_202_once() {
         .scalar(&format!("SELECT reserved FROM products WHERE id = {product}"))
         .await;
     assert_eq!(reserved, 3, "one unit per live order");
+}
+
+/// The api died after storing a command and before publishing it (a `kill -9` between the
+/// commit and the publish): the sweeper publishes it, it settles once, and the client's
+/// retry with the same key is answered `409` until then and the first `202` after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
+    let system = System::start(0).await;
+    let coupon = system.coupon(5).await;
+    let user = system.app.create_users(1).await[0];
+    let path = format!("/coupons/{coupon}/issue");
+    let first = system
+        .app
+        .post_with_key(&path, json!({ "userId": user }), "issue-once")
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
+
+    // No worker yet: take the message out of its partition queue and leave the request as
+    // the dead api did, stored and unpublished, due for the sweeper now.
+    let topology = &system.app.topology;
+    let partition = shared::partition::partition_of(coupon, topology.partitions);
+    let queue = topology.queue(shared::topology::Family::Coupon, partition);
+    let connection = common::broker_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let purged = channel
+        .queue_purge(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 1, "the command's message was in {queue}");
+    sqlx::query("UPDATE requests SET published = false, publish_after = now()")
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    let meanwhile = system
+        .app
+        .post_with_key(&path, json!({ "userId": user }), "issue-once")
+        .await;
+    assert_eq!(meanwhile.status, StatusCode::CONFLICT, "{meanwhile:?}");
+    assert_eq!(meanwhile.code(), "ERR_IDEMPOTENCY_KEY_IN_USE");
+
+    system.spawn_worker().await;
+    let request = first.body["requestId"].as_str().unwrap();
+    assert_eq!(system.outcome(request).await, "SUCCEEDED");
+    let again = system
+        .app
+        .post_with_key(&path, json!({ "userId": user }), "issue-once")
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{again:?}");
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
+    let published: bool = sqlx::query_scalar("SELECT published FROM requests WHERE id = $1::uuid")
+        .bind(request)
+        .fetch_one(&system.app.db)
+        .await
+        .unwrap();
+    assert!(published, "a settled request is never swept again");
 }
