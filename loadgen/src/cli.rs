@@ -35,7 +35,8 @@ pub enum Command {
     /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
     CleanupAmqp(CleanupArgs),
     /// The fault suite: a flash sale and a checkout under worker kills, broker and database
-    /// restarts, scaling and a stop of everything, with the invariants checked after each.
+    /// restarts, scaling, and a stop and a kill of everything, with the invariants checked
+    /// after each.
     Faults(FaultsArgs),
 }
 

@@ -24,7 +24,8 @@
 //! - [`report`]: results as JSON, and the side-by-side table with the baseline.
 //! - [`amqp_cleanup`]: deletes the queues and exchanges of a benchmark's `AMQP_PREFIX`.
 //! - [`faults`]: the fault suite: the loads under worker kills, broker and database
-//!   restarts, scaling and a stop of everything, with recovery times and invariants.
+//!   restarts, scaling, and a stop and a kill of everything, with recovery times and
+//!   invariants.
 
 pub mod amqp_cleanup;
 pub mod baseline;
