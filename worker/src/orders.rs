@@ -99,57 +99,52 @@ pub async fn settle(
     Ok(decisions)
 }
 
-/// `pending` with the creation of every order it pays for settled first, where that
-/// creation is still `PENDING` and does not come earlier in the batch.
+/// Locks an order batch's request rows, and with them the `PENDING` creation of every
+/// order a `PENDING` payment of the batch pays for: all in one statement, by id, the order
+/// in which every settlement locks requests. (`$1`: the batch's request ids.)
 ///
 /// A user's commands share a partition, so a creation is normally settled before any
 /// payment of its order. It comes later only when its message does: the api's publish was
 /// not confirmed and the sweeper sent it after the payment, or it was dead-lettered and
 /// sent back. The payment would then find its order `PENDING` and be refused, although the
-/// contract accepts a payment of a `PENDING` order. The creation's command is stored with
-/// its request, so it is settled here, in the payment's transaction; its late message then
-/// finds its request terminal and is acked as a duplicate.
-///
-/// The creations' request rows are locked after the batch's own (all of one partition,
-/// whose lease this transaction holds) and before any order or product, the order that
-/// every settlement follows.
-pub async fn with_creations_first(
-    conn: &mut PgConnection,
+/// contract accepts a payment of a `PENDING` order; [`with_creations_first`] settles the
+/// stored creation first instead. Only the payer's own orders (so the creation is in this
+/// partition, whose lease the transaction holds), and not a creation a worker has given up
+/// on or that waits in the dead letters: its failure is not the payment's to repeat.
+pub const LOCK_REQUESTS_WITH_CREATIONS: &str = "
+    WITH creations AS (
+        SELECT o.create_request_id AS id
+        FROM requests p
+        JOIN orders o ON o.id = CASE WHEN p.payload->>'orderId' ~* '^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$'
+                                     THEN (p.payload->>'orderId')::uuid END
+        WHERE p.id = ANY($1) AND p.kind = 'ORDER_PAY' AND p.status = 'PENDING'
+          AND o.status = 'PENDING' AND o.user_id::text = p.payload->>'userId'
+          AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = o.create_request_id)
+          AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                          WHERE d.request_id = o.create_request_id AND d.resolution IS NULL))
+    SELECT id, kind, payload, status, created_at FROM requests
+    WHERE id = ANY($1) OR (id IN (SELECT id FROM creations) AND status = 'PENDING' AND kind = 'ORDER_CREATE')
+    ORDER BY id FOR NO KEY UPDATE";
+
+/// `pending` (a batch in broker order) with the creation of each order it pays for
+/// settled right before the order's first payment, where the creation is later in the
+/// batch or one of `creations` (locked beside the batch by
+/// [`LOCK_REQUESTS_WITH_CREATIONS`]); a creation's own later place in the batch is dropped.
+pub fn with_creations_first(
     pending: Vec<PendingRequest>,
-) -> Result<Vec<PendingRequest>, SettleError> {
-    let paid: Vec<Uuid> = pending
+    creations: Vec<PendingRequest>,
+) -> Vec<PendingRequest> {
+    if !pending.iter().any(|r| r.kind == RequestKind::OrderPay) {
+        return pending;
+    }
+    let mut creation_of: HashMap<Uuid, PendingRequest> = pending
         .iter()
-        .filter(|r| r.kind == RequestKind::OrderPay)
-        .filter_map(|r| serde_json::from_value::<OrderPay>(r.payload.clone()).ok())
-        .map(|pay| pay.order_id)
-        .collect();
-    if paid.is_empty() {
-        return Ok(pending);
-    }
-    let creations: Vec<(Uuid, Uuid, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT o.id, r.id, r.payload, r.created_at
-         FROM orders o JOIN requests r ON r.id = o.create_request_id
-         WHERE o.id = ANY($1) AND o.status = 'PENDING'
-           AND r.status = 'PENDING' AND r.kind = $2
-         ORDER BY r.id FOR NO KEY UPDATE OF r",
-    )
-    .bind(&paid)
-    .bind(RequestKind::OrderCreate.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    if creations.is_empty() {
-        return Ok(pending);
-    }
-    let mut creation_of: HashMap<Uuid, PendingRequest> = creations
-        .into_iter()
-        .map(|(order, id, payload, created_at)| {
-            let request = PendingRequest {
-                id,
-                kind: RequestKind::OrderCreate,
-                payload,
-                created_at,
-            };
-            (order, request)
+        .filter(|r| r.kind == RequestKind::OrderCreate)
+        .cloned()
+        .chain(creations)
+        .filter_map(|c| {
+            let create = serde_json::from_value::<OrderCreate>(c.payload.clone()).ok()?;
+            Some((create.order_id, c))
         })
         .collect();
     let mut emitted = HashSet::new();
@@ -176,7 +171,7 @@ pub async fn with_creations_first(
         emitted.insert(request.id);
         ordered.push(request);
     }
-    Ok(ordered)
+    ordered
 }
 
 /// An order's status with one of its lines (line fields are NULL for an order without
@@ -515,4 +510,64 @@ async fn coupon_discount(
         return Ok(invalid("this coupon's discount is not valid"));
     };
     Ok(Ok((discount.on(base), Some(held.id))))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn create(order: Uuid) -> PendingRequest {
+        request(
+            RequestKind::OrderCreate,
+            json!({ "orderId": order, "userId": 1, "items": [{ "productId": 1, "quantity": 1 }] }),
+        )
+    }
+
+    fn pay(order: Uuid) -> PendingRequest {
+        request(RequestKind::OrderPay, json!({ "orderId": order, "userId": 1 }))
+    }
+
+    fn request(kind: RequestKind, payload: serde_json::Value) -> PendingRequest {
+        PendingRequest {
+            id: Uuid::now_v7(),
+            kind,
+            payload,
+            created_at: Utc::now(),
+        }
+    }
+
+    fn ids(requests: &[PendingRequest]) -> Vec<Uuid> {
+        requests.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn a_batch_in_order_is_left_as_it_is() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let batch = vec![create(a), pay(a), create(b), pay(b)];
+        let expected = ids(&batch);
+        let stored = vec![create(Uuid::now_v7())]; // of an order nobody pays here
+        assert_eq!(ids(&with_creations_first(batch, stored)), expected);
+    }
+
+    #[test]
+    fn a_creation_later_in_the_batch_moves_before_its_payment_once() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (pay_a, other, create_a) = (pay(a), create(b), create(a));
+        let expected = vec![create_a.id, pay_a.id, other.id];
+        let ordered = with_creations_first(vec![pay_a, other, create_a], Vec::new());
+        assert_eq!(ids(&ordered), expected);
+    }
+
+    #[test]
+    fn a_stored_creation_goes_before_the_first_payment_of_its_order_only() {
+        let a = Uuid::now_v7();
+        let (first, second, stored) = (pay(a), pay(a), create(a));
+        let expected = vec![stored.id, first.id, second.id];
+        assert_eq!(
+            ids(&with_creations_first(vec![first, second], vec![stored])),
+            expected
+        );
+    }
 }

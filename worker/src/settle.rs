@@ -267,12 +267,13 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
     if !lease.fence(&mut tx).await? {
         return Err(SettleError::LeaseLost);
     }
-    let rows: Vec<RequestRow> = sqlx::query_as(
-        "SELECT id, kind, payload, status, created_at FROM requests WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-    )
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let lock = match lease.family {
+        Family::Coupon => {
+            "SELECT id, kind, payload, status, created_at FROM requests WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+        }
+        Family::Order => orders::LOCK_REQUESTS_WITH_CREATIONS,
+    };
+    let rows: Vec<RequestRow> = sqlx::query_as(lock).bind(ids).fetch_all(&mut *tx).await?;
     let mut rows: HashMap<Uuid, RequestRow> = rows.into_iter().map(|r| (r.id, r)).collect();
 
     // Broker order, each request once, only those still pending.
@@ -301,6 +302,19 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
         });
     }
     let duplicates = ids.len() - pending.len();
+    // What is left was locked beside the batch: creations its payments need first.
+    let creations: Vec<PendingRequest> = rows
+        .into_values()
+        .filter(|row| row.status == "PENDING")
+        .filter_map(|row| {
+            Some(PendingRequest {
+                id: row.id,
+                kind: RequestKind::parse(&row.kind).filter(|k| *k == RequestKind::OrderCreate)?,
+                payload: row.payload,
+                created_at: row.created_at,
+            })
+        })
+        .collect();
     if pending.is_empty() {
         tx.commit().await?;
         return Ok(Settled {
@@ -317,7 +331,7 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
             (pending, decisions)
         }
         Family::Order => {
-            let pending = orders::with_creations_first(&mut tx, pending).await?;
+            let pending = orders::with_creations_first(pending, creations);
             let decisions = orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?;
             (pending, decisions)
         }
