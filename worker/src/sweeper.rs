@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use shared::broker::PublishError;
 use shared::command::{self, RequestKind};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -53,14 +54,17 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
         };
         match command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await {
             Ok(()) => published.push(id),
+            // Refused, this message alone: the others may still go.
+            Err(e @ (PublishError::Nacked | PublishError::Unroutable(_))) => failed = Some(e),
+            // The broker is out of reach: the rest would wait for it one by one.
             Err(e) => {
                 failed = Some(e);
                 break;
             }
         }
     }
-    // What was confirmed before a failure is marked too: otherwise the next pass would send
-    // it again (harmless, but a second message for every settled request behind it).
+    // What was confirmed is marked even when another publish failed: otherwise the next pass
+    // would send it again (harmless, but a second message for every settled request).
     sqlx::query("UPDATE requests SET published = true WHERE id = ANY($1)")
         .bind(&published)
         .execute(&ctx.db)
@@ -68,7 +72,8 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
     metrics::counter!("worker_requests_republished_total").increment(published.len() as u64);
     match failed {
         Some(e) => {
-            Err(anyhow::Error::new(e).context(format!("{} re-published before the failure", published.len())))
+            Err(anyhow::Error::new(e)
+                .context(format!("{} re-published despite the failure", published.len())))
         }
         None => Ok(published.len()),
     }
