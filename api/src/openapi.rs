@@ -182,8 +182,9 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
 
 /// Declares `Idempotent-Replayed` on the answers of every operation that takes an
 /// `Idempotency-Key`: present (`true`) when the answer is the saved one of an earlier
-/// request with the same key (`crate::idempotency`). Optional, as a first answer has none;
-/// not on `409`, `413`, `415`, `422` and `5xx`, which are never saved answers.
+/// request with the same key (`crate::idempotency`; refusals are saved too, a `409
+/// ERR_COUPON_ALREADY_ACQUIRED` for one). Optional, as a first answer has none; not on
+/// `413`, `415` (answered before the key is read) and `5xx` (never saved).
 pub fn document_replay_header(document: &mut serde_json::Value) {
     use serde_json::json;
 
@@ -208,8 +209,7 @@ pub fn document_replay_header(document: &mut serde_json::Value) {
                 continue;
             };
             for (status, response) in responses.iter_mut() {
-                let saved =
-                    !matches!(status.as_str(), "409" | "413" | "415" | "422") && !status.starts_with('5');
+                let saved = !matches!(status.as_str(), "413" | "415") && !status.starts_with('5');
                 let Some(response) = response.as_object_mut().filter(|_| saved) else {
                     continue;
                 };

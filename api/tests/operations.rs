@@ -146,7 +146,7 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         }
     }
     // A keyed operation's answers say that a replay is marked, optionally (a first answer
-    // is not); a 409 or 422 about the key is never a replay.
+    // is not); a 413 is answered before the key is read, so never a replay.
     for (path, method, status) in [
         ("/users/{userId}/balance/charge", "post", "200"),
         ("/orders", "post", "202"),
@@ -156,7 +156,7 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
             responses[status]["headers"]["Idempotent-Replayed"]["required"], false,
             "{method} {path} does not declare Idempotent-Replayed on {status}"
         );
-        assert!(responses["409"]["headers"].get("Idempotent-Replayed").is_none());
+        assert!(responses["413"]["headers"].get("Idempotent-Replayed").is_none());
     }
     let link = &paths["/users"]["post"]["responses"]["201"]["links"]["GetBalance"];
     assert_eq!(link["operationId"], "get_balance");
