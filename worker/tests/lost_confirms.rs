@@ -90,6 +90,25 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
         .await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
 
+    let request = first.body["requestId"].as_str().unwrap().to_owned();
+    // The api records the broker's confirm after it answers: wait for that, so that it
+    // cannot undo what follows.
+    let published = || async {
+        sqlx::query_scalar::<_, bool>("SELECT published FROM requests WHERE id = $1::uuid")
+            .bind(&request)
+            .fetch_one(&system.app.db)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while !published().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the confirm was never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // No worker yet: take the message out of its partition queue and leave the request as
     // the dead api did, stored and unpublished, due for the sweeper now.
     let topology = &system.app.topology;
@@ -102,7 +121,8 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
         .await
         .unwrap();
     assert_eq!(purged, 1, "the command's message was in {queue}");
-    sqlx::query("UPDATE requests SET published = false, publish_after = now()")
+    sqlx::query("UPDATE requests SET published = false, publish_after = now() WHERE id = $1::uuid")
+        .bind(&request)
         .execute(&system.app.db)
         .await
         .unwrap();
@@ -114,8 +134,7 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     assert_eq!(meanwhile.code(), "ERR_IDEMPOTENCY_KEY_IN_USE");
 
     system.spawn_worker().await;
-    let request = first.body["requestId"].as_str().unwrap();
-    assert_eq!(system.outcome(request).await, "SUCCEEDED");
+    assert_eq!(system.outcome(&request).await, "SUCCEEDED");
     let again = system
         .app
         .post_with_key(&path, json!({ "userId": user }), "issue-once")
@@ -124,10 +143,4 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     assert_eq!(again.body, first.body);
     assert_eq!(again.headers["idempotent-replayed"], "true");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
-    let published: bool = sqlx::query_scalar("SELECT published FROM requests WHERE id = $1::uuid")
-        .bind(request)
-        .fetch_one(&system.app.db)
-        .await
-        .unwrap();
-    assert!(published, "a settled request is never swept again");
 }
