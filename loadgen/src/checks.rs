@@ -589,6 +589,20 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
 
+    // A user's commands are settled in order: no payment before its order's creation (both
+    // in one transaction, when the creation's message came late, have one time).
+    checks.expect_none(
+        "no payment settled before its order's creation",
+        rows(
+            "SELECT count(*) FROM requests p
+             JOIN orders o ON o.id::text = p.payload->>'orderId'
+             JOIN requests c ON c.id = o.create_request_id
+             WHERE p.kind = 'ORDER_PAY' AND p.status = 'SUCCEEDED'
+               AND (c.completed_at IS NULL OR c.completed_at > p.completed_at)",
+        )
+        .await?,
+    );
+
     // Commands: every one settled, none given up on.
     checks.expect_none(
         "every request terminal",

@@ -321,6 +321,15 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
             restore.into(),
         ),
         (
+            damage_requests(
+                "ORDER_CREATE",
+                "completed_at = completed_at + interval '1 hour'",
+                "AND status = 'SUCCEEDED'",
+            ),
+            &["no payment settled before its order's creation"],
+            restore.into(),
+        ),
+        (
             // A cancelled order that had been reserved cannot go with a failed creation.
             format!("UPDATE orders SET reserved_until = now() WHERE id = '{fay_order_id}'"),
             &["every order settled as its create request says"],
