@@ -155,26 +155,21 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
         ),
     ];
 
-    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
-        return;
-    };
-    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
-        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
-            let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+    for operation in operations_mut(document) {
+        let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+            continue;
+        };
+        // Only commands answer 202, and only their 429 and 503 come from the command path.
+        if !responses.contains_key("202") {
+            continue;
+        }
+        for (status, headers) in &headers_by_status {
+            let Some(response) = responses.get_mut(*status).and_then(|r| r.as_object_mut()) else {
                 continue;
             };
-            // Only commands answer 202, and only their 429 and 503 come from the command path.
-            if !responses.contains_key("202") {
-                continue;
-            }
-            for (status, headers) in &headers_by_status {
-                let Some(response) = responses.get_mut(*status).and_then(|r| r.as_object_mut()) else {
-                    continue;
-                };
-                let declared = response.entry("headers").or_insert_with(|| json!({}));
-                for (name, header) in headers {
-                    declared[*name] = header.clone();
-                }
+            let declared = response.entry("headers").or_insert_with(|| json!({}));
+            for (name, header) in headers {
+                declared[*name] = header.clone();
             }
         }
     }
@@ -193,29 +188,24 @@ pub fn document_replay_header(document: &mut serde_json::Value) {
         "required": false,
         "schema": { "type": "string", "enum": ["true"] },
     });
-    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
-        return;
-    };
-    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
-        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
-            let keyed = operation
-                .get("parameters")
-                .and_then(|p| p.as_array())
-                .is_some_and(|ps| ps.iter().any(|p| p["name"] == "Idempotency-Key"));
-            if !keyed {
-                continue;
-            }
-            let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+    for operation in operations_mut(document) {
+        let keyed = operation
+            .get("parameters")
+            .and_then(|p| p.as_array())
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == "Idempotency-Key"));
+        if !keyed {
+            continue;
+        }
+        let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+            continue;
+        };
+        for (status, response) in responses.iter_mut() {
+            let saved = !matches!(status.as_str(), "413" | "415") && !status.starts_with('5');
+            let Some(response) = response.as_object_mut().filter(|_| saved) else {
                 continue;
             };
-            for (status, response) in responses.iter_mut() {
-                let saved = !matches!(status.as_str(), "413" | "415") && !status.starts_with('5');
-                let Some(response) = response.as_object_mut().filter(|_| saved) else {
-                    continue;
-                };
-                let declared = response.entry("headers").or_insert_with(|| json!({}));
-                declared["Idempotent-Replayed"] = header.clone();
-            }
+            let declared = response.entry("headers").or_insert_with(|| json!({}));
+            declared["Idempotent-Replayed"] = header.clone();
         }
     }
 }
@@ -280,36 +270,45 @@ pub fn link_operations(document: &mut serde_json::Value) {
         ),
         ("pay_order", "202", "requestId", &[("GetRequest", "get_request")]),
     ];
-    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
-        return;
-    };
-    for item in paths.values_mut().filter_map(|i| i.as_object_mut()) {
-        for operation in item.values_mut().filter_map(|o| o.as_object_mut()) {
-            let Some(id) = operation
-                .get("operationId")
-                .and_then(|i| i.as_str())
-                .map(str::to_owned)
-            else {
+    for operation in operations_mut(document) {
+        let Some(id) = operation
+            .get("operationId")
+            .and_then(|i| i.as_str())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        for (from, status, field, targets) in LINKS {
+            if *from != id {
                 continue;
-            };
-            for (from, status, field, targets) in LINKS {
-                if *from != id {
-                    continue;
-                }
-                let response = operation
-                    .get_mut("responses")
-                    .and_then(|r| r.get_mut(*status))
-                    .and_then(|r| r.as_object_mut());
-                if let Some(response) = response {
-                    let links = response.entry("links").or_insert_with(|| serde_json::json!({}));
-                    for (name, to) in *targets {
-                        links[*name] = serde_json::json!({
-                            "operationId": to,
-                            "parameters": { *field: format!("$response.body#/{field}") },
-                        });
-                    }
+            }
+            let response = operation
+                .get_mut("responses")
+                .and_then(|r| r.get_mut(*status))
+                .and_then(|r| r.as_object_mut());
+            if let Some(response) = response {
+                let links = response.entry("links").or_insert_with(|| serde_json::json!({}));
+                for (name, to) in *targets {
+                    links[*name] = serde_json::json!({
+                        "operationId": to,
+                        "parameters": { *field: format!("$response.body#/{field}") },
+                    });
                 }
             }
         }
     }
+}
+
+/// Every operation object under the document's `paths`.
+fn operations_mut(
+    document: &mut serde_json::Value,
+) -> impl Iterator<Item = &mut serde_json::Map<String, serde_json::Value>> {
+    document
+        .get_mut("paths")
+        .and_then(|p| p.as_object_mut())
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|operation| operation.as_object_mut())
 }

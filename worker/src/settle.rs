@@ -325,15 +325,11 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
         });
     }
 
-    let (pending, decisions) = match lease.family {
-        Family::Coupon => {
-            let decisions = coupons::settle(&mut tx, &pending).await?;
-            (pending, decisions)
-        }
+    let decisions = match lease.family {
+        Family::Coupon => coupons::settle(&mut tx, &pending).await?,
         Family::Order => {
-            let pending = orders::with_creations_first(pending, creations);
-            let decisions = orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?;
-            (pending, decisions)
+            pending = orders::with_creations_first(pending, creations);
+            orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?
         }
     };
     write_outcomes(&mut tx, &pending, &decisions).await?;

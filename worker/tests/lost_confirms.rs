@@ -111,21 +111,9 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
 
     // No worker yet: take the message out of its partition queue and leave the request as
     // the dead api did, stored and unpublished, due for the sweeper now.
-    let topology = &system.app.topology;
-    let partition = shared::partition::partition_of(coupon, topology.partitions);
-    let queue = topology.queue(shared::topology::Family::Coupon, partition);
-    let connection = common::broker_connection().await;
-    let channel = connection.create_channel().await.unwrap();
-    let purged = channel
-        .queue_purge(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    assert_eq!(purged, 1, "the command's message was in {queue}");
-    sqlx::query("UPDATE requests SET published = false, publish_after = now() WHERE id = $1::uuid")
-        .bind(&request)
-        .execute(&system.app.db)
-        .await
-        .unwrap();
+    system
+        .lose_publish(shared::topology::Family::Coupon, coupon, &request, "0 seconds")
+        .await;
     let meanwhile = system
         .app
         .post_with_key(&path, json!({ "userId": user }), "issue-once")

@@ -336,23 +336,9 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
     // No worker yet: the creation's message is still in its partition queue. Take it out,
     // and leave its request as an api that died before the confirm does: unpublished, with
     // the sweeper not due for an hour.
-    let topology = &system.app.topology;
-    let partition = shared::partition::partition_of(user, topology.partitions);
-    let queue = topology.queue(shared::topology::Family::Order, partition);
-    let connection = common::broker_connection().await;
-    let channel = connection.create_channel().await.unwrap();
-    let purged = channel
-        .queue_purge(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    assert_eq!(purged, 1, "the creation's message was in {queue}");
-    sqlx::query(
-        "UPDATE requests SET published = false, publish_after = now() + interval '1 hour' WHERE id = $1::uuid",
-    )
-    .bind(&create)
-    .execute(&system.app.db)
-    .await
-    .unwrap();
+    let partition = system
+        .lose_publish(shared::topology::Family::Order, user, &create, "1 hour")
+        .await;
 
     let paid = system.pay(&order, user, None).await;
     assert_eq!(paid.status, StatusCode::ACCEPTED, "{paid:?}");
@@ -360,12 +346,8 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
     system.spawn_worker().await;
     assert_eq!(system.outcome(&pay).await, "SUCCEEDED");
     assert_eq!(system.outcome(&create).await, "SUCCEEDED");
-    let creation_settled: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
-            .bind(&create)
-            .fetch_one(&system.app.db)
-            .await
-            .unwrap();
+    let creation_settled = system.completed_at(&create).await;
+    assert!(creation_settled.is_some());
 
     // The creation's message arrives at last, then another order of the same user's: once
     // that one is settled, the partition has been through the late message.
@@ -389,12 +371,7 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
         .await
         .unwrap();
     assert_eq!(status, "PAID");
-    let settled_again: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
-            .bind(&create)
-            .fetch_one(&system.app.db)
-            .await
-            .unwrap();
+    let settled_again = system.completed_at(&create).await;
     assert_eq!(
         settled_again, creation_settled,
         "the late message settled the creation again"

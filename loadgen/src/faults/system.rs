@@ -211,19 +211,12 @@ impl System {
     /// SIGTERM to every process at once, as an orchestrator stopping the system does, then
     /// waits for each to stop.
     pub async fn stop_all(&mut self) -> Vec<Stopped> {
-        let mut all: Vec<Process> = self.workers.drain(..).collect();
-        all.extend(self.api.take());
-        all.extend(self.batch.take());
-        all.extend(self.data_platform.take());
-        stop(all).await
+        stop(self.take_all()).await
     }
 
     /// `kill -9` every process at once, as a power cut does; their names.
     pub async fn kill_all(&mut self) -> Vec<String> {
-        let mut all: Vec<Process> = self.workers.drain(..).collect();
-        all.extend(self.api.take());
-        all.extend(self.batch.take());
-        all.extend(self.data_platform.take());
+        let mut all = self.take_all();
         for process in &mut all {
             let _ = process.child.start_kill();
         }
@@ -231,6 +224,15 @@ impl System {
             let _ = process.child.wait().await;
         }
         all.into_iter().map(|p| p.name).collect()
+    }
+
+    /// Every process, no longer counted as running.
+    fn take_all(&mut self) -> Vec<Process> {
+        let mut all: Vec<Process> = self.workers.drain(..).collect();
+        all.extend(self.api.take());
+        all.extend(self.batch.take());
+        all.extend(self.data_platform.take());
+        all
     }
 
     /// A process that exited by itself (it should not), with its status.

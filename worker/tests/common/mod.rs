@@ -511,6 +511,43 @@ impl ParkedQueue {
 }
 
 impl System {
+    /// Leaves request `id` as an api that died before the broker's confirm does: its one
+    /// message taken out of the partition queue of `key` in `family` (no worker may run
+    /// yet), the request stored and unpublished, due for the sweeper `due` from now (an SQL
+    /// interval). Returns the partition.
+    pub async fn lose_publish(&self, family: shared::topology::Family, key: i64, id: &str, due: &str) -> u16 {
+        let topology = &self.app.topology;
+        let partition = shared::partition::partition_of(key, topology.partitions);
+        let queue = topology.queue(family, partition);
+        let connection = broker_connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        let purged = channel
+            .queue_purge(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        assert_eq!(purged, 1, "the command's message was in {queue}");
+        sqlx::query(
+            "UPDATE requests SET published = false, publish_after = now() + $2::interval WHERE id = $1::uuid",
+        )
+        .bind(id)
+        .bind(due)
+        .execute(&self.app.db)
+        .await
+        .unwrap();
+        partition
+    }
+
+    /// When request `id` was settled (`NULL` while pending).
+    pub async fn completed_at(&self, id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap()
+    }
+}
+
+impl System {
     /// Publishes `body` as it is to partition `partition` of `family`, confirmed, as a
     /// foreign or broken publisher would: no request stands behind it.
     pub async fn send_raw(&self, family: shared::topology::Family, partition: u16, body: &[u8]) {
