@@ -91,23 +91,7 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
 
     let request = first.body["requestId"].as_str().unwrap().to_owned();
-    // The api records the broker's confirm after it answers: wait for that, so that it
-    // cannot undo what follows.
-    let published = || async {
-        sqlx::query_scalar::<_, bool>("SELECT published FROM requests WHERE id = $1::uuid")
-            .bind(&request)
-            .fetch_one(&system.app.db)
-            .await
-            .unwrap()
-    };
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    while !published().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the confirm was never recorded"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    system.wait_until_published(&request).await;
 
     // No worker yet: take the message out of its partition queue and leave the request as
     // the dead api did, stored and unpublished, due for the sweeper now.
@@ -131,4 +115,81 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     assert_eq!(again.body, first.body);
     assert_eq!(again.headers["idempotent-replayed"], "true");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
+}
+
+/// A sweep whose publish of one request fails (its partition queue is gone, so the broker
+/// cannot route it) still publishes the others and records them published: otherwise each
+/// later pass would send them again, and a broker that refuses one message would hold back
+/// every request swept after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_marks_what_it_published_when_another_publish_fails() {
+    use shared::topology::Family;
+
+    let system = System::start(0).await;
+    let topology = system.app.topology.clone();
+    let partition = |coupon| shared::partition::partition_of(coupon, topology.partitions);
+    let refused_coupon = system.coupon(5).await;
+    let mut coupon = system.coupon(5).await;
+    while partition(coupon) == partition(refused_coupon) {
+        coupon = system.coupon(5).await;
+    }
+    let user = system.app.create_users(1).await[0];
+    // Swept oldest first: the refused request comes before the other.
+    let mut requests = Vec::new();
+    for c in [refused_coupon, coupon] {
+        let answer = system.issue(c, user).await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+        let request = answer.body["requestId"].as_str().unwrap().to_owned();
+        system.wait_until_published(&request).await;
+        system
+            .lose_publish(Family::Coupon, c, &request, "0 seconds")
+            .await;
+        requests.push(request);
+    }
+    let [refused, swept] = [&requests[0], &requests[1]];
+    let connection = common::broker_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let gone = topology.queue(Family::Coupon, partition(refused_coupon));
+    channel
+        .queue_delete(gone.as_str().into(), Default::default())
+        .await
+        .unwrap();
+
+    let ctx = system.worker_context().await;
+    let outcome = worker::sweeper::sweep_once(&ctx).await;
+    let error = format!("{:#}", outcome.expect_err("one publish was refused"));
+    assert!(error.contains("1 re-published"), "{error}");
+    assert!(error.contains(&gone), "{error}");
+    assert!(
+        system.is_published(swept).await,
+        "the confirmed publish is recorded"
+    );
+    assert!(
+        !system.is_published(refused).await,
+        "the refused one is left to the next pass"
+    );
+    let queue = topology.queue(Family::Coupon, partition(coupon));
+    let depth = shared::broker::queue_depth(&channel, &queue).await.unwrap();
+    assert_eq!(depth, 1, "the other request's command is in {queue}");
+
+    // The queue back, the refused request due again: the next pass sends it alone.
+    ctx.declare_topology().await;
+    sqlx::query("UPDATE requests SET publish_after = now() WHERE id = $1::uuid")
+        .bind(refused)
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    assert_eq!(worker::sweeper::sweep_once(&ctx).await.unwrap(), 1);
+    ctx.publisher.close().await;
+    ctx.broker.close().await;
+
+    system.spawn_worker().await;
+    for request in [refused, swept] {
+        assert_eq!(system.outcome(request).await, "SUCCEEDED");
+    }
+    system.wait_until_settled().await;
+    for c in [refused_coupon, coupon] {
+        assert_eq!(system.assert_coupon_invariants(c).await, 1);
+    }
+    let _ = connection.close(200, "done".into()).await;
 }

@@ -537,6 +537,45 @@ impl System {
         partition
     }
 
+    /// Whether the broker's confirm of request `id` is recorded.
+    pub async fn is_published(&self, id: &str) -> bool {
+        sqlx::query_scalar("SELECT published FROM requests WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&self.app.db)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the api has recorded the broker's confirm of request `id` (it does so
+    /// after answering), so that it cannot undo what the test does next.
+    pub async fn wait_until_published(&self, id: &str) {
+        poll_until(|| async move {
+            if self.is_published(id).await {
+                Ok(())
+            } else {
+                Err(format!("the confirm of {id} was never recorded"))
+            }
+        })
+        .await;
+    }
+
+    /// A worker replica's context inside the test process, on this system's database and
+    /// topology, for driving one of its tasks (a sweep, say) step by step.
+    pub async fn worker_context(&self) -> worker::Context {
+        let mut config = worker::WorkerConfig::from_env().unwrap();
+        config.name = format!("{}in-test", self.app.topology.prefix);
+        config.topology = self.app.topology.clone();
+        let broker = std::sync::Arc::new(shared::broker::Broker::new(&config.broker, config.name.clone()));
+        worker::Context {
+            db: self.app.db.clone(),
+            publisher: shared::broker::Publisher::new(std::sync::Arc::clone(&broker)),
+            broker,
+            config,
+            outbox_written: tokio::sync::Notify::new(),
+            replica: uuid::Uuid::now_v7(),
+        }
+    }
+
     /// When request `id` was settled (`NULL` while pending).
     pub async fn completed_at(&self, id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         sqlx::query_scalar("SELECT completed_at FROM requests WHERE id = $1::uuid")
