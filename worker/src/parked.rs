@@ -38,7 +38,7 @@ pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String
     let outcome = match args {
         [verb] if verb == "list" => list(&config, &db, &broker).await,
         [verb, id] if verb == "replay" => replay(&config, &db, &publisher, parse(id)?).await,
-        [verb, id] if verb == "discard" => discard(&config, &db, &broker, parse(id)?).await,
+        [verb, id] if verb == "discard" => discard(&config, &db, &publisher, parse(id)?).await,
         _ => {
             bail!("usage: worker dead-letters list | replay <requestId> | discard <requestId | unreadableId>")
         }
@@ -213,7 +213,7 @@ async fn replay(
     // Published before it leaves the parked queue: a crash in between leaves a copy parked,
     // and the worker settles the request once whatever number of copies arrives.
     shared::command::publish(publisher, &config.topology, id, kind, partition_key).await?;
-    let taken = take_parked(config, publisher.broker(), &[kind.family()], |m| {
+    let taken = take_parked(config, publisher, &[kind.family()], |m| {
         is_command(m, kind.family(), id)
     })
     .await?;
@@ -227,18 +227,23 @@ async fn replay(
     })
 }
 
-async fn discard(config: &WorkerConfig, db: &PgPool, broker: &Broker, id: Uuid) -> anyhow::Result<String> {
+async fn discard(
+    config: &WorkerConfig,
+    db: &PgPool,
+    publisher: &Publisher,
+    id: Uuid,
+) -> anyhow::Result<String> {
     let found = if let Some(letter) = letter(db, id).await? {
         let family = RequestKind::parse(&letter.kind)
             .with_context(|| format!("unknown command type {}", letter.kind))?
             .family();
-        let taken = take_parked(config, broker, &[family], |m| is_command(m, family, id)).await?;
+        let taken = take_parked(config, publisher, &[family], |m| is_command(m, family, id)).await?;
         resolve(db, id, "discarded").await?;
         taken > 0
     } else if is_unreadable(db, id).await? {
         // Looked for in both parked queues: the same body may have died in either family.
         let name = id.to_string();
-        let taken = take_parked(config, broker, &Family::ALL, |message| {
+        let taken = take_parked(config, publisher, &Family::ALL, |message| {
             message
                 .delivery
                 .properties
@@ -273,26 +278,46 @@ fn is_command(message: &lapin::message::BasicGetMessage, family: Family, id: Uui
 
 /// Removes every message that `ours` picks from the parked queues of `families` (dead
 /// letters arrive at least once, so there may be more than one copy); how many it removed.
-/// Messages looked at on the way stay unacked and go back to the queue when the channel
-/// closes.
+///
+/// Each queue is read once through, as deep as it was when the scan began. A message that
+/// is not ours is published again to the tail, confirmed, before the copy read is acked:
+/// left unacked and returned instead, it would count as a delivery, and a quorum queue
+/// under RabbitMQ 4 (a default delivery limit of 20) drops a message returned that often,
+/// so every twentieth operator action would lose the parked copies of all the others. A
+/// crash between the publish and the ack leaves two copies, which `discard` removes alike.
 async fn take_parked(
     config: &WorkerConfig,
-    broker: &Broker,
+    publisher: &Publisher,
     families: &[Family],
     ours: impl Fn(&lapin::message::BasicGetMessage) -> bool,
 ) -> anyhow::Result<usize> {
     let mut taken = 0;
     for &family in families {
-        let channel = broker.channel().await?;
+        let channel = publisher.broker().channel().await?;
         let queue = config.topology.parked_queue(family);
-        while let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
+        let depth = queue_depth(&channel, &queue).await?;
+        for _ in 0..depth {
+            let Some(message) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            else {
+                break;
+            };
             if ours(&message) {
-                message.delivery.acker.ack(BasicAckOptions::default()).await?;
                 taken += 1;
+            } else {
+                let id = message
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                publisher
+                    .publish("", &queue, &id, &message.delivery.data, true)
+                    .await?;
             }
+            message.delivery.acker.ack(BasicAckOptions::default()).await?;
         }
         let _ = channel.close(200, "done".into()).await;
     }

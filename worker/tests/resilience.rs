@@ -434,6 +434,54 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
     assert_eq!(resolution, "replayed");
 }
 
+/// Found in review: `discard` and `replay` looked for their message by reading the parked
+/// queue and returning all the others unacked. A quorum queue counts each return as a
+/// delivery, and RabbitMQ 4 drops a message past its (default) delivery limit: parked
+/// copies would vanish as operators worked through the others. They are read once and
+/// published again instead, never returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn looking_through_the_parked_queue_returns_no_other_message_to_it() {
+    use shared::command::RequestKind;
+    let system = System::start(0).await;
+    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
+    let [gone, kept] = [uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
+    for id in [gone, kept] {
+        sqlx::query(
+            "INSERT INTO dead_letters (request_id, family, kind, reason) VALUES ($1, 'coupon', 'COUPON_ISSUE', 'rejected')",
+        )
+        .bind(id)
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+    }
+    // Dead letters arrive at least once: the letter discarded has two copies.
+    for id in [gone, kept, gone] {
+        parked.park(id, RequestKind::CouponIssue).await;
+    }
+
+    let (ok, discarded) = system
+        .worker_command(&["dead-letters", "discard", &gone.to_string()])
+        .await;
+    assert!(ok.success() && discarded.contains("was deleted"), "{discarded}");
+    assert_eq!(
+        parked.depth().await,
+        1,
+        "both copies of {gone} are gone, {kept} is not"
+    );
+    let left = parked.take().await.expect("the other letter is still parked");
+    let command: shared::command::CommandMessage = serde_json::from_slice(&left.delivery.data).unwrap();
+    assert_eq!(command.request_id, kept);
+    assert!(
+        !left.delivery.redelivered,
+        "{kept} was returned to the queue: {left:?}"
+    );
+    assert_eq!(
+        left.delivery.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(kept.to_string().as_str()),
+        "it keeps the name operators know it by"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_and_can_be_discarded() {
     use shared::topology::Family;

@@ -492,6 +492,17 @@ impl ParkedQueue {
         .await;
     }
 
+    /// Takes the message at the head of the queue for good.
+    pub async fn take(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(
+                self.name.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+    }
+
     /// Parks a copy of the command of request `id`, as the dead-letter consumer would.
     pub async fn park(&self, id: uuid::Uuid, kind: shared::command::RequestKind) {
         let body = serde_json::to_vec(&shared::command::CommandMessage { request_id: id, kind }).unwrap();
@@ -501,7 +512,9 @@ impl ParkedQueue {
                 self.name.as_str().into(),
                 Default::default(),
                 &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
+                lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(id.to_string().into()),
             )
             .await
             .unwrap()
