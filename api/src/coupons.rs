@@ -141,7 +141,7 @@ async fn issue_coupon(
         user_id: user.get(),
     };
     let payload = serde_json::to_value(issue).map_err(ApiError::internal)?;
-    let scope = format!("POST /coupons/{coupon}/issue");
+    let scope = idempotency::user_scope(&format!("POST /coupons/{coupon}/issue"), user);
     let checked = refuse_what_is_known(&state.db, coupon, user)
         .await
         .map(|()| NewCommand {

@@ -52,6 +52,13 @@ impl<T: Serialize> Outcome<T> {
     }
 }
 
+/// The scope of a key sent to `route` on behalf of `user`, for routes whose user is named in
+/// the body rather than the path: the contract keys are "for the same user and route", so
+/// two users who happen to send the same key must not meet.
+pub fn user_scope(route: &str, user: shared::domain::UserId) -> String {
+    format!("{route} by user {user}")
+}
+
 /// Runs `work` in a transaction, at most once per `(scope, key)`.
 ///
 /// `scope` names the route and the user (e.g. `POST /users/7/balance/charge`), so that keys

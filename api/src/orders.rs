@@ -28,7 +28,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
 use crate::pagination::PageQuery;
-use crate::AppState;
+use crate::{idempotency, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -231,7 +231,8 @@ async fn create_order(
         payload,
         order: Some(order),
     });
-    commands::submit(&state, &key, "POST /orders", &request, checked).await
+    let scope = idempotency::user_scope("POST /orders", user);
+    commands::submit(&state, &key, &scope, &request, checked).await
 }
 
 #[derive(sqlx::FromRow)]
@@ -336,7 +337,7 @@ async fn pay_order(
         coupon_id,
     };
     let payload = serde_json::to_value(command).map_err(ApiError::internal)?;
-    let scope = format!("POST /orders/{order}/payment");
+    let scope = idempotency::user_scope(&format!("POST /orders/{order}/payment"), user);
     let checked = refuse_unpayable(&state.db, order, user)
         .await
         .map(|()| NewCommand {

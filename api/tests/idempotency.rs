@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::spawn_app;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -221,4 +223,79 @@ async fn a_slow_request_whose_claim_was_taken_over_applies_nothing() {
     assert_eq!(ledger, 1);
     let replay = app.post_with_key(&path, json!({ "amount": 1_000 }), "slow").await;
     assert_eq!(replay.body, retry.body);
+}
+
+/// Found in review: the asynchronous commands name their user in the body, and their keys
+/// were scoped by the route alone, so a second user who happened to send the same key was
+/// answered 422 `ERR_IDEMPOTENCY_KEY_REUSED` (and its command never taken). The contract
+/// keys are "for the same user and route".
+#[tokio::test]
+async fn command_keys_of_different_users_do_not_collide() {
+    let app = spawn_app().await;
+    let [a, b] = [app.create_user("A").await, app.create_user("B").await];
+    let coupon = app
+        .create_coupon(json!({
+            "name": "Shared", "discountType": "FIXED", "discountValue": 100,
+            "totalQuantity": 10, "expiresAt": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339(),
+        }))
+        .await;
+    let product = app.create_product("Mug", 1_000, 10).await;
+
+    // Each user's command under the same key is its own: accepted, a request of its own,
+    // and replayed to its own sender.
+    let accepted_once_each = async |path: &str, body: &dyn Fn(i64) -> serde_json::Value| {
+        let mut answers = Vec::new();
+        for user in [a, b] {
+            let first = app.post_with_key(path, body(user), "shared-key").await;
+            assert_eq!(first.status, StatusCode::ACCEPTED, "{path}: {first:?}");
+            // Until the api has recorded the broker's confirm, a replay answers 409.
+            let again = app
+                .eventually(StatusCode::ACCEPTED, Duration::from_secs(30), || {
+                    app.post_with_key(path, body(user), "shared-key")
+                })
+                .await;
+            assert_eq!(again.body, first.body, "{path}");
+            assert_eq!(again.headers["idempotent-replayed"], "true");
+            answers.push(first);
+        }
+        assert_ne!(
+            answers[0].body["requestId"], answers[1].body["requestId"],
+            "{path}"
+        );
+        answers
+    };
+    accepted_once_each(
+        &format!("/coupons/{coupon}/issue"),
+        &|user| json!({ "userId": user }),
+    )
+    .await;
+    let orders = accepted_once_each(
+        "/orders",
+        &|user| json!({ "userId": user, "items": [{ "productId": product, "quantity": 1 }] }),
+    )
+    .await;
+    // Paying: each user's own order, under the same key and the same path shape.
+    for (user, order) in [a, b].into_iter().zip(&orders) {
+        let path = format!("/orders/{}/payment", order.body["orderId"].as_str().unwrap());
+        let paid = app
+            .post_with_key(&path, json!({ "userId": user }), "shared-pay-key")
+            .await;
+        assert_eq!(paid.status, StatusCode::ACCEPTED, "{paid:?}");
+    }
+    let requests: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(requests, 6, "two issues, two orders, two payments");
+
+    // A key is still one request per user: the same user with another body is refused.
+    let reused = app
+        .post_with_key(
+            "/orders",
+            json!({ "userId": a, "items": [{ "productId": product, "quantity": 2 }] }),
+            "shared-key",
+        )
+        .await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY, "{reused:?}");
+    assert_eq!(reused.code(), "ERR_IDEMPOTENCY_KEY_REUSED");
 }
