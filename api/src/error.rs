@@ -47,7 +47,7 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        if shared::db::is_connectivity_error(&error) {
+        if shared::db::is_unavailable(&error) {
             Self::Unavailable(anyhow::Error::new(error).context("PostgreSQL"))
         } else {
             Self::Internal(error.into())

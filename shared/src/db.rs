@@ -71,13 +71,24 @@ async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     }
 }
 
-/// True when a database error means "PostgreSQL is unreachable" rather than "this query is
-/// wrong", so callers can answer 503 and let clients retry.
-pub fn is_connectivity_error(error: &sqlx::Error) -> bool {
+/// True when a database error means "PostgreSQL cannot serve us right now" rather than
+/// "this query is wrong", so callers can answer 503 and let clients retry, and workers wait
+/// it out without spending a command's attempts: unreachable (I/O, a closed or exhausted
+/// pool, class `08`), shutting down or starting up (`57P`), or out of resources (class `53`:
+/// too many connections, out of memory, disk full). Taken for a bad command, the last would
+/// dead-letter healthy commands whenever replicas outnumber `max_connections`.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
     matches!(
         error,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
-    ) || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    ) || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)))
+}
+
+/// The SQLSTATEs of [`is_unavailable`].
+fn is_unavailable_code(sqlstate: &str) -> bool {
+    ["08", "53", "57P"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
 }
 
 /// The name of the constraint a statement violated, if that is why it failed.
@@ -85,5 +96,20 @@ pub fn violated_constraint(error: &sqlx::Error) -> Option<&str> {
     match error {
         sqlx::Error::Database(db) => db.constraint(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_shortages_and_lost_connections_are_unavailability_not_bad_queries() {
+        for code in ["53300", "53200", "53100", "08006", "57P01", "57P03"] {
+            assert!(is_unavailable_code(code), "{code}");
+        }
+        for code in ["23505", "40001", "42P01", "22003", "P0001"] {
+            assert!(!is_unavailable_code(code), "{code}");
+        }
     }
 }

@@ -46,7 +46,7 @@ impl SettleError {
     fn is_transient(&self) -> bool {
         match self {
             SettleError::Database(e) => {
-                shared::db::is_connectivity_error(e)
+                shared::db::is_unavailable(e)
                     || matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
             }
             _ => false,

@@ -18,6 +18,14 @@ use tokio::time::Instant;
 /// How long a process may take to stop after SIGTERM before it is killed.
 const STOP_PATIENCE: Duration = Duration::from_secs(30);
 
+/// Database pools of the processes besides the api (30). The `scale` scenario runs four
+/// workers next to the api, the batch, the data-platform stand-in and the load generator:
+/// with every pool at its default (10) they would ask for all of PostgreSQL's 100
+/// connections. A worker's partitions share its pool: fewer connections than partitions
+/// only make a batch wait for one.
+const WORKER_POOL: u32 = 8;
+const SIDE_POOL: u32 = 4;
+
 /// One running process.
 struct Process {
     name: String,
@@ -151,6 +159,7 @@ impl System {
                 ("WORKER_NAME", name.clone()),
                 // Replicas share the machine: each takes a free port for its metrics.
                 ("WORKER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+                ("DATABASE_MAX_CONNECTIONS", WORKER_POOL.to_string()),
             ],
         )?;
         self.workers.push(worker);
@@ -158,7 +167,12 @@ impl System {
     }
 
     pub fn start_data_platform(&mut self) -> anyhow::Result<()> {
-        let consumer = self.spawn("data-platform", "worker", &["data-platform"], &[])?;
+        let consumer = self.spawn(
+            "data-platform",
+            "worker",
+            &["data-platform"],
+            &[("DATABASE_MAX_CONNECTIONS", SIDE_POOL.to_string())],
+        )?;
         self.data_platform = Some(consumer);
         Ok(())
     }
@@ -176,6 +190,7 @@ impl System {
                 ("BATCH_NAME", "batch".to_owned()),
                 ("BATCH_METRICS_ADDR", "127.0.0.1:0".to_owned()),
                 ("BATCH_RESERVATION_EXPIRY_CRON", "*/5 * * * * *".to_owned()),
+                ("DATABASE_MAX_CONNECTIONS", SIDE_POOL.to_string()),
             ],
         )?;
         self.batch = Some(batch);

@@ -1,0 +1,47 @@
+//! How database errors are classified, on errors from the real PostgreSQL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+use sqlx::{Connection, Executor, PgConnection};
+
+fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Found in review: "too many connections" (53300) was taken for a bad query, so a worker
+/// spent a command's attempts on it and dead-lettered healthy commands whenever the
+/// replicas' pools outnumbered `max_connections`, and the api answered 500. It is
+/// unavailability, like a lost connection: workers wait it out, the api answers 503.
+#[tokio::test]
+async fn too_many_connections_is_unavailability() {
+    let server = server_url();
+    let mut admin = PgConnection::connect(&server).await.unwrap();
+    let role = format!("t_full_{}", uuid::Uuid::now_v7().simple());
+    // A role with no connection to spare: PostgreSQL refuses it as it refuses everyone past
+    // `max_connections`, with SQLSTATE 53300.
+    admin
+        .execute(format!(r#"CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0"#).as_str())
+        .await
+        .unwrap();
+    let (base, database) = server.rsplit_once('/').unwrap();
+    let (scheme, host) = base.split_once("://").unwrap();
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+    let refused = PgConnection::connect(&format!("{scheme}://{role}@{host}/{database}")).await;
+    admin
+        .execute(format!(r#"DROP ROLE "{role}""#).as_str())
+        .await
+        .unwrap();
+
+    let error = refused.expect_err("a role with a connection limit of 0 cannot connect");
+    let code = match &error {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    assert_eq!(code.as_deref(), Some("53300"), "{error:?}");
+    assert!(shared::db::is_unavailable(&error), "{error:?}");
+
+    // And a query that is wrong is not.
+    let wrong = admin.execute("SELECT * FROM no_such_table").await.unwrap_err();
+    assert!(!shared::db::is_unavailable(&wrong), "{wrong:?}");
+}
