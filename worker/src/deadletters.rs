@@ -83,27 +83,21 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
             },
         };
         let reason = death_reason(&delivery.properties);
-        let command = serde_json::from_slice::<CommandMessage>(&delivery.data)
-            .ok()
-            .filter(|m| m.kind.family() == family);
         // What is parked carries, as its message id, the name `worker dead-letters` knows
         // it by; a command sent back is not parked at all.
-        let parked_as = match command {
-            Some(message) => match decide(ctx, &message, &reason).await? {
-                Fate::SentBack(partition_key) => {
-                    shared::command::publish(
-                        &ctx.publisher,
-                        topology,
-                        message.request_id,
-                        message.kind,
-                        partition_key,
-                    )
-                    .await?;
-                    None
-                }
-                Fate::Parked => Some(message.request_id),
-            },
-            None => Some(record_unreadable(ctx, family, &delivery.data, &reason).await?),
+        let parked_as = match record_patiently(ctx, family, &delivery.data, &reason, shutdown).await? {
+            Recorded::SentBack(message, partition_key) => {
+                shared::command::publish(
+                    &ctx.publisher,
+                    topology,
+                    message.request_id,
+                    message.kind,
+                    partition_key,
+                )
+                .await?;
+                None
+            }
+            Recorded::Parked(id) => Some(id),
         };
         if let Some(id) = parked_as {
             ctx.publisher
@@ -120,6 +114,55 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
     }
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
+}
+
+/// What recording a dead letter decided.
+enum Recorded {
+    /// A command to send back to its partition, by the key it is partitioned on.
+    SentBack(CommandMessage, i64),
+    /// To park, under this name.
+    Parked(Uuid),
+}
+
+/// Records a dead letter, waiting out an unavailable PostgreSQL with the message in hand.
+/// Given up on, the message would go back to its queue with the channel, and a quorum
+/// queue counts that return as a delivery: under RabbitMQ 4 (a default delivery limit of
+/// 20, and no dead-letter route out of this queue) an outage of half a minute would drop
+/// the dead letter, and with it the only thing left that could fail its request.
+async fn record_patiently(
+    ctx: &Context,
+    family: Family,
+    body: &[u8],
+    reason: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Recorded> {
+    loop {
+        match record(ctx, family, body, reason).await {
+            Err(e) if shared::db::is_unavailable(&e) && !shutdown.is_cancelled() => {
+                tracing::warn!(family = family.as_str(), error = %e, "cannot record a dead letter yet; waiting for PostgreSQL");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            recorded => return Ok(recorded?),
+        }
+    }
+}
+
+async fn record(ctx: &Context, family: Family, body: &[u8], reason: &str) -> Result<Recorded, sqlx::Error> {
+    let command = serde_json::from_slice::<CommandMessage>(body)
+        .ok()
+        .filter(|m| m.kind.family() == family);
+    match command {
+        Some(message) => Ok(match decide(ctx, &message, reason).await? {
+            Fate::SentBack(partition_key) => Recorded::SentBack(message, partition_key),
+            Fate::Parked => Recorded::Parked(message.request_id),
+        }),
+        None => record_unreadable(ctx, family, body, reason)
+            .await
+            .map(Recorded::Parked),
+    }
 }
 
 /// Records a dead letter that is not a command of `family`; its id, the MD5 of its body.
