@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use shared::broker::{Broker, PublishError, Publisher};
 use shared::command::{self, RequestKind};
+use shared::domain::UserId;
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Topology;
 use sqlx::PgPool;
@@ -161,8 +162,9 @@ pub struct PendingOrder {
     pub quantities: Vec<i64>,
 }
 
-/// Accepts a command whose checks already ran: `checked` is the command, or why the API
-/// refused it at once.
+/// Accepts a command `user` sent to `route` whose checks already ran: `checked` is the
+/// command, or why the API refused it at once. Its key is the user's own
+/// ([`idempotency::user_scope`]): every command names its user in the body.
 ///
 /// The hot path of a flash sale, so it costs one statement and one commit: the request,
 /// the rows it creates and, with an `Idempotency-Key`, the key with its `202` are written
@@ -175,10 +177,12 @@ pub struct PendingOrder {
 pub async fn submit(
     state: &AppState,
     key: &IdempotencyKey,
-    scope: &str,
+    route: &str,
+    user: UserId,
     request: &serde_json::Value,
     checked: Result<NewCommand>,
 ) -> Result<Response> {
+    let scope = &idempotency::user_scope(route, user);
     let command = match checked {
         Ok(command) => command,
         Err(ApiError::Client(refusal)) => {

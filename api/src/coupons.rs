@@ -141,7 +141,7 @@ async fn issue_coupon(
         user_id: user.get(),
     };
     let payload = serde_json::to_value(issue).map_err(ApiError::internal)?;
-    let scope = idempotency::user_scope(&format!("POST /coupons/{coupon}/issue"), user);
+    let route = format!("POST /coupons/{coupon}/issue");
     let checked = refuse_what_is_known(&state.db, coupon, user)
         .await
         .map(|()| NewCommand {
@@ -150,7 +150,7 @@ async fn issue_coupon(
             payload: payload.clone(),
             order: None,
         });
-    commands::submit(&state, &key, &scope, &payload, checked).await
+    commands::submit(&state, &key, &route, user, &payload, checked).await
 }
 
 /// The checks that need no queue, in the contract's order: the user (400), the coupon

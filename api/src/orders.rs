@@ -28,7 +28,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
 use crate::pagination::PageQuery;
-use crate::{idempotency, AppState};
+use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -231,8 +231,7 @@ async fn create_order(
         payload,
         order: Some(order),
     });
-    let scope = idempotency::user_scope("POST /orders", user);
-    commands::submit(&state, &key, &scope, &request, checked).await
+    commands::submit(&state, &key, "POST /orders", user, &request, checked).await
 }
 
 #[derive(sqlx::FromRow)]
@@ -337,7 +336,7 @@ async fn pay_order(
         coupon_id,
     };
     let payload = serde_json::to_value(command).map_err(ApiError::internal)?;
-    let scope = idempotency::user_scope(&format!("POST /orders/{order}/payment"), user);
+    let route = format!("POST /orders/{order}/payment");
     let checked = refuse_unpayable(&state.db, order, user)
         .await
         .map(|()| NewCommand {
@@ -346,7 +345,7 @@ async fn pay_order(
             payload: payload.clone(),
             order: None,
         });
-    commands::submit(&state, &key, &scope, &payload, checked).await
+    commands::submit(&state, &key, &route, user, &payload, checked).await
 }
 
 /// What the API knows at once about a payment: the order exists (404), is the user's

@@ -83,10 +83,8 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
             },
         };
         let reason = death_reason(&delivery.properties);
-        // What is parked carries, as its message id, the name `worker dead-letters` knows
-        // it by; a command sent back is not parked at all.
-        let parked_as = match record_patiently(ctx, family, &delivery.data, &reason, shutdown).await? {
-            Recorded::SentBack(message, partition_key) => {
+        match record_patiently(ctx, family, &delivery.data, &reason, shutdown).await? {
+            Fate::SentBack(message, partition_key) => {
                 shared::command::publish(
                     &ctx.publisher,
                     topology,
@@ -95,33 +93,25 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
                     partition_key,
                 )
                 .await?;
-                None
             }
-            Recorded::Parked(id) => Some(id),
-        };
-        if let Some(id) = parked_as {
-            ctx.publisher
-                .publish(
-                    "",
-                    &topology.parked_queue(family),
-                    &id.to_string(),
-                    &delivery.data,
-                    true,
-                )
-                .await?;
+            // What is parked carries, as its message id, the name `worker dead-letters`
+            // knows it by.
+            Fate::Parked(id) => {
+                ctx.publisher
+                    .publish(
+                        "",
+                        &topology.parked_queue(family),
+                        &id.to_string(),
+                        &delivery.data,
+                        true,
+                    )
+                    .await?;
+            }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     let _ = channel.close(200, "shutdown".into()).await;
     Ok(())
-}
-
-/// What recording a dead letter decided.
-enum Recorded {
-    /// A command to send back to its partition, by the key it is partitioned on.
-    SentBack(CommandMessage, i64),
-    /// To park, under this name.
-    Parked(Uuid),
 }
 
 /// Records a dead letter, waiting out an unavailable PostgreSQL with the message in hand.
@@ -135,7 +125,7 @@ async fn record_patiently(
     body: &[u8],
     reason: &str,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Recorded> {
+) -> anyhow::Result<Fate> {
     loop {
         match record(ctx, family, body, reason).await {
             Err(e) if shared::db::is_unavailable(&e) && !shutdown.is_cancelled() => {
@@ -150,23 +140,20 @@ async fn record_patiently(
     }
 }
 
-async fn record(ctx: &Context, family: Family, body: &[u8], reason: &str) -> Result<Recorded, sqlx::Error> {
+async fn record(ctx: &Context, family: Family, body: &[u8], reason: &str) -> Result<Fate, sqlx::Error> {
     let command = serde_json::from_slice::<CommandMessage>(body)
         .ok()
         .filter(|m| m.kind.family() == family);
     match command {
-        Some(message) => Ok(match decide(ctx, &message, reason).await? {
-            Fate::SentBack(partition_key) => Recorded::SentBack(message, partition_key),
-            Fate::Parked => Recorded::Parked(message.request_id),
-        }),
+        Some(message) => decide(ctx, &message, reason).await,
         None => record_unreadable(ctx, family, body, reason)
             .await
-            .map(Recorded::Parked),
+            .map(Fate::Parked),
     }
 }
 
 /// Records a dead letter that is not a command of `family`; its id, the MD5 of its body.
-/// Idempotent, like [`mark_failed`]: another copy of the same message finds its row (and
+/// Idempotent, like [`decide`]: another copy of the same message finds its row (and
 /// opens it again if it had been discarded, since that copy is parked again).
 async fn record_unreadable(
     ctx: &Context,
@@ -235,12 +222,14 @@ fn death_reason(properties: &lapin::BasicProperties) -> String {
     reason.unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// What becomes of a dead command.
+/// What becomes of a dead letter.
 enum Fate {
-    /// Sent back to its partition (see [`REVIVALS`]), by the key it is partitioned on.
-    SentBack(i64),
-    /// Recorded for operators, its request failed: its message goes to the parked queue.
-    Parked,
+    /// A command sent back to its partition (see [`REVIVALS`]), by the key it is
+    /// partitioned on.
+    SentBack(CommandMessage, i64),
+    /// Recorded for operators (a command's request failed): its message goes to the parked
+    /// queue, under this name.
+    Parked(Uuid),
 }
 
 /// Decides what becomes of a dead command and records it, in one transaction committed
@@ -267,7 +256,7 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
         tx.commit().await?;
         tracing::warn!(request_id = %message.request_id, "a command ran out of deliveries without failing; sent back to its partition");
         metrics::counter!("worker_commands_revived_total", "family" => family).increment(1);
-        return Ok(Fate::SentBack(partition_key));
+        return Ok(Fate::SentBack(message.clone(), partition_key));
     }
 
     // Recorded for operators with the worker's note of why it gave up, if it rejected the
@@ -300,7 +289,7 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
         metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => family).increment(1);
     }
-    Ok(Fate::Parked)
+    Ok(Fate::Parked(message.request_id))
 }
 
 /// The partition key of a dead command that goes back to its partition rather than to the

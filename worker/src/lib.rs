@@ -54,6 +54,20 @@ pub struct Context {
 }
 
 impl Context {
+    /// A replica's context on `db` and a broker connection of its own, under a new
+    /// replica identity.
+    pub fn new(config: WorkerConfig, db: PgPool) -> Self {
+        let broker = Arc::new(Broker::new(&config.broker, config.name.clone()));
+        Self {
+            db,
+            publisher: Publisher::new(Arc::clone(&broker)),
+            broker,
+            config,
+            outbox_written: tokio::sync::Notify::new(),
+            replica: Uuid::now_v7(),
+        }
+    }
+
     /// Declares the command topology; failures are logged, as callers retry anyway.
     pub async fn declare_topology(&self) {
         let declared = async {
@@ -74,19 +88,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .await
         .with_context(|| format!("cannot listen on {}", config.metrics_addr))?;
     let db = shared::db::connect_and_migrate(&config.database, "worker").await?;
-    let broker = Arc::new(Broker::new(&config.broker, config.name.clone()));
-    if broker.wait_until_reachable(&shutdown).await.is_err() {
+    let ctx = Arc::new(Context::new(config, db));
+    if ctx.broker.wait_until_reachable(&shutdown).await.is_err() {
         tracing::info!("stopped before RabbitMQ was reachable");
         return Ok(());
     }
-    let ctx = Arc::new(Context {
-        db,
-        publisher: Publisher::new(Arc::clone(&broker)),
-        broker,
-        config,
-        outbox_written: tokio::sync::Notify::new(),
-        replica: Uuid::now_v7(),
-    });
     ctx.declare_topology().await;
     outbox::declare_exchange(&ctx).await;
 

@@ -155,7 +155,7 @@ async fn a_sweep_marks_what_it_published_when_another_publish_fails() {
         .await
         .unwrap();
 
-    let ctx = system.worker_context().await;
+    let ctx = system.worker_context();
     let outcome = worker::sweeper::sweep_once(&ctx).await;
     let error = format!("{:#}", outcome.expect_err("one publish was refused"));
     assert!(error.contains("1 re-published"), "{error}");

@@ -574,19 +574,11 @@ impl System {
 
     /// A worker replica's context inside the test process, on this system's database and
     /// topology, for driving one of its tasks (a sweep, say) step by step.
-    pub async fn worker_context(&self) -> worker::Context {
+    pub fn worker_context(&self) -> worker::Context {
         let mut config = worker::WorkerConfig::from_env().unwrap();
         config.name = format!("{}in-test", self.app.topology.prefix);
         config.topology = self.app.topology.clone();
-        let broker = std::sync::Arc::new(shared::broker::Broker::new(&config.broker, config.name.clone()));
-        worker::Context {
-            db: self.app.db.clone(),
-            publisher: shared::broker::Publisher::new(std::sync::Arc::clone(&broker)),
-            broker,
-            config,
-            outbox_written: tokio::sync::Notify::new(),
-            replica: uuid::Uuid::now_v7(),
-        }
+        worker::Context::new(config, self.app.db.clone())
     }
 
     /// When request `id` was settled (`NULL` while pending).
