@@ -3,6 +3,7 @@
 //! A charge is one UPDATE of the user's balance row plus its ledger row, in one
 //! transaction. The row lock of the UPDATE queues concurrent charges of one user, so none
 //! is lost and none needs a retry: `ERR_BALANCE_CONCURRENCY_CONFLICT` is never answered.
+//! Every route acts for the token's user only.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -17,6 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
@@ -30,8 +32,11 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_transactions))
 }
 
-fn parse_user(raw: &str) -> Result<UserId> {
-    UserId::parse(raw).ok_or_else(invalid_user)
+/// The path's user, who must be the caller: 400 when malformed, 403 when another user.
+fn own_user(caller: &Caller, raw: &str) -> Result<UserId> {
+    let user = crate::users::parse_user(raw)?;
+    caller.act_for(user)?;
+    Ok(user)
 }
 
 fn invalid_user() -> ApiError {
@@ -49,13 +54,18 @@ pub struct Balance {
 #[utoipa::path(
     get, path = "/users/{userId}/balance", tag = "balance",
     params(("userId" = i64, Path, minimum = 1)),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = Balance),
         (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
     )
 )]
-async fn get_balance(State(state): State<AppState>, Path(user): Path<String>) -> Result<axum::Json<Balance>> {
-    let user = parse_user(&user)?;
+async fn get_balance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> Result<axum::Json<Balance>> {
+    let user = own_user(&caller, &user)?;
     let balance: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE user_id = $1")
         .bind(user.get())
         .fetch_optional(&state.db)
@@ -87,6 +97,7 @@ pub struct Charge {
 #[utoipa::path(
     post, path = "/users/{userId}/balance/charge", tag = "balance",
     params(("userId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
+    security(("user_token" = [])),
     request_body = ChargeRequest,
     responses(
         (status = 200, body = Charge),
@@ -97,17 +108,20 @@ pub struct Charge {
 )]
 async fn charge_balance(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
     key: IdempotencyKey,
     Json(body): Json<ChargeRequest>,
 ) -> Result<Response> {
-    let user = parse_user(&user)?;
+    let user = crate::users::parse_user(&user)?;
     let amount = whole_number_in(&body.amount, 1, MAX_CHARGE).ok_or_else(|| {
         ApiError::new(
             ErrorCode::BalanceInvalidAmount,
             "amount must be a whole number of won from 1 to 10,000,000",
         )
     })?;
+    caller.act_for(user)?;
+    state.limits.user_write(user)?;
     let scope = format!("POST /users/{user}/balance/charge");
     let request = serde_json::json!({ "amount": amount });
     let outcome = idempotency::run(&state.db, &key, &scope, &request, StatusCode::OK, async |conn| {
@@ -192,6 +206,7 @@ pub struct TransactionPage {
 #[utoipa::path(
     get, path = "/users/{userId}/balance/transactions", tag = "balance",
     params(("userId" = i64, Path, minimum = 1), PageQuery),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = TransactionPage),
         (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER, ERR_INVALID_REQUEST"),
@@ -199,14 +214,13 @@ pub struct TransactionPage {
 )]
 async fn list_transactions(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<TransactionPage>> {
-    let user = parse_user(&user)?;
+    let user = crate::users::parse_user(&user)?;
     let page: Page = query.parse()?;
-    if !user_exists(&state.db, user).await? {
-        return Err(invalid_user());
-    }
+    caller.act_for(user)?;
     let rows: Vec<BalanceTransaction> = sqlx::query_as(
         "SELECT id AS transaction_id, kind, amount, balance_after, order_id, created_at
          FROM balance_transactions
@@ -218,6 +232,6 @@ async fn list_transactions(
     .bind(page.limit + 1)
     .fetch_all(&state.db)
     .await?;
-    let (items, next_cursor) = finish_page(rows, page, |t| t.transaction_id);
+    let (items, next_cursor) = finish_page(rows, page.limit, |t| t.transaction_id);
     Ok(axum::Json(TransactionPage { items, next_cursor }))
 }

@@ -224,7 +224,7 @@ pub async fn submit(
         order_id: command.order.as_ref().map(|o| o.order_id),
     };
     let started = std::time::Instant::now();
-    let stored = store(&state.db, key.0.as_deref(), scope, request, &command, &accepted).await?;
+    let stored = store(&state.db, key.0.as_deref(), scope, user, request, &command, &accepted).await?;
     metrics::histogram!("api_command_store_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if !stored {
@@ -272,6 +272,7 @@ async fn store(
     db: &PgPool,
     key: Option<&str>,
     scope: &str,
+    user: UserId,
     request: &serde_json::Value,
     command: &NewCommand,
     accepted: &Accepted,
@@ -288,8 +289,8 @@ async fn store(
             ON CONFLICT (scope, key) DO NOTHING
             RETURNING 1),
          request AS (
-            INSERT INTO requests (id, kind, partition_key, payload)
-            SELECT $5, $6, $7, $8 WHERE $2::text IS NULL OR EXISTS (SELECT 1 FROM claim)
+            INSERT INTO requests (id, kind, partition_key, payload, user_id)
+            SELECT $5, $6, $7, $8, $16 WHERE $2::text IS NULL OR EXISTS (SELECT 1 FROM claim)
             RETURNING id),
          pending_order AS (
             INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
@@ -316,6 +317,7 @@ async fn store(
     .bind(order.map(|o| o.names.as_slice()).unwrap_or_default())
     .bind(order.map(|o| o.unit_prices.as_slice()).unwrap_or_default())
     .bind(order.map(|o| o.quantities.as_slice()).unwrap_or_default())
+    .bind(user.get())
     .fetch_one(db)
     .await?;
     Ok(stored == 1)

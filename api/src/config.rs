@@ -3,12 +3,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shared::config::{var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
+use axum::http::HeaderName;
+use secrecy::{ExposeSecret, SecretString};
+use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::topology::Topology;
 
-/// The token used when `ADMIN_TOKEN` is unset; fine on a laptop, refused nowhere, and
-/// announced with a warning at start so nobody ships it by accident.
+/// The admin token used when `ADMIN_TOKEN` is unset, accepted only in development mode.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
+
+/// The shortest admin token accepted outside development mode.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 /// The API's default pool. Every request holds a connection only for a statement or two,
 /// and with fewer connections than about a tenth of the concurrent clients, requests wait
@@ -20,8 +24,13 @@ pub const DEFAULT_POOL: u32 = 30;
 pub struct ApiConfig {
     /// `HTTP_ADDR`: where the API listens. Port 0 picks a free port (tests do).
     pub http_addr: SocketAddr,
-    /// `ADMIN_TOKEN`: the bearer token of the `/admin` routes.
-    pub admin_token: String,
+    /// `API_METRICS_ADDR`: where `/metrics` is served, away from the public address.
+    pub metrics_addr: SocketAddr,
+    /// `ADMIN_TOKEN`: the bearer token of the `/admin` routes. Never printed.
+    pub admin_token: SecretString,
+    /// `DEVELOPMENT_MODE`: accept a weak admin token (the default one included). Never in
+    /// production.
+    pub development_mode: bool,
     /// `MAX_BODY_BYTES`: larger request bodies are answered 413.
     pub max_body_bytes: usize,
     /// `COMMAND_QUEUE_LIMIT`: ready messages a family's queues may hold before new commands
@@ -29,24 +38,143 @@ pub struct ApiConfig {
     pub command_queue_limit: u64,
     /// `COMMAND_QUEUE_SAMPLE_MS`: how often the queue depth is sampled.
     pub command_queue_sample: Duration,
+    /// `MAX_RESERVED_ORDERS_PER_USER`: unpaid orders (pending or reserved) one user may hold
+    /// at once; one more is refused `409 ERR_ORDER_TOO_MANY_RESERVED`, so nobody can keep a
+    /// product's stock out of everyone else's reach.
+    pub max_reserved_orders_per_user: i64,
+    pub http: HttpTimeouts,
+    pub limits: RateLimitSettings,
+    /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
+    /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
+    pub token_cache_ttl: Duration,
     pub database: DatabaseSettings,
     pub broker: BrokerSettings,
     pub topology: Topology,
     pub telemetry: TelemetrySettings,
 }
 
+/// How long a client may take, so slow clients cannot hold connections.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    /// `HTTP_HEADER_TIMEOUT_MS`: from the connection's start, or the end of its previous
+    /// answer, to the end of the next request's headers. Hyper uses the one timer for both,
+    /// so this is the idle keep-alive limit as well. Past it the connection is closed.
+    pub header: Duration,
+    /// `HTTP_BODY_TIMEOUT_MS`: from the end of the headers to the end of the body. Past it
+    /// the answer is `408 ERR_REQUEST_TIMEOUT` and the connection is closed.
+    pub body: Duration,
+    /// `HTTP_HANDLER_TIMEOUT_MS`: the most the API works on one request once it has read
+    /// it; past it the answer is `503 ERR_UNAVAILABLE`.
+    pub handler: Duration,
+}
+
+/// Per-user and per-client-address rate limits (`429 ERR_RATE_LIMITED` with `Retry-After`).
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    /// `RATE_LIMIT_USER_WRITES_PER_SEC`: sustained rate of one user's commands, charges,
+    /// cancellations and new tokens (0: no limit).
+    pub user_writes_per_sec: u32,
+    /// `RATE_LIMIT_USER_WRITES_BURST`: how many of those may come at once.
+    pub user_writes_burst: u32,
+    /// `RATE_LIMIT_SIGNUPS_PER_MIN`: registrations (`POST /users`) from one client address
+    /// (0: no limit).
+    pub signups_per_min: u32,
+    /// `RATE_LIMIT_SIGNUPS_BURST`.
+    pub signups_burst: u32,
+    /// `RATE_LIMIT_AUTH_FAILURES_PER_MIN`: invalid tokens one client address may present;
+    /// past it, its unknown tokens are refused 429 without a database lookup (0: no limit).
+    pub auth_failures_per_min: u32,
+    /// `RATE_LIMIT_AUTH_FAILURES_BURST`.
+    pub auth_failures_burst: u32,
+    /// `TRUSTED_CLIENT_IP_HEADER`: behind a reverse proxy, the header in which the proxy
+    /// puts the client's address (e.g. `x-forwarded-for`; its last entry is taken, the one
+    /// the proxy added). Unset: the peer address of the connection. Set it only behind a
+    /// proxy that overwrites or appends this header, or clients choose their own address.
+    pub trusted_client_ip_header: Option<HeaderName>,
+}
+
 impl ApiConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
+        let development_mode = flag("DEVELOPMENT_MODE", false)?;
+        let admin_token = std::env::var("ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .unwrap_or_else(|| DEV_ADMIN_TOKEN.to_owned());
+        let config = Self {
             http_addr: var("HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
-            admin_token: var("ADMIN_TOKEN", DEV_ADMIN_TOKEN.to_owned())?,
+            metrics_addr: var("API_METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9300)))?,
+            admin_token: SecretString::from(admin_token.trim().to_owned()),
+            development_mode,
             max_body_bytes: var("MAX_BODY_BYTES", 64 * 1024)?,
             command_queue_limit: var("COMMAND_QUEUE_LIMIT", 100_000)?,
             command_queue_sample: Duration::from_millis(var("COMMAND_QUEUE_SAMPLE_MS", 500)?),
+            max_reserved_orders_per_user: var("MAX_RESERVED_ORDERS_PER_USER", 10)?,
+            http: HttpTimeouts {
+                header: Duration::from_millis(var("HTTP_HEADER_TIMEOUT_MS", 10_000)?),
+                body: Duration::from_millis(var("HTTP_BODY_TIMEOUT_MS", 10_000)?),
+                handler: Duration::from_millis(var("HTTP_HANDLER_TIMEOUT_MS", 60_000)?),
+            },
+            limits: RateLimitSettings {
+                user_writes_per_sec: var("RATE_LIMIT_USER_WRITES_PER_SEC", 10)?,
+                user_writes_burst: var("RATE_LIMIT_USER_WRITES_BURST", 20)?,
+                signups_per_min: var("RATE_LIMIT_SIGNUPS_PER_MIN", 30)?,
+                signups_burst: var("RATE_LIMIT_SIGNUPS_BURST", 30)?,
+                auth_failures_per_min: var("RATE_LIMIT_AUTH_FAILURES_PER_MIN", 60)?,
+                auth_failures_burst: var("RATE_LIMIT_AUTH_FAILURES_BURST", 30)?,
+                trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
+            },
+            token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
             database: DatabaseSettings::from_env_with_pool(DEFAULT_POOL)?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
+        };
+        config.check_admin_token()?;
+        if config.token_cache_ttl > Duration::from_secs(5) {
+            return Err(ConfigError {
+                name: "TOKEN_CACHE_TTL_MS".to_owned(),
+                value: config.token_cache_ttl.as_millis().to_string(),
+                reason: "a revoked token must be refused within 5 s: at most 5000".to_owned(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Refuses an empty, default or short admin token, unless in development mode.
+    pub fn check_admin_token(&self) -> Result<(), ConfigError> {
+        if self.development_mode {
+            return Ok(());
+        }
+        let token = self.admin_token.expose_secret();
+        let reason = if token == DEV_ADMIN_TOKEN {
+            "it is unset or the development default"
+        } else if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+            "it is shorter than 32 characters"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError {
+            name: "ADMIN_TOKEN".to_owned(),
+            // The value is a secret, even a weak one.
+            value: "(hidden)".to_owned(),
+            reason: format!(
+                "{reason}; set a random token of at least 32 characters (e.g. `openssl rand -hex 32`), \
+                 or DEVELOPMENT_MODE=true on a development machine"
+            ),
         })
     }
+}
+
+fn optional_header(name: &str) -> Result<Option<HeaderName>, ConfigError> {
+    let raw: String = var(name, String::new())?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    HeaderName::try_from(raw.to_ascii_lowercase())
+        .map(Some)
+        .map_err(|e| ConfigError {
+            name: name.to_owned(),
+            value: raw,
+            reason: e.to_string(),
+        })
 }

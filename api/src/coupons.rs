@@ -19,10 +19,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::commands::{self, Accepted, NewCommand};
 use crate::error::{ApiError, Result};
-use crate::extract::{IdempotencyKey, Json};
+use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::pagination::{finish_page, Page, PageQuery};
 use crate::products::{Product, PRODUCT_COLUMNS};
 use crate::{idempotency, AppState};
 
@@ -116,6 +118,7 @@ pub struct IssueRequest {
 #[utoipa::path(
     post, path = "/coupons/{couponId}/issue", tag = "coupons",
     params(("couponId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
+    security(("user_token" = [])),
     request_body = IssueRequest,
     responses(
         (status = 202, body = Accepted, description = "accepted; poll the Location"),
@@ -128,6 +131,7 @@ pub struct IssueRequest {
 )]
 async fn issue_coupon(
     State(state): State<AppState>,
+    caller: Caller,
     Path(coupon): Path<String>,
     key: IdempotencyKey,
     Json(body): Json<IssueRequest>,
@@ -136,6 +140,8 @@ async fn issue_coupon(
     let user = whole_number_in(&body.user_id, 1, i64::MAX)
         .and_then(UserId::new)
         .ok_or_else(invalid_user)?;
+    caller.act_for(user)?;
+    state.limits.user_write(user)?;
     let issue = CouponIssue {
         coupon_id: coupon.get(),
         user_id: user.get(),
@@ -204,53 +210,62 @@ pub struct HeldCoupon {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct HeldCoupons {
     items: Vec<HeldCoupon>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
 }
 
 /// The coupons a user holds and can still use (unused, unexpired), newest first.
 #[utoipa::path(
     get, path = "/users/{userId}/coupons", tag = "coupons",
-    params(("userId" = i64, Path, minimum = 1)),
+    params(("userId" = i64, Path, minimum = 1), PageQuery),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = HeldCoupons),
-        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
+        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER, ERR_INVALID_REQUEST"),
     )
 )]
 async fn user_coupons(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<HeldCoupons>> {
     let user = UserId::parse(&user).ok_or_else(invalid_user)?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
-        .bind(user.get())
-        .fetch_one(&state.db)
-        .await?;
-    if !exists {
-        return Err(invalid_user());
-    }
-    let items = sqlx::query_as(
+    // Newest first by id: user coupon ids are UUIDv7, in the order they were issued.
+    let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
+    caller.act_for(user)?;
+    let rows: Vec<HeldCoupon> = sqlx::query_as(
         "SELECT uc.id AS user_coupon_id, c.id AS coupon_id, c.name, c.discount_type, c.discount_value,
                 uc.issued_at, c.expires_at
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.used_at IS NULL AND c.expires_at > now()
-         ORDER BY uc.issued_at DESC, uc.id DESC",
+           AND ($2::uuid IS NULL OR uc.id < $2)
+         ORDER BY uc.id DESC LIMIT $3",
     )
     .bind(user.get())
+    .bind(before)
+    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
-    Ok(axum::Json(HeldCoupons { items }))
+    let (items, next_cursor) = finish_page(rows, limit, |c| c.user_coupon_id);
+    Ok(axum::Json(HeldCoupons { items, next_cursor }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ApplicableProducts {
     items: Vec<Product>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
 }
 
-/// The products a coupon applies to (every product when it names none).
+/// The products a coupon applies to (every product when it names none), by product id.
 #[utoipa::path(
     get, path = "/coupons/{couponId}/applicable-products", tag = "coupons",
-    params(("couponId" = i64, Path, minimum = 1)),
+    params(("couponId" = i64, Path, minimum = 1), PageQuery),
     responses(
         (status = 200, body = ApplicableProducts),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
@@ -261,8 +276,10 @@ pub struct ApplicableProducts {
 async fn applicable_products(
     State(state): State<AppState>,
     Path(coupon): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<ApplicableProducts>> {
     let coupon = parse_coupon_id(&coupon)?;
+    let page: Page = query.parse()?;
     let found: Option<(bool, bool)> =
         sqlx::query_as("SELECT all_products, expires_at <= now() FROM coupons WHERE id = $1")
             .bind(coupon.get())
@@ -272,20 +289,20 @@ async fn applicable_products(
     if expired {
         return Err(ApiError::new(ErrorCode::CouponExpired, "this coupon has expired"));
     }
-    let items = if all_products {
-        sqlx::query_as(&format!("SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id"))
-            .fetch_all(&state.db)
-            .await?
-    } else {
-        sqlx::query_as(&format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products
-             WHERE id IN (SELECT product_id FROM coupon_products WHERE coupon_id = $1) ORDER BY id"
-        ))
-        .bind(coupon.get())
-        .fetch_all(&state.db)
-        .await?
-    };
-    Ok(axum::Json(ApplicableProducts { items }))
+    let rows: Vec<Product> = sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+         WHERE ($1 OR id IN (SELECT product_id FROM coupon_products WHERE coupon_id = $2))
+           AND ($3::bigint IS NULL OR id > $3)
+         ORDER BY id LIMIT $4"
+    ))
+    .bind(all_products)
+    .bind(coupon.get())
+    .bind(page.after)
+    .bind(page.limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let (items, next_cursor) = finish_page(rows, page.limit, |p| p.product_id);
+    Ok(axum::Json(ApplicableProducts { items, next_cursor }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -16,6 +16,11 @@ pub enum ApiError {
     #[error("{}: {}", .0.code, .0.message)]
     Client(ErrorBody),
 
+    /// This client or user sent too much: 429 `ERR_RATE_LIMITED` with `Retry-After`, the
+    /// wait until the limiter lets the next request through.
+    #[error("rate limited for {0:?}")]
+    RateLimited(std::time::Duration),
+
     /// PostgreSQL or RabbitMQ cannot be reached: 503 with `Retry-After`.
     #[error("a dependency is unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -39,6 +44,7 @@ impl ApiError {
             Self::Client(body) => {
                 StatusCode::from_u16(body.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST)
             }
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -60,14 +66,33 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match self {
             Self::Client(body) => {
-                let overloaded = body.code == ErrorCode::Overloaded;
+                let code = body.code;
                 let mut response = (status, Json(body)).into_response();
-                if overloaded {
-                    response.headers_mut().insert(
-                        header::RETRY_AFTER,
-                        HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE),
-                    );
+                match code {
+                    ErrorCode::Overloaded => {
+                        response.headers_mut().insert(
+                            header::RETRY_AFTER,
+                            HeaderValue::from_static(RETRY_AFTER_UNAVAILABLE),
+                        );
+                    }
+                    // RFC 6750: a 401 names the scheme the client should use.
+                    ErrorCode::Unauthorized => {
+                        response
+                            .headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    }
+                    _ => {}
                 }
+                response
+            }
+            Self::RateLimited(wait) => {
+                let body = ErrorBody::new(ErrorCode::RateLimited, "too many requests; retry after the time given");
+                let mut response = (status, Json(body)).into_response();
+                // Whole seconds, rounded up and at least 1, so a client never retries early.
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
                 response
             }
             Self::Unavailable(cause) => {

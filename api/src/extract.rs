@@ -56,6 +56,19 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// The address of the client: the connection's peer, or the trusted proxy header's last
+/// entry when one is configured (`TRUSTED_CLIENT_IP_HEADER`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl FromRequestParts<crate::AppState> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &crate::AppState) -> Result<Self, Self::Rejection> {
+        Ok(Self(state.limits.client_address(parts)))
+    }
+}
+
 /// The optional `Idempotency-Key` header: 1 to 255 printable ASCII characters.
 #[derive(Debug, Clone, Default)]
 pub struct IdempotencyKey(pub Option<String>);

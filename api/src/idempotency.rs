@@ -73,6 +73,20 @@ pub async fn run<T: Serialize>(
     success: StatusCode,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<Outcome<T>> {
+    run_saving(pool, key, scope, request, success, |value: &T| serde_json::to_value(value), work).await
+}
+
+/// [`run`], saving `saved(answer)` as the answer a replay gets rather than the answer
+/// itself: for answers that carry a secret shown once (a new token), which is never stored.
+pub async fn run_saving<T: Serialize>(
+    pool: &PgPool,
+    key: &IdempotencyKey,
+    scope: &str,
+    request: &serde_json::Value,
+    success: StatusCode,
+    saved: impl Fn(&T) -> serde_json::Result<serde_json::Value>,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
+) -> Result<Outcome<T>> {
     let Some(key) = key.0.as_deref() else {
         let mut tx = pool.begin().await?;
         let value = work(&mut tx).await?;
@@ -88,7 +102,7 @@ pub async fn run<T: Serialize>(
     let attempt: Result<T> = async {
         let mut tx = pool.begin().await?;
         let value = work(&mut tx).await?;
-        let body = serde_json::to_value(&value).map_err(ApiError::internal)?;
+        let body = saved(&value).map_err(ApiError::internal)?;
         if !save_response(&mut *tx, scope, key, claimed, success, &body).await? {
             // Taken over while this request was running: the effect is rolled back.
             return Err(in_use());

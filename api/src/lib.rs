@@ -9,13 +9,19 @@
 //!   per part of the contract.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
-//! - [`health`], [`observability`]: readiness, liveness and `/metrics`.
+//! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
+//!   a user, and the admin token.
+//! - [`limits`]: per-user and per-client-address rate limits.
+//! - [`server`]: hyper with header, body and handler timeouts.
+//! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
+//!   served on its own address, never the public one.
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
 //! - [`pagination`]: cursor pages (`limit`, `cursor`).
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 
 pub mod admin;
+pub mod auth;
 pub mod backpressure;
 pub mod balance;
 pub mod commands;
@@ -25,6 +31,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
+pub mod limits;
 pub mod observability;
 pub mod openapi;
 pub mod orders;
@@ -32,6 +39,7 @@ pub mod pagination;
 pub mod popular;
 pub mod products;
 pub mod requests;
+pub mod server;
 pub mod state;
 pub mod users;
 
@@ -55,19 +63,25 @@ use utoipa_axum::router::OpenApiRouter;
 pub use config::ApiConfig;
 pub use state::AppState;
 
+use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::error::ApiError;
+use crate::limits::RateLimits;
 
 /// A built API bound to its address, ready to serve.
 pub struct Application {
     listener: TcpListener,
+    /// Where `/metrics` is served, apart from the public address.
+    metrics_listener: TcpListener,
     router: Router,
     state: AppState,
     /// Records publish confirmations; drained at shutdown.
     confirmations: tokio::task::JoinHandle<()>,
     /// Samples the command queues for backpressure; stopped at shutdown.
     sampler: (CancellationToken, tokio::task::JoinHandle<()>),
+    /// Forgets idle rate-limit keys; stopped at shutdown.
+    forgetter: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -85,12 +99,15 @@ impl Application {
                  answer 503 until it is), or it holds these queues with other arguments"
             );
         }
-        let listener = TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-        if config.admin_token == config::DEV_ADMIN_TOKEN {
-            tracing::warn!("ADMIN_TOKEN is unset: the admin routes accept the development token");
+        let listener = server::bind(config.http_addr).await?;
+        let metrics_listener = server::bind(config.metrics_addr).await?;
+        if config.development_mode {
+            tracing::warn!("DEVELOPMENT_MODE is on: a weak admin token is accepted; never run so in production");
         }
+        tracing::info!(
+            pool = config.database.max_connections,
+            "PostgreSQL pool of this process"
+        );
         let backpressure = Arc::new(Backpressure::default());
         let sampler_stop = CancellationToken::new();
         let sampler = backpressure.start(
@@ -100,26 +117,43 @@ impl Application {
             config.command_queue_sample,
             sampler_stop.clone(),
         );
+        let limits = Arc::new(RateLimits::new(&config.limits));
+        let forgetter = limits.start_forgetting(sampler_stop.clone());
+        let auth = Arc::new(Authenticator::new(
+            db.clone(),
+            config.token_cache_ttl,
+            Arc::clone(&limits),
+            &config.admin_token,
+        ));
         let state = AppState {
             db,
             broker,
             commands,
             backpressure,
             config: Arc::new(config),
+            auth,
+            limits,
             metrics: shared::telemetry::metrics_recorder()?,
         };
         let router = router(state.clone());
         Ok(Self {
             listener,
+            metrics_listener,
             router,
             state,
             confirmations,
             sampler: (sampler_stop, sampler),
+            forgetter,
         })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.metrics_listener.local_addr()?)
     }
 
     pub fn state(&self) -> &AppState {
@@ -128,19 +162,28 @@ impl Application {
 
     /// Serves until `shutdown` fires, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.local_addr()?, "api ready");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("the HTTP server failed")?;
+        tracing::info!(addr = %self.local_addr()?, metrics = %self.metrics_addr()?, "api ready");
         let Self {
+            listener,
+            metrics_listener,
+            router,
             state,
             confirmations,
             sampler: (sampler_stop, sampler),
-            ..
+            forgetter,
         } = self;
+        let metrics = tokio::spawn(shared::telemetry::serve_metrics(
+            metrics_listener,
+            state.metrics.clone(),
+            shutdown.clone(),
+        ));
+        server::serve(listener, router, state.config.http, shutdown)
+            .await
+            .context("the HTTP server failed")?;
         sampler_stop.cancel();
         let _ = sampler.await;
+        let _ = forgetter.await;
+        let _ = metrics.await;
         // The server has finished every request: nothing publishes any more.
         state.commands.close().await;
         let broker = Arc::clone(&state.broker);
@@ -174,7 +217,6 @@ pub fn router(state: AppState) -> Router {
         .merge(requests::router())
         .merge(admin::router(state.clone()))
         .merge(health::router())
-        .merge(observability::router())
         .split_for_parts();
     openapi::document_shared_errors(&mut api);
     let mut document = serde_json::to_value(&api).unwrap_or_else(|e| {
@@ -183,6 +225,7 @@ pub fn router(state: AppState) -> Router {
     });
     openapi::link_operations(&mut document);
     openapi::document_command_headers(&mut document);
+    openapi::document_auth_headers(&mut document);
     openapi::document_replay_header(&mut document);
     let document = Arc::new(document);
 
@@ -197,6 +240,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.http.handler,
+            server::answer_in_time,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.config.http, state.config.max_body_bytes),
+            server::read_body_in_time,
+        ))
         .layer(axum::middleware::from_fn(observability::track_requests))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {

@@ -9,19 +9,33 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "E-commerce order pipeline", description = "The HTTP contract of the `api` service."),
-    modifiers(&AdminToken),
+    modifiers(&BearerTokens),
     components(schemas(ErrorSchema))
 )]
 pub struct ApiDoc;
 
-struct AdminToken;
+/// The two bearer schemes: `user_token` (a customer's token, from `POST /users`) on every
+/// route that acts for a user, and `admin_token` on `/admin`.
+struct BearerTokens;
 
-impl Modify for AdminToken {
+/// The security scheme of the routes that act for a user.
+pub const USER_TOKEN: &str = "user_token";
+
+impl Modify for BearerTokens {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         if let Some(components) = openapi.components.as_mut() {
             components.add_security_scheme(
                 "admin_token",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+            components.add_security_scheme(
+                USER_TOKEN,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("the token answered by POST /users"))
+                        .build(),
+                ),
             );
         }
     }
@@ -48,8 +62,9 @@ pub struct IdempotencyKeyHeader {
 
 /// Documents the answers that every route of a kind can give, whatever its handler says:
 /// 413 and 415 wherever a body is read (the extractor answers them before the handler
-/// runs), 429 and 503 wherever a command is accepted, and 409 and 422 wherever an
-/// `Idempotency-Key` is accepted. Applied to the merged
+/// runs), 429 and 503 wherever a command is accepted, 409 and 422 wherever an
+/// `Idempotency-Key` is accepted, and 401, 403 and 429 wherever a customer's token is
+/// required (the [`crate::auth::Caller`] extractor answers them). Applied to the merged
 /// document, so no route can forget them.
 pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -75,6 +90,16 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
         ];
         for operation in operations.into_iter().flatten() {
             let mut shared = Vec::new();
+            let guarded = operation
+                .security
+                .iter()
+                .flatten()
+                .any(|requirement| serde_json::to_value(requirement).is_ok_and(|r| r.get(USER_TOKEN).is_some()));
+            if guarded {
+                shared.push(("401", "ERR_UNAUTHORIZED: no token, or one that is not valid (with WWW-Authenticate: Bearer)"));
+                shared.push(("403", "ERR_FORBIDDEN: the token's user is not the userId of the path or the body"));
+                shared.push(("429", "ERR_RATE_LIMITED, with Retry-After"));
+            }
             if operation.request_body.is_some() {
                 shared.push(("413", "ERR_PAYLOAD_TOO_LARGE"));
                 shared.push(("415", "ERR_UNSUPPORTED_MEDIA_TYPE: the body must be JSON"));
@@ -82,7 +107,7 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
             // A command (answered 202) is refused while its queues are too deep, and when
             // RabbitMQ cannot be reached.
             if operation.responses.responses.contains_key("202") {
-                shared.push(("429", "ERR_OVERLOADED, with Retry-After"));
+                shared.push(("429", "ERR_OVERLOADED or ERR_RATE_LIMITED, with Retry-After"));
                 shared.push(("503", "ERR_UNAVAILABLE, with Retry-After"));
             }
             let keyed = operation
@@ -169,6 +194,45 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
             };
             let declared = response.entry("headers").or_insert_with(|| json!({}));
             for (name, header) in headers {
+                declared[*name] = header.clone();
+            }
+        }
+    }
+}
+
+/// Declares the headers that the answers of identity and limits carry on every operation
+/// that gives them: `WWW-Authenticate: Bearer` on a `401` (RFC 6750) and `Retry-After` on a
+/// `429` (`crate::error`), both required. Run after [`document_shared_errors`].
+pub fn document_auth_headers(document: &mut serde_json::Value) {
+    use serde_json::json;
+
+    let headers_by_status = [
+        (
+            "401",
+            "WWW-Authenticate",
+            json!({
+                "description": "the scheme to authenticate with: `Bearer`",
+                "required": true,
+                "schema": { "type": "string" },
+            }),
+        ),
+        (
+            "429",
+            "Retry-After",
+            json!({
+                "description": "seconds to wait before sending the request again",
+                "required": true,
+                "schema": { "type": "integer", "minimum": 0 },
+            }),
+        ),
+    ];
+    for operation in operations_mut(document) {
+        let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+            continue;
+        };
+        for (status, name, header) in &headers_by_status {
+            if let Some(response) = responses.get_mut(*status).and_then(|r| r.as_object_mut()) {
+                let declared = response.entry("headers").or_insert_with(|| json!({}));
                 declared[*name] = header.clone();
             }
         }

@@ -17,17 +17,18 @@ use shared::domain::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES
 use shared::error::ErrorCode;
 use shared::money::order_total;
 use shared::order::{OrderEvent, OrderStatus};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::commands::{self, Accepted, NewCommand, PendingOrder};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
-use crate::pagination::PageQuery;
+use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -201,22 +202,26 @@ fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
 #[utoipa::path(
     post, path = "/orders", tag = "orders",
     params(IdempotencyKeyHeader),
+    security(("user_token" = [])),
     request_body = NewOrder,
     responses(
         (status = 202, body = Accepted, description = "accepted with orderId; the order reads PENDING at once"),
         (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_ORDER_INVALID_ITEMS, ERR_INVALID_REQUEST"),
         (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
-        (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 409, body = ErrorSchema, description = "ERR_ORDER_TOO_MANY_RESERVED, ERR_IDEMPOTENCY_KEY_IN_USE"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
     )
 )]
 async fn create_order(
     State(state): State<AppState>,
+    caller: Caller,
     key: IdempotencyKey,
     Json(body): Json<NewOrder>,
 ) -> Result<Response> {
     let user = parse_user(&body.user_id)?;
     let lines = validate_lines(&body.items)?;
+    caller.act_for(user)?;
+    state.limits.user_write(user)?;
     let order_id = Uuid::now_v7();
     let command = OrderCreate {
         order_id,
@@ -225,7 +230,8 @@ async fn create_order(
     };
     let request = serde_json::json!({ "userId": user.get(), "items": lines });
     let payload = serde_json::to_value(&command).map_err(ApiError::internal)?;
-    let checked = quote(&state.db, &command).await.map(|order| NewCommand {
+    let cap = state.config.max_reserved_orders_per_user;
+    let checked = quote(&state.db, &command, cap).await.map(|order| NewCommand {
         kind: RequestKind::OrderCreate,
         partition_key: user.get(),
         payload,
@@ -237,26 +243,41 @@ async fn create_order(
 #[derive(sqlx::FromRow)]
 struct QuoteRow {
     user_exists: bool,
+    unpaid: i64,
     id: Option<i64>,
     name: Option<String>,
     price: Option<i64>,
 }
 
-/// Checks the user and the products, and prices the order as it will be stored `PENDING`.
-async fn quote(db: &PgPool, order: &OrderCreate) -> Result<PendingOrder> {
+/// Checks the user, how many unpaid orders they hold (at most `cap`) and the products, and
+/// prices the order as it will be stored `PENDING`.
+///
+/// The cap is read outside any transaction, like every check of a command: orders of one
+/// user accepted at the same moment can pass it together, which the per-user rate limit
+/// bounds to a handful; it exists to keep one user from holding stock away from everyone,
+/// and a few over it do not.
+async fn quote(db: &PgPool, order: &OrderCreate, cap: i64) -> Result<PendingOrder> {
     let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
     // One round trip: the user's existence rides along with every product row, and with a
     // single row of NULLs when no product matches.
     let rows: Vec<QuoteRow> = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS user_exists, p.id, p.name, p.price
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS user_exists,
+                (SELECT count(*) FROM orders WHERE user_id = $1 AND status IN ('PENDING', 'RESERVED')) AS unpaid,
+                p.id, p.name, p.price
          FROM (SELECT 1) AS one LEFT JOIN products p ON p.id = ANY($2)",
     )
     .bind(order.user_id)
     .bind(&ids)
     .fetch_all(db)
     .await?;
-    if !rows.first().is_some_and(|row| row.user_exists) {
+    let Some(first) = rows.first().filter(|row| row.user_exists) else {
         return Err(invalid_user());
+    };
+    if first.unpaid >= cap {
+        return Err(ApiError::new(
+            ErrorCode::OrderTooManyReserved,
+            format!("at most {cap} unpaid orders at once: pay or cancel one first"),
+        ));
     }
     let products: HashMap<i64, (String, i64)> = rows
         .into_iter()
@@ -303,6 +324,7 @@ pub struct PaymentRequest {
 #[utoipa::path(
     post, path = "/orders/{orderId}/payment", tag = "orders",
     params(("orderId" = Uuid, Path), IdempotencyKeyHeader),
+    security(("user_token" = [])),
     request_body = PaymentRequest,
     responses(
         (status = 202, body = Accepted),
@@ -315,6 +337,7 @@ pub struct PaymentRequest {
 )]
 async fn pay_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order): Path<String>,
     key: IdempotencyKey,
     Json(body): Json<PaymentRequest>,
@@ -330,6 +353,8 @@ async fn pay_order(
             )
         })?),
     };
+    caller.act_for(user)?;
+    state.limits.user_write(user)?;
     let command = OrderPay {
         order_id: order,
         user_id: user.get(),
@@ -385,6 +410,7 @@ pub struct CancelRequest {
 #[utoipa::path(
     post, path = "/orders/{orderId}/cancel", tag = "orders",
     params(("orderId" = Uuid, Path)),
+    security(("user_token" = [])),
     request_body = CancelRequest,
     responses(
         (status = 200, body = Order),
@@ -396,11 +422,14 @@ pub struct CancelRequest {
 )]
 async fn cancel_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path(order): Path<String>,
     Json(body): Json<CancelRequest>,
 ) -> Result<axum::Json<Order>> {
     let order = parse_order_id(&order)?;
     let user = parse_user(&body.user_id)?;
+    caller.act_for(user)?;
+    state.limits.user_write(user)?;
     let mut tx = state.db.begin().await?;
     // The same row lock as payment and expiry: whichever commits first wins.
     let found: Option<(i64, String)> =
@@ -447,23 +476,18 @@ pub struct OrderPage {
     next_cursor: Option<String>,
 }
 
-async fn existing_user(executor: impl PgExecutor<'_>, raw: &str) -> Result<UserId> {
+/// The path's user, who must be the caller: 400 when malformed, 403 when another user.
+fn own_user(caller: &Caller, raw: &str) -> Result<UserId> {
     let user = UserId::parse(raw).ok_or_else(invalid_user)?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
-        .bind(user.get())
-        .fetch_one(executor)
-        .await?;
-    if exists {
-        Ok(user)
-    } else {
-        Err(invalid_user())
-    }
+    caller.act_for(user)?;
+    Ok(user)
 }
 
 /// A user's orders, newest first.
 #[utoipa::path(
     get, path = "/users/{userId}/orders", tag = "orders",
     params(("userId" = i64, Path, minimum = 1), PageQuery),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = OrderPage),
         (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
@@ -471,13 +495,14 @@ async fn existing_user(executor: impl PgExecutor<'_>, raw: &str) -> Result<UserI
 )]
 async fn list_orders(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<OrderPage>> {
     let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
-    let user = existing_user(&state.db, &user).await?;
+    let user = own_user(&caller, &user)?;
     let mut conn = state.db.acquire().await?;
-    let mut rows: Vec<OrderRow> = sqlx::query_as(&format!(
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
         "SELECT {ORDER_COLUMNS} FROM orders
          WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3"
@@ -487,9 +512,7 @@ async fn list_orders(
     .bind(limit + 1)
     .fetch_all(&mut *conn)
     .await?;
-    let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = more.then(|| rows.last().map(|r| r.id.to_string())).flatten();
+    let (rows, next_cursor) = finish_page(rows, limit, |r| r.id);
     let items = with_items(&mut conn, rows).await?;
     Ok(axum::Json(OrderPage { items, next_cursor }))
 }
@@ -498,6 +521,7 @@ async fn list_orders(
 #[utoipa::path(
     get, path = "/users/{userId}/orders/{orderId}", tag = "orders",
     params(("userId" = i64, Path, minimum = 1), ("orderId" = Uuid, Path)),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = Order),
         (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_INVALID_REQUEST"),
@@ -507,10 +531,12 @@ async fn list_orders(
 )]
 async fn get_order(
     State(state): State<AppState>,
+    caller: Caller,
     Path((user, order)): Path<(String, String)>,
 ) -> Result<axum::Json<Order>> {
     let user = UserId::parse(&user).ok_or_else(invalid_user)?;
     let order = parse_order_id(&order)?;
+    caller.act_for(user)?;
     let mut conn = state.db.acquire().await?;
     let found = fetch_order(&mut conn, order).await?.ok_or_else(order_not_found)?;
     if found.user_id != user.get() {

@@ -63,9 +63,10 @@ impl PageQuery {
 }
 
 /// Splits one extra fetched row off a page: when the query asked for `limit + 1` rows and
-/// got them, more follow, and the last kept item's key is the next cursor.
-pub fn finish_page<T>(mut rows: Vec<T>, page: Page, key: impl Fn(&T) -> i64) -> (Vec<T>, Option<String>) {
-    let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+/// got them, more follow, and the last kept item's key is the next cursor. Any key type
+/// that prints as its cursor will do (integer ids, UUIDs).
+pub fn finish_page<T, K: ToString>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> K) -> (Vec<T>, Option<String>) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if rows.len() > limit {
         rows.truncate(limit);
         let next = rows.last().map(|last| key(last).to_string());

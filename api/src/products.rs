@@ -65,7 +65,7 @@ async fn list_products(
     .bind(page.limit + 1)
     .fetch_all(&state.db)
     .await?;
-    let (items, next_cursor) = finish_page(rows, page, |p| p.product_id);
+    let (items, next_cursor) = finish_page(rows, page.limit, |p| p.product_id);
     Ok(axum::Json(ProductPage { items, next_cursor }))
 }
 

@@ -11,6 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::commands::POLL_AFTER_SECS;
 use crate::error::{ApiError, Result};
 use crate::openapi::ErrorSchema;
@@ -42,27 +43,30 @@ pub struct RequestStatus {
     error: Option<serde_json::Value>,
 }
 
-/// The status of an asynchronous request; `Retry-After` says when to poll again while it
+/// The status of one of the caller's asynchronous requests (another user's reads as
+/// unknown: its existence is not revealed); `Retry-After` says when to poll again while it
 /// is pending.
 #[utoipa::path(
     get, path = "/requests/{requestId}", tag = "requests",
     params(("requestId" = Uuid, Path)),
+    security(("user_token" = [])),
     responses(
         (status = 200, body = RequestStatus, headers(
             ("Retry-After" = i64, description = "only while the request is PENDING: seconds to wait before polling again"),
         )),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
-        (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND"),
+        (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND: unknown, or another user's"),
     )
 )]
-async fn get_request(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn get_request(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Response> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "requestId must be a UUID"))?;
     let found: Option<RequestStatus> = sqlx::query_as(
         "SELECT id AS request_id, kind, status, created_at, completed_at, result, error
-         FROM requests WHERE id = $1",
+         FROM requests WHERE id = $1 AND user_id = $2",
     )
     .bind(id)
+    .bind(caller.user().get())
     .fetch_optional(&state.db)
     .await?;
     let found =

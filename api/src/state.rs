@@ -6,9 +6,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use shared::broker::Broker;
 use sqlx::PgPool;
 
+use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
+use crate::limits::RateLimits;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -19,6 +21,10 @@ pub struct AppState {
     /// Which command families are over their queue limit.
     pub backpressure: Arc<Backpressure>,
     pub config: Arc<ApiConfig>,
+    /// Verifies bearer tokens (customers' and the admin's).
+    pub auth: Arc<Authenticator>,
+    /// Per-user and per-address rate limits.
+    pub limits: Arc<RateLimits>,
     /// Renders `/metrics`; the recorder behind it is process-wide.
     pub metrics: PrometheusHandle,
 }

@@ -184,10 +184,7 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
 #[tokio::test]
 async fn migrations_are_safe_when_several_processes_start_at_once() {
     let url = shared::testing::fresh_database_url().await.unwrap();
-    let settings = shared::config::DatabaseSettings {
-        url,
-        max_connections: 2,
-    };
+    let settings = shared::config::DatabaseSettings::new(url, 2);
     let starts = (0..4).map(|i| {
         let settings = settings.clone();
         tokio::spawn(async move { shared::db::connect_and_migrate(&settings, &format!("starter-{i}")).await })

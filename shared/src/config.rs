@@ -49,17 +49,67 @@ pub fn flag(name: &str, default: bool) -> Result<bool, ConfigError> {
 }
 
 /// Where PostgreSQL is and how many connections one process may hold.
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows the URL without its password: configurations are logged and printed.
+#[derive(Clone)]
 pub struct DatabaseSettings {
     /// `DATABASE_URL`; the database is created at start when it does not exist.
     pub url: String,
     /// `DATABASE_MAX_CONNECTIONS`: the pool size of this process. Keep the sum over all
     /// processes under PostgreSQL's `max_connections`.
     pub max_connections: u32,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`: PostgreSQL cancels a statement running longer, so
+    /// a runaway query gives its connection and its locks back (0: no limit).
+    pub statement_timeout_ms: u64,
+    /// `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS`: PostgreSQL ends a session that holds a
+    /// transaction open without using it this long, so a stuck process cannot hold row
+    /// locks for ever (0: no limit).
+    pub idle_in_transaction_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("idle_in_transaction_timeout_ms", &self.idle_in_transaction_timeout_ms)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`: `postgres://app:***@db:5432/shop`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
+            if credentials.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl DatabaseSettings {
     pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:5432/ecommerce";
+
+    /// Settings for `url` with `max_connections`, and the default timeouts.
+    pub fn new(url: impl Into<String>, max_connections: u32) -> Self {
+        Self {
+            url: url.into(),
+            max_connections,
+            statement_timeout_ms: 30_000,
+            idle_in_transaction_timeout_ms: 60_000,
+        }
+    }
 
     /// The settings with a pool of 10 connections unless `DATABASE_MAX_CONNECTIONS` says.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -71,12 +121,14 @@ impl DatabaseSettings {
         Ok(Self {
             url: var("DATABASE_URL", Self::DEFAULT_URL.to_owned())?,
             max_connections: var("DATABASE_MAX_CONNECTIONS", pool)?,
+            statement_timeout_ms: var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)?,
+            idle_in_transaction_timeout_ms: var("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)?,
         })
     }
 }
 
-/// Where RabbitMQ is.
-#[derive(Debug, Clone)]
+/// Where RabbitMQ is. `Debug` shows the URL without its password.
+#[derive(Clone)]
 pub struct BrokerSettings {
     /// `AMQP_URL`.
     pub url: String,
@@ -89,6 +141,14 @@ impl BrokerSettings {
         Ok(Self {
             url: var("AMQP_URL", Self::DEFAULT_URL.to_owned())?,
         })
+    }
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &redact_url(&self.url))
+            .finish()
     }
 }
 
@@ -125,6 +185,25 @@ mod tests {
             let err = var(name, 7_u32).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(name), "{err}");
         });
+    }
+
+    #[test]
+    fn passwords_never_show_in_the_debug_form_of_settings() {
+        let database = DatabaseSettings {
+            url: "postgres://app:s3cret@db:5432/shop".to_owned(),
+            max_connections: 10,
+            statement_timeout_ms: 0,
+            idle_in_transaction_timeout_ms: 0,
+        };
+        let broker = BrokerSettings {
+            url: "amqp://app:s3cret@mq:5672/%2f".to_owned(),
+        };
+        let printed = format!("{database:?} {broker:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("postgres://app:***@db:5432/shop"), "{printed}");
+        assert!(printed.contains("amqp://app:***@mq:5672/%2f"), "{printed}");
+        assert_eq!(redact_url("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(redact_url("not a url"), "***");
     }
 
     fn temp_env(name: &str, value: &str, f: impl FnOnce()) {

@@ -43,10 +43,19 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .url
         .parse()
         .context("DATABASE_URL is not a PostgreSQL URL")?;
+    // Set on every connection of the pool: no statement and no idle transaction of this
+    // process can hold a connection, or the locks it took, past these limits.
+    let options = options.application_name(app_name).options([
+        ("statement_timeout", settings.statement_timeout_ms.to_string()),
+        (
+            "idle_in_transaction_session_timeout",
+            settings.idle_in_transaction_timeout_ms.to_string(),
+        ),
+    ]);
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.application_name(app_name))
+        .connect_with(options)
         .await
         .context("cannot connect to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("cannot apply migrations")?;

@@ -52,13 +52,16 @@ error_codes! {
     // General
     InvalidRequest => ("ERR_INVALID_REQUEST", 400),
     Unauthorized => ("ERR_UNAUTHORIZED", 401),
+    Forbidden => ("ERR_FORBIDDEN", 403),
     NotFound => ("ERR_NOT_FOUND", 404),
     MethodNotAllowed => ("ERR_METHOD_NOT_ALLOWED", 405),
+    RequestTimeout => ("ERR_REQUEST_TIMEOUT", 408),
     PayloadTooLarge => ("ERR_PAYLOAD_TOO_LARGE", 413),
     UnsupportedMediaType => ("ERR_UNSUPPORTED_MEDIA_TYPE", 415),
     IdempotencyKeyInUse => ("ERR_IDEMPOTENCY_KEY_IN_USE", 409),
     IdempotencyKeyReused => ("ERR_IDEMPOTENCY_KEY_REUSED", 422),
     Overloaded => ("ERR_OVERLOADED", 429),
+    RateLimited => ("ERR_RATE_LIMITED", 429),
     Internal => ("ERR_INTERNAL", 500),
     Unavailable => ("ERR_UNAVAILABLE", 503),
     // Requests
@@ -85,6 +88,8 @@ error_codes! {
     OrderUnauthorized => ("ERR_ORDER_UNAUTHORIZED", 403),
     // Added to the contract: cancelling an order that is no longer pending or reserved.
     OrderInvalidStatus => ("ERR_ORDER_INVALID_STATUS", 409),
+    // Added to the contract: a user already holds as many unpaid reservations as allowed.
+    OrderTooManyReserved => ("ERR_ORDER_TOO_MANY_RESERVED", 409),
     // Payment
     PaymentInsufficientBalance => ("ERR_PAYMENT_INSUFFICIENT_BALANCE", 402),
     PaymentInvalidCoupon => ("ERR_PAYMENT_INVALID_COUPON", 400),

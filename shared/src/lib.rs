@@ -9,6 +9,7 @@
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
 //! - [`error`]: the contract's machine-readable error codes and error body.
 //! - [`domain`]: ids, money and the other rules that need no I/O.
+//! - [`identity`]: customer bearer tokens: how they are made and how they are stored.
 //! - [`command`]: asynchronous requests and the messages that carry them.
 //! - [`coupon`]: who gets a coupon from a batch of issue requests.
 //! - [`partition`]: which partition a key goes to, which replica owns a partition.
@@ -24,6 +25,7 @@ pub mod coupon;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod identity;
 pub mod money;
 pub mod order;
 pub mod partition;

@@ -22,10 +22,7 @@ pub async fn fresh_database() -> (String, PgPool) {
     let url = shared::testing::fresh_database_url()
         .await
         .expect("fresh database");
-    let settings = DatabaseSettings {
-        url: url.clone(),
-        max_connections: 5,
-    };
+    let settings = DatabaseSettings::new(url.clone(), 5);
     let db = shared::db::connect_and_migrate(&settings, "batch-test")
         .await
         .expect("migrated database");
@@ -47,10 +44,7 @@ pub fn config(database_url: &str, name: &str) -> BatchConfig {
         catch_up_interval: Duration::from_secs(3600),
         idempotency_key_retention: Duration::from_secs(24 * 3600),
         request_retention: Duration::from_secs(7 * 86_400),
-        database: DatabaseSettings {
-            url: database_url.to_owned(),
-            max_connections: 5,
-        },
+        database: DatabaseSettings::new(database_url, 5),
         telemetry: Default::default(),
     }
 }

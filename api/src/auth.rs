@@ -1,0 +1,187 @@
+//! Who is calling.
+//!
+//! Customers send `Authorization: Bearer <token>`; [`Caller`] is the one extractor that
+//! checks it, so a handler that acts for a user cannot forget to: it takes a `Caller`, and
+//! [`Caller::act_for`] refuses a `userId` of anyone else. A token is looked up by its hash
+//! once and then believed for `TOKEN_CACHE_TTL_MS` (a few seconds) from a cache in this
+//! process, so an authenticated request costs no database round trip in steady state and
+//! a revoked token is refused by every replica within that time (at once by the replica
+//! that revoked it).
+//!
+//! The admin token is compared as SHA-256 digests in constant time: neither its bytes nor
+//! its length can be learned from response times.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use moka::future::Cache;
+use secrecy::ExposeSecret;
+use shared::domain::UserId;
+use shared::error::ErrorCode;
+use shared::identity::{self, TokenHash};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq;
+
+use crate::error::{ApiError, Result};
+use crate::limits::RateLimits;
+use crate::AppState;
+
+/// Most tokens one process keeps verified at once; the least recently used go first.
+const MAX_CACHED_TOKENS: u64 = 200_000;
+
+/// The user a request acts for, proven by its bearer token.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    user: UserId,
+    token: TokenHash,
+}
+
+impl Caller {
+    pub fn user(&self) -> UserId {
+        self.user
+    }
+
+    /// The hash of the token this request was sent with.
+    pub fn token(&self) -> TokenHash {
+        self.token
+    }
+
+    /// `403 ERR_FORBIDDEN` unless `user` (from the path or the body) is the caller.
+    pub fn act_for(&self, user: UserId) -> Result<()> {
+        if user == self.user {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this token cannot act for another user",
+            ))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        let Some(token) = bearer_token(&parts.headers) else {
+            return Err(unauthorized("this route needs Authorization: Bearer <token>"));
+        };
+        let client = state.limits.client_address(parts);
+        state.auth.verify(token, client).await
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, if the header has that form.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unauthorized, message)
+}
+
+/// Verifies customer tokens and the admin token.
+pub struct Authenticator {
+    db: PgPool,
+    /// A token's hash → its user, or `None` for a token that is unknown or revoked.
+    verified: Cache<TokenHash, Option<UserId>>,
+    /// Client addresses that presented too many invalid tokens, until when: their unknown
+    /// tokens are refused without a lookup.
+    blocked: Cache<IpAddr, Instant>,
+    limits: Arc<RateLimits>,
+    admin_digest: [u8; 32],
+}
+
+impl Authenticator {
+    pub fn new(db: PgPool, ttl: Duration, limits: Arc<RateLimits>, admin_token: &secrecy::SecretString) -> Self {
+        Self {
+            db,
+            verified: Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .time_to_live(ttl)
+                .build(),
+            blocked: Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            limits,
+            admin_digest: Sha256::digest(admin_token.expose_secret().as_bytes()).into(),
+        }
+    }
+
+    /// The caller behind `token`, sent from `client`.
+    async fn verify(&self, token: &str, client: IpAddr) -> Result<Caller> {
+        if !identity::is_well_formed(token) {
+            return Err(self.refuse(client).await);
+        }
+        let hash = identity::hash_token(token);
+        if let Some(known) = self.verified.get(&hash).await {
+            return match known {
+                Some(user) => Ok(Caller { user, token: hash }),
+                None => Err(self.refuse(client).await),
+            };
+        }
+        if let Some(until) = self.blocked.get(&client).await {
+            if let Some(wait) = until.checked_duration_since(Instant::now()) {
+                return Err(ApiError::RateLimited(wait));
+            }
+        }
+        let user: Option<i64> =
+            sqlx::query_scalar("SELECT user_id FROM user_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+                .bind(hash.as_slice())
+                .fetch_optional(&self.db)
+                .await?;
+        let user = user.and_then(UserId::new);
+        self.verified.insert(hash, user).await;
+        match user {
+            Some(user) => Ok(Caller { user, token: hash }),
+            None => Err(self.refuse(client).await),
+        }
+    }
+
+    /// Counts an invalid token from `client`: 401, or 429 once it sent too many (and then
+    /// its unknown tokens are refused without a lookup until it may try again).
+    async fn refuse(&self, client: IpAddr) -> ApiError {
+        metrics::counter!("api_auth_failures_total").increment(1);
+        match self.limits.auth_failure(client) {
+            Ok(()) => unauthorized("the token is not valid"),
+            Err(ApiError::RateLimited(wait)) => {
+                self.blocked.insert(client, Instant::now() + wait).await;
+                ApiError::RateLimited(wait)
+            }
+            Err(other) => other,
+        }
+    }
+
+    /// Forgets what this process knew of a token (after revoking it here).
+    pub async fn forget(&self, token: TokenHash) {
+        self.verified.invalidate(&token).await;
+    }
+
+    /// Whether `headers` carry the admin token.
+    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+        let presented = bearer_token(headers).unwrap_or("");
+        // Digests of equal length, compared in constant time: the time taken says nothing
+        // of the token's bytes or its length.
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest.ct_eq(&self.admin_digest).into()
+    }
+}
+
+/// Makes a token for `user` and stores its hash; the token, to be shown once.
+pub async fn issue_token(conn: &mut sqlx::PgConnection, user: UserId) -> Result<String> {
+    let new = identity::new_token().map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
+    sqlx::query("INSERT INTO user_tokens (user_id, token_hash) VALUES ($1, $2)")
+        .bind(user.get())
+        .bind(new.hash.as_slice())
+        .execute(&mut *conn)
+        .await?;
+    Ok(new.token)
+}

@@ -1,0 +1,123 @@
+//! Rate limits that keep one caller from starving the rest: per user on what writes
+//! (commands, charges, cancellations, new tokens), and per client address on registrations
+//! and on invalid tokens. Each is a GCRA limiter of the `governor` crate, keyed by user or
+//! address; a refusal is `429 ERR_RATE_LIMITED` with `Retry-After`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::request::Parts;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use shared::domain::UserId;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RateLimitSettings;
+use crate::error::ApiError;
+
+/// How often limiters forget keys that are back to a full allowance, so that their memory
+/// follows the active callers rather than every caller ever seen.
+const FORGET_EVERY: Duration = Duration::from_secs(60);
+
+pub struct RateLimits {
+    /// One user's commands, charges, cancellations and new tokens.
+    user_writes: Option<DefaultKeyedRateLimiter<i64>>,
+    /// Registrations from one client address.
+    signups: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Invalid tokens presented from one client address.
+    auth_failures: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    clock: DefaultClock,
+    trusted_client_ip_header: Option<axum::http::HeaderName>,
+}
+
+impl RateLimits {
+    pub fn new(settings: &RateLimitSettings) -> Self {
+        let per_second = |rate: u32, burst: u32| {
+            NonZeroU32::new(rate).map(|rate| {
+                let quota = Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate));
+                RateLimiter::keyed(quota)
+            })
+        };
+        let per_minute = |rate: u32, burst: u32| {
+            NonZeroU32::new(rate).map(|rate| {
+                let quota = Quota::per_minute(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate));
+                RateLimiter::keyed(quota)
+            })
+        };
+        Self {
+            user_writes: per_second(settings.user_writes_per_sec, settings.user_writes_burst),
+            signups: per_minute(settings.signups_per_min, settings.signups_burst),
+            auth_failures: per_minute(settings.auth_failures_per_min, settings.auth_failures_burst),
+            clock: DefaultClock::default(),
+            trusted_client_ip_header: settings.trusted_client_ip_header.clone(),
+        }
+    }
+
+    /// Counts one write of `user`: a command, a charge, a cancellation or a new token.
+    pub fn user_write(&self, user: UserId) -> Result<(), ApiError> {
+        self.take(self.user_writes.as_ref(), &user.get())
+    }
+
+    /// Counts one registration from `client`.
+    pub fn signup(&self, client: IpAddr) -> Result<(), ApiError> {
+        self.take(self.signups.as_ref(), &client)
+    }
+
+    /// Counts one invalid token from `client`: `Err` once it presented too many.
+    pub fn auth_failure(&self, client: IpAddr) -> Result<(), ApiError> {
+        self.take(self.auth_failures.as_ref(), &client)
+    }
+
+    fn take<K>(&self, limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), ApiError>
+    where
+        K: Clone + Eq + std::hash::Hash,
+    {
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        limiter.check_key(key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            metrics::counter!("api_rate_limited_total").increment(1);
+            ApiError::RateLimited(wait)
+        })
+    }
+
+    /// The address of the client that sent `parts`: the last entry of the trusted header
+    /// when one is configured and present (the one the proxy added), else the peer.
+    pub fn client_address(&self, parts: &Parts) -> IpAddr {
+        let from_proxy = self.trusted_client_ip_header.as_ref().and_then(|name| {
+            let value = parts.headers.get_all(name).iter().last()?.to_str().ok()?;
+            value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
+        });
+        from_proxy.unwrap_or_else(|| {
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(peer)| peer.ip())
+        })
+    }
+
+    /// Forgets idle keys every minute until `stop`.
+    pub fn start_forgetting(self: &std::sync::Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let limits = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(FORGET_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                if let Some(l) = &limits.user_writes {
+                    l.retain_recent();
+                    l.shrink_to_fit();
+                }
+                for l in [&limits.signups, &limits.auth_failures].into_iter().flatten() {
+                    l.retain_recent();
+                    l.shrink_to_fit();
+                }
+            }
+        })
+    }
+}
