@@ -14,10 +14,12 @@ CREATE TABLE user_tokens (
 CREATE INDEX user_tokens_by_user ON user_tokens (user_id);
 
 -- Who sent a command: GET /requests/{id} answers only that user (anyone else gets 404).
--- Every payload names its user; rows from before this column take it from there.
+-- The API always writes it; rows from before this column take it from their payload, which
+-- names the user. NULL would be a request nobody can read, which only hand-made rows (tests
+-- of unreadable commands) have. Not a foreign key: like the payload, it records who asked.
 ALTER TABLE requests ADD COLUMN user_id BIGINT;
-UPDATE requests SET user_id = (payload->>'userId')::bigint WHERE user_id IS NULL;
-ALTER TABLE requests ALTER COLUMN user_id SET NOT NULL;
+UPDATE requests SET user_id = (payload->>'userId')::bigint
+ WHERE user_id IS NULL AND jsonb_typeof(payload->'userId') = 'number';
 
 -- The unpaid orders of a user, counted at every order creation against
 -- MAX_RESERVED_ORDERS_PER_USER: an index of only those rows, so the count never walks a

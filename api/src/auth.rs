@@ -20,10 +20,10 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use moka::future::Cache;
 use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
 use shared::domain::UserId;
 use shared::error::ErrorCode;
 use shared::identity::{self, TokenHash};
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 
@@ -100,7 +100,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(db: PgPool, ttl: Duration, limits: Arc<RateLimits>, admin_token: &secrecy::SecretString) -> Self {
+    pub fn new(
+        db: PgPool,
+        ttl: Duration,
+        limits: Arc<RateLimits>,
+        admin_token: &secrecy::SecretString,
+    ) -> Self {
         Self {
             db,
             verified: Cache::builder()
@@ -133,11 +138,12 @@ impl Authenticator {
                 return Err(ApiError::RateLimited(wait));
             }
         }
-        let user: Option<i64> =
-            sqlx::query_scalar("SELECT user_id FROM user_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
-                .bind(hash.as_slice())
-                .fetch_optional(&self.db)
-                .await?;
+        let user: Option<i64> = sqlx::query_scalar(
+            "SELECT user_id FROM user_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(hash.as_slice())
+        .fetch_optional(&self.db)
+        .await?;
         let user = user.and_then(UserId::new);
         self.verified.insert(hash, user).await;
         match user {
@@ -177,7 +183,8 @@ impl Authenticator {
 
 /// Makes a token for `user` and stores its hash; the token, to be shown once.
 pub async fn issue_token(conn: &mut sqlx::PgConnection, user: UserId) -> Result<String> {
-    let new = identity::new_token().map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
+    let new = identity::new_token()
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
     sqlx::query("INSERT INTO user_tokens (user_id, token_hash) VALUES ($1, $2)")
         .bind(user.get())
         .bind(new.hash.as_slice())

@@ -224,7 +224,16 @@ pub async fn submit(
         order_id: command.order.as_ref().map(|o| o.order_id),
     };
     let started = std::time::Instant::now();
-    let stored = store(&state.db, key.0.as_deref(), scope, user, request, &command, &accepted).await?;
+    let stored = store(
+        &state.db,
+        key.0.as_deref(),
+        scope,
+        user,
+        request,
+        &command,
+        &accepted,
+    )
+    .await?;
     metrics::histogram!("api_command_store_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if !stored {

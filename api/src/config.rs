@@ -129,7 +129,6 @@ impl ApiConfig {
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
         };
-        config.check_admin_token()?;
         if config.token_cache_ttl > Duration::from_secs(5) {
             return Err(ConfigError {
                 name: "TOKEN_CACHE_TTL_MS".to_owned(),
@@ -140,7 +139,8 @@ impl ApiConfig {
         Ok(config)
     }
 
-    /// Refuses an empty, default or short admin token, unless in development mode.
+    /// Refuses an empty, default or short admin token, unless in development mode. Checked
+    /// by `main` before anything starts, and by [`crate::Application::build`].
     pub fn check_admin_token(&self) -> Result<(), ConfigError> {
         if self.development_mode {
             return Ok(());

@@ -86,7 +86,10 @@ impl IntoResponse for ApiError {
                 response
             }
             Self::RateLimited(wait) => {
-                let body = ErrorBody::new(ErrorCode::RateLimited, "too many requests; retry after the time given");
+                let body = ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    "too many requests; retry after the time given",
+                );
                 let mut response = (status, Json(body)).into_response();
                 // Whole seconds, rounded up and at least 1, so a client never retries early.
                 let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -73,7 +73,16 @@ pub async fn run<T: Serialize>(
     success: StatusCode,
     work: impl AsyncFnOnce(&mut PgConnection) -> Result<T>,
 ) -> Result<Outcome<T>> {
-    run_saving(pool, key, scope, request, success, |value: &T| serde_json::to_value(value), work).await
+    run_saving(
+        pool,
+        key,
+        scope,
+        request,
+        success,
+        |value: &T| serde_json::to_value(value),
+        work,
+    )
+    .await
 }
 
 /// [`run`], saving `saved(answer)` as the answer a replay gets rather than the answer

@@ -88,6 +88,7 @@ impl Application {
     /// Connects to PostgreSQL (migrating it), prepares RabbitMQ and binds the listener.
     /// RabbitMQ may be down at this point: the API starts anyway and reports not ready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
+        config.check_admin_token()?;
         let db = shared::db::connect_and_migrate(&config.database, "api").await?;
         let broker = Arc::new(Broker::new(&config.broker, "api"));
         let (commands, confirmations) =
@@ -102,7 +103,9 @@ impl Application {
         let listener = server::bind(config.http_addr).await?;
         let metrics_listener = server::bind(config.metrics_addr).await?;
         if config.development_mode {
-            tracing::warn!("DEVELOPMENT_MODE is on: a weak admin token is accepted; never run so in production");
+            tracing::warn!(
+                "DEVELOPMENT_MODE is on: a weak admin token is accepted; never run so in production"
+            );
         }
         tracing::info!(
             pool = config.database.max_connections,

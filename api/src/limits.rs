@@ -100,7 +100,10 @@ impl RateLimits {
     }
 
     /// Forgets idle keys every minute until `stop`.
-    pub fn start_forgetting(self: &std::sync::Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn start_forgetting(
+        self: &std::sync::Arc<Self>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let limits = std::sync::Arc::clone(self);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(FORGET_EVERY);

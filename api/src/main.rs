@@ -6,7 +6,8 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     // One clear line and a failure status for a configuration that cannot be used (a weak
     // admin token outside development mode among them), before anything starts.
-    let config = match api::ApiConfig::from_env() {
+    let config = api::ApiConfig::from_env().and_then(|config| config.check_admin_token().map(|()| config));
+    let config = match config {
         Ok(config) => config,
         Err(e) => {
             eprintln!("api: refusing to start: {e}");

@@ -90,14 +90,18 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
         ];
         for operation in operations.into_iter().flatten() {
             let mut shared = Vec::new();
-            let guarded = operation
-                .security
-                .iter()
-                .flatten()
-                .any(|requirement| serde_json::to_value(requirement).is_ok_and(|r| r.get(USER_TOKEN).is_some()));
+            let guarded = operation.security.iter().flatten().any(|requirement| {
+                serde_json::to_value(requirement).is_ok_and(|r| r.get(USER_TOKEN).is_some())
+            });
             if guarded {
-                shared.push(("401", "ERR_UNAUTHORIZED: no token, or one that is not valid (with WWW-Authenticate: Bearer)"));
-                shared.push(("403", "ERR_FORBIDDEN: the token's user is not the userId of the path or the body"));
+                shared.push((
+                    "401",
+                    "ERR_UNAUTHORIZED: no token, or one that is not valid (with WWW-Authenticate: Bearer)",
+                ));
+                shared.push((
+                    "403",
+                    "ERR_FORBIDDEN: the token's user is not the userId of the path or the body",
+                ));
                 shared.push(("429", "ERR_RATE_LIMITED, with Retry-After"));
             }
             if operation.request_body.is_some() {

@@ -65,7 +65,11 @@ impl PageQuery {
 /// Splits one extra fetched row off a page: when the query asked for `limit + 1` rows and
 /// got them, more follow, and the last kept item's key is the next cursor. Any key type
 /// that prints as its cursor will do (integer ids, UUIDs).
-pub fn finish_page<T, K: ToString>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> K) -> (Vec<T>, Option<String>) {
+pub fn finish_page<T, K: ToString>(
+    mut rows: Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> K,
+) -> (Vec<T>, Option<String>) {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if rows.len() > limit {
         rows.truncate(limit);

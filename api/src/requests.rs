@@ -58,7 +58,11 @@ pub struct RequestStatus {
         (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND: unknown, or another user's"),
     )
 )]
-async fn get_request(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Response> {
+async fn get_request(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "requestId must be a UUID"))?;
     let found: Option<RequestStatus> = sqlx::query_as(

@@ -120,11 +120,9 @@ pub async fn read_body_in_time(
             };
         }
         Err(_) => {
-            let mut response = ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the request body was not sent in time",
-            )
-            .into_response();
+            let mut response =
+                ApiError::new(ErrorCode::RequestTimeout, "the request body was not sent in time")
+                    .into_response();
             // The rest of the body may still be on its way: the connection cannot be reused.
             response
                 .headers_mut()
@@ -139,6 +137,8 @@ pub async fn read_body_in_time(
 pub async fn answer_in_time(State(limit): State<Duration>, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Unavailable(anyhow::anyhow!("the request took longer than {limit:?}")).into_response(),
+        Err(_) => {
+            ApiError::Unavailable(anyhow::anyhow!("the request took longer than {limit:?}")).into_response()
+        }
     }
 }

@@ -33,7 +33,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// A `userId` in a path: malformed is the balance routes' 400, as before identity existed.
 pub fn parse_user(raw: &str) -> Result<UserId> {
-    UserId::parse(raw).ok_or_else(|| ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user"))
+    UserId::parse(raw)
+        .ok_or_else(|| ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user"))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -111,7 +112,8 @@ async fn insert_user(conn: &mut PgConnection, name: &str) -> Result<User> {
     .bind(name)
     .fetch_one(&mut *conn)
     .await?;
-    let user = UserId::new(user_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("non-positive user id")))?;
+    let user =
+        UserId::new(user_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("non-positive user id")))?;
     let token = issue_token(conn, user).await?;
     Ok(User {
         user_id,

@@ -243,7 +243,7 @@ async fn with_the_limit_off_nothing_is_refused_and_the_queue_depth_is_still_publ
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+        let metrics = app.metrics().await;
         let text = metrics.text().await.unwrap();
         let depth = text
             .lines()

@@ -212,12 +212,12 @@ fn cases(user: i64, product: i64) -> Vec<Case> {
             "ERR_BALANCE_INVALID_USER",
         ),
         case(
-            "unregistered user",
+            "another user, here one not registered",
             Method::POST,
             "/users/987654/balance/charge",
             r#"{"amount": 1}"#,
-            S::BAD_REQUEST,
-            "ERR_BALANCE_INVALID_USER",
+            S::FORBIDDEN,
+            "ERR_FORBIDDEN",
         ),
         case(
             "zero product id",
@@ -360,8 +360,15 @@ async fn every_kind_of_bad_input_is_a_4xx_with_its_code_and_stores_nothing() {
     let counts_before = app.row_counts().await;
     let values_before = app.stored_values().await;
 
-    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    // Each request with the credentials it needs, so that what is refused is the input.
+    let customer = format!("Bearer {}", app.token_of(user).unwrap());
     for case in cases(user, product) {
+        let auth = if case.path.starts_with("/admin") {
+            &admin
+        } else {
+            &customer
+        };
         let mut headers: Vec<(&str, &str)> = vec![("Authorization", auth.as_str())];
         if let Some(content_type) = case.content_type {
             headers.push(("Content-Type", content_type));

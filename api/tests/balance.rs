@@ -5,7 +5,7 @@
 mod common;
 
 use common::spawn_app;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 #[tokio::test]
@@ -90,23 +90,58 @@ async fn a_charge_that_would_pass_the_balance_cap_is_refused_and_changes_nothing
 }
 
 #[tokio::test]
-async fn balance_routes_refuse_unregistered_and_malformed_users() {
+async fn balance_routes_refuse_malformed_users_and_other_users() {
     let app = spawn_app().await;
-    for user in ["999999", "0", "-3", "abc", "1.5", "99999999999999999999"] {
-        let balance = app.get(&format!("/users/{user}/balance")).await;
-        assert_eq!(balance.status, StatusCode::BAD_REQUEST, "{user}");
-        assert_eq!(balance.code(), "ERR_BALANCE_INVALID_USER", "{user}");
+    let user = app.create_user("Owner").await;
+    let token = format!("Bearer {}", app.token_of(user).unwrap());
+    let auth = [("Authorization", token.as_str())];
+    let counts_before = app.row_counts().await;
+    // Malformed: the input's shape comes before who acts for whom.
+    for other in ["0", "-3", "abc", "1.5", "99999999999999999999"] {
+        let balance = app
+            .send(Method::GET, &format!("/users/{other}/balance"), None, &auth)
+            .await;
+        assert_eq!(balance.status, StatusCode::BAD_REQUEST, "{other}");
+        assert_eq!(balance.code(), "ERR_BALANCE_INVALID_USER", "{other}");
 
         let charge = app
-            .post(&format!("/users/{user}/balance/charge"), json!({ "amount": 10 }))
+            .send(
+                Method::POST,
+                &format!("/users/{other}/balance/charge"),
+                Some(json!({ "amount": 10 })),
+                &auth,
+            )
             .await;
-        assert_eq!(charge.status, StatusCode::BAD_REQUEST, "{user}");
-        assert_eq!(charge.code(), "ERR_BALANCE_INVALID_USER", "{user}");
+        assert_eq!(charge.status, StatusCode::BAD_REQUEST, "{other}");
+        assert_eq!(charge.code(), "ERR_BALANCE_INVALID_USER", "{other}");
 
-        let ledger = app.get(&format!("/users/{user}/balance/transactions")).await;
-        assert_eq!(ledger.code(), "ERR_BALANCE_INVALID_USER", "{user}");
+        let ledger = app
+            .send(
+                Method::GET,
+                &format!("/users/{other}/balance/transactions"),
+                None,
+                &auth,
+            )
+            .await;
+        assert_eq!(ledger.code(), "ERR_BALANCE_INVALID_USER", "{other}");
     }
-    assert_eq!(app.row_counts().await.iter().map(|(_, n)| n).sum::<i64>(), 0);
+    // Well formed but not the token's user, registered or not: 403.
+    for other in [user + 1, 999_999] {
+        for (method, path, body) in [
+            (Method::GET, format!("/users/{other}/balance"), None),
+            (
+                Method::POST,
+                format!("/users/{other}/balance/charge"),
+                Some(json!({ "amount": 10 })),
+            ),
+            (Method::GET, format!("/users/{other}/balance/transactions"), None),
+        ] {
+            let answer = app.send(method, &path, body, &auth).await;
+            assert_eq!(answer.status, StatusCode::FORBIDDEN, "{path}: {answer:?}");
+            assert_eq!(answer.code(), "ERR_FORBIDDEN", "{path}");
+        }
+    }
+    assert_eq!(app.row_counts().await, counts_before);
 }
 
 #[tokio::test]

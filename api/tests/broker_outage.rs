@@ -108,10 +108,15 @@ async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_e
     // stored, PostgreSQL goes away too, so it cannot be withdrawn.
     broker.mute();
     let sent = {
-        let (client, url) = (reqwest::Client::new(), app.url(&path));
+        let (client, url, token) = (
+            reqwest::Client::new(),
+            app.url(&path),
+            app.token_of(user).unwrap(),
+        );
         tokio::spawn(async move {
             let response = client
                 .post(url)
+                .bearer_auth(token)
                 .header("Idempotency-Key", "kept")
                 .json(&json!({ "userId": user }))
                 .send()

@@ -150,10 +150,13 @@ async fn an_issue_is_accepted_with_a_status_url_to_poll() {
 #[tokio::test]
 async fn requests_that_do_not_exist_or_do_not_parse_are_refused() {
     let app = spawn_app().await;
-    let missing = app.get(&format!("/requests/{}", uuid::Uuid::now_v7())).await;
+    let user = app.create_user("Asker").await;
+    let missing = app
+        .get_as(user, &format!("/requests/{}", uuid::Uuid::now_v7()))
+        .await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.code(), "ERR_REQUEST_NOT_FOUND");
-    let malformed = app.get("/requests/not-a-uuid").await;
+    let malformed = app.get_as(user, "/requests/not-a-uuid").await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
     assert_eq!(malformed.code(), "ERR_INVALID_REQUEST");
 }
@@ -195,11 +198,11 @@ async fn what_the_api_already_knows_is_refused_at_once_without_queueing() {
 
     for (what, path, body, status, code) in [
         (
-            "unregistered user",
+            "another user, here one not registered",
             format!("/coupons/{open}/issue"),
             json!({"userId": 424242}),
-            400,
-            "ERR_BALANCE_INVALID_USER",
+            403,
+            "ERR_FORBIDDEN",
         ),
         (
             "malformed user",
@@ -251,7 +254,7 @@ async fn what_the_api_already_knows_is_refused_at_once_without_queueing() {
             "ERR_COUPON_ALREADY_ACQUIRED",
         ),
     ] {
-        let answer = app.post(&path, body).await;
+        let answer = app.post_as(user, &path, body).await;
         assert_eq!(answer.status.as_u16(), status, "{what}: {answer:?}");
         assert_eq!(answer.code(), code, "{what}");
     }

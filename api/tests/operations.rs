@@ -5,7 +5,7 @@
 mod common;
 
 use common::spawn_app;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 
 #[tokio::test]
 async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
@@ -24,6 +24,8 @@ async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
     let mut config = api::ApiConfig::from_env().unwrap();
     config.http_addr = ([127, 0, 0, 1], 0).into();
     config.database.url = database_url;
+    config.admin_token = common::ADMIN_TOKEN.to_owned().into();
+    config.metrics_addr = ([127, 0, 0, 1], 0).into();
     // Nothing listens on port 1.
     config.broker.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
     let app = api::Application::build(config)
@@ -47,13 +49,20 @@ async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
 }
 
 #[tokio::test]
-async fn metrics_count_requests_by_route_and_status() {
+async fn metrics_count_requests_by_route_and_status_on_their_own_address_only() {
     let app = spawn_app().await;
     app.get("/products/424242").await;
     app.get("/health/live").await;
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+    // An invented method is counted under OTHER, so no client can grow the metric set.
+    app.send(Method::from_bytes(b"BREW").unwrap(), "/products", None, &[])
+        .await;
+    let metrics = app.metrics().await;
     assert_eq!(metrics.status(), StatusCode::OK);
     let text = metrics.text().await.unwrap();
+    assert!(!text.contains(r#"method="BREW""#), "{text}");
+    assert!(text.contains(r#"method="OTHER""#), "{text}");
+    // Not on the public address.
+    assert_eq!(app.get("/metrics").await.status, StatusCode::NOT_FOUND);
     let counter = text
         .lines()
         .find(|l| {
@@ -84,7 +93,8 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         ("/admin/products/{productId}", "patch"),
         ("/health/live", "get"),
         ("/health/ready", "get"),
-        ("/metrics", "get"),
+        ("/users/{userId}/tokens", "post"),
+        ("/users/{userId}/tokens/current", "delete"),
         ("/requests/{requestId}", "get"),
         ("/admin/coupons", "post"),
         ("/coupons/{couponId}", "get"),

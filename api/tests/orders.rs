@@ -63,10 +63,10 @@ async fn order_creation_refuses_bad_users_items_and_products_and_stores_nothing(
     let before = app.row_counts().await;
     for (what, body, status, code) in [
         (
-            "unregistered user",
+            "another user, here one not registered",
             json!({"userId": 999_999, "items": [line(pen, 1)]}),
-            400,
-            "ERR_ORDER_INVALID_USER",
+            403,
+            "ERR_FORBIDDEN",
         ),
         (
             "malformed user",
@@ -129,7 +129,7 @@ async fn order_creation_refuses_bad_users_items_and_products_and_stores_nothing(
             "ERR_PRODUCT_NOT_FOUND",
         ),
     ] {
-        let answer = order(&app, body).await;
+        let answer = app.post_as(user, "/orders", body).await;
         assert_eq!(answer.status.as_u16(), status, "{what}: {answer:?}");
         assert_eq!(answer.code(), code, "{what}");
     }
@@ -298,9 +298,11 @@ async fn order_reads_page_newest_first_and_guard_other_users_orders() {
         (missing.status.as_u16(), missing.code()),
         (404, "ERR_ORDER_NOT_FOUND")
     );
-    let no_user = app.get("/users/999999/orders").await;
+    let no_user = app.get_as(owner, "/users/999999/orders").await;
+    assert_eq!((no_user.status.as_u16(), no_user.code()), (403, "ERR_FORBIDDEN"));
+    let malformed_user = app.get_as(owner, "/users/zero/orders").await;
     assert_eq!(
-        (no_user.status.as_u16(), no_user.code()),
+        (malformed_user.status.as_u16(), malformed_user.code()),
         (400, "ERR_ORDER_INVALID_USER")
     );
     let bad_cursor = app.get(&format!("/users/{owner}/orders?cursor=zzz")).await;

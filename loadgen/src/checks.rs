@@ -209,6 +209,7 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
     .bind(coupon)
     .fetch_all(db)
     .await?;
+    crate::setup::issue_tokens(db, api, &holders).await?;
     let mut missing = 0;
     for user in &holders {
         let answer = api.get(&format!("/users/{user}/coupons")).await?;
@@ -422,7 +423,9 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
     .bind(&users)
     .fetch_all(db)
     .await?;
-    balances_read_back(&mut checks, api, &sample).await?;
+    balances_read_back(&mut checks, db, api, &sample).await?;
+    let readers: Vec<i64> = facts.paid.iter().take(50).map(|(user, _)| *user).collect();
+    crate::setup::issue_tokens(db, api, &readers).await?;
     let mut not_paid = 0;
     for (user, order) in facts.paid.iter().take(50) {
         let answer = api.get(&format!("/users/{user}/orders/{order}")).await?;
@@ -470,7 +473,7 @@ pub async fn browse(
     .bind(users)
     .fetch_all(db)
     .await?;
-    balances_read_back(&mut checks, api, &sample).await?;
+    balances_read_back(&mut checks, db, api, &sample).await?;
     Ok(checks)
 }
 
@@ -644,12 +647,16 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     );
 
     // Through the API: a sample of requests reads terminal, of balances reads the row.
-    let sample: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM requests ORDER BY random() LIMIT 100")
-        .fetch_all(db)
-        .await?;
+    let sample: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT id, user_id FROM requests WHERE user_id IS NOT NULL ORDER BY random() LIMIT 100",
+    )
+    .fetch_all(db)
+    .await?;
+    let senders: Vec<i64> = sample.iter().map(|(_, user)| *user).collect();
+    crate::setup::issue_tokens(db, api, &senders).await?;
     let mut not_terminal = 0;
-    for id in &sample {
-        let answer = api.request_status(*id).await?;
+    for (id, user) in &sample {
+        let answer = api.request_status_of(*user, *id).await?;
         if !(answer.status == 200 && matches!(answer.str_field("status"), Some("SUCCEEDED" | "FAILED"))) {
             not_terminal += 1;
         }
@@ -663,12 +670,19 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         sqlx::query_as("SELECT user_id, amount FROM balances ORDER BY random() LIMIT 100")
             .fetch_all(db)
             .await?;
-    balances_read_back(&mut checks, api, &balances).await?;
+    balances_read_back(&mut checks, db, api, &balances).await?;
     Ok(checks)
 }
 
 /// Reads each sampled `(user, balance row)` back through `GET /users/{id}/balance`.
-async fn balances_read_back(checks: &mut Checks, api: &Api, sample: &[(i64, i64)]) -> anyhow::Result<()> {
+async fn balances_read_back(
+    checks: &mut Checks,
+    db: &PgPool,
+    api: &Api,
+    sample: &[(i64, i64)],
+) -> anyhow::Result<()> {
+    let readers: Vec<i64> = sample.iter().map(|(user, _)| *user).collect();
+    crate::setup::issue_tokens(db, api, &readers).await?;
     let mut balance_off = 0;
     for (user, amount) in sample {
         let answer = api.get(&format!("/users/{user}/balance")).await?;

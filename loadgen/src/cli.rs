@@ -78,6 +78,10 @@ pub struct Common {
     /// Give up waiting for accepted commands to settle after this long.
     #[arg(long, default_value_t = 120)]
     pub drain_timeout_secs: u64,
+    /// `/metrics` URL of the api (its `API_METRICS_ADDR`, apart from the public address), for
+    /// the per-stage breakdown.
+    #[arg(long, env = "API_METRICS_URL")]
+    pub api_metrics: Option<String>,
     /// `/metrics` URLs of worker replicas, for the per-stage breakdown (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub worker_metrics: Vec<String>,

@@ -1,8 +1,8 @@
 //! A typed client of the HTTP contract (`../shared/API.md`): one method per call the
 //! scenarios make, answering the status, the error code and the JSON body.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -63,6 +63,16 @@ pub struct Api {
     patience: Duration,
     /// What was answered to requests that were then sent again, by outcome.
     retried: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Whom this client can act for, shared by its clones.
+    identities: Arc<Identities>,
+}
+
+/// The bearer tokens of the users a client acts for, and who sent each command it was
+/// answered `202` for (so that `GET /requests/{id}` goes with its sender's token).
+#[derive(Debug, Default)]
+struct Identities {
+    tokens: RwLock<HashMap<i64, String>>,
+    owners: Mutex<HashMap<Uuid, i64>>,
 }
 
 /// First wait before a request is sent again; grows 1.5x up to [`RETRY_MAX_WAIT`].
@@ -91,6 +101,7 @@ impl Api {
             admin,
             patience: Duration::ZERO,
             retried: Arc::default(),
+            identities: Arc::default(),
         })
     }
 
@@ -114,6 +125,66 @@ impl Api {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Remembers users' tokens: requests for them are sent with `Authorization: Bearer`.
+    pub fn remember_tokens(&self, tokens: impl IntoIterator<Item = (i64, String)>) {
+        self.identities
+            .tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(tokens);
+    }
+
+    /// Whether this client holds a token of `user`.
+    pub fn knows(&self, user: i64) -> bool {
+        self.identities
+            .tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&user)
+    }
+
+    /// `request` sent as `user`, with their token when this client holds one.
+    fn as_user(&self, request: reqwest::RequestBuilder, user: Option<i64>) -> reqwest::RequestBuilder {
+        let tokens = self
+            .identities
+            .tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match user.and_then(|user| tokens.get(&user)) {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Remembers who sent the command an answer accepted.
+    fn note_sender(&self, answer: &anyhow::Result<Answer>, user: i64) {
+        if let Some(request) = answer.as_ref().ok().and_then(Answer::request_id) {
+            self.identities
+                .owners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(request, user);
+        }
+    }
+
+    /// The user whose data `path` reads: `/users/{id}/…`, or the sender of `/requests/{id}`.
+    fn reader_of(&self, path: &str) -> Option<i64> {
+        let mut segments = path.split('?').next()?.trim_start_matches('/').split('/');
+        match (segments.next()?, segments.next()?) {
+            ("users", id) => id.parse().ok(),
+            ("requests", id) => {
+                let id: Uuid = id.parse().ok()?;
+                let owners = self
+                    .identities
+                    .owners
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                owners.get(&id).copied()
+            }
+            _ => None,
+        }
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
@@ -187,31 +258,43 @@ impl Api {
         }
     }
 
-    /// `GET {path}`, e.g. `/products?limit=20`.
+    /// `GET {path}`, e.g. `/products?limit=20`; as the user the path is about, if any.
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(self.as_user(request, self.reader_of(path))).await
     }
 
-    /// `POST /users`; the new user's id.
+    /// `POST /users`; the new user's id (whose token this client keeps).
     pub async fn create_user(&self, name: &str) -> anyhow::Result<i64> {
         let answer = self
             .send(self.post("/users", &json!({ "name": name }), None))
             .await?;
-        created_id(&answer, "userId").context("POST /users")
+        let user = created_id(&answer, "userId").context("POST /users")?;
+        let token = answer
+            .str_field("token")
+            .context("POST /users answered no token")?;
+        self.remember_tokens([(user, token.to_owned())]);
+        Ok(user)
     }
 
     /// `POST /users/{userId}/balance/charge`.
     pub async fn charge(&self, user: i64, amount: i64, key: Option<&str>) -> anyhow::Result<Answer> {
         let path = format!("/users/{user}/balance/charge");
-        self.send(self.post(&path, &json!({ "amount": amount }), key))
+        self.send(self.as_user(self.post(&path, &json!({ "amount": amount }), key), Some(user)))
             .await
     }
 
     /// `POST /coupons/{couponId}/issue`.
     pub async fn issue_coupon(&self, coupon: i64, user: i64, key: &str) -> anyhow::Result<Answer> {
         let path = format!("/coupons/{coupon}/issue");
-        self.send(self.post(&path, &json!({ "userId": user }), Some(key)))
-            .await
+        let answer = self
+            .send(self.as_user(
+                self.post(&path, &json!({ "userId": user }), Some(key)),
+                Some(user),
+            ))
+            .await;
+        self.note_sender(&answer, user);
+        answer
     }
 
     /// `POST /orders` with one line.
@@ -223,7 +306,11 @@ impl Api {
         key: &str,
     ) -> anyhow::Result<Answer> {
         let body = json!({ "userId": user, "items": [{ "productId": product, "quantity": quantity }] });
-        self.send(self.post("/orders", &body, Some(key))).await
+        let answer = self
+            .send(self.as_user(self.post("/orders", &body, Some(key)), Some(user)))
+            .await;
+        self.note_sender(&answer, user);
+        answer
     }
 
     /// `POST /orders/{orderId}/payment`.
@@ -238,20 +325,30 @@ impl Api {
             Some(coupon) => json!({ "userId": user, "couponId": coupon }),
             None => json!({ "userId": user }),
         };
-        self.send(self.post(&format!("/orders/{order}/payment"), &body, Some(key)))
-            .await
+        let path = format!("/orders/{order}/payment");
+        let answer = self
+            .send(self.as_user(self.post(&path, &body, Some(key)), Some(user)))
+            .await;
+        self.note_sender(&answer, user);
+        answer
     }
 
     /// `POST /orders/{orderId}/cancel`.
     pub async fn cancel_order(&self, order: Uuid, user: i64) -> anyhow::Result<Answer> {
         let path = format!("/orders/{order}/cancel");
-        self.send(self.post(&path, &json!({ "userId": user }), None))
+        self.send(self.as_user(self.post(&path, &json!({ "userId": user }), None), Some(user)))
             .await
     }
 
-    /// `GET /requests/{requestId}`.
+    /// `GET /requests/{requestId}`, as the user who sent it through this client.
     pub async fn request_status(&self, request: Uuid) -> anyhow::Result<Answer> {
         self.get(&format!("/requests/{request}")).await
+    }
+
+    /// `GET /requests/{requestId}` of a request `user` sent.
+    pub async fn request_status_of(&self, user: i64, request: Uuid) -> anyhow::Result<Answer> {
+        let get = self.http.get(format!("{}/requests/{request}", self.base));
+        self.send(self.as_user(get, Some(user))).await
     }
 
     /// `POST /admin/products`; the new product's id.

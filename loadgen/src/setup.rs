@@ -1,8 +1,10 @@
 //! What a scenario needs before it is measured: users with balances, products and coupons.
 //!
 //! Users are created with SQL (twenty thousand `POST /users` would measure nothing of
-//! interest), with their balance row and, when they have money, the `CHARGE` ledger entry
-//! that explains it, so that every invariant the checks verify holds from the start.
+//! interest, and the API's per-address limit on registrations would rightly refuse them),
+//! with their balance row, a bearer token made and stored as the API makes it, and, when
+//! they have money, the `CHARGE` ledger entry that explains it, so that every invariant the
+//! checks verify holds from the start.
 //! Products and coupons go through the admin API: there are few of them.
 
 use anyhow::Context;
@@ -11,9 +13,15 @@ use uuid::Uuid;
 
 use crate::client::Api;
 
-/// Creates `count` users named `{prefix}{n}`, each with `balance` won (charged once); their
-/// ids in ascending order.
-pub async fn create_users(db: &PgPool, prefix: &str, count: usize, balance: i64) -> anyhow::Result<Vec<i64>> {
+/// Creates `count` users named `{prefix}{n}`, each with `balance` won (charged once) and a
+/// token that `api` keeps; their ids in ascending order.
+pub async fn create_users(
+    db: &PgPool,
+    api: &Api,
+    prefix: &str,
+    count: usize,
+    balance: i64,
+) -> anyhow::Result<Vec<i64>> {
     let count = i64::try_from(count).context("too many users")?;
     // Data-modifying CTEs all run to completion, referenced or not.
     let ids: Vec<i64> = sqlx::query_scalar(
@@ -32,7 +40,35 @@ pub async fn create_users(db: &PgPool, prefix: &str, count: usize, balance: i64)
     .fetch_all(db)
     .await
     .context("cannot create users")?;
+    issue_tokens(db, api, &ids).await?;
     Ok(ids)
+}
+
+/// Gives `api` a token of each of `users` it holds none of, made and stored as the API
+/// makes them (users created by another process, whose tokens only that process saw).
+pub async fn issue_tokens(db: &PgPool, api: &Api, users: &[i64]) -> anyhow::Result<()> {
+    let mut missing: Vec<i64> = users.iter().copied().filter(|u| !api.knows(*u)).collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let tokens = missing
+        .iter()
+        .map(|_| shared::identity::new_token())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+    let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| t.hash.to_vec()).collect();
+    sqlx::query(
+        "INSERT INTO user_tokens (user_id, token_hash) SELECT * FROM UNNEST($1::bigint[], $2::bytea[])",
+    )
+    .bind(&missing)
+    .bind(&hashes)
+    .execute(db)
+    .await
+    .context("cannot store tokens")?;
+    api.remember_tokens(missing.into_iter().zip(tokens.into_iter().map(|t| t.token)));
+    Ok(())
 }
 
 /// Creates `count` products through the admin API; their ids and prices.

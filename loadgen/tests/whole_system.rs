@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const ADMIN_TOKEN: &str = "checks-test-token";
+const ADMIN_TOKEN: &str = "checks-test-admin-token-of-32-characters-or-more";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The api over a fresh database and a topology of its own, and a worker the test starts
@@ -51,7 +51,8 @@ impl World {
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.database.url = database_url.clone();
         config.database.max_connections = 5;
-        config.admin_token = ADMIN_TOKEN.to_owned();
+        config.admin_token = ADMIN_TOKEN.to_owned().into();
+        config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.topology = topology.clone();
         let amqp_url = config.broker.url.clone();
         let app = api::Application::build(config).await.unwrap();

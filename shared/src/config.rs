@@ -73,7 +73,10 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
-            .field("idle_in_transaction_timeout_ms", &self.idle_in_transaction_timeout_ms)
+            .field(
+                "idle_in_transaction_timeout_ms",
+                &self.idle_in_transaction_timeout_ms,
+            )
             .finish()
     }
 }
@@ -202,7 +205,10 @@ mod tests {
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("postgres://app:***@db:5432/shop"), "{printed}");
         assert!(printed.contains("amqp://app:***@mq:5672/%2f"), "{printed}");
-        assert_eq!(redact_url("postgres://postgres@127.0.0.1/x"), "postgres://postgres@127.0.0.1/x");
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
         assert_eq!(redact_url("not a url"), "***");
     }
 

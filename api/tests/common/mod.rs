@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// Strong enough for the API to start outside development mode, as in production.
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-characters";
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -19,9 +20,17 @@ pub struct TestApp {
     /// A pool on the app's database, for asserting what was (not) stored.
     pub db: PgPool,
     pub database_url: String,
+    /// Where the app serves `/metrics`.
+    pub metrics_addr: SocketAddr,
     /// The broker itself (not a test proxy), for deleting the topology at the end.
     amqp_url: String,
     shutdown: CancellationToken,
+    /// The token of each user this app created, so that helpers act as that user the way a
+    /// logged-in client would.
+    tokens: std::sync::Mutex<std::collections::HashMap<i64, String>>,
+    /// Who sent each command this app was answered `202` for: `GET /requests/{id}` is
+    /// sent with that user's token.
+    request_owners: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// A response reduced to what tests assert on.
@@ -52,14 +61,22 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     let mut config = ApiConfig::from_env().expect("configuration");
     config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.database.url = database_url.clone();
-    config.admin_token = ADMIN_TOKEN.to_owned();
+    config.admin_token = ADMIN_TOKEN.to_owned().into();
+    config.development_mode = false;
+    config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.topology = shared::testing::isolated_topology();
     // Tests run side by side, each with an API and workers, on one PostgreSQL.
     config.database.max_connections = 10;
+    // Tests play many users from one address, some with many commands each: the rate
+    // limits are off unless a test of them turns them on.
+    config.limits.user_writes_per_sec = 0;
+    config.limits.signups_per_min = 0;
+    config.limits.auth_failures_per_min = 0;
     let amqp_url = config.broker.url.clone();
     adjust(&mut config);
     let app = Application::build(config).await.expect("the api starts");
     let addr = app.local_addr().unwrap();
+    let metrics_addr = app.metrics_addr().unwrap();
     let db = app.state().db.clone();
     let topology = app.state().config.topology.clone();
     let shutdown = CancellationToken::new();
@@ -70,8 +87,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
         client: reqwest::Client::new(),
         db,
         database_url,
+        metrics_addr,
         amqp_url,
         shutdown,
+        tokens: Default::default(),
+        request_owners: Default::default(),
     };
     // Tests start from a ready API (its broker connection may still be opening).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -111,11 +131,25 @@ impl TestApp {
         }
     }
 
+    /// `GET /metrics` on the app's metrics address.
+    pub async fn metrics(&self) -> reqwest::Response {
+        self.client
+            .get(format!("http://{}/metrics", self.metrics_addr))
+            .send()
+            .await
+            .expect("metrics answered")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
     /// Sends a request and reads the answer; `body` is sent as JSON when given.
+    ///
+    /// Without an `Authorization` header of its own, the request carries the token of the
+    /// user it acts for, as a logged-in client's would: the `userId` of the path or the
+    /// body, or the sender of the command whose `/requests/{id}` it reads, when this app
+    /// created that user. Tests of identity itself pass their own header.
     pub async fn send(
         &self,
         method: Method,
@@ -123,14 +157,92 @@ impl TestApp {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> Answer {
+        let explicit = headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
+        let acting = if explicit {
+            None
+        } else {
+            self.acting_user(path, body.as_ref())
+        };
+        self.send_as(acting, method, path, body, headers).await
+    }
+
+    /// Sends a request with no `Authorization` header but those in `headers`.
+    pub async fn send_without_token(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        self.send_as(None, method, path, body, headers).await
+    }
+
+    /// `POST` with `user`'s token, whatever user the body names.
+    pub async fn post_as(&self, user: i64, path: &str, body: Value) -> Answer {
+        self.send_as(Some(user), Method::POST, path, Some(body), &[])
+            .await
+    }
+
+    /// `GET` with `user`'s token, whatever user the path names.
+    pub async fn get_as(&self, user: i64, path: &str) -> Answer {
+        self.send_as(Some(user), Method::GET, path, None, &[]).await
+    }
+
+    /// Sends a request with the token of `acting`, if any, and remembers who sent a command.
+    pub async fn send_as(
+        &self,
+        acting: Option<i64>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut request = self.client.request(method, self.url(path));
+        if let Some(token) = acting.and_then(|user| self.token_of(user)) {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        read(request.send().await.expect("request sent")).await
+        let answer = read(request.send().await.expect("request sent")).await;
+        // A registration's token, as a client keeps it.
+        if let (Some(user), Some(token)) = (answer.body["userId"].as_i64(), answer.body["token"].as_str()) {
+            self.remember_token(user, token);
+        }
+        if let (Some(user), Some(request_id)) = (acting, answer.body["requestId"].as_str()) {
+            self.request_owners
+                .lock()
+                .unwrap()
+                .insert(request_id.to_owned(), user);
+        }
+        answer
+    }
+
+    /// The user a request acts for, as far as a client would know it.
+    fn acting_user(&self, path: &str, body: Option<&Value>) -> Option<i64> {
+        let path = path.split('?').next().unwrap_or(path);
+        let mut segments = path.trim_start_matches('/').split('/');
+        match (segments.next(), segments.next()) {
+            (Some("users"), Some(id)) => return id.parse().ok(),
+            (Some("requests"), Some(id)) => return self.request_owners.lock().unwrap().get(id).copied(),
+            _ => {}
+        }
+        body.and_then(|b| b["userId"].as_i64())
+    }
+
+    /// The token this app was given for `user`.
+    pub fn token_of(&self, user: i64) -> Option<String> {
+        self.tokens.lock().unwrap().get(&user).cloned()
+    }
+
+    /// Remembers `token` as `user`'s (a test that issued itself one).
+    pub fn remember_token(&self, user: i64, token: &str) {
+        self.tokens.lock().unwrap().insert(user, token.to_owned());
     }
 
     /// Sends raw bytes with the given headers, for malformed-input tests.
@@ -184,7 +296,9 @@ impl TestApp {
     pub async fn create_user(&self, name: &str) -> i64 {
         let answer = self.post("/users", json!({ "name": name })).await;
         assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
-        answer.body["userId"].as_i64().unwrap()
+        let user = answer.body["userId"].as_i64().unwrap();
+        self.remember_token(user, answer.body["token"].as_str().expect("a token"));
+        user
     }
 
     pub async fn charge(&self, user: i64, amount: i64) -> Answer {
@@ -221,6 +335,23 @@ impl TestApp {
         .unwrap();
         let mut ids = ids;
         ids.sort_unstable();
+        // Each with a token, made and stored as the API does.
+        let tokens: Vec<shared::identity::NewToken> = ids
+            .iter()
+            .map(|_| shared::identity::new_token().unwrap())
+            .collect();
+        let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| t.hash.to_vec()).collect();
+        sqlx::query(
+            "INSERT INTO user_tokens (user_id, token_hash) SELECT * FROM UNNEST($1::bigint[], $2::bytea[])",
+        )
+        .bind(&ids)
+        .bind(&hashes)
+        .execute(&self.db)
+        .await
+        .unwrap();
+        for (user, token) in ids.iter().zip(&tokens) {
+            self.remember_token(*user, &token.token);
+        }
         ids
     }
 

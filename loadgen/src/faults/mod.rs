@@ -343,6 +343,7 @@ fn loads(
         request_timeout_secs: 30,
         warmup: 0,
         drain_timeout_secs: 180,
+        api_metrics: None,
         worker_metrics: Vec::new(),
         processes: Vec::new(),
         label: String::new(),

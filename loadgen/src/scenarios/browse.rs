@@ -91,7 +91,7 @@ pub async fn run(args: &BrowseArgs) -> anyhow::Result<()> {
     let common = &args.common;
     let harness = Harness::connect(common).await?;
     let prefix = setup::run_prefix("browse");
-    let users = setup::create_users(&harness.db, &prefix, args.users, 50_000).await?;
+    let users = setup::create_users(&harness.db, &harness.api, &prefix, args.users, 50_000).await?;
     let products: Vec<i64> = setup::create_products(&harness.api, &prefix, args.products, 100)
         .await?
         .into_iter()

@@ -237,7 +237,7 @@ async fn fixture(
     users: usize,
     seed: u64,
 ) -> anyhow::Result<Fixture> {
-    let users = setup::create_users(&harness.db, prefix, users, BALANCE).await?;
+    let users = setup::create_users(&harness.db, &harness.api, prefix, users, BALANCE).await?;
     let count = args.products.max(1);
     // Each product is bought by every count-th user: exactly its share, rounded up.
     let stock = i64::try_from(users.len().div_ceil(count))

@@ -194,7 +194,7 @@ async fn warm_up(harness: &Harness, args: &FlashSaleArgs, prefix: &str) -> anyho
     if count == 0 {
         return Ok(());
     }
-    let users = setup::create_users(&harness.db, &format!("{prefix}warmup-"), count, 0).await?;
+    let users = setup::create_users(&harness.db, &harness.api, &format!("{prefix}warmup-"), count, 0).await?;
     // Half of them get one: user_coupons then holds enough rows to be planned as a table.
     let quantity = i64::try_from(count / 2).unwrap_or(1).max(1);
     let coupon = harness
@@ -232,7 +232,7 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
     let common = &args.common;
     let harness = Harness::connect(common).await?;
     let prefix = setup::run_prefix("flash");
-    let users = setup::create_users(&harness.db, &prefix, args.users, 0).await?;
+    let users = setup::create_users(&harness.db, &harness.api, &prefix, args.users, 0).await?;
     let coupon = harness
         .api
         .create_coupon(&format!("{prefix}coupon"), 1_000, args.quantity)

@@ -106,8 +106,12 @@ impl Harness {
         let deadline = Instant::now() + STARTUP_PATIENCE;
         let mut stable = 0;
         while Instant::now() < deadline {
-            let scrape =
-                prometheus::scrape(&self.metrics, &self.common.api, &self.common.worker_metrics).await;
+            let scrape = prometheus::scrape(
+                &self.metrics,
+                self.common.api_metrics.as_deref(),
+                &self.common.worker_metrics,
+            )
+            .await;
             let owned: Vec<f64> = scrape
                 .workers
                 .iter()
@@ -152,7 +156,12 @@ impl Harness {
 
     pub async fn begin(&self) -> Window {
         self.flush_statistics().await;
-        let before = prometheus::scrape(&self.metrics, &self.common.api, &self.common.worker_metrics).await;
+        let before = prometheus::scrape(
+            &self.metrics,
+            self.common.api_metrics.as_deref(),
+            &self.common.worker_metrics,
+        )
+        .await;
         if let Some(started) = &self.common.load_started {
             started.notify_one();
         }
@@ -192,7 +201,12 @@ impl Harness {
         let seconds = window.started.elapsed().as_secs_f64();
         let db_waits = window.waits.finish().await;
         let cpu = window.cpu.finish().await;
-        let after = prometheus::scrape(&self.metrics, &self.common.api, &self.common.worker_metrics).await;
+        let after = prometheus::scrape(
+            &self.metrics,
+            self.common.api_metrics.as_deref(),
+            &self.common.worker_metrics,
+        )
+        .await;
         Measured {
             seconds,
             stages: prometheus::breakdown(&window.before, &after, seconds),
