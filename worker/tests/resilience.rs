@@ -185,15 +185,17 @@ async fn replicas_stopped_together_leave_no_partition_to_one_another() {
 async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails() {
     let system = System::start(1).await;
     let coupon = system.coupon(10).await;
+    let sender = system.app.create_users(1).await[0];
     // A stored request whose payload no worker can read, left for the sweeper to publish,
     // exactly as if the API had crashed between commit and publish.
     let poison = uuid::Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO requests (id, kind, partition_key, payload, publish_after)
-         VALUES ($1, 'COUPON_ISSUE', $2, '{\"garbage\": true}', now())",
+        "INSERT INTO requests (id, kind, partition_key, payload, publish_after, user_id)
+         VALUES ($1, 'COUPON_ISSUE', $2, '{\"garbage\": true}', now(), $3)",
     )
     .bind(poison)
     .bind(coupon)
+    .bind(sender)
     .execute(&system.app.db)
     .await
     .unwrap();
@@ -299,8 +301,8 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO requests (id, kind, partition_key, payload, publish_after)
-         VALUES ($1, 'ORDER_CREATE', $2, '{\"garbage\": true}', now())",
+        "INSERT INTO requests (id, kind, partition_key, payload, publish_after, user_id)
+         VALUES ($1, 'ORDER_CREATE', $2, '{\"garbage\": true}', now(), $2)",
     )
     .bind(poison)
     .bind(user)
@@ -385,8 +387,8 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
     // hand: stored, published, recorded, parked, and nowhere else.
     let id = uuid::Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO requests (id, kind, partition_key, payload, published)
-         VALUES ($1, 'COUPON_ISSUE', $2, jsonb_build_object('userId', $3::bigint, 'couponId', $2::bigint), true)",
+        "INSERT INTO requests (id, kind, partition_key, payload, published, user_id)
+         VALUES ($1, 'COUPON_ISSUE', $2, jsonb_build_object('userId', $3::bigint, 'couponId', $2::bigint), true, $3)",
     )
     .bind(id)
     .bind(coupon)
