@@ -193,6 +193,8 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
         ("AMQP_URL".to_owned(), args.amqp_url.clone()),
         ("AMQP_PREFIX".to_owned(), prefix.clone()),
         ("ADMIN_TOKEN".to_owned(), args.admin_token.clone()),
+        // One api at a time here, but the port of a killed one may linger.
+        ("API_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("COMMAND_PARTITIONS".to_owned(), args.partitions.to_string()),
     ];
     let error = match System::new(&args.bin_dir, &log_dir, env) {
