@@ -95,6 +95,9 @@ pub struct Authenticator {
     /// Client addresses that presented too many invalid tokens, until when: their unknown
     /// tokens are refused without a lookup.
     blocked: Cache<IpAddr, Instant>,
+    /// Tokens found valid in the last minutes: looked up again even from a blocked address,
+    /// so that a customer who shares an address with an attacker (one NAT) is not locked out.
+    recently_valid: Cache<TokenHash, ()>,
     limits: Arc<RateLimits>,
     admin_digest: [u8; 32],
 }
@@ -116,6 +119,10 @@ impl Authenticator {
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            recently_valid: Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
             limits,
             admin_digest: Sha256::digest(admin_token.expose_secret().as_bytes()).into(),
         }
@@ -134,7 +141,8 @@ impl Authenticator {
             };
         }
         if let Some(until) = self.blocked.get(&client).await {
-            if let Some(wait) = until.checked_duration_since(Instant::now()) {
+            let wait = until.checked_duration_since(Instant::now());
+            if let Some(wait) = wait.filter(|_| !self.recently_valid.contains_key(&hash)) {
                 return Err(ApiError::RateLimited(wait));
             }
         }
@@ -146,6 +154,11 @@ impl Authenticator {
         .await?;
         let user = user.and_then(UserId::new);
         self.verified.insert(hash, user).await;
+        if user.is_some() {
+            self.recently_valid.insert(hash, ()).await;
+        } else {
+            self.recently_valid.invalidate(&hash).await;
+        }
         match user {
             Some(user) => Ok(Caller { user, token: hash }),
             None => Err(self.refuse(client).await),
@@ -153,7 +166,8 @@ impl Authenticator {
     }
 
     /// Counts an invalid token from `client`: 401, or 429 once it sent too many (and then
-    /// its unknown tokens are refused without a lookup until it may try again).
+    /// its unknown tokens are refused without a lookup until it may try again; tokens valid
+    /// in the last minutes are still looked up).
     async fn refuse(&self, client: IpAddr) -> ApiError {
         metrics::counter!("api_auth_failures_total").increment(1);
         match self.limits.auth_failure(client) {
@@ -169,6 +183,7 @@ impl Authenticator {
     /// Forgets what this process knew of a token (after revoking it here).
     pub async fn forget(&self, token: TokenHash) {
         self.verified.invalidate(&token).await;
+        self.recently_valid.invalidate(&token).await;
     }
 
     /// Whether `headers` carry the admin token.
