@@ -88,7 +88,7 @@ impl RateLimits {
     /// when one is configured and present (the one the proxy added), else the peer.
     pub fn client_address(&self, parts: &Parts) -> IpAddr {
         let from_proxy = self.trusted_client_ip_header.as_ref().and_then(|name| {
-            let value = parts.headers.get_all(name).iter().last()?.to_str().ok()?;
+            let value = parts.headers.get_all(name).iter().next_back()?.to_str().ok()?;
             value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
         });
         from_proxy.unwrap_or_else(|| {
