@@ -6,11 +6,14 @@
 //! once and then believed for `TOKEN_CACHE_TTL_MS` (a few seconds) from a cache in this
 //! process, so an authenticated request costs no database round trip in steady state and
 //! a revoked token is refused by every replica within that time (at once by the replica
-//! that revoked it).
+//! that revoked it). Tokens not in the cache are looked up many per statement: in a flash
+//! sale every customer's first request is such a miss, and one lookup each would add a
+//! round trip to every request of the burst.
 //!
 //! The admin token is compared as SHA-256 digests in constant time: neither its bytes nor
 //! its length can be learned from response times.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +29,7 @@ use shared::error::ErrorCode;
 use shared::identity::{self, TokenHash};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ApiError, Result};
 use crate::limits::RateLimits;
@@ -89,7 +93,8 @@ fn unauthorized(message: &str) -> ApiError {
 
 /// Verifies customer tokens and the admin token.
 pub struct Authenticator {
-    db: PgPool,
+    /// Looks up the tokens the cache does not hold, in batches.
+    lookups: mpsc::UnboundedSender<Lookup>,
     /// A token's hash → its user, or `None` for a token that is unknown or revoked.
     verified: Cache<TokenHash, Option<UserId>>,
     /// Client addresses that presented too many invalid tokens, until when: their unknown
@@ -109,8 +114,10 @@ impl Authenticator {
         limits: Arc<RateLimits>,
         admin_token: &secrecy::SecretString,
     ) -> Self {
+        let (lookups, queue) = mpsc::unbounded_channel();
+        tokio::spawn(look_up_in_batches(db, queue));
         Self {
-            db,
+            lookups,
             verified: Cache::builder()
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(ttl)
@@ -146,13 +153,7 @@ impl Authenticator {
                 return Err(ApiError::RateLimited(wait));
             }
         }
-        let user: Option<i64> = sqlx::query_scalar(
-            "SELECT user_id FROM user_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(hash.as_slice())
-        .fetch_optional(&self.db)
-        .await?;
-        let user = user.and_then(UserId::new);
+        let user = self.look_up(hash).await?;
         self.verified.insert(hash, user).await;
         if user.is_some() {
             self.recently_valid.insert(hash, ()).await;
@@ -162,6 +163,23 @@ impl Authenticator {
         match user {
             Some(user) => Ok(Caller { user, token: hash }),
             None => Err(self.refuse(client).await),
+        }
+    }
+
+    /// The user of the valid token `hash`, from PostgreSQL (with other lookups of the moment).
+    async fn look_up(&self, hash: TokenHash) -> Result<Option<UserId>> {
+        let (answer, answered) = oneshot::channel();
+        let gone = || ApiError::internal(anyhow::anyhow!("the token lookup task has stopped"));
+        self.lookups.send(Lookup { hash, answer }).map_err(|_| gone())?;
+        match answered.await.map_err(|_| gone())? {
+            Ok(user) => Ok(user),
+            Err(LookupFailed {
+                unavailable: true,
+                cause,
+            }) => Err(ApiError::Unavailable(anyhow::anyhow!("PostgreSQL: {cause}"))),
+            Err(LookupFailed { cause, .. }) => {
+                Err(ApiError::internal(anyhow::anyhow!("token lookup: {cause}")))
+            }
         }
     }
 
@@ -193,6 +211,58 @@ impl Authenticator {
         // of the token's bytes or its length.
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         digest.ct_eq(&self.admin_digest).into()
+    }
+}
+
+/// A token to look up, and where its user goes.
+struct Lookup {
+    hash: TokenHash,
+    answer: oneshot::Sender<Result<Option<UserId>, LookupFailed>>,
+}
+
+/// Why a batch of lookups failed, for each of its waiters.
+struct LookupFailed {
+    /// PostgreSQL could not serve: 503, not 500.
+    unavailable: bool,
+    cause: String,
+}
+
+/// Most tokens looked up by one statement.
+const MAX_LOOKUPS_PER_STATEMENT: usize = 500;
+
+/// Answers lookups, every one waiting when a statement starts in that statement. No timer:
+/// at low load a lookup runs at once, alone; under a burst the lookups that arrive while
+/// one statement runs share the next, so their number per request falls as load grows.
+async fn look_up_in_batches(db: PgPool, mut queue: mpsc::UnboundedReceiver<Lookup>) {
+    let mut batch = Vec::with_capacity(MAX_LOOKUPS_PER_STATEMENT);
+    while queue.recv_many(&mut batch, MAX_LOOKUPS_PER_STATEMENT).await > 0 {
+        let hashes: Vec<&[u8]> = batch.iter().map(|l| l.hash.as_slice()).collect();
+        let found: std::result::Result<Vec<(Vec<u8>, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
+        )
+        .bind(&hashes)
+        .fetch_all(&db)
+        .await;
+        metrics::histogram!("api_token_lookup_batch_size").record(batch.len() as f64);
+        match found {
+            Ok(rows) => {
+                let users: HashMap<Vec<u8>, i64> = rows.into_iter().collect();
+                for lookup in batch.drain(..) {
+                    let user = users.get(lookup.hash.as_slice()).copied().and_then(UserId::new);
+                    let _ = lookup.answer.send(Ok(user));
+                }
+            }
+            Err(e) => {
+                let unavailable = shared::db::is_unavailable(&e);
+                let cause = e.to_string();
+                for lookup in batch.drain(..) {
+                    let _ = lookup.answer.send(Err(LookupFailed {
+                        unavailable,
+                        cause: cause.clone(),
+                    }));
+                }
+            }
+        }
     }
 }
 

@@ -528,3 +528,33 @@ async fn a_users_coupons_and_a_coupons_products_come_in_pages() {
     let by_id: Vec<String> = products.iter().map(|p| p.to_string()).collect();
     assert_eq!(applicable, by_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_first_requests_at_once_are_each_verified_as_their_own_user() {
+    // Tokens not yet cached are looked up many per statement: none may get another's user.
+    let app = spawn_app().await;
+    let users = app.create_users(300).await;
+    let forged: Vec<String> = (0..20)
+        .map(|_| shared::identity::new_token().unwrap().token)
+        .collect();
+    let app = &app;
+    let first = users[0];
+    let genuine = users.iter().map(|user| async move {
+        let token = app.token_of(*user).unwrap();
+        (Some(*user), balance_with(app, *user, &token).await)
+    });
+    let fakes = forged
+        .iter()
+        .map(|token| async move { balance_with(app, first, token).await });
+    let (genuine, fakes) = tokio::join!(
+        futures::future::join_all(genuine),
+        futures::future::join_all(fakes)
+    );
+    for (user, answer) in genuine {
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        assert_eq!(answer.body["userId"].as_i64(), user);
+    }
+    for answer in fakes {
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{answer:?}");
+    }
+}
