@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
-use moka::future::Cache;
+use moka::sync::Cache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use shared::domain::UserId;
@@ -95,17 +95,29 @@ fn unauthorized(message: &str) -> ApiError {
 pub struct Authenticator {
     /// Looks up the tokens the cache does not hold, in batches.
     lookups: mpsc::UnboundedSender<Lookup>,
-    /// A token's hash → its user, or `None` for a token that is unknown or revoked.
-    verified: Cache<TokenHash, Option<UserId>>,
+    /// What a token's hash was found to be, and when. Believed for `fresh_for`; kept
+    /// longer ([`REMEMBER_VALID`]) only so that a token that was valid may still be looked
+    /// up from an address blocked for invalid tokens: a customer who shares an address with
+    /// an attacker (one NAT) is not locked out.
+    verified: Cache<TokenHash, Verified>,
+    /// How long a verification is believed (`TOKEN_CACHE_TTL_MS`).
+    fresh_for: Duration,
     /// Client addresses that presented too many invalid tokens, until when: their unknown
     /// tokens are refused without a lookup.
     blocked: Cache<IpAddr, Instant>,
-    /// Tokens found valid in the last minutes: looked up again even from a blocked address,
-    /// so that a customer who shares an address with an attacker (one NAT) is not locked out.
-    recently_valid: Cache<TokenHash, ()>,
     limits: Arc<RateLimits>,
     admin_digest: [u8; 32],
 }
+
+/// A token's verification: its user (`None`: unknown or revoked), and when it was read.
+#[derive(Debug, Clone, Copy)]
+struct Verified {
+    user: Option<UserId>,
+    at: Instant,
+}
+
+/// How long a token found valid is remembered as once valid (see [`Authenticator`]).
+const REMEMBER_VALID: Duration = Duration::from_secs(600);
 
 impl Authenticator {
     pub fn new(
@@ -120,15 +132,12 @@ impl Authenticator {
             lookups,
             verified: Cache::builder()
                 .max_capacity(MAX_CACHED_TOKENS)
-                .time_to_live(ttl)
+                .time_to_live(REMEMBER_VALID.max(ttl))
                 .build(),
+            fresh_for: ttl,
             blocked: Cache::builder()
                 .max_capacity(MAX_CACHED_TOKENS)
                 .time_to_live(Duration::from_secs(60))
-                .build(),
-            recently_valid: Cache::builder()
-                .max_capacity(MAX_CACHED_TOKENS)
-                .time_to_live(Duration::from_secs(600))
                 .build(),
             limits,
             admin_digest: Sha256::digest(admin_token.expose_secret().as_bytes()).into(),
@@ -138,31 +147,37 @@ impl Authenticator {
     /// The caller behind `token`, sent from `client`.
     async fn verify(&self, token: &str, client: IpAddr) -> Result<Caller> {
         if !identity::is_well_formed(token) {
-            return Err(self.refuse(client).await);
+            return Err(self.refuse(client));
         }
         let hash = identity::hash_token(token);
-        if let Some(known) = self.verified.get(&hash).await {
-            return match known {
-                Some(user) => Ok(Caller { user, token: hash }),
-                None => Err(self.refuse(client).await),
-            };
+        let known = self.verified.get(&hash);
+        match known {
+            Some(Verified { user, at }) if at.elapsed() < self.fresh_for => {
+                return match user {
+                    Some(user) => Ok(Caller { user, token: hash }),
+                    None => Err(self.refuse(client)),
+                };
+            }
+            _ => {}
         }
-        if let Some(until) = self.blocked.get(&client).await {
+        let once_valid = known.is_some_and(|k| k.user.is_some());
+        if let Some(until) = self.blocked.get(&client) {
             let wait = until.checked_duration_since(Instant::now());
-            if let Some(wait) = wait.filter(|_| !self.recently_valid.contains_key(&hash)) {
+            if let Some(wait) = wait.filter(|_| !once_valid) {
                 return Err(ApiError::RateLimited(wait));
             }
         }
         let user = self.look_up(hash).await?;
-        self.verified.insert(hash, user).await;
-        if user.is_some() {
-            self.recently_valid.insert(hash, ()).await;
-        } else {
-            self.recently_valid.invalidate(&hash).await;
-        }
+        self.verified.insert(
+            hash,
+            Verified {
+                user,
+                at: Instant::now(),
+            },
+        );
         match user {
             Some(user) => Ok(Caller { user, token: hash }),
-            None => Err(self.refuse(client).await),
+            None => Err(self.refuse(client)),
         }
     }
 
@@ -184,14 +199,14 @@ impl Authenticator {
     }
 
     /// Counts an invalid token from `client`: 401, or 429 once it sent too many (and then
-    /// its unknown tokens are refused without a lookup until it may try again; tokens valid
-    /// in the last minutes are still looked up).
-    async fn refuse(&self, client: IpAddr) -> ApiError {
+    /// its unknown tokens are refused without a lookup until it may try again; tokens that
+    /// were valid are still looked up).
+    fn refuse(&self, client: IpAddr) -> ApiError {
         metrics::counter!("api_auth_failures_total").increment(1);
         match self.limits.auth_failure(client) {
             Ok(()) => unauthorized("the token is not valid"),
             Err(ApiError::RateLimited(wait)) => {
-                self.blocked.insert(client, Instant::now() + wait).await;
+                self.blocked.insert(client, Instant::now() + wait);
                 ApiError::RateLimited(wait)
             }
             Err(other) => other,
@@ -199,9 +214,8 @@ impl Authenticator {
     }
 
     /// Forgets what this process knew of a token (after revoking it here).
-    pub async fn forget(&self, token: TokenHash) {
-        self.verified.invalidate(&token).await;
-        self.recently_valid.invalidate(&token).await;
+    pub fn forget(&self, token: TokenHash) {
+        self.verified.invalidate(&token);
     }
 
     /// Whether `headers` carry the admin token.

@@ -244,12 +244,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
-            state.config.http.handler,
-            server::answer_in_time,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
             (state.config.http, state.config.max_body_bytes),
-            server::read_body_in_time,
+            server::within_deadlines,
         ))
         .layer(axum::middleware::from_fn(observability::track_requests))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))

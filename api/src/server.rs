@@ -6,10 +6,10 @@
 //! - hyper's header-read timer, from the connection's start or the end of the previous
 //!   answer to the end of the next request's headers: a client that sends its headers too
 //!   slowly, or keeps an idle connection open longer, is disconnected;
-//! - [`read_body_in_time`]: the body must arrive within its own deadline, else `408
-//!   ERR_REQUEST_TIMEOUT` and the connection is closed;
-//! - [`answer_in_time`]: a bound on the work done for one request, past which the answer is
-//!   `503 ERR_UNAVAILABLE` (a dependency that hangs must not pile requests up).
+//! - [`within_deadlines`]: the body must arrive within its own deadline, else `408
+//!   ERR_REQUEST_TIMEOUT` and the connection is closed; and the work done for one request
+//!   is bounded, past which the answer is `503 ERR_UNAVAILABLE` (a dependency that hangs
+//!   must not pile requests up).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -96,11 +96,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-/// Reads the whole body (at most `max_body_bytes`) within the body timeout, before any
-/// handler runs: `408 ERR_REQUEST_TIMEOUT` when it is late, `413 ERR_PAYLOAD_TOO_LARGE` when
-/// it is too long. Bodies here are small JSON objects, so holding one in memory costs
-/// nothing that the JSON extractor would not spend anyway.
-pub async fn read_body_in_time(
+/// The deadlines of one request, as one middleware (one timer each, no extra layer):
+/// the whole body (at most `max_body_bytes`) must arrive within the body timeout, before
+/// any handler runs, else `408 ERR_REQUEST_TIMEOUT` (`413 ERR_PAYLOAD_TOO_LARGE` when it is
+/// too long); then the handler has the handler timeout, else `503 ERR_UNAVAILABLE`. Bodies
+/// here are small JSON objects, so holding one in memory costs nothing that the JSON
+/// extractor would not spend anyway.
+pub async fn within_deadlines(
     State((timeouts, max_body_bytes)): State<(HttpTimeouts, usize)>,
     request: Request,
     next: Next,
@@ -120,9 +122,11 @@ pub async fn read_body_in_time(
             };
         }
         Err(_) => {
-            let mut response =
-                ApiError::new(ErrorCode::RequestTimeout, "the request body was not sent in time")
-                    .into_response();
+            let mut response = ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the request body was not sent in time",
+            )
+            .into_response();
             // The rest of the body may still be on its way: the connection cannot be reused.
             response
                 .headers_mut()
@@ -130,15 +134,13 @@ pub async fn read_body_in_time(
             return response;
         }
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
-}
-
-/// Bounds the work done for one request: `503 ERR_UNAVAILABLE` with `Retry-After` past it.
-pub async fn answer_in_time(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
+    let request = Request::from_parts(parts, Body::from(bytes));
+    match tokio::time::timeout(timeouts.handler, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => {
-            ApiError::Unavailable(anyhow::anyhow!("the request took longer than {limit:?}")).into_response()
-        }
+        Err(_) => ApiError::Unavailable(anyhow::anyhow!(
+            "the request took longer than {:?}",
+            timeouts.handler
+        ))
+        .into_response(),
     }
 }

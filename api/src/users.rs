@@ -189,6 +189,6 @@ async fn revoke_current_token(
         .bind(caller.token().as_slice())
         .execute(&state.db)
         .await?;
-    state.auth.forget(caller.token()).await;
+    state.auth.forget(caller.token());
     Ok(StatusCode::NO_CONTENT.into_response())
 }
