@@ -300,6 +300,7 @@ pub fn link_operations(document: &mut serde_json::Value) {
                 ("ListTransactions", "list_transactions"),
                 ("UserCoupons", "user_coupons"),
                 ("ListOrders", "list_orders"),
+                ("ListRequests", "list_requests"),
             ],
         ),
         (

@@ -1,12 +1,15 @@
-//! `GET /requests/{requestId}`: the status of an asynchronous command.
+//! The asynchronous commands' requests: one by its id (`GET /requests/{requestId}`), and a
+//! user's, newest first (`GET /users/{userId}/requests`). Each reads only the caller's own.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use shared::command::RequestKind;
+use shared::domain::UserId;
 use shared::error::ErrorCode;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -14,12 +17,19 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::commands::POLL_AFTER_SECS;
 use crate::error::{ApiError, Result};
+use crate::extract::Query;
 use crate::openapi::ErrorSchema;
+use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(get_request))
+    OpenApiRouter::new()
+        .routes(routes!(get_request))
+        .routes(routes!(list_requests))
 }
+
+/// The columns of [`RequestStatus`].
+const REQUEST_COLUMNS: &str = "id AS request_id, kind, status, created_at, completed_at, result, error";
 
 #[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -65,10 +75,9 @@ async fn get_request(
 ) -> Result<Response> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "requestId must be a UUID"))?;
-    let found: Option<RequestStatus> = sqlx::query_as(
-        "SELECT id AS request_id, kind, status, created_at, completed_at, result, error
-         FROM requests WHERE id = $1 AND user_id = $2",
-    )
+    let found: Option<RequestStatus> = sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND user_id = $2"
+    ))
     .bind(id)
     .bind(caller.user().get())
     .fetch_optional(&state.db)
@@ -83,4 +92,76 @@ async fn get_request(
             .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
     }
     Ok(response)
+}
+
+/// The filters of a user's requests, as sent; parsed so that bad values get the contract's
+/// error.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RequestFilter {
+    /// `PENDING`, `SUCCEEDED` or `FAILED`.
+    status: Option<String>,
+    /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestPage {
+    items: Vec<RequestStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// The caller's requests, newest first, optionally of one status and one type.
+#[utoipa::path(
+    get, path = "/users/{userId}/requests", tag = "requests",
+    params(("userId" = i64, Path, minimum = 1), RequestFilter, PageQuery),
+    security(("user_token" = [])),
+    responses(
+        (status = 200, body = RequestPage),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST: a malformed userId, filter, limit or cursor"),
+    )
+)]
+async fn list_requests(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    Query(filter): Query<RequestFilter>,
+    Query(page): Query<PageQuery>,
+) -> Result<axum::Json<RequestPage>> {
+    let invalid = |message: &str| ApiError::new(ErrorCode::InvalidRequest, message);
+    let user = UserId::parse(&user).ok_or_else(|| invalid("userId must be a positive integer"))?;
+    let status = match filter.status.as_deref() {
+        None | Some("") => None,
+        Some(raw @ ("PENDING" | "SUCCEEDED" | "FAILED")) => Some(raw),
+        Some(_) => return Err(invalid("status must be PENDING, SUCCEEDED or FAILED")),
+    };
+    let kind = match filter.kind.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(
+            RequestKind::parse(raw)
+                .ok_or_else(|| invalid("type must be COUPON_ISSUE, ORDER_CREATE or ORDER_PAY"))?
+                .as_str(),
+        ),
+    };
+    let (limit, before) = page.parse_with(|raw| Uuid::parse_str(raw).ok())?;
+    caller.act_for(user)?;
+    let rows: Vec<RequestStatus> = sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests
+         WHERE user_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR kind = $3)
+           AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5"
+    ))
+    .bind(user.get())
+    .bind(status)
+    .bind(kind)
+    .bind(before)
+    .bind(limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let (items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
+    Ok(axum::Json(RequestPage { items, next_cursor }))
 }
