@@ -122,11 +122,9 @@ pub async fn within_deadlines(
             };
         }
         Err(_) => {
-            let mut response = ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the request body was not sent in time",
-            )
-            .into_response();
+            let mut response =
+                ApiError::new(ErrorCode::RequestTimeout, "the request body was not sent in time")
+                    .into_response();
             // The rest of the body may still be on its way: the connection cannot be reused.
             response
                 .headers_mut()
