@@ -31,6 +31,8 @@ pub struct ApiConfig {
     /// `DEVELOPMENT_MODE`: accept a weak admin token (the default one included). Never in
     /// production.
     pub development_mode: bool,
+    /// `ACCESS_LOG`: one log line per request from the start (SIGUSR1 switches it too).
+    pub access_log: bool,
     /// `MAX_BODY_BYTES`: larger request bodies are answered 413.
     pub max_body_bytes: usize,
     /// `COMMAND_QUEUE_LIMIT`: ready messages a family's queues may hold before new commands
@@ -105,6 +107,7 @@ impl ApiConfig {
             metrics_addr: var("API_METRICS_ADDR", SocketAddr::from(([127, 0, 0, 1], 9300)))?,
             admin_token: SecretString::from(admin_token.trim().to_owned()),
             development_mode,
+            access_log: flag("ACCESS_LOG", false)?,
             max_body_bytes: var("MAX_BODY_BYTES", 64 * 1024)?,
             command_queue_limit: var("COMMAND_QUEUE_LIMIT", 100_000)?,
             command_queue_sample: Duration::from_millis(var("COMMAND_QUEUE_SAMPLE_MS", 500)?),

@@ -120,6 +120,11 @@ impl Application {
             config.command_queue_sample,
             sampler_stop.clone(),
         );
+        observability::set_access_log(config.access_log);
+        #[cfg(unix)]
+        if let Err(e) = observability::toggle_access_log_on_sigusr1(sampler_stop.clone()) {
+            tracing::warn!(error = %e, "cannot listen for SIGUSR1; the access log stays as configured");
+        }
         let limits = Arc::new(RateLimits::new(&config.limits));
         let forgetter = limits.start_forgetting(sampler_stop.clone());
         let auth = Arc::new(Authenticator::new(

@@ -111,7 +111,28 @@ async fn consume(
                 .fetch_one(db)
                 .await?;
                 if deliveries == 1 {
-                    tracing::info!(%event_id, order_id = ?payload.get("orderId"), paid_amount = ?payload.get("paidAmount"), "order.paid received");
+                    // Plain fields (no JSON wrappers) for people and log shippers alike.
+                    let text = |field: &str| {
+                        payload
+                            .get(field)
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    let number = |field: &str| {
+                        payload
+                            .get(field)
+                            .and_then(serde_json::Value::as_i64)
+                            .unwrap_or(0)
+                    };
+                    tracing::info!(
+                        %event_id,
+                        order_id = %text("orderId"),
+                        user_id = number("userId"),
+                        paid_amount = number("paidAmount"),
+                        discount_amount = number("discountAmount"),
+                        "order.paid received"
+                    );
                 } else {
                     tracing::info!(%event_id, deliveries, "duplicate order.paid ignored");
                 }

@@ -121,10 +121,23 @@ pub async fn process_batch(
     metrics::histogram!("worker_batch_size", "family" => family).record(commands.len() as f64);
 
     let ids: Vec<Uuid> = commands.iter().map(|(_, m)| m.request_id).collect();
+    let started = Instant::now();
     match settle_with_retries(ctx, lease, &ids, 1, stop).await {
         Attempt::Settled(settled) => {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
             record(lease.family, &settled);
+            // The activity trail: one line per batch, whatever its size.
+            tracing::info!(
+                family,
+                partition = lease.partition,
+                commands = ids.len(),
+                succeeded = settled.succeeded,
+                failed = settled.failed,
+                duplicates = settled.duplicates,
+                redelivered,
+                ms = started.elapsed().as_millis() as u64,
+                "batch settled"
+            );
             Ok(Continue::Yes)
         }
         Attempt::Stopped | Attempt::LeaseLost => Ok(Continue::No),
