@@ -67,7 +67,8 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     if let Some(path) = logged {
         // The path only: queries and headers (tokens) stay out of logs.
         let [(_, method), (_, route), (_, status)] = labels;
-        tracing::info!(target: "access", %method, %path, %route, %status, ms = elapsed.as_secs_f64() * 1e3, "request");
+        let ms = format!("{:.1}", elapsed.as_secs_f64() * 1e3);
+        tracing::info!(target: "access", %method, %path, %route, %status, %ms, "request");
     }
     response
 }
