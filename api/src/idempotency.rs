@@ -12,10 +12,15 @@
 //! applying it a second time.
 //!
 //! Asynchronous commands (`crate::commands`) write the key together with their request and
-//! its `202`, or with their refusal, in one statement, so their keys are never half-claimed;
-//! a saved `202` counts as in flight (409) until the broker's confirm is recorded. A
+//! its `202`, or with their refusal, in one statement, so their keys are never half-claimed.
+//! A saved `202` whose command's confirm is not recorded yet may still be withdrawn (its
+//! publish failed and the client got 503): a replay waits up to two seconds for the confirm
+//! to be recorded, so a client that sends its key again right after its `202` gets that
+//! `202`, on any replica; 409 only if the first request is still unanswered by then. A
 //! command refused for backpressure writes nothing, but first reads whether its key already
 //! has an answer, which then stands ([`recorded_answer`]).
+
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -191,12 +196,42 @@ enum Earlier {
     Answer(Result<Response>),
 }
 
+/// How long a replay waits for the first request's answer when that request's `202` is
+/// saved but its command's confirm is not recorded yet. The first request is answered
+/// within milliseconds of its confirm, which is recorded a moment later, so a client that
+/// sends its key again right after its `202` gets that `202`, not a 409; only a first
+/// request that is really still unanswered (its api stuck or dead) makes the replay 409.
+const FIRST_ANSWER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How often a waiting replay looks again.
+const FIRST_ANSWER_POLL: Duration = Duration::from_millis(20);
+
 async fn earlier_answer(
     pool: &PgPool,
     scope: &str,
     key: &str,
     request: &serde_json::Value,
 ) -> Result<Earlier> {
+    let deadline = tokio::time::Instant::now() + FIRST_ANSWER_PATIENCE;
+    loop {
+        match read_earlier_answer(pool, scope, key, request).await? {
+            Some(earlier) => return Ok(earlier),
+            None if tokio::time::Instant::now() + FIRST_ANSWER_POLL > deadline => {
+                return Ok(Earlier::Answer(Err(in_use())));
+            }
+            None => tokio::time::sleep(FIRST_ANSWER_POLL).await,
+        }
+    }
+}
+
+/// What the key holds now; `None` for a command's saved `202` whose confirm is not
+/// recorded yet (it may still be withdrawn).
+async fn read_earlier_answer(
+    pool: &PgPool,
+    scope: &str,
+    key: &str,
+    request: &serde_json::Value,
+) -> Result<Option<Earlier>> {
     // A saved 202 counts as still being handled until the broker confirmed its command:
     // until then the request may yet be withdrawn.
     let existing: Option<(bool, Option<i16>, Option<serde_json::Value>, bool)> = sqlx::query_as(
@@ -213,13 +248,14 @@ async fn earlier_answer(
     .fetch_optional(pool)
     .await?;
     Ok(match existing {
-        None => Earlier::Gone,
-        Some((false, _, _, _)) => Earlier::Answer(Err(ApiError::new(
+        None => Some(Earlier::Gone),
+        Some((false, _, _, _)) => Some(Earlier::Answer(Err(ApiError::new(
             ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was used with a different request",
-        ))),
-        Some((true, Some(status), Some(body), false)) => Earlier::Answer(Ok(replay(status, body))),
-        Some((true, _, _, _)) => Earlier::Answer(Err(in_use())),
+        )))),
+        Some((true, Some(status), Some(body), false)) => Some(Earlier::Answer(Ok(replay(status, body)))),
+        Some((true, Some(_), Some(_), true)) => None,
+        Some((true, _, _, _)) => Some(Earlier::Answer(Err(in_use()))),
     })
 }
 

@@ -316,3 +316,52 @@ async fn command_keys_of_different_users_do_not_collide() {
     assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY, "{reused:?}");
     assert_eq!(reused.code(), "ERR_IDEMPOTENCY_KEY_REUSED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_right_after_a_202_gets_that_202_on_this_replica_and_another() {
+    let app = spawn_app().await;
+    let user = app.create_user("Replayer").await;
+    let coupon = app
+        .create_coupon(json!({
+            "name": "R", "discountType": "FIXED", "discountValue": 100, "totalQuantity": 10,
+            "expiresAt": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339(),
+        }))
+        .await;
+    let path = format!("/coupons/{coupon}/issue");
+    let body = json!({ "userId": user });
+    let first = app.post_with_key(&path, body.clone(), "at-once").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
+    // As a client would: the same request again as soon as the answer is in.
+    for attempt in 0..30 {
+        let again = app.post_with_key(&path, body.clone(), "at-once").await;
+        assert_eq!(again.status, StatusCode::ACCEPTED, "replay {attempt}: {again:?}");
+        assert_eq!(again.body["requestId"], first.body["requestId"]);
+        assert_eq!(again.headers["idempotent-replayed"], "true");
+    }
+
+    // The first answer of an order creation, replayed at once by another api process.
+    let (mut replica, other) = app.second_replica(env!("CARGO_BIN_EXE_api")).await;
+    let product = app.create_product("Pen", 1_000, 10).await;
+    let order = json!({ "userId": user, "items": [{ "productId": product, "quantity": 1 }] });
+    let created = app.post_with_key("/orders", order.clone(), "order-once").await;
+    assert_eq!(created.status, StatusCode::ACCEPTED, "{created:?}");
+    let token = app.token_of(user).unwrap();
+    let elsewhere = reqwest::Client::new()
+        .post(format!("http://{other}/orders"))
+        .bearer_auth(token)
+        .header("Idempotency-Key", "order-once")
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    let elsewhere = common::read(elsewhere).await;
+    assert_eq!(elsewhere.status, StatusCode::ACCEPTED, "{elsewhere:?}");
+    assert_eq!(elsewhere.body["requestId"], created.body["requestId"]);
+    assert_eq!(elsewhere.body["orderId"], created.body["orderId"]);
+    let requests: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(requests, 2, "one issue and one order, each stored once");
+    replica.kill().await.unwrap();
+}

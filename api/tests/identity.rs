@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{spawn_app, spawn_app_with, Answer, TestApp, ADMIN_TOKEN};
+use common::{spawn_app, spawn_app_with, Answer, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,45 +64,6 @@ async fn a_registration_shows_its_token_once_and_keeps_only_its_hash() {
     assert!(replay.body.get("token").is_none(), "{replay:?}");
 }
 
-/// Starts the `api` binary on `app`'s database and topology: a second replica.
-async fn second_replica(app: &TestApp) -> (tokio::process::Child, SocketAddr) {
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_api"))
-        .env("DATABASE_URL", &app.database_url)
-        .env("DATABASE_MAX_CONNECTIONS", "3")
-        .env("HTTP_ADDR", addr.to_string())
-        .env("API_METRICS_ADDR", "127.0.0.1:0")
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("AMQP_PREFIX", &app.topology.prefix)
-        .env("COMMAND_PARTITIONS", app.topology.partitions.to_string())
-        .env("COMMAND_DELIVERY_LIMIT", app.topology.delivery_limit.to_string())
-        .env(
-            "COMMAND_QUEUE_EXPIRES_MS",
-            app.topology.queue_expires_ms.unwrap_or(0).to_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the api binary starts");
-    let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let live = client.get(format!("http://{addr}/health/live")).send().await;
-        if live.is_ok_and(|r| r.status() == StatusCode::OK) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second api never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (child, addr)
-}
-
 #[tokio::test]
 async fn a_revoked_token_is_refused_at_once_here_and_soon_by_another_replica() {
     let app = spawn_app().await;
@@ -121,7 +81,7 @@ async fn a_revoked_token_is_refused_at_once_here_and_soon_by_another_replica() {
     let second = issued.body["token"].as_str().unwrap().to_owned();
     assert_ne!(first, second);
 
-    let (mut replica, other) = second_replica(&app).await;
+    let (mut replica, other) = app.second_replica(env!("CARGO_BIN_EXE_api")).await;
     let client = reqwest::Client::new();
     let on_other = |token: String| {
         let client = client.clone();

@@ -238,6 +238,47 @@ impl TestApp {
         body.and_then(|b| b["userId"].as_i64())
     }
 
+    /// Starts the `api` binary of this crate on this app's database and topology: a second
+    /// replica, as another process. Killed when dropped.
+    /// `binary` is the api's executable (`env!("CARGO_BIN_EXE_api")` in the api's tests).
+    pub async fn second_replica(&self, binary: &str) -> (tokio::process::Child, SocketAddr) {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let child = tokio::process::Command::new(binary)
+            .env("DATABASE_URL", &self.database_url)
+            .env("DATABASE_MAX_CONNECTIONS", "3")
+            .env("HTTP_ADDR", addr.to_string())
+            .env("API_METRICS_ADDR", "127.0.0.1:0")
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AMQP_PREFIX", &self.topology.prefix)
+            .env("COMMAND_PARTITIONS", self.topology.partitions.to_string())
+            .env("COMMAND_DELIVERY_LIMIT", self.topology.delivery_limit.to_string())
+            .env(
+                "COMMAND_QUEUE_EXPIRES_MS",
+                self.topology.queue_expires_ms.unwrap_or(0).to_string(),
+            )
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the api binary starts");
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let live = client.get(format!("http://{addr}/health/live")).send().await;
+            if live.is_ok_and(|r| r.status() == StatusCode::OK) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second api never answered"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        (child, addr)
+    }
+
     /// The sender of the request `/requests/{id}` names, as stored: for requests a test
     /// wrote itself rather than through this app.
     async fn sender_in_database(&self, path: &str) -> Option<i64> {
