@@ -1,4 +1,4 @@
-//! Health, metrics, the OpenAPI document, and start-up safety.
+//! Health, metrics, the OpenAPI document and its docs page, and start-up safety.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
@@ -189,6 +189,56 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn the_docs_page_serves_swagger_ui_over_the_openapi_document_from_the_api_itself() {
+    let app = spawn_app().await;
+    let page = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"data-openapi-url="/openapi.json""#), "{html}");
+
+    // Every file the page loads comes from the api (no CDN), with its content type, and is
+    // public like the page.
+    let assets: Vec<&str> = ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attribute| html.split(attribute).skip(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert!(assets.len() >= 3, "{html}");
+    for asset in assets {
+        assert!(asset.starts_with("/docs/"), "{asset} is not served by the api");
+        let expected = match asset.split('?').next().unwrap().rsplit('.').next().unwrap() {
+            "js" => "text/javascript; charset=utf-8",
+            "css" => "text/css; charset=utf-8",
+            "png" => "image/png",
+            other => panic!("{asset}: an asset of unexpected kind {other}"),
+        };
+        let answer = app.client.get(app.url(asset)).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{asset}");
+        assert_eq!(answer.headers()["content-type"], expected, "{asset}");
+        assert!(
+            answer.headers()["cache-control"]
+                .to_str()
+                .unwrap()
+                .contains("max-age="),
+            "{asset}"
+        );
+        assert!(!answer.bytes().await.unwrap().is_empty(), "{asset}");
+    }
+
+    // With a trailing slash, the browser is sent to the page; an unknown file is the
+    // contract's 404.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let slash = no_redirects.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(slash.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(slash.headers()["location"], "/docs");
+    assert_eq!(app.get("/docs/nothing.js").await.code(), "ERR_NOT_FOUND");
 }
 
 #[tokio::test]

@@ -45,6 +45,8 @@ pub fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
                     b.set_buckets_for_metric(Matcher::Suffix("_batch_size".to_owned()), BATCH_BUCKETS)
                 })
                 .and_then(|b| b.install_recorder())
+                // Every process describes every metric: a name it never emits renders nothing.
+                .inspect(|_| crate::metric_help::describe_metrics())
                 .map_err(|e| e.to_string())
         })
         .clone()
