@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use shared::broker::{Broker, PublishError, Publisher};
@@ -181,6 +181,7 @@ pub async fn submit(
     user: UserId,
     request: &serde_json::Value,
     checked: Result<NewCommand>,
+    wait: PreferWait,
 ) -> Result<Response> {
     let scope = &idempotency::user_scope(route, user);
     let command = match checked {
@@ -272,7 +273,69 @@ pub async fn submit(
             }
         }
     }
-    Ok(accepted_response(accepted))
+    match wait.0 {
+        Some(within) => answer_when_settled(state, accepted, user, within).await,
+        None => Ok(accepted_response(accepted)),
+    }
+}
+
+/// The answer to an accepted command whose client asked to wait (`Prefer: respond-async,
+/// wait=N`): `200` with the settled request (and `Preference-Applied`) when a worker settles
+/// it within `within`, else the usual `202`. The command is accepted either way.
+async fn answer_when_settled(
+    state: &AppState,
+    accepted: Accepted,
+    user: UserId,
+    within: Duration,
+) -> Result<Response> {
+    let id = accepted.request_id;
+    let settled = state
+        .waiters
+        .wait(id, within, || {
+            crate::requests::settled_request(state.db.clone(), id, user)
+        })
+        .await;
+    match settled {
+        Ok(Some(mut request)) => {
+            request.order_id = accepted.order_id;
+            let mut response = (StatusCode::OK, axum::Json(request)).into_response();
+            if let Ok(applied) = HeaderValue::from_str(&format!("wait={}", within.as_secs())) {
+                response.headers_mut().insert(PREFERENCE_APPLIED, applied);
+            }
+            Ok(response)
+        }
+        Ok(None) => Ok(accepted_response(accepted)),
+        // The command is accepted; only the wait failed. Its 202 stays true.
+        Err(e) => {
+            tracing::debug!(request_id = %id, error = %e, "waiting for a settled request failed; answering 202");
+            Ok(accepted_response(accepted))
+        }
+    }
+}
+
+/// RFC 7240's answer header: which preference was honoured.
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+
+/// The `wait=N` of the request's `Prefer` header, capped at `MAX_WAIT_SECS`; `None` without
+/// one (the client gets its `202` at once).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PreferWait(pub Option<Duration>);
+
+impl axum::extract::FromRequestParts<AppState> for PreferWait {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let prefer = parts
+            .headers
+            .get_all(header::HeaderName::from_static("prefer"))
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| crate::waiting::preferred_wait(v, state.config.max_wait));
+        Ok(Self(prefer))
+    }
 }
 
 /// Writes the request, the pending order if any, and the key with its `202`, in one

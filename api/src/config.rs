@@ -46,6 +46,11 @@ pub struct ApiConfig {
     pub max_reserved_orders_per_user: i64,
     pub http: HttpTimeouts,
     pub limits: RateLimitSettings,
+    /// `REQUEST_WAIT_POLL_MS`: how often a client that waits for its request reads it again
+    /// without being woken (a notice can be lost while a listener reconnects).
+    pub request_wait_poll: Duration,
+    /// `MAX_WAIT_SECS`: the longest a client may wait (`Prefer: wait`, `?wait=`), 1 to 30.
+    pub max_wait: Duration,
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
     /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
     pub token_cache_ttl: Duration,
@@ -127,6 +132,8 @@ impl ApiConfig {
                 trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
             },
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
+            request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
+            max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
             database: DatabaseSettings::from_env_with_pool(DEFAULT_POOL)?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,

@@ -20,10 +20,10 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::commands::{self, Accepted, NewCommand};
+use crate::commands::{self, Accepted, NewCommand, PreferWait};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
-use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
 use crate::pagination::{finish_page, Page, PageQuery};
 use crate::products::{Product, PRODUCT_COLUMNS};
 use crate::{idempotency, AppState};
@@ -117,7 +117,7 @@ pub struct IssueRequest {
 /// Asks for one coupon, first come first served; settled asynchronously.
 #[utoipa::path(
     post, path = "/coupons/{couponId}/issue", tag = "coupons",
-    params(("couponId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
+    params(("couponId" = i64, Path, minimum = 1), IdempotencyKeyHeader, PreferHeader),
     security(("user_token" = [])),
     request_body = IssueRequest,
     responses(
@@ -134,6 +134,7 @@ async fn issue_coupon(
     caller: Caller,
     Path(coupon): Path<String>,
     key: IdempotencyKey,
+    wait: PreferWait,
     Json(body): Json<IssueRequest>,
 ) -> Result<Response> {
     let coupon = parse_coupon_id(&coupon)?;
@@ -156,7 +157,7 @@ async fn issue_coupon(
             payload: payload.clone(),
             order: None,
         });
-    commands::submit(&state, &key, &route, user, &payload, checked).await
+    commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }
 
 /// The checks that need no queue, in the contract's order: the user (400), the coupon

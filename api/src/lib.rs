@@ -18,7 +18,9 @@
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
 //! - [`pagination`]: cursor pages (`limit`, `cursor`).
+//! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
+//! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
 
 pub mod admin;
 pub mod auth;
@@ -27,6 +29,7 @@ pub mod balance;
 pub mod commands;
 pub mod config;
 pub mod coupons;
+pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -42,6 +45,7 @@ pub mod requests;
 pub mod server;
 pub mod state;
 pub mod users;
+pub mod waiting;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +86,8 @@ pub struct Application {
     sampler: (CancellationToken, tokio::task::JoinHandle<()>),
     /// Forgets idle rate-limit keys; stopped at shutdown.
     forgetter: tokio::task::JoinHandle<()>,
+    /// Listens for settled requests (it holds a connection); stopped at shutdown.
+    listening: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -127,6 +133,8 @@ impl Application {
         }
         let limits = Arc::new(RateLimits::new(&config.limits));
         let forgetter = limits.start_forgetting(sampler_stop.clone());
+        let (waiters, listening) =
+            waiting::Waiters::start(db.clone(), config.request_wait_poll, sampler_stop.clone());
         let auth = Arc::new(Authenticator::new(
             db.clone(),
             config.token_cache_ttl,
@@ -141,6 +149,7 @@ impl Application {
             config: Arc::new(config),
             auth,
             limits,
+            waiters,
             metrics: shared::telemetry::metrics_recorder()?,
         };
         let router = router(state.clone());
@@ -152,6 +161,7 @@ impl Application {
             confirmations,
             sampler: (sampler_stop, sampler),
             forgetter,
+            listening,
         })
     }
 
@@ -179,6 +189,7 @@ impl Application {
             confirmations,
             sampler: (sampler_stop, sampler),
             forgetter,
+            listening,
         } = self;
         let metrics = tokio::spawn(shared::telemetry::serve_metrics(
             metrics_listener,
@@ -191,6 +202,8 @@ impl Application {
         sampler_stop.cancel();
         let _ = sampler.await;
         let _ = forgetter.await;
+        // Its connection goes back to the pool before the pool closes.
+        let _ = listening.await;
         let _ = metrics.await;
         // The server has finished every request: nothing publishes any more.
         state.commands.close().await;
@@ -212,8 +225,8 @@ impl Application {
     }
 }
 
-/// The whole API: every route of the contract, `/openapi.json`, and the layers that give
-/// every answer, including errors of routing, the contract's shape.
+/// The whole API: every route of the contract, `/openapi.json` and `/docs`, and the layers
+/// that give every answer, including errors of routing, the contract's shape.
 pub fn router(state: AppState) -> Router {
     let (routes, mut api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(users::router())
@@ -245,6 +258,8 @@ pub fn router(state: AppState) -> Router {
                 async move { Json(document.as_ref().clone()) }
             }),
         )
+        // Not in the document, like /openapi.json itself.
+        .merge(docs::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state.clone())

@@ -60,6 +60,18 @@ pub struct IdempotencyKeyHeader {
     idempotency_key: Option<String>,
 }
 
+/// The optional `Prefer` header of the commands (RFC 7240).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct PreferHeader {
+    /// `respond-async, wait=N` (N seconds, 1 to 30): hold the answer until the command is
+    /// settled (then `200` with the request, and `Preference-Applied`) or N seconds pass
+    /// (then the usual `202`).
+    #[param(rename = "Prefer")]
+    #[allow(dead_code)]
+    prefer: Option<String>,
+}
+
 /// Documents the answers that every route of a kind can give, whatever its handler says:
 /// 413 and 415 wherever a body is read (the extractor answers them before the handler
 /// runs), 429 and 503 wherever a command is accepted, 409 and 422 wherever an
@@ -184,6 +196,18 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
         ),
     ];
 
+    // A command sent with `Prefer: respond-async, wait=N` and settled in time.
+    let settled = json!({
+        "description": "settled within the Prefer header's wait: the request (as GET /requests/{requestId} reads it; orderId added for an order creation)",
+        "headers": {
+            "Preference-Applied": {
+                "description": "the preference honoured: `wait=N`",
+                "required": true,
+                "schema": { "type": "string", "pattern": "^wait=[0-9]+$" },
+            },
+        },
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/RequestStatus" } } },
+    });
     for operation in operations_mut(document) {
         let Some(responses) = operation.get_mut("responses").and_then(|r| r.as_object_mut()) else {
             continue;
@@ -192,6 +216,7 @@ pub fn document_command_headers(document: &mut serde_json::Value) {
         if !responses.contains_key("202") {
             continue;
         }
+        responses.entry("200").or_insert_with(|| settled.clone());
         for (status, headers) in &headers_by_status {
             let Some(response) = responses.get_mut(*status).and_then(|r| r.as_object_mut()) else {
                 continue;

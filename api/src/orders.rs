@@ -24,10 +24,10 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::commands::{self, Accepted, NewCommand, PendingOrder};
+use crate::commands::{self, Accepted, NewCommand, PendingOrder, PreferWait};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
-use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
+use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
 use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
 
@@ -201,7 +201,7 @@ fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
 /// Places an order; a worker reserves its stock (all lines or none).
 #[utoipa::path(
     post, path = "/orders", tag = "orders",
-    params(IdempotencyKeyHeader),
+    params(IdempotencyKeyHeader, PreferHeader),
     security(("user_token" = [])),
     request_body = NewOrder,
     responses(
@@ -216,6 +216,7 @@ async fn create_order(
     State(state): State<AppState>,
     caller: Caller,
     key: IdempotencyKey,
+    wait: PreferWait,
     Json(body): Json<NewOrder>,
 ) -> Result<Response> {
     let user = parse_user(&body.user_id)?;
@@ -237,7 +238,7 @@ async fn create_order(
         payload,
         order: Some(order),
     });
-    commands::submit(&state, &key, "POST /orders", user, &request, checked).await
+    commands::submit(&state, &key, "POST /orders", user, &request, checked, wait).await
 }
 
 #[derive(sqlx::FromRow)]
@@ -323,7 +324,7 @@ pub struct PaymentRequest {
 /// Pays a reserved order with the balance and optionally a coupon; settled asynchronously.
 #[utoipa::path(
     post, path = "/orders/{orderId}/payment", tag = "orders",
-    params(("orderId" = Uuid, Path), IdempotencyKeyHeader),
+    params(("orderId" = Uuid, Path), IdempotencyKeyHeader, PreferHeader),
     security(("user_token" = [])),
     request_body = PaymentRequest,
     responses(
@@ -340,6 +341,7 @@ async fn pay_order(
     caller: Caller,
     Path(order): Path<String>,
     key: IdempotencyKey,
+    wait: PreferWait,
     Json(body): Json<PaymentRequest>,
 ) -> Result<Response> {
     let order = parse_order_id(&order)?;
@@ -370,7 +372,7 @@ async fn pay_order(
             payload: payload.clone(),
             order: None,
         });
-    commands::submit(&state, &key, &route, user, &payload, checked).await
+    commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }
 
 /// What the API knows at once about a payment: the order exists (404), is the user's

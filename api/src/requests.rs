@@ -1,6 +1,8 @@
 //! The asynchronous commands' requests: one by its id (`GET /requests/{requestId}`), and a
 //! user's, newest first (`GET /users/{userId}/requests`). Each reads only the caller's own.
 
+use std::time::Duration;
+
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -9,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use shared::command::RequestKind;
 use shared::domain::UserId;
 use shared::error::ErrorCode;
+use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -21,6 +24,12 @@ use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
+
+impl RequestStatus {
+    pub fn is_pending(&self) -> bool {
+        self.status == "PENDING"
+    }
+}
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -51,14 +60,29 @@ pub struct RequestStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<ErrorSchema>)]
     error: Option<serde_json::Value>,
+    /// The order an `ORDER_CREATE` creates, in the answer to a command that waited for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub order_id: Option<Uuid>,
+}
+
+/// `?wait=N`: seconds to wait for the request to settle, 1 to 30.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Answer as soon as the request is settled, or after this many seconds (1 to 30) with
+    /// it still `PENDING`.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 30)]
+    wait: Option<String>,
 }
 
 /// The status of one of the caller's asynchronous requests (another user's reads as
 /// unknown: its existence is not revealed); `Retry-After` says when to poll again while it
-/// is pending.
+/// is pending. With `?wait=N` the answer comes as soon as the request is settled, or after
+/// N seconds.
 #[utoipa::path(
     get, path = "/requests/{requestId}", tag = "requests",
-    params(("requestId" = Uuid, Path)),
+    params(("requestId" = Uuid, Path), WaitQuery),
     security(("user_token" = [])),
     responses(
         (status = 200, body = RequestStatus, headers(
@@ -72,26 +96,63 @@ async fn get_request(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
 ) -> Result<Response> {
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "requestId must be a UUID"))?;
-    let found: Option<RequestStatus> = sqlx::query_as(&format!(
+    let wait = match query.wait.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(
+            raw.parse::<u64>()
+                .ok()
+                .filter(|s| (1..=30).contains(s))
+                .map(|s| Duration::from_secs(s).min(state.config.max_wait))
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "wait must be 1 to 30 seconds"))?,
+        ),
+    };
+    let user = caller.user();
+    let found = fetch_request(&state.db, id, user)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
+    let found = match wait {
+        Some(within) if found.is_pending() => {
+            let settled = state
+                .waiters
+                .wait(id, within, || settled_request(state.db.clone(), id, user))
+                .await?;
+            settled.unwrap_or(found)
+        }
+        _ => found,
+    };
+    Ok(request_answer(found))
+}
+
+/// The caller's request `id`, if it exists.
+pub async fn fetch_request(db: &PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
+    Ok(sqlx::query_as(&format!(
         "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND user_id = $2"
     ))
     .bind(id)
-    .bind(caller.user().get())
-    .fetch_optional(&state.db)
-    .await?;
-    let found =
-        found.ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
-    let pending = found.status == "PENDING";
-    let mut response = axum::Json(found).into_response();
+    .bind(user.get())
+    .fetch_optional(db)
+    .await?)
+}
+
+/// The caller's request `id` once it is settled; `None` while it is pending (or unknown).
+pub async fn settled_request(db: PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
+    Ok(fetch_request(&db, id, user).await?.filter(|r| !r.is_pending()))
+}
+
+/// `200` with the request, and `Retry-After` while it is pending.
+fn request_answer(request: RequestStatus) -> Response {
+    let pending = request.is_pending();
+    let mut response = axum::Json(request).into_response();
     if pending {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
     }
-    Ok(response)
+    response
 }
 
 /// The filters of a user's requests, as sent; parsed so that bad values get the contract's

@@ -11,6 +11,7 @@ use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
 use crate::limits::RateLimits;
+use crate::waiting::Waiters;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -25,6 +26,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Per-user and per-address rate limits.
     pub limits: Arc<RateLimits>,
+    /// Clients waiting for their requests to settle.
+    pub waiters: Arc<Waiters>,
     /// Renders `/metrics`; the recorder behind it is process-wide.
     pub metrics: PrometheusHandle,
 }

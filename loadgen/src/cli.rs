@@ -161,11 +161,6 @@ pub struct CheckoutArgs {
     /// with an `Idempotency-Key`), so that charges and their keys are exercised too.
     #[arg(long, default_value_t = 0.0)]
     pub charge_share: f64,
-    /// First wait before polling a pending request; grows 1.5x up to --poll-max-ms.
-    #[arg(long, default_value_t = 20)]
-    pub poll_initial_ms: u64,
-    #[arg(long, default_value_t = 500)]
-    pub poll_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

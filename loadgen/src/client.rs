@@ -65,6 +65,9 @@ pub struct Api {
     retried: Arc<Mutex<BTreeMap<String, u64>>>,
     /// Whom this client can act for, shared by its clones.
     identities: Arc<Identities>,
+    /// Seconds a command asks to be held until it is settled (`Prefer: respond-async,
+    /// wait=N`); `None`: answered `202` at once.
+    wait: Option<u64>,
 }
 
 /// The bearer tokens of the users a client acts for, and who sent each command it was
@@ -102,6 +105,7 @@ impl Api {
             patience: Duration::ZERO,
             retried: Arc::default(),
             identities: Arc::default(),
+            wait: None,
         })
     }
 
@@ -112,6 +116,13 @@ impl Api {
     /// handled). The last answer is returned as it is.
     pub fn patient(mut self, patience: Duration) -> Self {
         self.patience = patience;
+        self
+    }
+
+    /// A client whose commands wait up to `seconds` for their answer: `200` with the settled
+    /// request when a worker settles it in time, else `202`.
+    pub fn waiting(mut self, seconds: u64) -> Self {
+        self.wait = Some(seconds);
         self
     }
 
@@ -251,7 +262,10 @@ impl Api {
     }
 
     fn post(&self, path: &str, body: &Value, key: Option<&str>) -> reqwest::RequestBuilder {
-        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(seconds) = self.wait {
+            request = request.header("prefer", format!("respond-async, wait={seconds}"));
+        }
         match key {
             Some(key) => request.header("idempotency-key", key),
             None => request,
@@ -343,6 +357,12 @@ impl Api {
     /// `GET /requests/{requestId}`, as the user who sent it through this client.
     pub async fn request_status(&self, request: Uuid) -> anyhow::Result<Answer> {
         self.get(&format!("/requests/{request}")).await
+    }
+
+    /// `GET /requests/{requestId}?wait={seconds}`: answered once the request is settled, or
+    /// after `seconds` with it still pending.
+    pub async fn request_status_waiting(&self, request: Uuid, seconds: u64) -> anyhow::Result<Answer> {
+        self.get(&format!("/requests/{request}?wait={seconds}")).await
     }
 
     /// `GET /requests/{requestId}` of a request `user` sent.

@@ -4,6 +4,7 @@
 //! - [`config`]: settings read from environment variables, with defaults that work on a
 //!   developer machine.
 //! - [`telemetry`]: tracing setup, as text for people or JSON for log shippers.
+//! - [`metric_help`]: the `# HELP` text of every metric the binaries emit.
 //! - [`db`]: the PostgreSQL pool and the migrations every binary runs at start.
 //! - [`broker`]: the RabbitMQ connection, re-established on demand after the broker restarts.
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
@@ -16,6 +17,7 @@
 //! - [`topology`]: the command exchanges and partition queues.
 //! - [`money`]: order totals and coupon discounts.
 //! - [`reservations`]: expiry of overdue stock reservations.
+//! - [`settlements`]: the notice, per settled batch, that wakes clients waiting for answers.
 //! - [`popular`]: the daily sales rollup and the popular-products ranking, computed and read.
 
 pub mod broker;
@@ -26,11 +28,13 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod identity;
+pub mod metric_help;
 pub mod money;
 pub mod order;
 pub mod partition;
 pub mod popular;
 pub mod reservations;
+pub mod settlements;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -286,6 +286,7 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
     let marked = shared::command::fail_pending(&mut tx, message.request_id, &error).await?;
     tx.commit().await?;
     if marked {
+        shared::settlements::announce(&ctx.db, &[message.request_id]).await;
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
         metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => family).increment(1);
     }

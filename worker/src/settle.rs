@@ -126,6 +126,7 @@ pub async fn process_batch(
         Attempt::Settled(settled) => {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
             record(lease.family, &settled);
+            shared::settlements::announce(&ctx.db, &ids).await;
             // The activity trail: one line per batch, whatever its size.
             tracing::info!(
                 family,
@@ -156,6 +157,7 @@ pub async fn process_batch(
                     Attempt::Settled(settled) => {
                         delivery.acker.ack(BasicAckOptions::default()).await?;
                         record(lease.family, &settled);
+                        shared::settlements::announce(&ctx.db, &[message.request_id]).await;
                     }
                     Attempt::Stopped | Attempt::LeaseLost => return Ok(Continue::No),
                     Attempt::GaveUp(reason) => {

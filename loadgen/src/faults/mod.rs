@@ -371,8 +371,6 @@ fn loads(
         products: 20,
         coupon_share: 0.2,
         charge_share: 0.5,
-        poll_initial_ms: 20,
-        poll_max_ms: 500,
     };
     (flash, shop)
 }

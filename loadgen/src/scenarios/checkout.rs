@@ -88,8 +88,6 @@ struct Shop {
     paid: Mutex<Vec<(i64, Uuid)>>,
     failed: AtomicU64,
     polls: AtomicU64,
-    poll_initial: Duration,
-    poll_max: Duration,
     patience: Duration,
 }
 
@@ -122,14 +120,19 @@ impl Shop {
         }
     }
 
-    /// Records an accept answer; the accepted request, or why not.
+    /// Records an accept answer: `202`, or `200` with the settled request when the command
+    /// waited for it; the answer, or why not.
     fn accepted(
         &self,
         label: &str,
         answer: anyhow::Result<Answer>,
         latency: Duration,
     ) -> Result<Answer, Stop> {
-        self.answered(label, answer, latency, 202)
+        let status = match &answer {
+            Ok(a) if a.status == 200 => 200,
+            _ => 202,
+        };
+        self.answered(label, answer, latency, status)
     }
 
     /// Records an answer that should be `status`; the answer, or why not.
@@ -166,9 +169,11 @@ impl Shop {
             .await;
         let created = self.accepted("POST /orders", created, intended.elapsed())?;
         let (Some(order), Some(request)) = (created.uuid_field("orderId"), created.request_id()) else {
-            return Err(Stop::Unexpected("POST /orders: 202 without orderId".to_owned()));
+            return Err(Stop::Unexpected(
+                "POST /orders: answer without orderId".to_owned(),
+            ));
         };
-        self.settled("order", request).await?;
+        self.settled("order", request, &created).await?;
 
         let sent = Instant::now();
         let paying = self
@@ -177,27 +182,19 @@ impl Shop {
             .await;
         let paying = self.accepted("POST /orders/{id}/payment", paying, sent.elapsed())?;
         let Some(request) = paying.request_id() else {
-            return Err(Stop::Unexpected("payment: 202 without requestId".to_owned()));
+            return Err(Stop::Unexpected("payment: answer without requestId".to_owned()));
         };
-        self.settled("payment", request).await?;
+        self.settled("payment", request, &paying).await?;
         Ok(order)
     }
 
-    /// Polls `GET /requests/{id}` (after `Retry-After`-like waits that start short and grow)
-    /// until the request is terminal; an error unless it `SUCCEEDED`.
-    async fn settled(&self, what: &str, request: Uuid) -> Result<(), Stop> {
+    /// Waits until the request an accept answered is terminal: at once when the command
+    /// waited and came back settled (`200`), else with `GET /requests/{id}?wait=` (woken
+    /// when the request settles, never polling in a loop); an error unless it `SUCCEEDED`.
+    async fn settled(&self, what: &str, request: Uuid, accepted: &Answer) -> Result<(), Stop> {
         let deadline = Instant::now() + self.patience;
-        let mut wait = self.poll_initial;
+        let mut answer = accepted.clone();
         loop {
-            tokio::time::sleep(wait).await;
-            let sent = Instant::now();
-            let answer = self.api.request_status(request).await;
-            self.recorder.record("GET /requests/{id} (poll)", sent.elapsed());
-            self.polls.fetch_add(1, Ordering::Relaxed);
-            let answer = answer.map_err(|e| Stop::Unexpected(format!("poll: transport error: {e}")))?;
-            if answer.status != 200 {
-                return Err(Stop::Unexpected(format!("poll {}", answer.outcome())));
-            }
             match answer.str_field("status") {
                 Some("SUCCEEDED") => return Ok(()),
                 Some("FAILED") => {
@@ -213,11 +210,23 @@ impl Shop {
                         "{what} still PENDING after the drain timeout"
                     )));
                 }
-                _ => wait = (wait.mul_f64(1.5)).min(self.poll_max),
+                _ => {}
+            }
+            let sent = Instant::now();
+            let read = self.api.request_status_waiting(request, WAIT_SECS).await;
+            self.recorder
+                .record("GET /requests/{id}?wait (poll)", sent.elapsed());
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            answer = read.map_err(|e| Stop::Unexpected(format!("poll: transport error: {e}")))?;
+            if answer.status != 200 {
+                return Err(Stop::Unexpected(format!("poll {}", answer.outcome())));
             }
         }
     }
 }
+
+/// Seconds a command, or a read of its request, waits for the request to settle.
+const WAIT_SECS: u64 = 10;
 
 /// Users, products with exactly the stock those users will buy, a coupon handed out to a
 /// share of them, and the journeys.
@@ -280,14 +289,13 @@ async fn fixture(
 impl Shop {
     fn new(api: Api, args: &CheckoutArgs) -> Self {
         Self {
-            api,
+            // Commands wait for their answer: no polling loop.
+            api: api.waiting(WAIT_SECS),
             recorder: Recorder::default(),
             outcomes: Outcomes::default(),
             paid: Mutex::new(Vec::new()),
             failed: AtomicU64::new(0),
             polls: AtomicU64::new(0),
-            poll_initial: Duration::from_millis(args.poll_initial_ms.max(1)),
-            poll_max: Duration::from_millis(args.poll_max_ms.max(args.poll_initial_ms).max(1)),
             patience: args.common.drain_timeout(),
         }
     }

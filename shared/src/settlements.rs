@@ -1,0 +1,56 @@
+//! Word that requests were settled, from the workers to every api replica: one PostgreSQL
+//! `NOTIFY` per settled batch on [`CHANNEL`], naming the batch's requests, so that clients
+//! waiting for an answer (`Prefer: wait`, `?wait=`) are woken rather than polling.
+//!
+//! `LISTEN/NOTIFY` rather than a RabbitMQ exchange: both api and workers already hold
+//! PostgreSQL connections, a notification costs one statement per batch (not per command),
+//! and it needs no queue per api replica to declare, expire and clean up. Notifications are
+//! not durable: one sent while a replica's listener is reconnecting is lost, which is why
+//! waiters also read the request again every poll interval.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The notification channel.
+pub const CHANNEL: &str = "requests_settled";
+
+/// Most request ids in one notification: 200 ids fill 7,400 bytes, under PostgreSQL's
+/// 8,000-byte payload limit.
+const IDS_PER_NOTIFICATION: usize = 200;
+
+/// Announces that `ids` are settled. Best effort: a lost notice costs its waiters one poll
+/// interval, so a failure is logged and otherwise ignored.
+pub async fn announce(db: &PgPool, ids: &[Uuid]) {
+    for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
+        let payload = chunk.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(db)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
+        }
+    }
+}
+
+/// The request ids of a notification's payload (what does not parse is skipped).
+pub fn parse(payload: &str) -> impl Iterator<Item = Uuid> + '_ {
+    payload
+        .split(',')
+        .filter_map(|id| Uuid::parse_str(id.trim()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_notification_fits_postgresql_s_payload_limit_and_parses_back() {
+        let ids: Vec<Uuid> = (0..IDS_PER_NOTIFICATION).map(|_| Uuid::now_v7()).collect();
+        let payload = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+        assert!(payload.len() < 8_000, "{}", payload.len());
+        assert_eq!(parse(&payload).collect::<Vec<_>>(), ids);
+        assert_eq!(parse("garbage,,").count(), 0);
+    }
+}
