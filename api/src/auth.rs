@@ -167,22 +167,24 @@ impl Authenticator {
                 return Err(ApiError::RateLimited(wait));
             }
         }
-        let user = self.look_up(hash).await?;
-        self.verified.insert(
-            hash,
-            Verified {
-                user,
-                at: Instant::now(),
-            },
-        );
+        let (user, read_at) = self.look_up(hash).await?;
+        // Believed from when it was read, not from when the answer came back (a slow
+        // statement must not stretch the time a revoked token is accepted), and never over
+        // something newer: a revocation here while the lookup ran stays in force.
+        let read = Verified { user, at: read_at };
+        self.verified.entry(hash).and_compute_with(|cached| match cached {
+            Some(entry) if entry.value().at >= read_at => moka::ops::compute::Op::Nop,
+            _ => moka::ops::compute::Op::Put(read),
+        });
         match user {
             Some(user) => Ok(Caller { user, token: hash }),
             None => Err(self.refuse(client)),
         }
     }
 
-    /// The user of the valid token `hash`, from PostgreSQL (with other lookups of the moment).
-    async fn look_up(&self, hash: TokenHash) -> Result<Option<UserId>> {
+    /// The user of the valid token `hash`, from PostgreSQL (with other lookups of the
+    /// moment), and when it was read.
+    async fn look_up(&self, hash: TokenHash) -> Result<(Option<UserId>, Instant)> {
         let (answer, answered) = oneshot::channel();
         let gone = || ApiError::internal(anyhow::anyhow!("the token lookup task has stopped"));
         self.lookups.send(Lookup { hash, answer }).map_err(|_| gone())?;
@@ -213,9 +215,16 @@ impl Authenticator {
         }
     }
 
-    /// Forgets what this process knew of a token (after revoking it here).
+    /// Refuses a token from now on in this process (it was revoked here): a lookup still
+    /// running, that read it before the revocation, cannot bring it back.
     pub fn forget(&self, token: TokenHash) {
-        self.verified.invalidate(&token);
+        self.verified.insert(
+            token,
+            Verified {
+                user: None,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Whether `headers` carry the admin token.
@@ -228,10 +237,11 @@ impl Authenticator {
     }
 }
 
-/// A token to look up, and where its user goes.
+/// A token to look up, and where its user goes: with the moment the statement that read it
+/// started, which is how old the answer may be.
 struct Lookup {
     hash: TokenHash,
-    answer: oneshot::Sender<Result<Option<UserId>, LookupFailed>>,
+    answer: oneshot::Sender<Result<(Option<UserId>, Instant), LookupFailed>>,
 }
 
 /// Why a batch of lookups failed, for each of its waiters.
@@ -251,6 +261,7 @@ async fn look_up_in_batches(db: PgPool, mut queue: mpsc::UnboundedReceiver<Looku
     let mut batch = Vec::with_capacity(MAX_LOOKUPS_PER_STATEMENT);
     while queue.recv_many(&mut batch, MAX_LOOKUPS_PER_STATEMENT).await > 0 {
         let hashes: Vec<&[u8]> = batch.iter().map(|l| l.hash.as_slice()).collect();
+        let read_at = Instant::now();
         let found: std::result::Result<Vec<(Vec<u8>, i64)>, sqlx::Error> = sqlx::query_as(
             "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
         )
@@ -263,7 +274,7 @@ async fn look_up_in_batches(db: PgPool, mut queue: mpsc::UnboundedReceiver<Looku
                 let users: HashMap<Vec<u8>, i64> = rows.into_iter().collect();
                 for lookup in batch.drain(..) {
                     let user = users.get(lookup.hash.as_slice()).copied().and_then(UserId::new);
-                    let _ = lookup.answer.send(Ok(user));
+                    let _ = lookup.answer.send(Ok((user, read_at)));
                 }
             }
             Err(e) => {
@@ -280,14 +291,30 @@ async fn look_up_in_batches(db: PgPool, mut queue: mpsc::UnboundedReceiver<Looku
     }
 }
 
-/// Makes a token for `user` and stores its hash; the token, to be shown once.
-pub async fn issue_token(conn: &mut sqlx::PgConnection, user: UserId) -> Result<String> {
+/// Makes a token for `user` and stores its hash; the token, to be shown once. With
+/// `vouched_by`, only while that token (the caller's) is still valid in the database: the
+/// cache may believe a token revoked a moment ago elsewhere, and a revoked token must not
+/// mint one that outlives it.
+pub async fn issue_token(
+    conn: &mut sqlx::PgConnection,
+    user: UserId,
+    vouched_by: Option<TokenHash>,
+) -> Result<String> {
     let new = identity::new_token()
         .map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
-    sqlx::query("INSERT INTO user_tokens (user_id, token_hash) VALUES ($1, $2)")
-        .bind(user.get())
-        .bind(new.hash.as_slice())
-        .execute(&mut *conn)
-        .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO user_tokens (user_id, token_hash)
+         SELECT $1, $2
+         WHERE $3::bytea IS NULL
+            OR EXISTS (SELECT 1 FROM user_tokens WHERE token_hash = $3 AND user_id = $1 AND revoked_at IS NULL)",
+    )
+    .bind(user.get())
+    .bind(new.hash.as_slice())
+    .bind(vouched_by.as_ref().map(|h| h.as_slice()))
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(unauthorized("the token is not valid"));
+    }
     Ok(new.token)
 }

@@ -216,6 +216,46 @@ pub async fn submit(
         ));
     }
 
+    // From here the command is stored, then published or withdrawn, whatever happens to
+    // this request meanwhile (its client gone, or its handler's deadline passed): a spawned
+    // task is not cancelled with the request, so a command is never left stored without
+    // the decision about it.
+    let accepting = tokio::spawn(accept(
+        state.clone(),
+        key.clone(),
+        scope.clone(),
+        user,
+        request.clone(),
+        command,
+    ));
+    let accepted = match accepting.await.map_err(ApiError::internal)?? {
+        Acceptance::Accepted(accepted) => accepted,
+        Acceptance::Answered(answer) => return Ok(answer),
+    };
+    match wait.0 {
+        Some(within) => answer_when_settled(state, accepted, user, within).await,
+        None => Ok(accepted_response(accepted)),
+    }
+}
+
+/// What accepting a stored command came to: accepted (its `202`), or the answer a key
+/// already had.
+enum Acceptance {
+    Accepted(Accepted),
+    Answered(Response),
+}
+
+/// Stores the command with its key, publishes it with the broker's confirm, and withdraws it
+/// when the publish fails ([`withdraw`]); run to its end as a task of its own.
+async fn accept(
+    state: AppState,
+    key: IdempotencyKey,
+    scope: String,
+    user: UserId,
+    request: serde_json::Value,
+    command: NewCommand,
+) -> Result<Acceptance> {
+    let family = command.kind.family().as_str();
     let request_id = Uuid::now_v7();
     let accepted = Accepted {
         request_id,
@@ -228,9 +268,9 @@ pub async fn submit(
     let stored = store(
         &state.db,
         key.0.as_deref(),
-        scope,
+        &scope,
         user,
-        request,
+        &request,
         &command,
         &accepted,
     )
@@ -241,7 +281,9 @@ pub async fn submit(
         // Only a key can stop the insert: it was used before, and its first answer (or
         // 409/422) stands.
         return match key.0.as_deref() {
-            Some(key) => idempotency::answer_again(&state.db, scope, key, request).await,
+            Some(key) => idempotency::answer_again(&state.db, &scope, key, &request)
+                .await
+                .map(Acceptance::Answered),
             None => Err(ApiError::internal(anyhow::anyhow!(
                 "request {request_id} was not stored"
             ))),
@@ -256,7 +298,7 @@ pub async fn submit(
     metrics::histogram!("api_command_publish_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
-        match withdraw(&state.db, request_id, key, scope).await {
+        match withdraw(&state.db, request_id, &key, &scope).await {
             Withdrawal::Withdrawn => {
                 return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
             }
@@ -273,10 +315,7 @@ pub async fn submit(
             }
         }
     }
-    match wait.0 {
-        Some(within) => answer_when_settled(state, accepted, user, within).await,
-        None => Ok(accepted_response(accepted)),
-    }
+    Ok(Acceptance::Accepted(accepted))
 }
 
 /// The answer to an accepted command whose client asked to wait (`Prefer: respond-async,
@@ -418,8 +457,8 @@ pub fn add_polling_headers(response: &mut Response, status_url: &str) {
 enum Withdrawal {
     /// Failed as `ERR_UNAVAILABLE`, its order rejected and its key released.
     Withdrawn,
-    /// A worker had settled it already: the broker routed the message and only its
-    /// confirm was lost. It stands, and so does its key.
+    /// A worker had settled it already (the broker routed the message and only its confirm
+    /// was lost), or the sweeper had published it: it stands, and so does its key.
     TooLate,
     /// PostgreSQL could not be reached: it stays `PENDING` and the sweeper publishes it.
     Unknown,
@@ -436,7 +475,14 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
             ErrorCode::Unavailable,
             "the request could not be queued; it was not accepted",
         );
-        if !command::fail_pending(&mut tx, request_id, &error).await? {
+        // Published already (by the sweeper, when this publish took longer than its
+        // grace): it may take effect, so it cannot be taken back.
+        let published: Option<bool> =
+            sqlx::query_scalar("SELECT published FROM requests WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(request_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if published != Some(false) || !command::fail_pending(&mut tx, request_id, &error).await? {
             return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
         }
         if let Some(key) = key.0.as_deref() {

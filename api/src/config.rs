@@ -139,6 +139,17 @@ impl ApiConfig {
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
         };
+        // Room for the accept itself after the longest wait: the deadline cuts the answer.
+        if config.http.handler < config.max_wait + Duration::from_secs(20) {
+            return Err(ConfigError {
+                name: "HTTP_HANDLER_TIMEOUT_MS".to_owned(),
+                value: config.http.handler.as_millis().to_string(),
+                reason: format!(
+                    "must exceed the longest wait (MAX_WAIT_SECS, {} s) by at least 20 s",
+                    config.max_wait.as_secs()
+                ),
+            });
+        }
         if config.token_cache_ttl > Duration::from_secs(5) {
             return Err(ConfigError {
                 name: "TOKEN_CACHE_TTL_MS".to_owned(),

@@ -191,6 +191,15 @@ impl Application {
             forgetter,
             listening,
         } = self;
+        // Clients waiting for their requests get their answer (202, or PENDING) as soon as
+        // shutdown starts, rather than be cut off when the server stops waiting for them.
+        let closing = {
+            let (waiters, shutdown) = (Arc::clone(&state.waiters), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                waiters.close();
+            })
+        };
         let metrics = tokio::spawn(shared::telemetry::serve_metrics(
             metrics_listener,
             state.metrics.clone(),
@@ -199,6 +208,7 @@ impl Application {
         server::serve(listener, router, state.config.http, shutdown)
             .await
             .context("the HTTP server failed")?;
+        closing.abort();
         sampler_stop.cancel();
         let _ = sampler.await;
         let _ = forgetter.await;

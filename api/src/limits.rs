@@ -32,6 +32,22 @@ pub struct RateLimits {
     trusted_client_ip_header: Option<axum::http::HeaderName>,
 }
 
+/// An IPv6 client counts by its /64: one subscriber usually holds a whole /64 and could
+/// otherwise pick a fresh address for every request, both to dodge the limits and to grow
+/// their tables. IPv4 (and IPv4-mapped) addresses count one by one.
+fn per_network(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let [a, b, c, d, ..] = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl RateLimits {
     pub fn new(settings: &RateLimitSettings) -> Self {
         let per_second = |rate: u32, burst: u32| {
@@ -84,9 +100,14 @@ impl RateLimits {
         })
     }
 
-    /// The address of the client that sent `parts`: the last entry of the trusted header
-    /// when one is configured and present (the one the proxy added), else the peer.
+    /// The address of the client that sent `parts`, as the limits count it.
     pub fn client_address(&self, parts: &Parts) -> IpAddr {
+        per_network(self.peer_or_proxied(parts))
+    }
+
+    /// The last entry of the trusted header when one is configured and present (the one the
+    /// proxy added), else the peer.
+    fn peer_or_proxied(&self, parts: &Parts) -> IpAddr {
         let from_proxy = self.trusted_client_ip_header.as_ref().and_then(|name| {
             let value = parts.headers.get_all(name).iter().next_back()?.to_str().ok()?;
             value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
@@ -122,5 +143,33 @@ impl RateLimits {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64_and_ipv4_one_by_one() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1"
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let same_network: IpAddr = "2001:db8:1:2:bbbb::9"
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let other_network: IpAddr = "2001:db8:1:3::1"
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(per_network(one), per_network(same_network));
+        assert_ne!(per_network(one), per_network(other_network));
+        let v4: IpAddr = "203.0.113.7".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let mapped: IpAddr = "::ffff:203.0.113.7"
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(per_network(v4), v4);
+        assert_eq!(per_network(mapped), v4);
+        let neighbour: IpAddr = "203.0.113.8".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_ne!(per_network(v4), per_network(neighbour));
     }
 }

@@ -271,15 +271,9 @@ async fn quote(db: &PgPool, order: &OrderCreate, cap: i64) -> Result<PendingOrde
     .bind(&ids)
     .fetch_all(db)
     .await?;
-    let Some(first) = rows.first().filter(|row| row.user_exists) else {
+    let Some(unpaid) = rows.first().filter(|row| row.user_exists).map(|row| row.unpaid) else {
         return Err(invalid_user());
     };
-    if first.unpaid >= cap {
-        return Err(ApiError::new(
-            ErrorCode::OrderTooManyReserved,
-            format!("at most {cap} unpaid orders at once: pay or cancel one first"),
-        ));
-    }
     let products: HashMap<i64, (String, i64)> = rows
         .into_iter()
         .filter_map(|row| Some((row.id?, (row.name?, row.price?))))
@@ -297,6 +291,13 @@ async fn quote(db: &PgPool, order: &OrderCreate, cap: i64) -> Result<PendingOrde
         names.push(name.clone());
         prices.push(*price);
         quantities.push(line.quantity);
+    }
+    // State after existence, as the contract orders its checks.
+    if unpaid >= cap {
+        return Err(ApiError::new(
+            ErrorCode::OrderTooManyReserved,
+            format!("at most {cap} unpaid orders at once: pay or cancel one first"),
+        ));
     }
     let total = order_total(prices.iter().copied().zip(quantities.iter().copied()))
         .ok_or_else(|| invalid_items("the order total is too large"))?;

@@ -116,11 +116,12 @@ async fn get_request(
         .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
     let found = match wait {
         Some(within) if found.is_pending() => {
+            // A failed read while waiting answers what was already read.
             let settled = state
                 .waiters
                 .wait(id, within, || settled_request(state.db.clone(), id, user))
-                .await?;
-            settled.unwrap_or(found)
+                .await;
+            settled.ok().flatten().unwrap_or(found)
         }
         _ => found,
     };

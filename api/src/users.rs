@@ -114,7 +114,7 @@ async fn insert_user(conn: &mut PgConnection, name: &str) -> Result<User> {
     .await?;
     let user =
         UserId::new(user_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("non-positive user id")))?;
-    let token = issue_token(conn, user).await?;
+    let token = issue_token(conn, user, None).await?;
     Ok(User {
         user_id,
         name: name.to_owned(),
@@ -159,7 +159,7 @@ async fn create_token(
         |_| serde_json::to_value(NewTokenAnswer { token: None }),
         async |conn| {
             Ok(NewTokenAnswer {
-                token: Some(issue_token(conn, user).await?),
+                token: Some(issue_token(conn, user, Some(caller.token())).await?),
             })
         },
     )

@@ -3,9 +3,13 @@
 //!
 //! Waiters are woken by the workers' one notice per settled batch
 //! ([`shared::settlements`], PostgreSQL `LISTEN/NOTIFY`), which this process listens to on a
-//! connection of its own. A waiter holds no database connection while it waits; it reads
-//! its request when woken, and also every `REQUEST_WAIT_POLL_MS` in case a notice was lost
-//! (a listener reconnecting misses what was sent meanwhile).
+//! connection of its own. A waiter holds no database connection while it waits: it reads its
+//! request once, and again only when woken. Notices are not durable (one sent while the
+//! listener reconnects is lost, and so is one a worker did not send because it died between
+//! its commit and its notice), so every `REQUEST_WAIT_POLL_MS` the listener also reads, in one
+//! statement for every request waited on, which of them are settled, and wakes their waiters:
+//! a lost notice costs at most one poll interval, and the polling costs one statement per
+//! interval per api process, not one per waiter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,26 +29,39 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// The requests someone waits for, and how they are woken.
 pub struct Waiters {
-    /// Request id → what its waiters wait on (shared by every waiter of that request).
-    waiting: Mutex<HashMap<Uuid, Arc<Notify>>>,
-    /// How often a waiter reads its request again without being woken.
-    poll_every: Duration,
+    /// Request id → what its waiters wait on, and how many they are.
+    waiting: Mutex<HashMap<Uuid, Waited>>,
+    /// Cancelled when the api starts shutting down: waiters answer at once (their `202`, or
+    /// the request still `PENDING`) rather than be cut off with their connection.
+    closing: CancellationToken,
+}
+
+/// One request waited on.
+struct Waited {
+    notify: Arc<Notify>,
+    waiters: usize,
 }
 
 impl Waiters {
-    /// Starts listening for settled requests until `stop`.
+    /// Starts listening for settled requests (and sweeping for the ones whose notice was
+    /// lost every `poll_every`) until `stop`.
     pub fn start(db: PgPool, poll_every: Duration, stop: CancellationToken) -> (Arc<Self>, JoinHandle<()>) {
         let waiters = Arc::new(Self {
             waiting: Mutex::default(),
-            poll_every,
+            closing: CancellationToken::new(),
         });
-        let listening = tokio::spawn(listen(db, Arc::clone(&waiters), stop));
+        let listening = tokio::spawn(listen(db, Arc::clone(&waiters), poll_every, stop));
         (waiters, listening)
     }
 
-    /// Reads `read` until it answers `Some` (the request is settled) or `within` passes;
-    /// the last answer. `read` runs at once, then whenever the request is announced settled,
-    /// and every poll interval.
+    /// Ends every wait now and refuses new ones (the api is shutting down).
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// Reads `read` until it answers `Some` (the request is settled), or `within` passes, or
+    /// the api shuts down; the last answer. `read` runs at once, then whenever the request
+    /// is found settled (by its notice, or the listener's sweep).
     pub async fn wait<T, F, Fut>(&self, request: Uuid, within: Duration, read: F) -> Result<Option<T>>
     where
         F: Fn() -> Fut,
@@ -60,24 +77,28 @@ impl Waiters {
             if let Some(settled) = read().await? {
                 return Ok(Some(settled));
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if self.closing.is_cancelled() {
                 return Ok(None);
             }
             tokio::select! {
                 () = &mut woken => metrics::counter!("api_waiters_woken_total").increment(1),
-                () = tokio::time::sleep_until(deadline.min(now + self.poll_every)) => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = self.closing.cancelled() => return Ok(None),
             }
         }
     }
 
     fn register(&self, request: Uuid) -> Registration<'_> {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        let notify = Arc::clone(waiting.entry(request).or_default());
+        let waited = waiting.entry(request).or_insert_with(|| Waited {
+            notify: Arc::default(),
+            waiters: 0,
+        });
+        waited.waiters += 1;
         Registration {
             waiters: self,
             request,
-            notify,
+            notify: Arc::clone(&waited.notify),
         }
     }
 
@@ -88,10 +109,16 @@ impl Waiters {
             return;
         }
         for request in settled {
-            if let Some(notify) = waiting.get(&request) {
-                notify.notify_waiters();
+            if let Some(waited) = waiting.get(&request) {
+                waited.notify.notify_waiters();
             }
         }
+    }
+
+    /// The requests waited on now.
+    fn waited_on(&self) -> Vec<Uuid> {
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        waiting.keys().copied().collect()
     }
 }
 
@@ -110,15 +137,19 @@ impl Drop for Registration<'_> {
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // Two references: the map's and this one. Anything more is another waiter.
-        if Arc::strong_count(&self.notify) <= 2 {
-            waiting.remove(&self.request);
+        if let Some(waited) = waiting.get_mut(&self.request) {
+            waited.waiters -= 1;
+            if waited.waiters == 0 {
+                waiting.remove(&self.request);
+            }
         }
     }
 }
 
-/// Listens for settled requests and wakes their waiters, reconnecting after failures.
-async fn listen(db: PgPool, waiters: Arc<Waiters>, stop: CancellationToken) {
+/// Listens for settled requests and wakes their waiters, reconnecting after failures; and
+/// every `poll_every` wakes the waiters of requests found settled without a notice.
+async fn listen(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
+    let sweeping = tokio::spawn(sweep(db.clone(), Arc::clone(&waiters), poll_every, stop.clone()));
     loop {
         let listened = async {
             let mut listener = PgListener::connect_with(&db).await?;
@@ -131,16 +162,43 @@ async fn listen(db: PgPool, waiters: Arc<Waiters>, stop: CancellationToken) {
             Ok::<(), sqlx::Error>(())
         };
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
             ended = listened => {
                 if let Err(e) = ended {
-                    tracing::warn!(error = %e, "not listening for settled requests; waiters poll meanwhile");
+                    tracing::warn!(error = %e, "not listening for settled requests; waiters are woken by the sweep meanwhile");
                 }
             }
         }
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
             () = tokio::time::sleep(RECONNECT_AFTER) => {}
+        }
+    }
+    let _ = sweeping.await;
+}
+
+/// Every `poll_every`, one statement for every request waited on: wakes the waiters of those
+/// that are settled (their notice was lost).
+async fn sweep(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval(poll_every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let waited = waiters.waited_on();
+        if waited.is_empty() {
+            continue;
+        }
+        let settled: std::result::Result<Vec<Uuid>, sqlx::Error> =
+            sqlx::query_scalar("SELECT id FROM requests WHERE id = ANY($1) AND status <> 'PENDING'")
+                .bind(&waited)
+                .fetch_all(&db)
+                .await;
+        match settled {
+            Ok(settled) => waiters.wake(settled.into_iter()),
+            Err(e) => tracing::debug!(error = %e, "cannot sweep for settled requests"),
         }
     }
 }
@@ -178,5 +236,20 @@ mod tests {
         assert_eq!(secs("wait=0"), None);
         assert_eq!(secs("wait=soon"), None);
         assert_eq!(secs("return=minimal"), None);
+    }
+
+    #[tokio::test]
+    async fn a_request_is_forgotten_with_its_last_waiter() {
+        let waiters = Waiters {
+            waiting: Mutex::default(),
+            closing: CancellationToken::new(),
+        };
+        let request = Uuid::now_v7();
+        let first = waiters.register(request);
+        let second = waiters.register(request);
+        drop(first);
+        assert_eq!(waiters.waited_on(), vec![request]);
+        drop(second);
+        assert!(waiters.waited_on().is_empty());
     }
 }

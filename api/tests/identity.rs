@@ -113,6 +113,16 @@ async fn a_revoked_token_is_refused_at_once_here_and_soon_by_another_replica() {
     assert_eq!(refused.code(), "ERR_UNAUTHORIZED");
     assert_eq!(balance_with(&app, user, &second).await.status, StatusCode::OK);
 
+    // Where the revoked token is still believed (the other replica's cache), it cannot mint
+    // a token that would outlive it: that is checked against the database.
+    let minted = client
+        .post(format!("http://{other}/users/{user}/tokens"))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minted.status(), StatusCode::UNAUTHORIZED);
+
     // The other replica refuses it once its cache entry (3 s by default) has expired; the
     // bound here is generous, the contract's 5 s is the configuration's (checked at start).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
