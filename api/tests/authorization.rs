@@ -234,38 +234,20 @@ async fn every_operation_is_public_administrative_or_refuses_anyone_but_its_user
             }
 
             // The attacker as themself, on the victim's order or request.
-            let as_attacker = concrete(path, attacker, &victim);
-            let attacker_body = body_for(method, path, attacker, &victim);
-            if path.contains("{orderId}") {
-                let answer = send(
-                    &app,
-                    method,
-                    &as_attacker,
-                    attacker_body,
-                    Some(&auth(&attacker_token)),
-                )
-                .await;
-                assert_eq!(
-                    answer.status,
-                    StatusCode::FORBIDDEN,
-                    "{what} on the victim's order: {answer:?}"
-                );
-                assert_eq!(answer.code(), "ERR_ORDER_UNAUTHORIZED", "{what}");
+            let expected = if path.contains("{orderId}") {
+                Some((StatusCode::FORBIDDEN, "ERR_ORDER_UNAUTHORIZED"))
             } else if path.contains("{requestId}") {
-                let answer = send(
-                    &app,
-                    method,
-                    &as_attacker,
-                    attacker_body,
-                    Some(&auth(&attacker_token)),
-                )
-                .await;
-                assert_eq!(
-                    answer.status,
-                    StatusCode::NOT_FOUND,
-                    "{what} on the victim's request: {answer:?}"
-                );
-                assert_eq!(answer.code(), "ERR_REQUEST_NOT_FOUND", "{what}");
+                Some((StatusCode::NOT_FOUND, "ERR_REQUEST_NOT_FOUND"))
+            } else {
+                None
+            };
+            if let Some((status, code)) = expected {
+                let as_attacker = concrete(path, attacker, &victim);
+                let attacker_body = body_for(method, path, attacker, &victim);
+                let auth = auth(&attacker_token);
+                let answer = send(&app, method, &as_attacker, attacker_body, Some(&auth)).await;
+                assert_eq!(answer.status, status, "{what} on the victim's object: {answer:?}");
+                assert_eq!(answer.code(), code, "{what}");
             }
         }
     }
