@@ -1,6 +1,8 @@
 //! Word that requests were settled, from the workers to every api replica: one PostgreSQL
 //! `NOTIFY` per settled batch on [`CHANNEL`], naming the batch's requests, so that clients
-//! waiting for an answer (`Prefer: wait`, `?wait=`) are woken rather than polling.
+//! waiting for an answer (`Prefer: wait`, `?wait=`) are woken rather than polling. A worker
+//! sends it from the statement that writes the batch's outcomes (delivered at its commit);
+//! [`announce`] is for the rest (dead letters, batches too large for one notice).
 //!
 //! `LISTEN/NOTIFY` rather than a RabbitMQ exchange: both api and workers already hold
 //! PostgreSQL connections, a notification costs one statement per batch (not per command),
@@ -17,6 +19,11 @@ pub const CHANNEL: &str = "requests_settled";
 /// Most request ids in one notification: 200 ids fill 7,400 bytes, under PostgreSQL's
 /// 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 200;
+
+/// Whether `count` request ids fit one notice's payload.
+pub fn fits_one_notice(count: usize) -> bool {
+    count <= IDS_PER_NOTIFICATION
+}
 
 /// Announces that `ids` are settled. Best effort: a lost notice costs its waiters one poll
 /// interval, so a failure is logged and otherwise ignored.

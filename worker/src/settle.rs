@@ -126,7 +126,6 @@ pub async fn process_batch(
         Attempt::Settled(settled) => {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
             record(lease.family, &settled);
-            shared::settlements::announce(&ctx.db, &ids).await;
             // The activity trail: one line per batch, whatever its size.
             tracing::info!(
                 family,
@@ -157,7 +156,6 @@ pub async fn process_batch(
                     Attempt::Settled(settled) => {
                         delivery.acker.ack(BasicAckOptions::default()).await?;
                         record(lease.family, &settled);
-                        shared::settlements::announce(&ctx.db, &[message.request_id]).await;
                     }
                     Attempt::Stopped | Attempt::LeaseLost => return Ok(Continue::No),
                     Attempt::GaveUp(reason) => {
@@ -349,6 +347,10 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
     };
     write_outcomes(&mut tx, &pending, &decisions).await?;
     tx.commit().await?;
+    if !shared::settlements::fits_one_notice(pending.len()) {
+        let settled: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
+        shared::settlements::announce(&ctx.db, &settled).await;
+    }
     let paid = pending
         .iter()
         .zip(&decisions)
@@ -410,14 +412,25 @@ async fn write_outcomes(
     // `r.id = ANY($2)` is for the planner: it cannot tell how many rows a JSON document
     // holds, guesses 100, and then prefers a sequential scan of the whole requests table to
     // a hundred index lookups (seen in the checkout benchmark: 3 million rows read).
+    // The same statement sends the notice that wakes the clients waiting for these requests
+    // (`shared::settlements`): delivered when this transaction commits, it costs neither a
+    // round trip nor a transaction of its own. A batch too large for one notice's payload
+    // is announced after the commit instead (`settle_once`).
     sqlx::query(
-        "UPDATE requests r
-         SET status = o.status, result = o.result, error = o.error, completed_at = now(), published = true
-         FROM jsonb_to_recordset($1) AS o(id uuid, status text, result jsonb, error jsonb)
-         WHERE r.id = ANY($2) AND r.id = o.id",
+        "WITH written AS (
+            UPDATE requests r
+            SET status = o.status, result = o.result, error = o.error, completed_at = now(), published = true
+            FROM jsonb_to_recordset($1) AS o(id uuid, status text, result jsonb, error jsonb)
+            WHERE r.id = ANY($2) AND r.id = o.id
+            RETURNING r.id)
+         SELECT pg_notify($3, ids)
+         FROM (SELECT string_agg(id::text, ',') AS ids FROM written) AS batch
+         WHERE $4 AND ids IS NOT NULL",
     )
     .bind(outcomes)
     .bind(&ids)
+    .bind(shared::settlements::CHANNEL)
+    .bind(shared::settlements::fits_one_notice(ids.len()))
     .execute(conn)
     .await?;
     Ok(())
