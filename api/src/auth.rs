@@ -55,6 +55,14 @@ impl Caller {
         self.token
     }
 
+    /// The `userId` of a path, which must be the caller: `malformed()` (the route's 400)
+    /// when it does not parse, 403 when it is another user.
+    pub fn own_path_user(&self, raw: &str, malformed: fn() -> ApiError) -> Result<UserId> {
+        let user = UserId::parse(raw).ok_or_else(malformed)?;
+        self.act_for(user)?;
+        Ok(user)
+    }
+
     /// `403 ERR_FORBIDDEN` unless `user` (from the path or the body) is the caller.
     pub fn act_for(&self, user: UserId) -> Result<()> {
         if user == self.user {

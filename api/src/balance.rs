@@ -23,6 +23,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
 use crate::pagination::{finish_page, Page, PageQuery};
+use crate::users::invalid_user;
 use crate::{idempotency, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -30,17 +31,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_balance))
         .routes(routes!(charge_balance))
         .routes(routes!(list_transactions))
-}
-
-/// The path's user, who must be the caller: 400 when malformed, 403 when another user.
-fn own_user(caller: &Caller, raw: &str) -> Result<UserId> {
-    let user = crate::users::parse_user(raw)?;
-    caller.act_for(user)?;
-    Ok(user)
-}
-
-fn invalid_user() -> ApiError {
-    ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -65,7 +55,7 @@ async fn get_balance(
     caller: Caller,
     Path(user): Path<String>,
 ) -> Result<axum::Json<Balance>> {
-    let user = own_user(&caller, &user)?;
+    let user = caller.own_path_user(&user, invalid_user)?;
     let balance: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE user_id = $1")
         .bind(user.get())
         .fetch_optional(&state.db)
@@ -113,7 +103,7 @@ async fn charge_balance(
     key: IdempotencyKey,
     Json(body): Json<ChargeRequest>,
 ) -> Result<Response> {
-    let user = crate::users::parse_user(&user)?;
+    let user = UserId::parse(&user).ok_or_else(invalid_user)?;
     let amount = whole_number_in(&body.amount, 1, MAX_CHARGE).ok_or_else(|| {
         ApiError::new(
             ErrorCode::BalanceInvalidAmount,
@@ -218,7 +208,7 @@ async fn list_transactions(
     Path(user): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<TransactionPage>> {
-    let user = crate::users::parse_user(&user)?;
+    let user = UserId::parse(&user).ok_or_else(invalid_user)?;
     let page: Page = query.parse()?;
     caller.act_for(user)?;
     let rows: Vec<BalanceTransaction> = sqlx::query_as(

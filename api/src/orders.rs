@@ -479,13 +479,6 @@ pub struct OrderPage {
     next_cursor: Option<String>,
 }
 
-/// The path's user, who must be the caller: 400 when malformed, 403 when another user.
-fn own_user(caller: &Caller, raw: &str) -> Result<UserId> {
-    let user = UserId::parse(raw).ok_or_else(invalid_user)?;
-    caller.act_for(user)?;
-    Ok(user)
-}
-
 /// A user's orders, newest first.
 #[utoipa::path(
     get, path = "/users/{userId}/orders", tag = "orders",
@@ -503,7 +496,7 @@ async fn list_orders(
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<OrderPage>> {
     let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
-    let user = own_user(&caller, &user)?;
+    let user = caller.own_path_user(&user, invalid_user)?;
     let mut conn = state.db.acquire().await?;
     let rows: Vec<OrderRow> = sqlx::query_as(&format!(
         "SELECT {ORDER_COLUMNS} FROM orders

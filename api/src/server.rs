@@ -84,7 +84,9 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("some connections were still busy after {DRAIN_PATIENCE:?}; closing them");
+        tracing::warn!(
+            "some connections were still busy after {DRAIN_PATIENCE:?}; stopping without waiting for them"
+        );
     }
     Ok(())
 }

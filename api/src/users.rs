@@ -31,10 +31,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(revoke_current_token))
 }
 
-/// A `userId` in a path: malformed is the balance routes' 400, as before identity existed.
-pub fn parse_user(raw: &str) -> Result<UserId> {
-    UserId::parse(raw)
-        .ok_or_else(|| ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user"))
+/// A malformed `userId` in a path: the balance routes' 400, as before identity existed.
+pub fn invalid_user() -> ApiError {
+    ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -146,8 +145,7 @@ async fn create_token(
     Path(user): Path<String>,
     key: IdempotencyKey,
 ) -> Result<Response> {
-    let user = parse_user(&user)?;
-    caller.act_for(user)?;
+    let user = caller.own_path_user(&user, invalid_user)?;
     state.limits.user_write(user)?;
     let scope = format!("POST /users/{user}/tokens");
     let outcome = idempotency::run_saving(
@@ -183,8 +181,7 @@ async fn revoke_current_token(
     caller: Caller,
     Path(user): Path<String>,
 ) -> Result<Response> {
-    let user = parse_user(&user)?;
-    caller.act_for(user)?;
+    caller.own_path_user(&user, invalid_user)?;
     sqlx::query("UPDATE user_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
         .bind(caller.token().as_slice())
         .execute(&state.db)
