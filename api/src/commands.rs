@@ -27,10 +27,9 @@ use uuid::Uuid;
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
 use crate::idempotency;
+use crate::intake::{Creation, KeyClaim, StoreError, StoredCommand};
+use crate::requests::add_polling_headers;
 use crate::AppState;
-
-/// Seconds a client should wait before polling a pending request.
-pub const POLL_AFTER_SECS: &str = "1";
 
 /// Publishes commands and remembers, in batches, which ones the broker confirmed.
 pub struct Dispatcher {
@@ -146,20 +145,8 @@ pub struct NewCommand {
     /// What the partition hashes: the coupon for coupon commands, the user for order commands.
     pub partition_key: i64,
     pub payload: serde_json::Value,
-    /// The order an `ORDER_CREATE` creates, stored `PENDING` with the request.
-    pub order: Option<PendingOrder>,
-}
-
-/// An order as the API stores it before a worker settles it: readable at once, with the
-/// prices quoted when it was placed.
-pub struct PendingOrder {
-    pub order_id: Uuid,
-    pub user_id: i64,
-    pub total: i64,
-    pub product_ids: Vec<i64>,
-    pub names: Vec<String>,
-    pub unit_prices: Vec<i64>,
-    pub quantities: Vec<i64>,
+    /// What the command creates with its request, readable at once (an order, `PENDING`).
+    pub creates: Option<Creation>,
 }
 
 /// Accepts a command `user` sent to `route` whose checks already ran: `checked` is the
@@ -238,6 +225,28 @@ pub async fn submit(
     }
 }
 
+/// Refuses a command for what this replica already knows without asking PostgreSQL (a
+/// coupon seen sold out). It writes nothing: the refusal never changes, so a retry gets it
+/// again. Only a key is looked up, so that a key whose first request was accepted (or
+/// refused for another reason) still gets that first answer.
+pub async fn refuse_from_memory(
+    state: &AppState,
+    key: &IdempotencyKey,
+    route: &str,
+    user: UserId,
+    request: &serde_json::Value,
+    refusal: ErrorBody,
+) -> Result<Response> {
+    if let Some(key) = key.0.as_deref() {
+        let scope = idempotency::user_scope(route, user);
+        if let Some(answer) = idempotency::recorded_answer(&state.db, &scope, key, request).await? {
+            return Ok(answer);
+        }
+    }
+    metrics::counter!("api_commands_refused_from_memory_total", "code" => refusal.code.as_str()).increment(1);
+    Err(ApiError::Client(refusal))
+}
+
 /// What accepting a stored command came to: accepted (its `202`), or the answer a key
 /// already had.
 enum Acceptance {
@@ -262,19 +271,31 @@ async fn accept(
         kind: command.kind.as_str(),
         status: "PENDING",
         status_url: format!("/requests/{request_id}"),
-        order_id: command.order.as_ref().map(|o| o.order_id),
+        order_id: command.creates.as_ref().map(Creation::id),
     };
+    let answer = serde_json::to_value(&accepted).map_err(ApiError::internal)?;
     let started = std::time::Instant::now();
-    let stored = store(
-        &state.db,
-        key.0.as_deref(),
-        &scope,
-        user,
-        &request,
-        &command,
-        &accepted,
-    )
-    .await?;
+    let stored = state
+        .intake
+        .store(StoredCommand {
+            request_id,
+            kind: command.kind,
+            partition_key: command.partition_key,
+            payload: command.payload,
+            user_id: user.get(),
+            key: key.0.clone().map(|key| KeyClaim {
+                scope: scope.clone(),
+                key,
+                request: request.clone(),
+                answer,
+            }),
+            creates: command.creates,
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Unavailable(_) => ApiError::Unavailable(anyhow::Error::new(e)),
+            StoreError::Failed(_) => ApiError::internal(e),
+        })?;
     metrics::histogram!("api_command_store_seconds", "family" => family)
         .record(started.elapsed().as_secs_f64());
     if !stored {
@@ -377,79 +398,12 @@ impl axum::extract::FromRequestParts<AppState> for PreferWait {
     }
 }
 
-/// Writes the request, the pending order if any, and the key with its `202`, in one
-/// statement. False when the key already existed, in which case nothing was written.
-async fn store(
-    db: &PgPool,
-    key: Option<&str>,
-    scope: &str,
-    user: UserId,
-    request: &serde_json::Value,
-    command: &NewCommand,
-    accepted: &Accepted,
-) -> Result<bool> {
-    let body = serde_json::to_value(accepted).map_err(ApiError::internal)?;
-    let order = command.order.as_ref();
-    // Data-modifying CTEs see the same snapshot and run together; each insert is gated on
-    // the one before through its RETURNING rows, and the foreign keys of the order lines
-    // are checked at the end of the statement, once their order exists.
-    let stored: i64 = sqlx::query_scalar(
-        "WITH claim AS (
-            INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
-            SELECT $1, $2, $3, 202, $4 WHERE $2::text IS NOT NULL
-            ON CONFLICT (scope, key) DO NOTHING
-            RETURNING 1),
-         request AS (
-            INSERT INTO requests (id, kind, partition_key, payload, user_id)
-            SELECT $5, $6, $7, $8, $16 WHERE $2::text IS NULL OR EXISTS (SELECT 1 FROM claim)
-            RETURNING id),
-         pending_order AS (
-            INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
-            SELECT $9, $10, 'PENDING', id, $11 FROM request WHERE $9::uuid IS NOT NULL
-            RETURNING id),
-         lines AS (
-            INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
-            SELECT o.id, l.* FROM pending_order o,
-                   UNNEST($12::bigint[], $13::text[], $14::bigint[], $15::bigint[]) AS l)
-         SELECT count(*) FROM request",
-    )
-    .bind(scope)
-    .bind(key)
-    .bind(request)
-    .bind(&body)
-    .bind(accepted.request_id)
-    .bind(command.kind.as_str())
-    .bind(command.partition_key)
-    .bind(&command.payload)
-    .bind(order.map(|o| o.order_id))
-    .bind(order.map(|o| o.user_id))
-    .bind(order.map(|o| o.total))
-    .bind(order.map(|o| o.product_ids.as_slice()).unwrap_or_default())
-    .bind(order.map(|o| o.names.as_slice()).unwrap_or_default())
-    .bind(order.map(|o| o.unit_prices.as_slice()).unwrap_or_default())
-    .bind(order.map(|o| o.quantities.as_slice()).unwrap_or_default())
-    .bind(user.get())
-    .fetch_one(db)
-    .await?;
-    Ok(stored == 1)
-}
-
 /// `202` with `Location` and `Retry-After`.
 fn accepted_response(accepted: Accepted) -> Response {
     let location = accepted.status_url.clone();
     let mut response = (StatusCode::ACCEPTED, axum::Json(accepted)).into_response();
     add_polling_headers(&mut response, &location);
     response
-}
-
-/// The headers of an answer about a pending request.
-pub fn add_polling_headers(response: &mut Response, status_url: &str) {
-    if let Ok(location) = HeaderValue::from_str(status_url) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
 }
 
 /// What became of a request whose publish failed.

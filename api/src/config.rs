@@ -8,6 +8,8 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::topology::Topology;
 
+use crate::intake::IntakeSettings;
+
 /// The admin token used when `ADMIN_TOKEN` is unset, accepted only in development mode.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
 
@@ -54,6 +56,9 @@ pub struct ApiConfig {
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
     /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
     pub token_cache_ttl: Duration,
+    /// How concurrent accepts are written together (`ACCEPT_BATCH_MAX`, `ACCEPT_GATHER_US`,
+    /// `ACCEPT_WRITERS`).
+    pub intake: IntakeSettings,
     pub database: DatabaseSettings,
     pub broker: BrokerSettings,
     pub topology: Topology,
@@ -134,6 +139,11 @@ impl ApiConfig {
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
             request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
+            intake: IntakeSettings {
+                batch_max: var("ACCEPT_BATCH_MAX", IntakeSettings::default().batch_max)?.clamp(1, 10_000),
+                gather: Duration::from_micros(var("ACCEPT_GATHER_US", 1_000)?),
+                writers: var("ACCEPT_WRITERS", IntakeSettings::default().writers)?.clamp(1, 64),
+            },
             database: DatabaseSettings::from_env_with_pool(DEFAULT_POOL)?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::command::{CouponIssue, RequestKind};
 use shared::domain::{parse_name, whole_number_in, CouponId, UserId, MAX_PRICE};
-use shared::error::ErrorCode;
+use shared::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -149,15 +149,52 @@ async fn issue_coupon(
     };
     let payload = serde_json::to_value(issue).map_err(ApiError::internal)?;
     let route = format!("POST /coupons/{coupon}/issue");
+    if state.sold_out.contains(coupon) {
+        return commands::refuse_from_memory(&state, &key, &route, user, &payload, sold_out()).await;
+    }
     let checked = refuse_what_is_known(&state.db, coupon, user)
         .await
+        .inspect_err(|e| {
+            if matches!(e, ApiError::Client(refusal) if refusal.code == ErrorCode::CouponOutOfStock) {
+                state.sold_out.insert(coupon);
+            }
+        })
         .map(|()| NewCommand {
             kind: RequestKind::CouponIssue,
             partition_key: coupon.get(),
             payload: payload.clone(),
-            order: None,
+            creates: None,
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
+}
+
+/// Coupons seen sold out by this replica. A coupon's quantity never grows and its issued
+/// coupons are never taken back, so once sold out it stays so: this replica then refuses
+/// it without asking PostgreSQL.
+#[derive(Debug, Default)]
+pub struct SoldOut(std::sync::RwLock<std::collections::HashSet<i64>>);
+
+impl SoldOut {
+    pub fn contains(&self, coupon: CouponId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&coupon.get())
+    }
+
+    pub fn insert(&self, coupon: CouponId) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(coupon.get());
+    }
+}
+
+fn sold_out() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::CouponOutOfStock,
+        shared::coupon::refusal_message(ErrorCode::CouponOutOfStock),
+    )
 }
 
 /// The checks that need no queue, in the contract's order: the user (400), the coupon

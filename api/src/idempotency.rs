@@ -11,8 +11,8 @@
 //! claim was taken over meanwhile, rolls its effect back and answers 409 instead of
 //! applying it a second time.
 //!
-//! Asynchronous commands (`crate::commands`) write the key together with their request and
-//! its `202`, or with their refusal, in one statement, so their keys are never half-claimed.
+//! Asynchronous commands (`crate::commands`, through `crate::intake`) write the key
+//! together with their request and its `202`, or with their refusal, in one statement, so their keys are never half-claimed.
 //! A saved `202` whose command's confirm is not recorded yet may still be withdrawn (its
 //! publish failed and the client got 503): a replay waits up to two seconds for the confirm
 //! to be recorded, so a client that sends its key again right after its `202` gets that
@@ -335,7 +335,7 @@ fn replay(status: i16, body: serde_json::Value) -> Response {
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     // A replayed 202 points at its request like the first answer did.
     if let (StatusCode::ACCEPTED, Some(url)) = (status, status_url) {
-        crate::commands::add_polling_headers(&mut response, &url);
+        crate::requests::add_polling_headers(&mut response, &url);
     }
     response
 }

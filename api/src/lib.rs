@@ -8,6 +8,8 @@
 //! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`], [`admin`]: one router
 //!   per part of the contract.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
+//! - [`intake`]: group commit: the commands accepted at the same moment written by one
+//!   statement.
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
 //!   a user, and the admin token.
@@ -34,6 +36,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
+pub mod intake;
 pub mod limits;
 pub mod observability;
 pub mod openapi;
@@ -71,6 +74,7 @@ use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::error::ApiError;
+use crate::intake::Intake;
 use crate::limits::RateLimits;
 
 /// A built API bound to its address, ready to serve.
@@ -141,10 +145,13 @@ impl Application {
             Arc::clone(&limits),
             &config.admin_token,
         ));
+        let (intake, _writing) = Intake::start(db.clone(), config.intake);
         let state = AppState {
             db,
             broker,
             commands,
+            intake,
+            sold_out: Arc::default(),
             backpressure,
             config: Arc::new(config),
             auth,

@@ -24,9 +24,10 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::commands::{self, Accepted, NewCommand, PendingOrder, PreferWait};
+use crate::commands::{self, Accepted, NewCommand, PreferWait};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
+use crate::intake::{Creation, PendingOrder};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
 use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
@@ -236,7 +237,7 @@ async fn create_order(
         kind: RequestKind::OrderCreate,
         partition_key: user.get(),
         payload,
-        order: Some(order),
+        creates: Some(Creation::Order(order)),
     });
     commands::submit(&state, &key, "POST /orders", user, &request, checked, wait).await
 }
@@ -371,7 +372,7 @@ async fn pay_order(
             kind: RequestKind::OrderPay,
             partition_key: user.get(),
             payload: payload.clone(),
-            order: None,
+            creates: None,
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }

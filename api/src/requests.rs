@@ -18,12 +18,24 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::commands::POLL_AFTER_SECS;
 use crate::error::{ApiError, Result};
 use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
+
+/// Seconds a client should wait before polling a pending request.
+pub const POLL_AFTER_SECS: &str = "1";
+
+/// The headers of an answer about a pending request: where to poll, and when.
+pub fn add_polling_headers(response: &mut Response, status_url: &str) {
+    if let Ok(location) = HeaderValue::from_str(status_url) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
+}
 
 impl RequestStatus {
     pub fn is_pending(&self) -> bool {

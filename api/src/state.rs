@@ -10,6 +10,8 @@ use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
+use crate::coupons::SoldOut;
+use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::waiting::Waiters;
 
@@ -19,6 +21,10 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     /// Publishes commands with confirms.
     pub commands: Arc<Dispatcher>,
+    /// Writes accepted commands together (group commit).
+    pub intake: Arc<Intake>,
+    /// Coupons this replica has seen sold out: refused from memory from then on.
+    pub sold_out: Arc<SoldOut>,
     /// Which command families are over their queue limit.
     pub backpressure: Arc<Backpressure>,
     pub config: Arc<ApiConfig>,

@@ -65,6 +65,26 @@ pub fn describe_metrics() {
         "Ready messages in a family's partition queues, as last sampled by this api."
     );
     describe_histogram!(
+        "api_accept_batch_size",
+        Unit::Count,
+        "Accepted commands written by one statement and one commit (group commit)."
+    );
+    describe_counter!(
+        "api_accept_batch_fallbacks_total",
+        Unit::Count,
+        "Accept batches whose statement failed and whose commands were stored one by one."
+    );
+    describe_gauge!(
+        "api_accepts_waiting",
+        Unit::Count,
+        "Accepted commands waiting for a batch writer of this api."
+    );
+    describe_counter!(
+        "api_commands_refused_from_memory_total",
+        Unit::Count,
+        "Commands refused from what this api already knew (a coupon seen sold out), without a database write, by error code."
+    );
+    describe_histogram!(
         "api_command_store_seconds",
         Unit::Seconds,
         "Time to store an accepted command's request in PostgreSQL, by family."
@@ -213,6 +233,14 @@ mod tests {
     /// Every metric name the binaries emit, with its kind and a label set like theirs.
     const EMITTED: &[(Kind, &str, Labels)] = &[
         (Kind::Counter, "api_auth_failures_total", &[]),
+        (Kind::Counter, "api_accept_batch_fallbacks_total", &[]),
+        (Kind::Gauge, "api_accepts_waiting", &[]),
+        (Kind::Histogram, "api_accept_batch_size", &[]),
+        (
+            Kind::Counter,
+            "api_commands_refused_from_memory_total",
+            &[("code", "ERR_COUPON_OUT_OF_STOCK")],
+        ),
         (
             Kind::Counter,
             "api_commands_overloaded_total",

@@ -1,0 +1,360 @@
+//! Group commit of accepted commands: the requests that one api process accepts at about
+//! the same moment are written by one statement and one commit.
+//!
+//! Each accept hands its rows to [`Intake::store`] and waits for its own answer. A collector
+//! task takes the first command waiting, adds every other one already queued (up to
+//! `ACCEPT_BATCH_MAX`), and under load (the batch before held more than one) gathers for
+//! `ACCEPT_GATHER_US` more, then gives the batch to one of `ACCEPT_WRITERS` writers. While
+//! every writer is busy, commands queue up, so batches grow with the load and an idle api
+//! adds no delay: a lone command is written at once.
+//!
+//! A batch is one `INSERT` shape whatever its size: the rows travel as arrays and are
+//! expanded by `UNNEST`. Its statement either writes every row or none (it is one
+//! statement), so when it fails for a reason other than an unreachable database, each
+//! command is written again on its own; the one that broke the batch gets its own error and
+//! the others are stored once, as if they had never been batched.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::command::RequestKind;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// How accepts are batched (`ACCEPT_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct IntakeSettings {
+    /// `ACCEPT_BATCH_MAX`: most commands written by one statement.
+    pub batch_max: usize,
+    /// `ACCEPT_GATHER_US`: how long a batch waits for more commands once the api is busy
+    /// (the batch before held more than one). An idle api never waits.
+    pub gather: Duration,
+    /// `ACCEPT_WRITERS`: batch statements in flight at once (each holds one connection).
+    pub writers: usize,
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: 256,
+            gather: Duration::from_micros(1_000),
+            writers: 4,
+        }
+    }
+}
+
+/// An idempotency key claimed together with the request it names: the request is written
+/// only when the key was free, and the key holds the `202` from the start.
+#[derive(Debug, Clone)]
+pub struct KeyClaim {
+    /// The key's owner and route ([`crate::idempotency::user_scope`]).
+    pub scope: String,
+    pub key: String,
+    /// The body the key was first sent with, to tell a replay from a reuse.
+    pub request: serde_json::Value,
+    /// The `202` body saved under the key.
+    pub answer: serde_json::Value,
+}
+
+/// An order stored `PENDING` with the request that creates it, readable at once with the
+/// prices quoted when it was placed.
+#[derive(Debug, Clone)]
+pub struct PendingOrder {
+    pub order_id: Uuid,
+    pub user_id: i64,
+    pub total: i64,
+    pub product_ids: Vec<i64>,
+    pub names: Vec<String>,
+    pub unit_prices: Vec<i64>,
+    pub quantities: Vec<i64>,
+}
+
+/// What a command creates along with its request, so that it can be read before a worker
+/// settles the request.
+#[derive(Debug, Clone)]
+pub enum Creation {
+    Order(PendingOrder),
+}
+
+impl Creation {
+    /// The id the `202` names (`orderId`).
+    pub fn id(&self) -> Uuid {
+        match self {
+            Creation::Order(order) => order.order_id,
+        }
+    }
+}
+
+/// One command to store: its request row, its key and what it creates.
+#[derive(Debug, Clone)]
+pub struct StoredCommand {
+    pub request_id: Uuid,
+    pub kind: RequestKind,
+    pub partition_key: i64,
+    pub payload: serde_json::Value,
+    pub user_id: i64,
+    pub key: Option<KeyClaim>,
+    pub creates: Option<Creation>,
+}
+
+/// Why a command could not be stored; nothing of it was written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("PostgreSQL is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the request could not be stored: {0}")]
+    Failed(String),
+}
+
+impl From<&sqlx::Error> for StoreError {
+    fn from(error: &sqlx::Error) -> Self {
+        if shared::db::is_unavailable(error) {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Failed(error.to_string())
+        }
+    }
+}
+
+struct Entry {
+    command: StoredCommand,
+    /// True when stored, false when its key already existed (nothing written).
+    answer: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// Stores commands in batches; see the module's documentation.
+pub struct Intake {
+    entries: mpsc::UnboundedSender<Entry>,
+}
+
+impl Intake {
+    /// Starts the collector; it ends once the intake is dropped and its last batch written.
+    pub fn start(db: PgPool, settings: IntakeSettings) -> (Arc<Self>, JoinHandle<()>) {
+        let (entries, receiver) = mpsc::unbounded_channel();
+        let collector = tokio::spawn(collect(db, receiver, settings));
+        (Arc::new(Self { entries }), collector)
+    }
+
+    /// Writes the command with the others accepted at the same moment. True when it was
+    /// stored; false when its idempotency key was taken already (then nothing was written).
+    pub async fn store(&self, command: StoredCommand) -> Result<bool, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        self.entries
+            .send(Entry { command, answer })
+            .map_err(|_| StoreError::Unavailable("the api is shutting down".to_owned()))?;
+        metrics::gauge!("api_accepts_waiting").increment(1.0);
+        answered
+            .await
+            .map_err(|_| StoreError::Failed("the batch writer stopped".to_owned()))?
+    }
+}
+
+async fn collect(db: PgPool, mut entries: mpsc::UnboundedReceiver<Entry>, settings: IntakeSettings) {
+    let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
+    let batch_max = settings.batch_max.max(1);
+    let mut busy = false;
+    loop {
+        // A free writer first: while all are busy, commands wait in the channel and the
+        // next batch takes them all.
+        let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
+            break;
+        };
+        let Some(first) = entries.recv().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match entries.try_recv() {
+                Ok(entry) => batch.push(entry),
+                Err(_) => break,
+            }
+        }
+        if busy && batch.len() < batch_max && !settings.gather.is_zero() {
+            let until = tokio::time::Instant::now() + settings.gather;
+            while batch.len() < batch_max {
+                match tokio::time::timeout_at(until, entries.recv()).await {
+                    Ok(Some(entry)) => batch.push(entry),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        busy = batch.len() > 1;
+        metrics::gauge!("api_accepts_waiting").decrement(batch.len() as f64);
+        let db = db.clone();
+        tokio::spawn(async move {
+            write_batch(&db, batch).await;
+            drop(writer);
+        });
+    }
+    // Every batch handed out is written before the collector ends.
+    let _ = writers.acquire_many(settings.writers.max(1) as u32).await;
+}
+
+async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
+    metrics::histogram!("api_accept_batch_size").record(batch.len() as f64);
+    let commands: Vec<&StoredCommand> = batch.iter().map(|e| &e.command).collect();
+    match insert(db, &commands).await {
+        Ok(stored) => {
+            for entry in batch {
+                let _ = entry.answer.send(Ok(stored.contains(&entry.command.request_id)));
+            }
+        }
+        Err(e) if batch.len() > 1 && !shared::db::is_unavailable(&e) => {
+            // One row broke the statement, and the statement wrote nothing: each command
+            // on its own, so that only the one at fault fails.
+            tracing::warn!(commands = batch.len(), error = %e, "an accept batch failed; storing its commands one by one");
+            metrics::counter!("api_accept_batch_fallbacks_total").increment(1);
+            for entry in batch {
+                let alone = insert(db, &[&entry.command]).await;
+                let answer = match alone {
+                    Ok(stored) => Ok(stored.contains(&entry.command.request_id)),
+                    Err(e) => Err(StoreError::from(&e)),
+                };
+                let _ = entry.answer.send(answer);
+            }
+        }
+        Err(e) => {
+            let error = StoreError::from(&e);
+            for entry in batch {
+                let _ = entry.answer.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// A batch's rows as the arrays its statement takes.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<Uuid>,
+    kinds: Vec<&'static str>,
+    partition_keys: Vec<i64>,
+    payloads: Vec<serde_json::Value>,
+    users: Vec<i64>,
+    scopes: Vec<Option<String>>,
+    keys: Vec<Option<String>>,
+    key_requests: Vec<Option<serde_json::Value>>,
+    key_answers: Vec<Option<serde_json::Value>>,
+    orders: OrderColumns,
+}
+
+#[derive(Default)]
+struct OrderColumns {
+    request_ids: Vec<Uuid>,
+    ids: Vec<Uuid>,
+    users: Vec<i64>,
+    totals: Vec<i64>,
+    line_orders: Vec<Uuid>,
+    line_products: Vec<i64>,
+    line_names: Vec<String>,
+    line_prices: Vec<i64>,
+    line_quantities: Vec<i64>,
+}
+
+impl Columns {
+    fn of(commands: &[&StoredCommand]) -> Self {
+        let mut columns = Columns::default();
+        for command in commands {
+            columns.ids.push(command.request_id);
+            columns.kinds.push(command.kind.as_str());
+            columns.partition_keys.push(command.partition_key);
+            columns.payloads.push(command.payload.clone());
+            columns.users.push(command.user_id);
+            let key = command.key.as_ref();
+            columns.scopes.push(key.map(|k| k.scope.clone()));
+            columns.keys.push(key.map(|k| k.key.clone()));
+            columns.key_requests.push(key.map(|k| k.request.clone()));
+            columns.key_answers.push(key.map(|k| k.answer.clone()));
+            match &command.creates {
+                None => {}
+                Some(Creation::Order(order)) => columns.orders.add(command.request_id, order),
+            }
+        }
+        columns
+    }
+}
+
+impl OrderColumns {
+    fn add(&mut self, request_id: Uuid, order: &PendingOrder) {
+        self.request_ids.push(request_id);
+        self.ids.push(order.order_id);
+        self.users.push(order.user_id);
+        self.totals.push(order.total);
+        for i in 0..order.product_ids.len() {
+            self.line_orders.push(order.order_id);
+            self.line_products.push(order.product_ids[i]);
+            self.line_names
+                .push(order.names.get(i).cloned().unwrap_or_default());
+            self.line_prices
+                .push(order.unit_prices.get(i).copied().unwrap_or_default());
+            self.line_quantities
+                .push(order.quantities.get(i).copied().unwrap_or_default());
+        }
+    }
+}
+
+/// Writes a batch: keys, requests, pending orders and their lines, in one statement (and
+/// so one commit). Returns the ids of the requests written.
+///
+/// Data-modifying CTEs see the same snapshot and run together; each insert is gated on
+/// the one before through its RETURNING rows, and the foreign keys of the order lines are
+/// checked at the end of the statement, once their order exists. A request is written when
+/// it has no key or when the key it claimed was inserted: the `202` saved under a key names
+/// its request, so when two commands of one batch bring the same key, the statement
+/// inserts the first claim, skips the second, and writes only the request the key names.
+async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let c = Columns::of(commands);
+    let stored: Vec<Uuid> = sqlx::query_scalar(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::bigint[],
+                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
+                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer)),
+         claim AS (
+            INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
+            SELECT scope, key, request, 202, answer FROM input WHERE key IS NOT NULL
+            ON CONFLICT (scope, key) DO NOTHING
+            RETURNING (response_body->>'requestId')::uuid AS id),
+         request AS (
+            INSERT INTO requests (id, kind, partition_key, payload, user_id)
+            SELECT i.id, i.kind, i.partition_key, i.payload, i.user_id FROM input i
+            WHERE i.key IS NULL OR i.id IN (SELECT id FROM claim)
+            RETURNING id),
+         pending_order AS (
+            INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
+            SELECT o.id, o.user_id, 'PENDING', o.request_id, o.total
+            FROM UNNEST($10::uuid[], $11::uuid[], $12::bigint[], $13::bigint[])
+                 AS o(request_id, id, user_id, total)
+            WHERE o.request_id IN (SELECT id FROM request)
+            RETURNING id),
+         lines AS (
+            INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
+            SELECT l.order_id, l.product_id, l.name, l.unit_price, l.quantity
+            FROM UNNEST($14::uuid[], $15::bigint[], $16::text[], $17::bigint[], $18::bigint[])
+                 AS l(order_id, product_id, name, unit_price, quantity)
+            WHERE l.order_id IN (SELECT id FROM pending_order))
+         SELECT id FROM request",
+    )
+    .bind(&c.ids)
+    .bind(&c.kinds)
+    .bind(&c.partition_keys)
+    .bind(&c.payloads)
+    .bind(&c.users)
+    .bind(&c.scopes)
+    .bind(&c.keys)
+    .bind(&c.key_requests)
+    .bind(&c.key_answers)
+    .bind(&c.orders.request_ids)
+    .bind(&c.orders.ids)
+    .bind(&c.orders.users)
+    .bind(&c.orders.totals)
+    .bind(&c.orders.line_orders)
+    .bind(&c.orders.line_products)
+    .bind(&c.orders.line_names)
+    .bind(&c.orders.line_prices)
+    .bind(&c.orders.line_quantities)
+    .fetch_all(db)
+    .await?;
+    Ok(stored.into_iter().collect())
+}
