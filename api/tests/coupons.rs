@@ -372,3 +372,68 @@ async fn concurrent_issues_with_one_key_store_one_request() {
         .count();
     assert_eq!(replayed, refusals.len() - 1);
 }
+
+#[tokio::test]
+async fn a_coupon_seen_sold_out_is_refused_from_memory_and_a_key_keeps_its_first_answer() {
+    let app = spawn_app().await;
+    let users = app.create_users(4).await;
+    let (early, seer, later) = (users[0], users[1], users[2]);
+    let coupon = fixed_coupon(&app, 1).await;
+    let issue = |user: i64, key: &'static str| {
+        let app = &app;
+        async move {
+            app.post_with_key(
+                &format!("/coupons/{coupon}/issue"),
+                json!({ "userId": user }),
+                key,
+            )
+            .await
+        }
+    };
+    let accepted = issue(early, "early").await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED);
+
+    // Sold out, as a worker would have left it; the next issue reads it and remembers it.
+    sqlx::query("UPDATE coupons SET issued_quantity = total_quantity WHERE id = $1")
+        .bind(coupon)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let seen = issue(seer, "seer").await;
+    assert_eq!(seen.status, StatusCode::GONE);
+    assert_eq!(seen.code(), "ERR_COUPON_OUT_OF_STOCK");
+
+    // Were the database asked, it would now let the command through: the 410 that follows
+    // comes from memory.
+    sqlx::query("UPDATE coupons SET issued_quantity = 0 WHERE id = $1")
+        .bind(coupon)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let keys_before = app.row_counts().await;
+    let refused = issue(later, "later").await;
+    assert_eq!(refused.status, StatusCode::GONE, "{refused:?}");
+    assert_eq!(refused.code(), "ERR_COUPON_OUT_OF_STOCK");
+    assert_eq!(
+        app.row_counts().await,
+        keys_before,
+        "a refusal from memory writes nothing"
+    );
+    let metrics = app.metrics().await.text().await.unwrap();
+    let from_memory: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("api_commands_refused_from_memory_total{code=\"ERR_COUPON_OUT_OF_STOCK\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(from_memory >= 1.0, "{metrics}");
+
+    // Keys keep their first answers: the accepted one its 202, the refused one its 410.
+    let replayed = issue(early, "early").await;
+    assert_eq!(replayed.status, StatusCode::ACCEPTED, "{replayed:?}");
+    assert_eq!(replayed.body["requestId"], accepted.body["requestId"]);
+    let again = issue(seer, "seer").await;
+    assert_eq!(again.status, StatusCode::GONE);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+}
