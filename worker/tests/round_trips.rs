@@ -158,9 +158,7 @@ impl Bench {
     /// Settles `ids` as one batch and returns what it cost on the wire.
     async fn settle(&self, lease: &Lease, ids: &[Uuid]) -> Cost {
         let before = self.wire.lock().unwrap().flights.len();
-        worker::settle::settle_batch(&self.ctx, lease, ids)
-            .await
-            .unwrap();
+        worker::settle::settle_batch(&self.ctx, lease, ids).await.unwrap();
         // The pool checks a connection given back in a task of its own: wait until it is
         // idle again, so its check is not counted in the next batch.
         while self.ctx.db.num_idle() < 1 {
@@ -243,7 +241,7 @@ async fn an_order_batch_is_settled_in_three_round_trips() {
 
     // Each batch: a creation, its payment with a coupon, another creation, its payment
     // without one.
-    let mut batch = |user: i64| {
+    let batch = |user: i64| {
         let system = &bench.system;
         async move {
             let first = system.order(user, &[(a, 1), (b, 2)]).await;
