@@ -226,21 +226,26 @@ pub async fn fail_pending(
     error: &crate::error::ErrorBody,
 ) -> Result<bool, sqlx::Error> {
     let failed = sqlx::query(
-        "UPDATE requests SET status = 'FAILED', error = $2, completed_at = now()
-         WHERE id = $1 AND status = 'PENDING'",
+        "UPDATE requests SET status = $3, error = $2, completed_at = now()
+         WHERE id = $1 AND status = $4",
     )
     .bind(request_id)
     .bind(serde_json::to_value(error).unwrap_or_default())
+    .bind(RequestStatus::Failed)
+    .bind(RequestStatus::Pending)
     .execute(&mut *conn)
     .await?;
     if failed.rows_affected() == 0 {
         return Ok(false);
     }
+    // `'PENDING'` stays written out: it is what lets the planner use the partial index
+    // `orders_pending_by_request`, which a bound status would not under a generic plan.
     sqlx::query(
-        "UPDATE orders SET status = 'REJECTED', closed_at = now()
+        "UPDATE orders SET status = $2, closed_at = now()
          WHERE create_request_id = $1 AND status = 'PENDING'",
     )
     .bind(request_id)
+    .bind(OrderStatus::Rejected)
     .execute(&mut *conn)
     .await?;
     Ok(true)

@@ -74,7 +74,7 @@ impl CommandFamily for CouponIssues {
             })
             .collect::<Result<_, _>>()?;
         let coupons: HashMap<i64, CouponStock> = state
-            .next::<CouponRow>()?
+            .rows::<CouponRow>()?
             .into_iter()
             .map(|c| {
                 (
@@ -86,8 +86,8 @@ impl CommandFamily for CouponIssues {
                 )
             })
             .collect();
-        let users: HashSet<i64> = state.next::<(i64,)>()?.into_iter().map(|(id,)| id).collect();
-        let held: HashSet<(i64, i64)> = state.next::<(i64, i64)>()?.into_iter().collect();
+        let users: HashSet<i64> = state.rows::<(i64,)>()?.into_iter().map(|(id,)| id).collect();
+        let held: HashSet<(i64, i64)> = state.rows::<(i64, i64)>()?.into_iter().collect();
 
         let decided = decide_issues(&issues, &coupons, &users, &held);
 

@@ -401,23 +401,23 @@ struct PaymentRow {
 impl Book {
     /// Reads the result sets of [`OrderCommands::lock_state`], in its order.
     fn read(mut state: LockedState) -> Result<Self, SettleError> {
-        let orders = state.next::<OrderRow>()?.into_iter().map(|o| (o.id, o)).collect();
+        let orders = state.rows::<OrderRow>()?.into_iter().map(|o| (o.id, o)).collect();
         let products = state
-            .next::<ProductRow>()?
+            .rows::<ProductRow>()?
             .into_iter()
             .map(|p| (p.id, p))
             .collect();
         let mut lines: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
-        for line in state.next::<LineRow>()? {
+        for line in state.rows::<LineRow>()? {
             lines.entry(line.order_id).or_default().push(line);
         }
-        let balances = state.next::<(i64, i64)>()?.into_iter().collect();
+        let balances = state.rows::<(i64, i64)>()?.into_iter().collect();
         let held = state
-            .next::<HeldCoupon>()?
+            .rows::<HeldCoupon>()?
             .into_iter()
             .map(|h| ((h.user_id, h.coupon_id), h))
             .collect();
-        let applicable = state.next::<(i64, i64)>()?.into_iter().collect();
+        let applicable = state.rows::<(i64, i64)>()?.into_iter().collect();
         Ok(Self {
             orders,
             lines,

@@ -115,7 +115,7 @@ impl LockedState {
     }
 
     /// The rows of the next statement, read as `T`.
-    pub fn next<T: for<'r> FromRow<'r, PgRow>>(&mut self) -> Result<Vec<T>, SettleError> {
+    pub fn rows<T: for<'r> FromRow<'r, PgRow>>(&mut self) -> Result<Vec<T>, SettleError> {
         let rows = self.sets.next().ok_or_else(|| {
             SettleError::Database(sqlx::Error::Protocol(
                 "a lock statement returned no result".to_owned(),

@@ -422,7 +422,7 @@ async fn settle_in(
     let pending = family.settling_order(pending, beside);
     let decided = family.decide(&pending, pipeline::LockedState::new(sets.collect()), now)?;
     write(
-        &mut *tx.conn,
+        &mut tx.conn,
         write_statement,
         &pending,
         decided.decisions.as_slice(),

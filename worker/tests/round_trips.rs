@@ -214,6 +214,10 @@ async fn a_coupon_batch_is_settled_in_three_round_trips() {
     }
     assert_eq!(bench.status(ids[8]).await, "FAILED");
     assert_eq!(warm.round_trips, 3, "{warm:?}");
+    // BEGIN with the fence and the locks; the write; COMMIT. Outside the transaction, the
+    // pool checks the connection when it is taken and when it is given back.
+    assert_eq!(warm.flights, ["Q", "BECS", "Q"], "{warm:?}");
+    assert_eq!(warm.pool_checks, 2, "{warm:?}");
     bench.system.assert_coupon_invariants(coupon).await;
 }
 
@@ -268,6 +272,10 @@ async fn an_order_batch_is_settled_in_three_round_trips() {
         assert_eq!(bench.status(*id).await, "SUCCEEDED", "{id}");
     }
     assert_eq!(warm.round_trips, 3, "{warm:?}");
+    // BEGIN with the fence and the locks; the write; COMMIT. Outside the transaction, the
+    // pool checks the connection when it is taken and when it is given back.
+    assert_eq!(warm.flights, ["Q", "BECS", "Q"], "{warm:?}");
+    assert_eq!(warm.pool_checks, 2, "{warm:?}");
     bench.system.assert_money_invariants().await;
     bench.system.assert_stock_reconciles(a, 100).await;
     bench.system.assert_stock_reconciles(b, 100).await;
