@@ -10,8 +10,9 @@
 //! order checks the same rule under the order's row lock; this type is what the code asks
 //! before it tries.
 
-/// An order's status, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// An order's status, as stored and as the contract names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OrderStatus {
     Pending,
     Reserved,
@@ -91,6 +92,8 @@ impl OrderStatus {
         self == OrderStatus::Reserved
     }
 }
+
+crate::stored_as_text!(OrderStatus);
 
 /// Every event, for callers that ask about all of them.
 pub const EVENTS: [OrderEvent; 5] = [

@@ -8,8 +8,9 @@
 //! - [`leases`]: replica presence and partition leases in PostgreSQL.
 //! - [`consumer`]: the serial consumer of one partition queue.
 //! - [`settle`]: one transaction per batch, fenced by the lease, acked after commit.
-//! - [`coupons`]: the rules of coupon issues, applied to a batch.
-//! - [`orders`]: stock reservation and payment settlement.
+//! - [`pipeline`]: what that settlement asks of each command family.
+//! - [`coupons`]: the coupon family: issues, applied to a batch.
+//! - [`orders`]: the order family: stock reservation and payment settlement.
 //! - [`outbox`]: publishes events after commit to `ecommerce.events`.
 //! - [`dataplatform`]: `worker data-platform`, a stand-in consumer of those events.
 //! - [`deadletters`]: marks requests of dead-lettered commands failed and parks the messages.
@@ -25,6 +26,7 @@ pub mod leases;
 pub mod orders;
 pub mod outbox;
 pub mod parked;
+pub mod pipeline;
 pub mod settle;
 pub mod sweeper;
 
@@ -32,6 +34,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use shared::broker::{Broker, Publisher};
+use shared::topology::Family;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +54,8 @@ pub struct Context {
     /// This replica's identity in `worker_replicas` and `partition_leases`; new at every
     /// start, so a restarted process never mistakes its predecessor's leases for its own.
     pub replica: Uuid,
+    /// How each family's batches are settled: the one place a family meets its rules.
+    pub families: pipeline::Families,
 }
 
 impl Context {
@@ -58,6 +63,19 @@ impl Context {
     /// replica identity.
     pub fn new(config: WorkerConfig, db: PgPool) -> Self {
         let broker = Arc::new(Broker::new(&config.broker, config.name.clone()));
+        let families = pipeline::Families::default()
+            .with(
+                Family::Coupon,
+                Arc::new(coupons::CouponIssues),
+                settle::write_statement,
+            )
+            .with(
+                Family::Order,
+                Arc::new(orders::OrderCommands {
+                    reservation_ttl: config.reservation_ttl,
+                }),
+                settle::write_statement,
+            );
         Self {
             db,
             publisher: Publisher::new(Arc::clone(&broker)),
@@ -65,6 +83,7 @@ impl Context {
             config,
             outbox_written: tokio::sync::Notify::new(),
             replica: Uuid::now_v7(),
+            families,
         }
     }
 

@@ -1,135 +1,270 @@
-//! Settling order commands: stock reservation and payment.
+//! The order family: stock reservation and payment, a whole batch at a time.
 //!
 //! A batch holds one user partition's commands in broker order, so a user's create and pay
-//! are settled in that order. Every row a batch may touch is locked up front in one global
-//! order (orders by id, then products by id), the order that cancellation and expiry also
-//! follow, so concurrent batches, cancels and expiries never deadlock. Each command then
-//! either applies all its effects or, refused, none: a refusal is a decision, not an error,
-//! and does not roll the batch back.
+//! are settled in that order. Every row a batch may touch is locked up front, in the
+//! batch's lock round trip, in one global order (orders by id, then products by id, then
+//! balances by user id, then held coupons by id), the order that cancellation and expiry
+//! also follow, so concurrent batches, cancels and expiries never deadlock. The batch is
+//! then decided in memory, command after command, each seeing what the earlier ones did
+//! (stock reserved, balance debited, coupon used), and the final state of every row is
+//! written in the batch's one write statement. Each command either applies all its
+//! effects or, refused, none: a refusal is a decision, not an error, and does not roll the
+//! batch back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use shared::command::{OrderCreate, OrderPay, RequestKind};
+use shared::command::{
+    OrderCreate, OrderPaid, OrderPay, OrderReserved, RequestKind, RequestResult, RequestStatus,
+};
 use shared::error::{ErrorBody, ErrorCode};
 use shared::money::{order_total, Discount};
 use shared::order::{OrderEvent, OrderStatus};
-use sqlx::PgConnection;
+use sqlx::Arguments;
 use uuid::Uuid;
 
-use crate::settle::{Decision, PendingRequest, SettleError};
+use crate::pipeline::{
+    payload_bigint, payload_uuid, text, CommandFamily, Decided, Decision, LockedState, PendingRequest,
+    SettleError,
+};
+
+/// Order creations and payments, partitioned by user.
+pub struct OrderCommands {
+    /// How long a reservation holds its stock.
+    pub reservation_ttl: Duration,
+}
 
 enum OrderCommand {
     Create(OrderCreate),
     Pay(OrderPay),
 }
 
-impl OrderCommand {
-    fn order_id(&self) -> Uuid {
-        match self {
-            OrderCommand::Create(c) => c.order_id,
-            OrderCommand::Pay(p) => p.order_id,
-        }
-    }
-}
-
 fn refuse(code: ErrorCode, message: impl Into<String>) -> Decision {
     Decision::Failed(ErrorBody::new(code, message))
 }
 
-pub async fn settle(
-    conn: &mut PgConnection,
-    requests: &[PendingRequest],
-    reservation_ttl: Duration,
-) -> Result<Vec<Decision>, SettleError> {
-    let commands: Vec<OrderCommand> = requests
-        .iter()
-        .map(|r| {
-            let parsed = match r.kind {
-                RequestKind::OrderCreate => {
-                    serde_json::from_value(r.payload.clone()).map(OrderCommand::Create)
-                }
-                RequestKind::OrderPay => serde_json::from_value(r.payload.clone()).map(OrderCommand::Pay),
-                RequestKind::CouponIssue => {
-                    return Err(SettleError::Unsettleable {
-                        id: r.id,
-                        reason: "a coupon command in an order partition".to_owned(),
-                    })
-                }
-            };
-            parsed.map_err(|e| SettleError::Unsettleable {
-                id: r.id,
-                reason: format!("malformed order payload: {e}"),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-
-    let mut order_ids: Vec<Uuid> = commands.iter().map(OrderCommand::order_id).collect();
-    order_ids.sort_unstable();
-    order_ids.dedup();
-    // `NO KEY UPDATE`, here and wherever rows are locked: settlements never change keys, and
-    // this lock does not conflict with the key-share locks that foreign-key checks take. With
-    // `FOR UPDATE`, the API inserting order lines (locking their products in the client's
-    // order) and a reservation locking the same products deadlocked under a burst.
-    // One round trip: the orders by id, then the products of their lines by id.
-    sqlx::query(
-        "WITH locked_orders AS MATERIALIZED (
-            SELECT id FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE),
-         locked_products AS MATERIALIZED (
-            SELECT id FROM products
-            WHERE id IN (SELECT product_id FROM order_items
-                         WHERE order_id IN (SELECT id FROM locked_orders))
-            ORDER BY id FOR NO KEY UPDATE)
-         SELECT (SELECT count(*) FROM locked_orders), (SELECT count(*) FROM locked_products)",
+/// The orders the batch's requests name (`ids`: the batch's request ids, a literal).
+fn named_orders(ids: &str) -> String {
+    format!(
+        "SELECT {} FROM requests r WHERE r.id = ANY({ids})",
+        payload_uuid("orderId")
     )
-    .bind(&order_ids)
-    .execute(&mut *conn)
-    .await?;
-
-    let mut decisions = Vec::with_capacity(commands.len());
-    for (request, command) in requests.iter().zip(&commands) {
-        let decision = match command {
-            OrderCommand::Create(create) => reserve_stock(conn, create, reservation_ttl).await?,
-            OrderCommand::Pay(pay) => settle_payment(conn, pay, request.id).await?,
-        };
-        decisions.push(decision);
-    }
-    Ok(decisions)
 }
 
-/// Locks an order batch's request rows, and with them the `PENDING` creation of every
-/// order a `PENDING` payment of the batch pays for: all in one statement, by id, the order
-/// in which every settlement locks requests. (`$1`: the batch's request ids.)
-///
-/// A user's commands share a partition, so a creation is normally settled before any
-/// payment of its order. It comes later only when its message does: the api's publish was
-/// not confirmed and the sweeper sent it after the payment, or it was dead-lettered and
-/// sent back. The payment would then find its order `PENDING` and be refused, although the
-/// contract accepts a payment of a `PENDING` order; [`with_creations_first`] settles the
-/// stored creation first instead. Only the payer's own orders (so the creation is in this
-/// partition, whose lease the transaction holds), and not a creation a worker has given up
-/// on or that waits in the dead letters: its failure is not the payment's to repeat.
-pub const LOCK_REQUESTS_WITH_CREATIONS: &str = "
-    WITH creations AS (
-        SELECT o.create_request_id AS id
-        FROM requests p
-        JOIN orders o ON o.id = CASE WHEN p.payload->>'orderId' ~* '^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$'
-                                     THEN (p.payload->>'orderId')::uuid END
-        WHERE p.id = ANY($1) AND p.kind = 'ORDER_PAY' AND p.status = 'PENDING'
-          AND o.status = 'PENDING' AND o.user_id::text = p.payload->>'userId'
-          AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = o.create_request_id)
-          AND NOT EXISTS (SELECT 1 FROM dead_letters d
-                          WHERE d.request_id = o.create_request_id AND d.resolution IS NULL))
-    SELECT id, kind, payload, status, created_at FROM requests
-    WHERE id = ANY($1) OR (id IN (SELECT id FROM creations) AND status = 'PENDING' AND kind = 'ORDER_CREATE')
-    ORDER BY id FOR NO KEY UPDATE";
+/// What the batch's payments name in their payloads (`field`), for their requests only.
+fn named_by_payments(ids: &str, field: &'static str) -> String {
+    format!(
+        "SELECT {} FROM requests r WHERE r.id = ANY({ids}) AND r.kind = {}",
+        payload_bigint(field),
+        text(RequestKind::OrderPay.as_str())
+    )
+}
+
+impl CommandFamily for OrderCommands {
+    /// Locks an order batch's request rows, and with them the `PENDING` creation of every
+    /// order a `PENDING` payment of the batch pays for: all in one statement, by id, the
+    /// order in which every settlement locks requests.
+    ///
+    /// A user's commands share a partition, so a creation is normally settled before any
+    /// payment of its order. It comes later only when its message does: the api's publish
+    /// was not confirmed and the sweeper sent it after the payment, or it was dead-lettered
+    /// and sent back. The payment would then find its order `PENDING` and be refused,
+    /// although the contract accepts a payment of a `PENDING` order; [`with_creations_first`]
+    /// settles the stored creation first instead. Only the payer's own orders (so the
+    /// creation is in this partition, whose lease the transaction holds), and not a
+    /// creation a worker has given up on or that waits in the dead letters: its failure is
+    /// not the payment's to repeat.
+    fn lock_requests(&self, ids: &str) -> String {
+        let pending = text(RequestStatus::Pending.as_str());
+        let order_pending = text(OrderStatus::Pending.as_str());
+        let pay = text(RequestKind::OrderPay.as_str());
+        let create = text(RequestKind::OrderCreate.as_str());
+        let order_id = payload_uuid("orderId");
+        format!(
+            "WITH creations AS (
+                SELECT o.create_request_id AS id
+                FROM requests r
+                JOIN orders o ON o.id = {order_id}
+                WHERE r.id = ANY({ids}) AND r.kind = {pay} AND r.status = {pending}
+                  AND o.status = {order_pending} AND o.user_id::text = r.payload->>'userId'
+                  AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = o.create_request_id)
+                  AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                                  WHERE d.request_id = o.create_request_id AND d.resolution IS NULL))
+             SELECT id, kind, payload, status, created_at FROM requests
+             WHERE id = ANY({ids})
+                OR (id IN (SELECT id FROM creations) AND status = {pending} AND kind = {create})
+             ORDER BY id FOR NO KEY UPDATE"
+        )
+    }
+
+    fn lock_state(&self, ids: &str) -> Vec<String> {
+        let orders = named_orders(ids);
+        let payers = named_by_payments(ids, "userId");
+        let coupons = named_by_payments(ids, "couponId");
+        let user = payload_bigint("userId");
+        let coupon = payload_bigint("couponId");
+        let pay = text(RequestKind::OrderPay.as_str());
+        // `NO KEY UPDATE`, here and wherever rows are locked: settlements never change keys,
+        // and this lock does not conflict with the key-share locks that foreign-key checks
+        // take. With `FOR UPDATE`, the API inserting order lines (locking their products in
+        // the client's order) and a reservation locking the same products deadlocked under
+        // a burst.
+        vec![
+            format!(
+                "SELECT o.id, o.user_id, o.status, o.total_amount FROM orders o
+                 WHERE o.id IN ({orders}) ORDER BY o.id FOR NO KEY UPDATE"
+            ),
+            format!(
+                "SELECT p.id, p.name, p.price, p.stock - p.reserved AS available FROM products p
+                 WHERE p.id IN (SELECT oi.product_id FROM order_items oi WHERE oi.order_id IN ({orders}))
+                 ORDER BY p.id FOR NO KEY UPDATE"
+            ),
+            format!(
+                "SELECT oi.order_id, oi.product_id, oi.quantity, oi.name, oi.unit_price
+                 FROM order_items oi WHERE oi.order_id IN ({orders})
+                 ORDER BY oi.order_id, oi.product_id"
+            ),
+            format!(
+                "SELECT b.user_id, b.amount FROM balances b
+                 WHERE b.user_id IN ({payers}) ORDER BY b.user_id FOR NO KEY UPDATE"
+            ),
+            format!(
+                "SELECT uc.id, uc.user_id, uc.coupon_id, uc.used_at IS NOT NULL AS used,
+                        c.discount_type, c.discount_value, c.expires_at <= now() AS expired,
+                        c.all_products
+                 FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
+                 WHERE uc.id IN (SELECT held.id FROM requests r
+                                 JOIN user_coupons held ON held.user_id = {user} AND held.coupon_id = {coupon}
+                                 WHERE r.id = ANY({ids}) AND r.kind = {pay})
+                 ORDER BY uc.id FOR NO KEY UPDATE OF uc"
+            ),
+            // The products of the batch's orders each paying coupon applies to.
+            format!(
+                "SELECT cp.coupon_id, cp.product_id FROM coupon_products cp
+                 WHERE cp.coupon_id IN ({coupons})
+                   AND cp.product_id IN (SELECT oi.product_id FROM order_items oi WHERE oi.order_id IN ({orders}))"
+            ),
+        ]
+    }
+
+    fn settling_order(
+        &self,
+        pending: Vec<PendingRequest>,
+        beside: Vec<PendingRequest>,
+    ) -> Vec<PendingRequest> {
+        with_creations_first(pending, beside)
+    }
+
+    fn decide(
+        &self,
+        requests: &[PendingRequest],
+        state: LockedState,
+        now: DateTime<Utc>,
+    ) -> Result<Decided, SettleError> {
+        let commands: Vec<OrderCommand> = requests
+            .iter()
+            .map(|r| {
+                let parsed = match r.kind {
+                    RequestKind::OrderCreate => {
+                        serde_json::from_value(r.payload.clone()).map(OrderCommand::Create)
+                    }
+                    RequestKind::OrderPay => serde_json::from_value(r.payload.clone()).map(OrderCommand::Pay),
+                    RequestKind::CouponIssue => {
+                        return Err(SettleError::Unsettleable {
+                            id: r.id,
+                            reason: "a coupon command in an order partition".to_owned(),
+                        })
+                    }
+                };
+                parsed.map_err(|e| SettleError::Unsettleable {
+                    id: r.id,
+                    reason: format!("malformed order payload: {e}"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let ttl =
+            chrono::Duration::from_std(self.reservation_ttl).map_err(|e| SettleError::Unsettleable {
+                id: requests.first().map(|r| r.id).unwrap_or_default(),
+                reason: format!("the reservation time is out of range: {e}"),
+            })?;
+        let mut book = Book::read(state)?;
+        let decisions = requests
+            .iter()
+            .zip(&commands)
+            .map(|(request, command)| match command {
+                OrderCommand::Create(create) => book.reserve_stock(create, now + ttl),
+                OrderCommand::Pay(pay) => book.settle_payment(pay, request.id, now),
+            })
+            .collect();
+        let writes = book.into_writes();
+        let wrote_events = !writes.events.is_empty();
+        Ok(Decided {
+            decisions,
+            writes: Box::new(move |args| writes.bind(args)),
+            wrote_events,
+        })
+    }
+
+    fn write_ctes(&self) -> &'static str {
+        // Parameters from `FIRST_FAMILY_PARAMETER` (7) on, in the order `Writes::bind`
+        // adds them. Each `x = ANY(..)` is for the planner, as in the outcomes' `UPDATE`:
+        // under a generic plan it cannot tell how many rows an `UNNEST` holds, and a guess
+        // of many could scan a whole table instead of looking a few rows up.
+        "moved AS (
+            UPDATE orders o
+            SET status = w.status,
+                total_amount = COALESCE(w.total_amount, o.total_amount),
+                reserved_until = COALESCE(w.reserved_until, o.reserved_until),
+                closed_at = CASE WHEN w.closed THEN now() ELSE o.closed_at END,
+                paid_at = COALESCE(w.paid_at, o.paid_at),
+                discount_amount = COALESCE(w.discount_amount, o.discount_amount),
+                paid_amount = COALESCE(w.paid_amount, o.paid_amount),
+                coupon_id = CASE WHEN w.paid_at IS NULL THEN o.coupon_id ELSE w.coupon_id END
+            FROM UNNEST($7::uuid[], $8::text[], $9::bigint[], $10::timestamptz[], $11::bool[],
+                        $12::timestamptz[], $13::bigint[], $14::bigint[], $15::bigint[])
+                 AS w(id, status, total_amount, reserved_until, closed, paid_at, discount_amount,
+                      paid_amount, coupon_id)
+            WHERE o.id = ANY($7) AND o.id = w.id),
+         snapshot AS (
+            UPDATE order_items oi SET name = s.name, unit_price = s.price
+            FROM UNNEST($16::uuid[], $17::bigint[], $18::text[], $19::bigint[])
+                 AS s(order_id, product_id, name, price)
+            WHERE oi.order_id = ANY($16) AND oi.order_id = s.order_id AND oi.product_id = s.product_id),
+         stocked AS (
+            UPDATE products p
+            SET reserved = p.reserved + d.reserve - d.sell, stock = p.stock - d.sell,
+                sold = p.sold + d.sell, updated_at = now()
+            FROM UNNEST($20::bigint[], $21::bigint[], $22::bigint[]) AS d(id, reserve, sell)
+            WHERE p.id = ANY($20) AND p.id = d.id),
+         debited AS (
+            UPDATE balances b SET amount = d.amount, updated_at = now()
+            FROM UNNEST($23::bigint[], $24::bigint[]) AS d(user_id, amount)
+            WHERE b.user_id = ANY($23) AND b.user_id = d.user_id),
+         ledger AS (
+            INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
+            SELECT l.user_id, 'PAYMENT', l.amount, l.balance_after, l.order_id
+            FROM UNNEST($25::bigint[], $26::bigint[], $27::bigint[], $28::uuid[])
+                 AS l(user_id, amount, balance_after, order_id)),
+         used AS (
+            UPDATE user_coupons uc SET used_at = now(), order_id = u.order_id
+            FROM UNNEST($29::uuid[], $30::uuid[]) AS u(id, order_id)
+            WHERE uc.id = ANY($29) AND uc.id = u.id),
+         payment AS (
+            INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
+            SELECT * FROM UNNEST($31::uuid[], $32::uuid[], $33::bigint[], $34::uuid[],
+                                 $35::bigint[], $36::bigint[], $37::uuid[])),
+         event AS (
+            INSERT INTO outbox (id, routing_key, payload)
+            SELECT e.id, 'order.paid', e.payload FROM UNNEST($38::uuid[], $39::jsonb[]) AS e(id, payload))"
+    }
+}
 
 /// `pending` (a batch in broker order) with the creation of each order it pays for
 /// settled right before the order's first payment, where the creation is later in the
 /// batch or one of `creations` (locked beside the batch by
-/// [`LOCK_REQUESTS_WITH_CREATIONS`]); a creation's own later place in the batch is dropped.
+/// [`OrderCommands::lock_requests`]); a creation's own later place in the batch is dropped.
 pub fn with_creations_first(
     pending: Vec<PendingRequest>,
     creations: Vec<PendingRequest>,
@@ -174,342 +309,484 @@ pub fn with_creations_first(
     ordered
 }
 
-/// An order's status with one of its lines (line fields are NULL for an order without
-/// lines, which the API never stores).
+/// An order as locked by the batch, and as the batch has changed it so far.
 #[derive(sqlx::FromRow)]
-struct Line {
-    status: String,
-    product_id: Option<i64>,
-    quantity: Option<i64>,
-    name: Option<String>,
-    price: Option<i64>,
-    available: Option<i64>,
-}
-
-/// Reserves every line of a `PENDING` order or none, snapshotting names and prices.
-///
-/// Two statements, a read and a write, because the batch holds its product locks while it
-/// runs: every round trip here is time other partitions wait for the same products.
-async fn reserve_stock(
-    conn: &mut PgConnection,
-    create: &OrderCreate,
-    ttl: Duration,
-) -> Result<Decision, SettleError> {
-    let lines: Vec<Line> = sqlx::query_as(
-        "SELECT o.status, oi.product_id, oi.quantity, p.name, p.price,
-                p.stock - p.reserved AS available
-         FROM orders o
-         LEFT JOIN order_items oi ON oi.order_id = o.id
-         LEFT JOIN products p ON p.id = oi.product_id
-         WHERE o.id = $1 ORDER BY oi.product_id",
-    )
-    .bind(create.order_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let status = lines.first().map(|l| OrderStatus::parse(&l.status));
-    match status {
-        Some(Some(s)) if s.after(OrderEvent::Reserve).is_some() => {}
-        Some(_) => {
-            return Ok(refuse(
-                ErrorCode::OrderConcurrencyConflict,
-                "the order was cancelled before its stock could be reserved",
-            ))
-        }
-        None => return Ok(refuse(ErrorCode::OrderNotFound, "the order does not exist")),
-    }
-    let mut products = Vec::with_capacity(lines.len());
-    let mut quantities = Vec::with_capacity(lines.len());
-    let mut names = Vec::with_capacity(lines.len());
-    let mut prices = Vec::with_capacity(lines.len());
-    let mut short = None;
-    for line in &lines {
-        let (Some(product), Some(quantity), Some(name), Some(price), Some(available)) = (
-            line.product_id,
-            line.quantity,
-            line.name.clone(),
-            line.price,
-            line.available,
-        ) else {
-            continue;
-        };
-        if available < quantity && short.is_none() {
-            short = Some((product, available));
-        }
-        products.push(product);
-        quantities.push(quantity);
-        names.push(name);
-        prices.push(price);
-    }
-    let total = order_total(prices.iter().copied().zip(quantities.iter().copied()));
-    let refusal = match (short, total) {
-        (Some((product, available)), _) => Some(refuse(
-            ErrorCode::OrderOutOfStock,
-            format!("product {product} has {} left", available.max(0)),
-        )),
-        (None, None) => Some(refuse(
-            ErrorCode::OrderInvalidItems,
-            "the order total is too large",
-        )),
-        (None, Some(_)) if products.is_empty() => {
-            Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
-        }
-        (None, Some(_)) => None,
-    };
-    if let Some(refusal) = refusal {
-        sqlx::query("UPDATE orders SET status = 'REJECTED', closed_at = now() WHERE id = $1")
-            .bind(create.order_id)
-            .execute(&mut *conn)
-            .await?;
-        metrics::counter!("orders_rejected_total").increment(1);
-        return Ok(refusal);
-    }
-    let total = total.unwrap_or_default();
-
-    let reserved_until: DateTime<Utc> = sqlx::query_scalar(
-        "WITH reserve AS (
-            UPDATE products p SET reserved = p.reserved + r.quantity, updated_at = now()
-            FROM UNNEST($2::bigint[], $3::bigint[]) AS r(product_id, quantity)
-            WHERE p.id = r.product_id),
-         snapshot AS (
-            UPDATE order_items oi SET name = r.name, unit_price = r.price
-            FROM UNNEST($2::bigint[], $4::text[], $5::bigint[]) AS r(product_id, name, price)
-            WHERE oi.order_id = $1 AND oi.product_id = r.product_id)
-         UPDATE orders SET status = 'RESERVED', total_amount = $6,
-                reserved_until = now() + make_interval(secs => $7)
-         WHERE id = $1 RETURNING reserved_until",
-    )
-    .bind(create.order_id)
-    .bind(&products)
-    .bind(&quantities)
-    .bind(&names)
-    .bind(&prices)
-    .bind(total)
-    .bind(ttl.as_secs_f64())
-    .fetch_one(&mut *conn)
-    .await?;
-    metrics::counter!("orders_reserved_total").increment(1);
-    Ok(Decision::Succeeded(json!({
-        "orderId": create.order_id,
-        "status": "RESERVED",
-        "totalAmount": total,
-        "reservedUntil": reserved_until,
-    })))
-}
-
-/// An order with one of its lines, as a payment reads it.
-#[derive(sqlx::FromRow)]
-struct PaidLine {
+struct OrderRow {
+    id: Uuid,
     user_id: i64,
-    status: String,
+    status: OrderStatus,
     total_amount: i64,
+}
+
+/// One line of an order: what the api stored, then the snapshot a reservation takes.
+#[derive(sqlx::FromRow, Clone)]
+struct LineRow {
+    order_id: Uuid,
     product_id: i64,
+    quantity: i64,
     name: String,
     unit_price: i64,
-    quantity: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProductRow {
+    id: i64,
+    name: String,
+    price: i64,
+    /// On hand minus reserved: what can still be reserved.
+    available: i64,
 }
 
 #[derive(sqlx::FromRow)]
 struct HeldCoupon {
     id: Uuid,
+    user_id: i64,
+    coupon_id: i64,
     used: bool,
     discount_type: String,
     discount_value: i64,
     expired: bool,
     all_products: bool,
-    /// The order's products this coupon applies to (when it is restricted).
-    applicable: Vec<i64>,
 }
 
-/// Pays a `RESERVED` order: balance debited with its ledger entry, reserved units sold, the
-/// coupon used, the payment written, the order `PAID`, and an `order.paid` event in the
-/// outbox. Any refusal leaves everything as it was (a failed payment keeps the order
-/// `RESERVED`, so the user can charge and pay again).
-///
-/// A read, the coupon's read when there is one, and one write: the batch holds its product
-/// locks meanwhile, so round trips are what the other partitions wait for.
-async fn settle_payment(
-    conn: &mut PgConnection,
-    pay: &OrderPay,
+/// What a batch changes in an order, beyond its status.
+#[derive(Default)]
+struct OrderChange {
+    reserved: Option<(i64, DateTime<Utc>)>,
+    closed: bool,
+    paid: Option<PaidFields>,
+}
+
+struct PaidFields {
+    at: DateTime<Utc>,
+    discount: i64,
+    amount: i64,
+    coupon_id: Option<i64>,
+}
+
+/// The rows a batch locked, changed in memory command after command, and what that writes.
+struct Book {
+    orders: HashMap<Uuid, OrderRow>,
+    /// Lines by order, by product id.
+    lines: HashMap<Uuid, Vec<LineRow>>,
+    products: HashMap<i64, ProductRow>,
+    /// Balances of the batch's payers; a payer without a row has nothing to spend.
+    balances: HashMap<i64, i64>,
+    /// Coupons held, by `(user, coupon)`.
+    held: HashMap<(i64, i64), HeldCoupon>,
+    /// `(coupon, product)`: the products of the batch a restricted coupon applies to.
+    applicable: HashSet<(i64, i64)>,
+    /// Every change, keyed so that each row is written once, with its final state.
+    changed_orders: BTreeMap<Uuid, OrderChange>,
+    snapshots: BTreeMap<(Uuid, i64), (String, i64)>,
+    /// Per product: units reserved, units sold.
+    stock: BTreeMap<i64, (i64, i64)>,
+    debited: BTreeMap<i64, i64>,
+    ledger: Vec<(i64, i64, i64, Uuid)>,
+    used: Vec<(Uuid, Uuid)>,
+    payments: Vec<PaymentRow>,
+    events: Vec<(Uuid, serde_json::Value)>,
+}
+
+struct PaymentRow {
+    id: Uuid,
+    order_id: Uuid,
+    user_id: i64,
     request_id: Uuid,
-) -> Result<Decision, SettleError> {
-    let lines: Vec<PaidLine> = sqlx::query_as(
-        "SELECT o.user_id, o.status, o.total_amount,
-                oi.product_id, oi.name, oi.unit_price, oi.quantity
-         FROM orders o JOIN order_items oi ON oi.order_id = o.id
-         WHERE o.id = $1 ORDER BY oi.product_id",
-    )
-    .bind(pay.order_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let Some(order) = lines.first() else {
-        return Ok(refuse(
-            ErrorCode::PaymentOrderNotFound,
-            "no order with this orderId",
-        ));
-    };
-    if order.user_id != pay.user_id {
-        return Ok(refuse(
-            ErrorCode::OrderUnauthorized,
-            "this order belongs to another user",
-        ));
-    }
-    if OrderStatus::parse(&order.status)
-        .and_then(|s| s.after(OrderEvent::Pay))
-        .is_none()
-    {
-        return Ok(refuse(
-            ErrorCode::PaymentInvalidOrderStatus,
-            format!("an order that is {} cannot be paid", order.status),
-        ));
-    }
-    let total = order.total_amount;
-
-    let (discount, user_coupon) = match pay.coupon_id {
-        None => (0, None),
-        Some(coupon_id) => match coupon_discount(conn, pay, coupon_id, total, &lines).await? {
-            Ok(applied) => applied,
-            Err(refusal) => return Ok(refusal),
-        },
-    };
-    let amount = total - discount;
-
-    let payment_id = Uuid::now_v7();
-    let event_id = Uuid::now_v7();
-    let items: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| json!({"productId": l.product_id, "name": l.name, "unitPrice": l.unit_price, "quantity": l.quantity}))
-        .collect();
-    let mut event = json!({
-        "eventId": event_id,
-        "type": "order.paid",
-        "orderId": pay.order_id,
-        "userId": pay.user_id,
-        "items": items,
-        "totalAmount": total,
-        "discountAmount": discount,
-        "paidAmount": amount,
-    });
-    let coupon_used = pay.coupon_id.filter(|_| user_coupon.is_some());
-    if let Some(coupon_id) = coupon_used {
-        event["couponId"] = json!(coupon_id);
-    }
-    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
-    let quantities: Vec<i64> = lines.iter().map(|l| l.quantity).collect();
-    // Every effect is gated on `go`: the debit went through, or there was nothing to debit.
-    // A balance that does not cover the amount leaves `go` empty and the statement writes
-    // nothing at all.
-    let paid_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "WITH debit AS (
-            UPDATE balances SET amount = amount - $3, updated_at = now()
-            WHERE user_id = $2 AND amount >= $3 AND $3 > 0
-            RETURNING amount),
-         go AS (SELECT 1 WHERE $3 = 0 OR EXISTS (SELECT 1 FROM debit)),
-         ledger AS (
-            INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
-            SELECT $2, 'PAYMENT', $3, amount, $1 FROM debit),
-         sold AS (
-            UPDATE products p
-            SET reserved = p.reserved - s.quantity, stock = p.stock - s.quantity,
-                sold = p.sold + s.quantity, updated_at = now()
-            FROM UNNEST($4::bigint[], $5::bigint[]) AS s(product_id, quantity)
-            WHERE p.id = s.product_id AND EXISTS (SELECT 1 FROM go)),
-         used AS (
-            UPDATE user_coupons SET used_at = now(), order_id = $1
-            WHERE id = $6 AND EXISTS (SELECT 1 FROM go)),
-         payment AS (
-            INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
-            SELECT $7, $1, $2, $8, $3, $9, $6 FROM go),
-         paid AS (
-            UPDATE orders SET status = 'PAID', paid_at = now(), discount_amount = $9,
-                   paid_amount = $3, coupon_id = $10
-            WHERE id = $1 AND EXISTS (SELECT 1 FROM go)
-            RETURNING paid_at),
-         event AS (
-            INSERT INTO outbox (id, routing_key, payload)
-            SELECT $11, 'order.paid', $12::jsonb || jsonb_build_object('occurredAt', paid_at)
-            FROM paid)
-         SELECT paid_at FROM paid",
-    )
-    .bind(pay.order_id)
-    .bind(pay.user_id)
-    .bind(amount)
-    .bind(&products)
-    .bind(&quantities)
-    .bind(user_coupon)
-    .bind(payment_id)
-    .bind(request_id)
-    .bind(discount)
-    .bind(coupon_used)
-    .bind(event_id)
-    .bind(&event)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if paid_at.is_none() {
-        metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
-        return Ok(refuse(
-            ErrorCode::PaymentInsufficientBalance,
-            format!("the balance does not cover {amount} won"),
-        ));
-    }
-    metrics::counter!("payments_total", "outcome" => "paid").increment(1);
-    Ok(Decision::Succeeded(json!({
-        "orderId": pay.order_id,
-        "paymentId": payment_id,
-        "paidAmount": amount,
-        "discountAmount": discount,
-    })))
+    amount: i64,
+    discount: i64,
+    user_coupon_id: Option<Uuid>,
 }
 
-/// The discount of a coupon on this order and the held coupon to mark used, or the refusal.
-async fn coupon_discount(
-    conn: &mut PgConnection,
-    pay: &OrderPay,
-    coupon_id: i64,
-    total: i64,
-    lines: &[PaidLine],
-) -> Result<Result<(i64, Option<Uuid>), Decision>, SettleError> {
-    let invalid = |message: &str| Err(refuse(ErrorCode::PaymentInvalidCoupon, message));
-    let products: Vec<i64> = lines.iter().map(|l| l.product_id).collect();
-    let held: Option<HeldCoupon> = sqlx::query_as(
-        "SELECT uc.id, uc.used_at IS NOT NULL AS used, c.discount_type, c.discount_value,
-                c.expires_at <= now() AS expired, c.all_products,
-                ARRAY(SELECT cp.product_id FROM coupon_products cp
-                      WHERE cp.coupon_id = c.id AND cp.product_id = ANY($3)) AS applicable
-         FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
-         WHERE uc.user_id = $1 AND uc.coupon_id = $2
-         FOR NO KEY UPDATE OF uc",
-    )
-    .bind(pay.user_id)
-    .bind(coupon_id)
-    .bind(&products)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(held) = held else {
-        return Ok(invalid("the user does not hold this coupon"));
-    };
-    if held.used {
-        return Ok(invalid("this coupon has already been used"));
+impl Book {
+    /// Reads the result sets of [`OrderCommands::lock_state`], in its order.
+    fn read(mut state: LockedState) -> Result<Self, SettleError> {
+        let orders = state.rows::<OrderRow>()?.into_iter().map(|o| (o.id, o)).collect();
+        let products = state
+            .rows::<ProductRow>()?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect();
+        let mut lines: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
+        for line in state.rows::<LineRow>()? {
+            lines.entry(line.order_id).or_default().push(line);
+        }
+        let balances = state.rows::<(i64, i64)>()?.into_iter().collect();
+        let held = state
+            .rows::<HeldCoupon>()?
+            .into_iter()
+            .map(|h| ((h.user_id, h.coupon_id), h))
+            .collect();
+        let applicable = state.rows::<(i64, i64)>()?.into_iter().collect();
+        Ok(Self {
+            orders,
+            lines,
+            products,
+            balances,
+            held,
+            applicable,
+            changed_orders: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+            stock: BTreeMap::new(),
+            debited: BTreeMap::new(),
+            ledger: Vec::new(),
+            used: Vec::new(),
+            payments: Vec::new(),
+            events: Vec::new(),
+        })
     }
-    if held.expired {
-        return Ok(invalid("this coupon has expired"));
+
+    /// Reserves every line of a `PENDING` order or none, snapshotting names and prices.
+    fn reserve_stock(&mut self, create: &OrderCreate, reserved_until: DateTime<Utc>) -> Decision {
+        let Some(order) = self.orders.get(&create.order_id) else {
+            return refuse(ErrorCode::OrderNotFound, "the order does not exist");
+        };
+        if order.status.after(OrderEvent::Reserve).is_none() {
+            return refuse(
+                ErrorCode::OrderConcurrencyConflict,
+                "the order was cancelled before its stock could be reserved",
+            );
+        }
+        let lines = self.lines.get(&create.order_id).cloned().unwrap_or_default();
+        let mut short = None;
+        let mut priced = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let Some(product) = self.products.get(&line.product_id) else {
+                continue;
+            };
+            if product.available < line.quantity && short.is_none() {
+                short = Some((product.id, product.available));
+            }
+            priced.push((line, product.name.clone(), product.price));
+        }
+        let total = order_total(priced.iter().map(|(line, _, price)| (*price, line.quantity)));
+        let refusal = match (short, total) {
+            (Some((product, available)), _) => Some(refuse(
+                ErrorCode::OrderOutOfStock,
+                format!("product {product} has {} left", available.max(0)),
+            )),
+            (None, None) => Some(refuse(
+                ErrorCode::OrderInvalidItems,
+                "the order total is too large",
+            )),
+            (None, Some(_)) if priced.is_empty() => {
+                Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
+            }
+            (None, Some(_)) => None,
+        };
+        if let Some(refusal) = refusal {
+            self.move_order(create.order_id, OrderEvent::Reject);
+            self.changed_orders.entry(create.order_id).or_default().closed = true;
+            metrics::counter!("orders_rejected_total").increment(1);
+            return refusal;
+        }
+        let total = total.unwrap_or_default();
+        for (line, name, price) in priced {
+            if let Some(product) = self.products.get_mut(&line.product_id) {
+                product.available -= line.quantity;
+            }
+            self.stock.entry(line.product_id).or_default().0 += line.quantity;
+            self.snapshots
+                .insert((create.order_id, line.product_id), (name.clone(), price));
+            if let Some(stored) = self
+                .lines
+                .get_mut(&create.order_id)
+                .and_then(|lines| lines.iter_mut().find(|l| l.product_id == line.product_id))
+            {
+                stored.name = name;
+                stored.unit_price = price;
+            }
+        }
+        let status = self.move_order(create.order_id, OrderEvent::Reserve);
+        if let Some(order) = self.orders.get_mut(&create.order_id) {
+            order.total_amount = total;
+        }
+        self.changed_orders.entry(create.order_id).or_default().reserved = Some((total, reserved_until));
+        metrics::counter!("orders_reserved_total").increment(1);
+        Decision::Succeeded(RequestResult::OrderReserved(OrderReserved {
+            order_id: create.order_id,
+            status: status.unwrap_or(OrderStatus::Reserved),
+            total_amount: total,
+            reserved_until,
+        }))
     }
-    let base = if held.all_products {
-        total
-    } else {
-        // The coupon discounts the lines it applies to.
-        lines
+
+    /// Pays a `RESERVED` order: balance debited with its ledger entry, reserved units sold,
+    /// the coupon used, the payment written, the order `PAID`, and an `order.paid` event in
+    /// the outbox. Any refusal leaves everything as it was (a failed payment keeps the
+    /// order `RESERVED`, so the user can charge and pay again).
+    fn settle_payment(&mut self, pay: &OrderPay, request_id: Uuid, now: DateTime<Utc>) -> Decision {
+        let lines = self.lines.get(&pay.order_id).cloned().unwrap_or_default();
+        let Some(order) = self.orders.get(&pay.order_id).filter(|_| !lines.is_empty()) else {
+            return refuse(ErrorCode::PaymentOrderNotFound, "no order with this orderId");
+        };
+        if order.user_id != pay.user_id {
+            return refuse(ErrorCode::OrderUnauthorized, "this order belongs to another user");
+        }
+        if order.status.after(OrderEvent::Pay).is_none() {
+            return refuse(
+                ErrorCode::PaymentInvalidOrderStatus,
+                format!("an order that is {} cannot be paid", order.status.as_str()),
+            );
+        }
+        let total = order.total_amount;
+        let (discount, user_coupon) = match pay.coupon_id {
+            None => (0, None),
+            Some(coupon_id) => match self.coupon_discount(pay.user_id, coupon_id, total, &lines) {
+                Ok(applied) => applied,
+                Err(refusal) => return refusal,
+            },
+        };
+        let amount = total - discount;
+        let balance = self.balances.get(&pay.user_id).copied();
+        let balance_after = match balance {
+            _ if amount == 0 => None,
+            Some(balance) if balance >= amount && amount > 0 => Some(balance - amount),
+            _ => {
+                metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
+                return refuse(
+                    ErrorCode::PaymentInsufficientBalance,
+                    format!("the balance does not cover {amount} won"),
+                );
+            }
+        };
+        if let Some(after) = balance_after {
+            self.balances.insert(pay.user_id, after);
+            self.debited.insert(pay.user_id, after);
+            self.ledger.push((pay.user_id, amount, after, pay.order_id));
+        }
+        for line in &lines {
+            self.stock.entry(line.product_id).or_default().1 += line.quantity;
+        }
+        let coupon_used = pay.coupon_id.filter(|_| user_coupon.is_some());
+        if let Some((user_coupon, coupon_id)) = user_coupon.zip(pay.coupon_id) {
+            self.used.push((user_coupon, pay.order_id));
+            if let Some(held) = self.held.get_mut(&(pay.user_id, coupon_id)) {
+                held.used = true;
+            }
+        }
+        let payment_id = Uuid::now_v7();
+        self.payments.push(PaymentRow {
+            id: payment_id,
+            order_id: pay.order_id,
+            user_id: pay.user_id,
+            request_id,
+            amount,
+            discount,
+            user_coupon_id: user_coupon,
+        });
+        self.move_order(pay.order_id, OrderEvent::Pay);
+        self.changed_orders.entry(pay.order_id).or_default().paid = Some(PaidFields {
+            at: now,
+            discount,
+            amount,
+            coupon_id: coupon_used,
+        });
+        let event_id = Uuid::now_v7();
+        let items: Vec<serde_json::Value> = lines
             .iter()
-            .filter(|l| held.applicable.contains(&l.product_id))
-            .map(|l| l.unit_price * l.quantity)
-            .sum()
-    };
-    if base == 0 {
-        return Ok(invalid("this coupon applies to no product of this order"));
+            .map(|l| json!({"productId": l.product_id, "name": l.name, "unitPrice": l.unit_price, "quantity": l.quantity}))
+            .collect();
+        let mut event = json!({
+            "eventId": event_id,
+            "type": "order.paid",
+            "occurredAt": now,
+            "orderId": pay.order_id,
+            "userId": pay.user_id,
+            "items": items,
+            "totalAmount": total,
+            "discountAmount": discount,
+            "paidAmount": amount,
+        });
+        if let Some(coupon_id) = coupon_used {
+            event["couponId"] = json!(coupon_id);
+        }
+        self.events.push((event_id, event));
+        metrics::counter!("payments_total", "outcome" => "paid").increment(1);
+        Decision::Succeeded(RequestResult::OrderPaid(OrderPaid {
+            order_id: pay.order_id,
+            payment_id,
+            paid_amount: amount,
+            discount_amount: discount,
+        }))
     }
-    let Some(discount) = Discount::parse(&held.discount_type, held.discount_value) else {
-        return Ok(invalid("this coupon's discount is not valid"));
-    };
-    Ok(Ok((discount.on(base), Some(held.id))))
+
+    /// The discount of a coupon on this order and the held coupon to mark used, or the
+    /// refusal.
+    fn coupon_discount(
+        &self,
+        user_id: i64,
+        coupon_id: i64,
+        total: i64,
+        lines: &[LineRow],
+    ) -> Result<(i64, Option<Uuid>), Decision> {
+        let invalid = |message: &str| Err(refuse(ErrorCode::PaymentInvalidCoupon, message));
+        let Some(held) = self.held.get(&(user_id, coupon_id)) else {
+            return invalid("the user does not hold this coupon");
+        };
+        if held.used {
+            return invalid("this coupon has already been used");
+        }
+        if held.expired {
+            return invalid("this coupon has expired");
+        }
+        let base = if held.all_products {
+            total
+        } else {
+            // The coupon discounts the lines it applies to.
+            lines
+                .iter()
+                .filter(|l| self.applicable.contains(&(coupon_id, l.product_id)))
+                .map(|l| l.unit_price * l.quantity)
+                .sum()
+        };
+        if base == 0 {
+            return invalid("this coupon applies to no product of this order");
+        }
+        let Some(discount) = Discount::parse(&held.discount_type, held.discount_value) else {
+            return invalid("this coupon's discount is not valid");
+        };
+        Ok((discount.on(base), Some(held.id)))
+    }
+
+    /// Moves a locked order by `event` (the caller checked that it may happen); its new
+    /// status.
+    fn move_order(&mut self, order_id: Uuid, event: OrderEvent) -> Option<OrderStatus> {
+        let order = self.orders.get_mut(&order_id)?;
+        let next = order.status.after(event)?;
+        order.status = next;
+        self.changed_orders.entry(order_id).or_default();
+        Some(next)
+    }
+
+    fn into_writes(self) -> Writes {
+        let mut writes = Writes::default();
+        for (id, change) in self.changed_orders {
+            let Some(order) = self.orders.get(&id) else {
+                continue;
+            };
+            writes.order_ids.push(id);
+            writes.order_statuses.push(order.status);
+            writes.order_totals.push(change.reserved.map(|(total, _)| total));
+            writes
+                .reserved_until
+                .push(change.reserved.map(|(_, until)| until));
+            writes.closed.push(change.closed);
+            writes.paid_at.push(change.paid.as_ref().map(|p| p.at));
+            writes.discounts.push(change.paid.as_ref().map(|p| p.discount));
+            writes.paid_amounts.push(change.paid.as_ref().map(|p| p.amount));
+            writes
+                .coupon_ids
+                .push(change.paid.as_ref().and_then(|p| p.coupon_id));
+        }
+        for ((order_id, product_id), (name, price)) in self.snapshots {
+            writes.snapshot_orders.push(order_id);
+            writes.snapshot_products.push(product_id);
+            writes.snapshot_names.push(name);
+            writes.snapshot_prices.push(price);
+        }
+        for (product, (reserve, sell)) in self.stock {
+            writes.stock_products.push(product);
+            writes.stock_reserve.push(reserve);
+            writes.stock_sell.push(sell);
+        }
+        (writes.balance_users, writes.balance_amounts) = self.debited.into_iter().unzip();
+        for (user, amount, after, order) in self.ledger {
+            writes.ledger_users.push(user);
+            writes.ledger_amounts.push(amount);
+            writes.ledger_after.push(after);
+            writes.ledger_orders.push(order);
+        }
+        (writes.used_coupons, writes.used_orders) = self.used.into_iter().unzip();
+        for p in self.payments {
+            writes.payment_ids.push(p.id);
+            writes.payment_orders.push(p.order_id);
+            writes.payment_users.push(p.user_id);
+            writes.payment_requests.push(p.request_id);
+            writes.payment_amounts.push(p.amount);
+            writes.payment_discounts.push(p.discount);
+            writes.payment_coupons.push(p.user_coupon_id);
+        }
+        (writes.event_ids, writes.events) = self.events.into_iter().unzip();
+        writes
+    }
+}
+
+/// The parameters of [`OrderCommands::write_ctes`], column by column.
+#[derive(Default)]
+struct Writes {
+    order_ids: Vec<Uuid>,
+    order_statuses: Vec<OrderStatus>,
+    order_totals: Vec<Option<i64>>,
+    reserved_until: Vec<Option<DateTime<Utc>>>,
+    closed: Vec<bool>,
+    paid_at: Vec<Option<DateTime<Utc>>>,
+    discounts: Vec<Option<i64>>,
+    paid_amounts: Vec<Option<i64>>,
+    coupon_ids: Vec<Option<i64>>,
+    snapshot_orders: Vec<Uuid>,
+    snapshot_products: Vec<i64>,
+    snapshot_names: Vec<String>,
+    snapshot_prices: Vec<i64>,
+    stock_products: Vec<i64>,
+    stock_reserve: Vec<i64>,
+    stock_sell: Vec<i64>,
+    balance_users: Vec<i64>,
+    balance_amounts: Vec<i64>,
+    ledger_users: Vec<i64>,
+    ledger_amounts: Vec<i64>,
+    ledger_after: Vec<i64>,
+    ledger_orders: Vec<Uuid>,
+    used_coupons: Vec<Uuid>,
+    used_orders: Vec<Uuid>,
+    payment_ids: Vec<Uuid>,
+    payment_orders: Vec<Uuid>,
+    payment_users: Vec<i64>,
+    payment_requests: Vec<Uuid>,
+    payment_amounts: Vec<i64>,
+    payment_discounts: Vec<i64>,
+    payment_coupons: Vec<Option<Uuid>>,
+    event_ids: Vec<Uuid>,
+    events: Vec<serde_json::Value>,
+}
+
+impl Writes {
+    fn bind(self, args: &mut sqlx::postgres::PgArguments) -> Result<(), sqlx::error::BoxDynError> {
+        args.add(self.order_ids)?;
+        args.add(self.order_statuses)?;
+        args.add(self.order_totals)?;
+        args.add(self.reserved_until)?;
+        args.add(self.closed)?;
+        args.add(self.paid_at)?;
+        args.add(self.discounts)?;
+        args.add(self.paid_amounts)?;
+        args.add(self.coupon_ids)?;
+        args.add(self.snapshot_orders)?;
+        args.add(self.snapshot_products)?;
+        args.add(self.snapshot_names)?;
+        args.add(self.snapshot_prices)?;
+        args.add(self.stock_products)?;
+        args.add(self.stock_reserve)?;
+        args.add(self.stock_sell)?;
+        args.add(self.balance_users)?;
+        args.add(self.balance_amounts)?;
+        args.add(self.ledger_users)?;
+        args.add(self.ledger_amounts)?;
+        args.add(self.ledger_after)?;
+        args.add(self.ledger_orders)?;
+        args.add(self.used_coupons)?;
+        args.add(self.used_orders)?;
+        args.add(self.payment_ids)?;
+        args.add(self.payment_orders)?;
+        args.add(self.payment_users)?;
+        args.add(self.payment_requests)?;
+        args.add(self.payment_amounts)?;
+        args.add(self.payment_discounts)?;
+        args.add(self.payment_coupons)?;
+        args.add(self.event_ids)?;
+        args.add(self.events)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

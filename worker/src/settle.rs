@@ -1,9 +1,10 @@
-//! Settling a batch of commands: one transaction, then one ack.
+//! Settling a batch of commands: one transaction of three round trips, then one ack.
 //!
 //! The transaction checks the partition lease (fencing), locks the request rows, skips
 //! those already terminal (redeliveries and re-published duplicates), lets the family's
-//! rules decide the rest in broker order, and writes every terminal status with its result
-//! or error. Only after commit are the messages acked, all at once.
+//! rules decide the rest in broker order, and writes the family's effects with every
+//! terminal status, its result or error, in one statement ([`crate::pipeline`] says what a
+//! family provides). Only after commit are the messages acked, all at once.
 //!
 //! A batch that fails for a reason other than an unreachable database is settled again one
 //! command at a time, in order, so one bad command cannot hold back the others. A command
@@ -16,30 +17,21 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
+use futures::{FutureExt, TryStreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use serde::Serialize;
-use shared::command::{CommandMessage, RequestKind};
-use shared::error::ErrorBody;
+use shared::command::{CommandMessage, RequestStatus};
 use shared::topology::Family;
-use sqlx::PgConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
+use sqlx::{Arguments, Either, Executor, FromRow, PgConnection, Postgres, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::leases::Lease;
-use crate::{coupons, orders, Context};
-
-/// Why a settlement did not commit.
-#[derive(Debug, thiserror::Error)]
-pub enum SettleError {
-    #[error("the partition lease was lost")]
-    LeaseLost,
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error("request {id} cannot be settled: {reason}")]
-    Unsettleable { id: Uuid, reason: String },
-}
+use crate::pipeline::{self, CommandFamily, RequestRow};
+pub use crate::pipeline::{Decision, PendingRequest, SettleError};
+use crate::Context;
 
 impl SettleError {
     /// Errors that go away by themselves: retried without counting as an attempt.
@@ -52,22 +44,6 @@ impl SettleError {
             _ => false,
         }
     }
-}
-
-/// A request that is still `PENDING`, as read under its row lock.
-#[derive(Debug, Clone)]
-pub struct PendingRequest {
-    pub id: Uuid,
-    pub kind: RequestKind,
-    pub payload: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-}
-
-/// How the family's rules settled one request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    Succeeded(serde_json::Value),
-    Failed(ErrorBody),
 }
 
 /// Whether the partition's consumer should go on.
@@ -85,6 +61,10 @@ struct Settled {
     failed: usize,
     duplicates: usize,
     accepted_at: Vec<DateTime<Utc>>,
+    /// The requests settled, for the notice of a batch too large to ride in its statement.
+    ids: Vec<Uuid>,
+    /// Whether the family wrote outbox events.
+    wrote_events: bool,
 }
 
 enum Attempt {
@@ -266,27 +246,144 @@ async fn settle_with_retries(
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct RequestRow {
-    id: Uuid,
-    kind: String,
-    payload: serde_json::Value,
-    status: String,
-    created_at: DateTime<Utc>,
+/// Settles the requests `ids` (a batch, in broker order) in one transaction, without
+/// retrying; for tests that look at what one settlement costs.
+pub async fn settle_batch(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<(), SettleError> {
+    settle_once(ctx, lease, ids).await.map(|_| ())
+}
+
+/// A transaction opened by the lock statement's own message rather than by sqlx's
+/// `begin()`, which would cost a round trip of its own. sqlx does not know it is open, so
+/// this guard ends it: committed or rolled back here, or, when the settlement is dropped
+/// half-way (a panic, a cancelled task), the connection is closed rather than given back
+/// to the pool in the middle of a transaction, and PostgreSQL rolls it back.
+struct OpenTransaction {
+    conn: PoolConnection<Postgres>,
+    open: bool,
+}
+
+impl OpenTransaction {
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.conn.execute("COMMIT").await?;
+        self.open = false;
+        Ok(())
+    }
+
+    async fn rollback(mut self) {
+        if self.conn.execute("ROLLBACK").await.is_ok() {
+            self.open = false;
+        }
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// The first round trip: `BEGIN`, the lease fence, the family's request lock and its state
+/// locks, in one simple-protocol message. Returns the result set of each statement after
+/// `BEGIN`, in order.
+async fn lock_and_fence(
+    conn: &mut PoolConnection<Postgres>,
+    lease: &Lease,
+    family: &dyn CommandFamily,
+    ids: &[Uuid],
+) -> Result<Vec<Vec<PgRow>>, sqlx::Error> {
+    let ids = pipeline::uuid_array(ids);
+    // The fence: the lease row stays share-locked until commit, so the lease cannot change
+    // hands under a batch in flight. It also reads the transaction's `now()`, which the
+    // family's decisions stamp (`now()` is the same for the whole transaction).
+    let mut message = format!(
+        "BEGIN;
+         SELECT now() AS now FROM partition_leases
+         WHERE family = {} AND partition = {} AND owner = '{}' AND epoch = {} FOR SHARE;
+         {};",
+        pipeline::text(lease.family.as_str()),
+        lease.partition,
+        lease.owner,
+        lease.epoch,
+        family.lock_requests(&ids),
+    );
+    for statement in family.lock_state(&ids) {
+        message.push_str(&statement);
+        message.push(';');
+    }
+    // Rows come statement by statement, each closed by its command result.
+    let items: Vec<Either<PgQueryResult, PgRow>> =
+        conn.fetch_many(sqlx::raw_sql(&message)).try_collect().await?;
+    let mut sets = vec![Vec::new()];
+    for item in items {
+        match item {
+            Either::Left(_) => sets.push(Vec::new()),
+            Either::Right(row) => {
+                if let Some(set) = sets.last_mut() {
+                    set.push(row);
+                }
+            }
+        }
+    }
+    // The set after `BEGIN`'s result is the fence's; the one after the last statement is
+    // always empty.
+    sets.remove(0);
+    sets.pop();
+    Ok(sets)
 }
 
 async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settled, SettleError> {
-    let mut tx = ctx.db.begin().await?;
-    if !lease.fence(&mut tx).await? {
-        return Err(SettleError::LeaseLost);
-    }
-    let lock = match lease.family {
-        Family::Coupon => {
-            "SELECT id, kind, payload, status, created_at FROM requests WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
-        }
-        Family::Order => orders::LOCK_REQUESTS_WITH_CREATIONS,
+    let (family, write_statement) = ctx.families.of(lease.family)?;
+    let mut tx = OpenTransaction {
+        conn: ctx.db.acquire().await?,
+        open: true,
     };
-    let rows: Vec<RequestRow> = sqlx::query_as(lock).bind(ids).fetch_all(&mut *tx).await?;
+    match settle_in(&mut tx, family.as_ref(), &write_statement, lease, ids).await {
+        Ok(Some(settled)) => {
+            tx.commit().await?;
+            if !shared::settlements::fits_one_notice(settled.ids.len()) {
+                shared::settlements::announce(&ctx.db, &settled.ids).await;
+            }
+            if settled.wrote_events {
+                // Let the outbox relay publish them now.
+                ctx.outbox_written.notify_one();
+            }
+            Ok(settled)
+        }
+        Ok(None) => {
+            tx.rollback().await;
+            Err(SettleError::LeaseLost)
+        }
+        Err(e) => {
+            tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// Everything but the commit; `None` when the lease is lost.
+async fn settle_in(
+    tx: &mut OpenTransaction,
+    family: &dyn CommandFamily,
+    write_statement: &str,
+    lease: &Lease,
+    ids: &[Uuid],
+) -> Result<Option<Settled>, SettleError> {
+    let mut sets = lock_and_fence(&mut tx.conn, lease, family, ids)
+        .await?
+        .into_iter();
+    let fence = sets.next().unwrap_or_default();
+    let Some(now) = fence.first() else {
+        return Ok(None);
+    };
+    let now: DateTime<Utc> = now.try_get("now")?;
+    let rows = sets
+        .next()
+        .unwrap_or_default()
+        .iter()
+        .map(RequestRow::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut rows: HashMap<Uuid, RequestRow> = rows.into_iter().map(|r| (r.id, r)).collect();
 
     // Broker order, each request once, only those still pending.
@@ -300,138 +397,109 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
             tracing::warn!(request_id = %id, "a command names no stored request; dropping it");
             continue;
         };
-        if row.status != "PENDING" {
-            continue;
+        if row.status == RequestStatus::Pending {
+            pending.push(PendingRequest::from(row));
         }
-        let kind = RequestKind::parse(&row.kind).ok_or_else(|| SettleError::Unsettleable {
-            id: row.id,
-            reason: format!("unknown request type {}", row.kind),
-        })?;
-        pending.push(PendingRequest {
-            id: row.id,
-            kind,
-            payload: row.payload,
-            created_at: row.created_at,
-        });
     }
     let duplicates = ids.len() - pending.len();
-    // What is left was locked beside the batch: creations its payments need first.
-    let creations: Vec<PendingRequest> = rows
+    // What is left was locked beside the batch (say, creations its payments need first).
+    let beside: Vec<PendingRequest> = rows
         .into_values()
-        .filter(|row| row.status == "PENDING")
-        .filter_map(|row| {
-            Some(PendingRequest {
-                id: row.id,
-                kind: RequestKind::parse(&row.kind).filter(|k| *k == RequestKind::OrderCreate)?,
-                payload: row.payload,
-                created_at: row.created_at,
-            })
-        })
+        .filter(|row| row.status == RequestStatus::Pending)
+        .map(PendingRequest::from)
         .collect();
     if pending.is_empty() {
-        tx.commit().await?;
-        return Ok(Settled {
+        return Ok(Some(Settled {
             succeeded: 0,
             failed: 0,
             duplicates,
             accepted_at: Vec::new(),
-        });
+            ids: Vec::new(),
+            wrote_events: false,
+        }));
     }
 
-    let decisions = match lease.family {
-        Family::Coupon => coupons::settle(&mut tx, &pending).await?,
-        Family::Order => {
-            pending = orders::with_creations_first(pending, creations);
-            orders::settle(&mut tx, &pending, ctx.config.reservation_ttl).await?
-        }
-    };
-    write_outcomes(&mut tx, &pending, &decisions).await?;
-    tx.commit().await?;
-    if !shared::settlements::fits_one_notice(pending.len()) {
-        let settled: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
-        shared::settlements::announce(&ctx.db, &settled).await;
-    }
-    let paid = pending
-        .iter()
-        .zip(&decisions)
-        .any(|(p, d)| p.kind == RequestKind::OrderPay && matches!(d, Decision::Succeeded(_)));
-    if paid {
-        // A payment wrote an event: let the outbox relay publish it now.
-        ctx.outbox_written.notify_one();
-    }
+    let pending = family.settling_order(pending, beside);
+    let decided = family.decide(&pending, pipeline::LockedState::new(sets.collect()), now)?;
+    write(
+        &mut tx.conn,
+        write_statement,
+        &pending,
+        decided.decisions.as_slice(),
+        decided.writes,
+    )
+    .await?;
 
-    let succeeded = decisions
+    let succeeded = decided
+        .decisions
         .iter()
         .filter(|d| matches!(d, Decision::Succeeded(_)))
         .count();
-    Ok(Settled {
+    Ok(Some(Settled {
         succeeded,
-        failed: decisions.len() - succeeded,
+        failed: decided.decisions.len() - succeeded,
         duplicates,
         accepted_at: pending.iter().map(|p| p.created_at).collect(),
-    })
+        ids: pending.iter().map(|p| p.id).collect(),
+        wrote_events: decided.wrote_events,
+    }))
 }
 
-#[derive(Serialize)]
-struct Outcome<'a> {
-    id: Uuid,
-    status: &'static str,
-    result: Option<&'a serde_json::Value>,
-    error: Option<&'a ErrorBody>,
-}
-
-/// Writes every terminal status in one statement.
-async fn write_outcomes(
-    conn: &mut PgConnection,
-    pending: &[PendingRequest],
-    decisions: &[Decision],
-) -> Result<(), SettleError> {
-    let outcomes: Vec<Outcome> = pending
-        .iter()
-        .zip(decisions)
-        .map(|(request, decision)| match decision {
-            Decision::Succeeded(result) => Outcome {
-                id: request.id,
-                status: "SUCCEEDED",
-                result: Some(result),
-                error: None,
-            },
-            Decision::Failed(error) => Outcome {
-                id: request.id,
-                status: "FAILED",
-                result: None,
-                error: Some(error),
-            },
-        })
-        .collect();
-    let outcomes = serde_json::to_value(&outcomes).map_err(|e| SettleError::Unsettleable {
-        id: pending.first().map(|p| p.id).unwrap_or_default(),
-        reason: e.to_string(),
-    })?;
-    let ids: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
-    // `r.id = ANY($2)` is for the planner: it cannot tell how many rows a JSON document
-    // holds, guesses 100, and then prefers a sequential scan of the whole requests table to
-    // a hundred index lookups (seen in the checkout benchmark: 3 million rows read).
-    // The same statement sends the notice that wakes the clients waiting for these requests
-    // (`shared::settlements`): delivered when this transaction commits, it costs neither a
-    // round trip nor a transaction of its own. A batch too large for one notice's payload
-    // is announced after the commit instead (`settle_once`).
-    sqlx::query(
-        "WITH written AS (
+/// The write statement of a family: its CTEs, then every terminal status in one
+/// `UPDATE`, then the notice.
+///
+/// `r.id = ANY($1)` is for the planner: it cannot tell how many rows the `UNNEST` holds
+/// under a generic plan, and guessing many once preferred a sequential scan of the whole
+/// requests table to a hundred index lookups (seen in the checkout benchmark: 3 million
+/// rows read). The same statement sends the notice that wakes the clients waiting for
+/// these requests (`shared::settlements`): delivered when this transaction commits, it
+/// costs neither a round trip nor a transaction of its own. A batch too large for one
+/// notice's payload is announced after the commit instead (`settle_once`).
+pub fn write_statement(family_ctes: &str) -> String {
+    format!(
+        "WITH {family_ctes},
+         written AS (
             UPDATE requests r
             SET status = o.status, result = o.result, error = o.error, completed_at = now(), published = true
-            FROM jsonb_to_recordset($1) AS o(id uuid, status text, result jsonb, error jsonb)
-            WHERE r.id = ANY($2) AND r.id = o.id
+            FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS o(id, status, result, error)
+            WHERE r.id = ANY($1) AND r.id = o.id
             RETURNING r.id)
-         SELECT pg_notify($3, ids)
+         SELECT pg_notify($5, ids)
          FROM (SELECT string_agg(id::text, ',') AS ids FROM written) AS batch
-         WHERE $4 AND ids IS NOT NULL",
+         WHERE $6 AND ids IS NOT NULL"
     )
-    .bind(outcomes)
-    .bind(&ids)
-    .bind(shared::settlements::CHANNEL)
-    .bind(shared::settlements::fits_one_notice(ids.len()))
-    .execute(conn)
-    .await?;
+}
+
+/// The second round trip: the family's writes and every outcome, in one statement.
+async fn write(
+    conn: &mut PgConnection,
+    statement: &str,
+    pending: &[PendingRequest],
+    decisions: &[Decision],
+    family_writes: pipeline::BindWrites,
+) -> Result<(), SettleError> {
+    let unencodable = |e: sqlx::error::BoxDynError| SettleError::Database(sqlx::Error::Encode(e));
+    let ids: Vec<Uuid> = pending.iter().map(|p| p.id).collect();
+    let statuses: Vec<RequestStatus> = decisions.iter().map(Decision::status).collect();
+    let mut results = Vec::with_capacity(decisions.len());
+    let mut errors = Vec::with_capacity(decisions.len());
+    for decision in decisions {
+        let (result, error) = match decision {
+            Decision::Succeeded(result) => (Some(serde_json::to_value(result)), None),
+            Decision::Failed(error) => (None, Some(serde_json::to_value(error))),
+        };
+        results.push(result.transpose().map_err(|e| unencodable(e.into()))?);
+        errors.push(error.transpose().map_err(|e| unencodable(e.into()))?);
+    }
+    let fits = shared::settlements::fits_one_notice(ids.len());
+    let mut args = PgArguments::default();
+    args.add(ids).map_err(unencodable)?;
+    args.add(statuses).map_err(unencodable)?;
+    args.add(results).map_err(unencodable)?;
+    args.add(errors).map_err(unencodable)?;
+    args.add(shared::settlements::CHANNEL).map_err(unencodable)?;
+    args.add(fits).map_err(unencodable)?;
+    family_writes(&mut args).map_err(unencodable)?;
+    sqlx::query_with(statement, args).execute(conn).await?;
     Ok(())
 }
