@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{Connection, PgPool, Postgres};
 
 use crate::config::DatabaseSettings;
 
@@ -37,6 +37,9 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
     }
 }
 
+/// How long an idle pooled connection is handed out without a ping first.
+const TRUSTED_IDLE: Duration = Duration::from_secs(1);
+
 async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
     create_database_if_missing(&settings.url).await?;
     let options: PgConnectOptions = settings
@@ -55,6 +58,20 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // sqlx pings every connection it hands out by default: one more round trip for each
+        // statement of the api and each batch of a worker. A connection used within the
+        // last second is taken as alive; one idle for longer is pinged first. A connection
+        // that broke in that second (PostgreSQL restarted) fails its statement, which is
+        // answered 503 or retried like any failure of PostgreSQL, and is then discarded.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < TRUSTED_IDLE {
+                    return Ok(true);
+                }
+                Ok(conn.ping().await.is_ok())
+            })
+        })
         .connect_with(options)
         .await
         .context("cannot connect to PostgreSQL")?;
