@@ -14,7 +14,7 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use shared::broker::{Broker, PublishError, Publisher};
-use shared::command::{self, RequestKind};
+use shared::command::{self, RequestKind, RequestStatus};
 use shared::domain::UserId;
 use shared::error::{ErrorBody, ErrorCode};
 use shared::topology::Topology;
@@ -129,9 +129,11 @@ pub struct Accepted {
     pub request_id: Uuid,
     /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[schema(value_type = String)]
+    pub kind: RequestKind,
     /// Always `PENDING` here.
-    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub status: RequestStatus,
     /// Where to poll: `/requests/{requestId}`.
     pub status_url: String,
     /// The order an `ORDER_CREATE` creates.
@@ -268,8 +270,8 @@ async fn accept(
     let request_id = Uuid::now_v7();
     let accepted = Accepted {
         request_id,
-        kind: command.kind.as_str(),
-        status: "PENDING",
+        kind: command.kind,
+        status: RequestStatus::Pending,
         status_url: format!("/requests/{request_id}"),
         order_id: command.creates.as_ref().map(Creation::id),
     };

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::command::RequestKind;
+use shared::order::OrderStatus;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
@@ -229,7 +230,7 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
 #[derive(Default)]
 struct Columns {
     ids: Vec<Uuid>,
-    kinds: Vec<&'static str>,
+    kinds: Vec<RequestKind>,
     partition_keys: Vec<i64>,
     payloads: Vec<serde_json::Value>,
     users: Vec<i64>,
@@ -258,7 +259,7 @@ impl Columns {
         let mut columns = Columns::default();
         for command in commands {
             columns.ids.push(command.request_id);
-            columns.kinds.push(command.kind.as_str());
+            columns.kinds.push(command.kind);
             columns.partition_keys.push(command.partition_key);
             columns.payloads.push(command.payload.clone());
             columns.users.push(command.user_id);
@@ -323,7 +324,7 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
             RETURNING id),
          pending_order AS (
             INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
-            SELECT o.id, o.user_id, 'PENDING', o.request_id, o.total
+            SELECT o.id, o.user_id, $19, o.request_id, o.total
             FROM UNNEST($10::uuid[], $11::uuid[], $12::bigint[], $13::bigint[])
                  AS o(request_id, id, user_id, total)
             WHERE o.request_id IN (SELECT id FROM request)
@@ -354,6 +355,7 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
     .bind(&c.orders.line_names)
     .bind(&c.orders.line_prices)
     .bind(&c.orders.line_quantities)
+    .bind(OrderStatus::Pending)
     .fetch_all(db)
     .await?;
     Ok(stored.into_iter().collect())
