@@ -337,6 +337,7 @@ fn loads(
 ) -> (FlashSaleArgs, CheckoutArgs) {
     let common = |rate: f64, out: &str, started: &Arc<Notify>| Common {
         api: api.to_owned(),
+        commands_url: None,
         database_url: database_url.to_owned(),
         admin_token: args.admin_token.clone(),
         concurrency: 200,

@@ -27,9 +27,22 @@ use crate::schedule::Pace;
 /// How long to wait for the api to be ready and the workers to own every partition.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(90);
 
+/// Who settles the commands a scenario sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settler {
+    /// Our api accepts them and the workers settle them.
+    Pipeline,
+    /// The synchronous peer (`loadgen peer`) settles each in its request and answers the
+    /// result: nothing is left to wait for and there are no request rows.
+    Peer,
+}
+
 /// What every scenario holds while it runs.
 pub struct Harness {
     pub api: Api,
+    /// Where the three commands go: the api, or the synchronous peer (`--commands-url`).
+    pub commands: Api,
+    pub settler: Settler,
     pub db: PgPool,
     pub common: Common,
     metrics: reqwest::Client,
@@ -80,8 +93,18 @@ impl Harness {
         )?;
         api.wait_until_ready(STARTUP_PATIENCE).await?;
         let api = api.patient(Duration::from_secs(common.patience_secs));
+        let (commands, settler) = match &common.commands_url {
+            Some(url) => {
+                let peer = api.at(url);
+                peer.wait_until_ready(STARTUP_PATIENCE).await?;
+                (peer, Settler::Peer)
+            }
+            None => (api.clone(), Settler::Pipeline),
+        };
         let mut harness = Self {
             api,
+            commands,
+            settler,
             db,
             common: common.clone(),
             metrics: prometheus::http_client()?,
@@ -217,11 +240,15 @@ impl Harness {
     }
 
     /// Waits until `sql` (a count of pending requests, binding `$1`) reads zero; the time
-    /// it took, or `None` after the drain timeout.
+    /// it took, or `None` after the drain timeout. Against the peer, whose answers were
+    /// final, at once.
     pub async fn wait_until_settled<T>(&self, sql: &str, bind: T) -> anyhow::Result<Option<Duration>>
     where
         T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send,
     {
+        if self.settler == Settler::Peer {
+            return Ok(Some(Duration::ZERO));
+        }
         let started = Instant::now();
         let deadline = started + self.common.drain_timeout();
         loop {
@@ -334,5 +361,8 @@ pub fn base_params(common: &Common) -> BTreeMap<String, String> {
         params.insert("rate".to_owned(), rate.to_string());
     }
     params.insert("warmup".to_owned(), common.warmup.to_string());
+    if common.commands_url.is_some() {
+        params.insert("commands".to_owned(), "synchronous peer".to_owned());
+    }
     params
 }
