@@ -105,6 +105,10 @@ pub struct Common {
     /// Where to write the result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Seconds to wait after the load before reading PostgreSQL's counters (commits, rows,
+    /// WAL): an idle backend reports its statistics up to 10 s late (`PGSTAT_IDLE_INTERVAL`).
+    #[arg(long, default_value_t = 11)]
+    pub statistics_delay_secs: u64,
     /// Behave as a client of a degraded system: for up to this many seconds, send a request
     /// again with the same Idempotency-Key when it got no answer, 429, 502, 503, 504 or
     /// 409 ERR_IDEMPOTENCY_KEY_IN_USE. 0 (benchmarks): every answer counts as it is.

@@ -351,6 +351,8 @@ fn loads(
         processes: Vec::new(),
         label: String::new(),
         out: Some(log_dir.join(out)),
+        // The suite reports recoveries and invariants, not PostgreSQL's counters.
+        statistics_delay_secs: 0,
         patience_secs: CLIENT_PATIENCE.as_secs(),
         load_started: Some(Arc::clone(started)),
     };
