@@ -105,8 +105,9 @@ pub struct Common {
     /// Where to write the result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Seconds to wait after the load before reading PostgreSQL's counters (commits, rows,
-    /// WAL): an idle backend reports its statistics up to 10 s late (`PGSTAT_IDLE_INTERVAL`).
+    /// Seconds to wait before and after the load before reading PostgreSQL's counters
+    /// (commits, rows, WAL): an idle backend reports its statistics up to 10 s late
+    /// (`PGSTAT_IDLE_INTERVAL`).
     #[arg(long, default_value_t = 11)]
     pub statistics_delay_secs: u64,
     /// Behave as a client of a degraded system: for up to this many seconds, send a request
