@@ -590,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn ratios_are_taken_within_a_run_and_skip_runs_that_lack_a_side() {
+        let runs = [
+            (Some(900.0), Some(300.0)),
+            (Some(800.0), None),
+            (Some(1_000.0), Some(500.0)),
+            (Some(600.0), Some(0.0)),
+            (Some(700.0), Some(175.0)),
+        ];
+        assert_eq!(median_ratio(runs.into_iter()), Some(3.0));
+        assert_eq!(median_ratio([(None, Some(1.0))].into_iter()), None);
+    }
+
+    #[test]
     fn numbers_get_thousands_separators() {
         assert_eq!(fmt_num(1234567.4), "1,234,567");
         assert_eq!(fmt_num(999.6), "1,000");
