@@ -1,5 +1,6 @@
 //! The command line: one subcommand per scenario, the baseline, the report and the cleanup.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,10 @@ pub enum Command {
     Browse(BrowseArgs),
     /// The synchronous baseline: the same per-request transaction with pgbench.
     Baseline(BaselineArgs),
+    /// The synchronous HTTP peer: an axum + sqlx server that settles coupon issues, order
+    /// creations and payments each in one short transaction and answers the final result
+    /// (drive it with `flash-sale`/`checkout --commands-url`).
+    Peer(PeerArgs),
     /// Prints results side by side with the baseline (medians over several runs).
     Report(ReportArgs),
     /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
@@ -46,6 +51,12 @@ pub struct Common {
     /// Base URL of the api.
     #[arg(long, env = "LOADGEN_API_URL", default_value = "http://127.0.0.1:8080")]
     pub api: String,
+    /// flash-sale and checkout: send the three commands (coupon issue, order creation,
+    /// payment) to this synchronous peer (`loadgen peer`) instead, whose answer is final;
+    /// setup, administration and reads still go to `--api`, on the same database, with no
+    /// workers.
+    #[arg(long)]
+    pub commands_url: Option<String>,
     /// The api's database, for setup and for the checks.
     #[arg(
         long,
@@ -94,6 +105,11 @@ pub struct Common {
     /// Where to write the result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Seconds to wait before and after the load before reading PostgreSQL's counters
+    /// (commits, rows, WAL): an idle backend reports its statistics up to 10 s late
+    /// (`PGSTAT_IDLE_INTERVAL`).
+    #[arg(long, default_value_t = 11)]
+    pub statistics_delay_secs: u64,
     /// Behave as a client of a degraded system: for up to this many seconds, send a request
     /// again with the same Idempotency-Key when it got no answer, 429, 502, 503, 504 or
     /// 409 ERR_IDEMPOTENCY_KEY_IN_USE. 0 (benchmarks): every answer counts as it is.
@@ -220,9 +236,26 @@ pub struct BaselineArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// The database, migrated at start as every binary of the project does. The pool size
+    /// and session settings are the api's (`DATABASE_MAX_CONNECTIONS`, default 30,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`, `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS`).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
-    /// Run directories, each with `scenario.json` and optionally `baseline.json`; with
-    /// several, every figure is the median over them.
+    /// Run directories, each with `scenario.json` and optionally `peer.json` (the same
+    /// scenario against the synchronous peer) and `baseline.json`; with several, every
+    /// figure is the median over them.
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,
 }

@@ -126,6 +126,15 @@ impl Api {
         self
     }
 
+    /// The same client (connections, tokens, patience, waiting) at another base URL: the
+    /// synchronous peer, which answers the commands on the contract's paths.
+    pub fn at(&self, base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            ..self.clone()
+        }
+    }
+
     /// Answers that made the client send a request again, by outcome.
     pub fn retried(&self) -> BTreeMap<String, u64> {
         self.retried

@@ -1,5 +1,6 @@
 //! A load generator for the HTTP contract, and the benchmarks that compare the pipeline with
-//! the synchronous design users would otherwise build.
+//! the synchronous design users would otherwise build: a synchronous HTTP server on the same
+//! stack ([`peer`]), and the bare transaction in pgbench ([`baseline`]).
 //!
 //! Every scenario sets up what it needs (through SQL where that is not what is measured),
 //! drives the measured commands over HTTP, closed loop (`--concurrency` clients, each sending
@@ -16,12 +17,14 @@
 //! - [`setup`]: users, balances, products and coupons for a scenario.
 //! - [`scenarios`]: `flash-sale`, `checkout`, `browse`.
 //! - [`checks`]: the correctness checks run at the end of every scenario.
+//! - [`peer`]: the synchronous HTTP peer (`loadgen peer`): the three commands, each in one
+//!   short transaction per request, answered with their final result.
 //! - [`baseline`]: the synchronous baseline, run with `pgbench` on scratch tables.
 //! - [`prometheus`]: scrapes `/metrics` of the api and the workers for a per-stage breakdown.
 //! - [`resources`]: CPU time and peak memory of the processes involved, from `/proc`.
 //! - [`db_activity`]: what PostgreSQL's backends wait on during a run, and what it cost
 //!   (commits, rows, WAL).
-//! - [`report`]: results as JSON, and the side-by-side table with the baseline.
+//! - [`report`]: results as JSON, and the side-by-side table with the peer and the baseline.
 //! - [`amqp_cleanup`]: deletes the queues and exchanges of a benchmark's `AMQP_PREFIX`.
 //! - [`faults`]: the fault suite: the loads under worker kills, broker and database
 //!   restarts, scaling, and a stop and a kill of everything, with recovery times and
@@ -35,6 +38,7 @@ pub mod client;
 pub mod db_activity;
 pub mod faults;
 pub mod histogram;
+pub mod peer;
 pub mod prometheus;
 pub mod report;
 pub mod resources;
@@ -51,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkout(args) => scenarios::checkout::run(&args).await,
         Command::Browse(args) => scenarios::browse::run(&args).await,
         Command::Baseline(args) => baseline::run(&args).await,
+        Command::Peer(args) => peer::run(&args).await,
         Command::Report(args) => report::print_runs(&args),
         Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
         Command::Faults(args) => faults::run(&args).await,

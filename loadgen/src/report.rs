@@ -1,5 +1,6 @@
 //! Results: what a scenario or a baseline run wrote (JSON), the detailed printout of one
-//! run, and the side-by-side table of ours against the baseline, as medians over runs.
+//! run, and the side-by-side table of ours against the synchronous peer and the baseline,
+//! as medians over runs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -306,22 +307,40 @@ struct Line {
     system: String,
     clients: String,
     headline: Option<f64>,
-    /// Baselines: the median over runs of (our headline ÷ this one's) in the same run.
+    /// The peer and the baselines: the median over runs of (our headline ÷ this one's) in
+    /// the same run.
     ratio: Option<f64>,
     second: Option<f64>,
     latency: Option<LatencySummary>,
     violations: usize,
 }
 
-/// `loadgen report DIR…`: ours and every baseline variant side by side, medians over the
-/// runs, with the ratio of our headline figure to each baseline's.
+/// The median of the ratios `ours / theirs` over the runs that measured both.
+fn median_ratio(pairs: impl Iterator<Item = (Option<f64>, Option<f64>)>) -> Option<f64> {
+    median(
+        pairs
+            .filter_map(|(ours, theirs)| Some((ours?, theirs?)))
+            .filter(|(_, theirs)| *theirs > 0.0)
+            .map(|(ours, theirs)| ours / theirs)
+            .collect(),
+    )
+}
+
+/// `loadgen report DIR…`: ours, the synchronous peer and every baseline variant side by
+/// side, medians over the runs, with the ratio of our headline figure to each of theirs.
 pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     let mut ours: Vec<ScenarioResult> = Vec::new();
     let mut baselines: Vec<BaselineResult> = Vec::new();
     // Each run's own baseline, to compare within a run.
     let mut pairs: Vec<(f64, BaselineResult)> = Vec::new();
+    // Each run's own peer result, beside ours of the same run.
+    let mut peers: Vec<(ScenarioResult, ScenarioResult)> = Vec::new();
     for dir in &args.runs {
         let result: ScenarioResult = read_json(&dir.join("scenario.json"))?;
+        let peer = dir.join("peer.json");
+        if peer.exists() {
+            peers.push((result.clone(), read_json(&peer)?));
+        }
         let baseline = dir.join("baseline.json");
         if baseline.exists() {
             let baseline: BaselineResult = read_json(&baseline)?;
@@ -346,6 +365,24 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
         )
     };
 
+    let peer_results: Vec<&ScenarioResult> = peers.iter().map(|(_, peer)| peer).collect();
+    let peer_fig = |key: &str| {
+        median(
+            peer_results
+                .iter()
+                .filter_map(|r| r.figures.get(key).copied())
+                .collect(),
+        )
+    };
+    let peer_lat = |key: &str| {
+        median_latency(
+            &peer_results
+                .iter()
+                .filter_map(|r| r.latencies.get(key).copied())
+                .collect::<Vec<_>>(),
+        )
+    };
+
     let mut lines = vec![Line {
         system: format!("ours ({})", first.label),
         clients: first.params.get("concurrency").cloned().unwrap_or_default(),
@@ -355,6 +392,20 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
         latency: lat(cols.latency),
         violations: ours.iter().map(|r| r.violations).sum(),
     }];
+    if let Some(peer) = peer_results.first() {
+        lines.push(Line {
+            system: "sync HTTP peer (loadgen peer)".to_owned(),
+            clients: peer.params.get("concurrency").cloned().unwrap_or_default(),
+            headline: peer_fig(cols.headline.1),
+            ratio: median_ratio(peers.iter().map(|(ours, peer)| {
+                let key = cols.headline.1;
+                (ours.figures.get(key).copied(), peer.figures.get(key).copied())
+            })),
+            second: cols.second.and_then(|c| peer_fig(c.1)),
+            latency: peer_lat(cols.latency),
+            violations: peer_results.iter().map(|r| r.violations).sum(),
+        });
+    }
     let names: Vec<String> = baselines
         .first()
         .map(|b| b.variants.iter().map(|v| v.name.clone()).collect())
@@ -439,7 +490,7 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     if lines.len() > 1 {
         let _ = writeln!(
             out,
-            "(ratio: our {} divided by that baseline's in the same run; median over runs)",
+            "(ratio: our {} divided by that system's in the same run; median over runs)",
             cols.headline.0
         );
     }
@@ -458,6 +509,33 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     for (key, label) in extra {
         if let Some(l) = lat(key) {
             let _ = writeln!(out, "{label:<66} ms p50/p90/p99/max {}", l.compact());
+        }
+    }
+    let peer_extra: &[(&str, &str)] = match first.scenario.as_str() {
+        "checkout" => &[
+            ("POST /orders/{id}/payment", "peer: payment latency (settled)"),
+            ("accept to paid (DB)", "peer: order placed to paid (DB)"),
+            ("journey (client)", "peer: whole journey (client)"),
+        ],
+        _ => &[],
+    };
+    for (key, label) in peer_extra {
+        if let Some(l) = peer_lat(key) {
+            let _ = writeln!(out, "{label:<66} ms p50/p90/p99/max {}", l.compact());
+        }
+    }
+    for (key, label) in [
+        (
+            "db_commits per paid order",
+            "PostgreSQL commits per paid order (ours / peer)",
+        ),
+        (
+            "db_commits per request",
+            "PostgreSQL commits per request (ours / peer)",
+        ),
+    ] {
+        if let (Some(o), Some(p)) = (fig(key), peer_fig(key)) {
+            let _ = writeln!(out, "{label:<66} {} / {}", fmt_num(o), fmt_num(p));
         }
     }
     for (key, label) in [
@@ -509,6 +587,19 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn ratios_are_taken_within_a_run_and_skip_runs_that_lack_a_side() {
+        let runs = [
+            (Some(900.0), Some(300.0)),
+            (Some(800.0), None),
+            (Some(1_000.0), Some(500.0)),
+            (Some(600.0), Some(0.0)),
+            (Some(700.0), Some(175.0)),
+        ];
+        assert_eq!(median_ratio(runs.into_iter()), Some(3.0));
+        assert_eq!(median_ratio([(None, Some(1.0))].into_iter()), None);
     }
 
     #[test]

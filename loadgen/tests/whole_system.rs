@@ -411,6 +411,7 @@ async fn the_checkout_charge_check_counts_each_charge_once() {
         expected_paid: 0,
         unexpected_answers: 0,
         failed_journeys: 0,
+        settler: loadgen::scenarios::Settler::Pipeline,
     };
     let holds = || async {
         checks::checkout(&world.db, &api, &facts)

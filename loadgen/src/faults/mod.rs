@@ -337,6 +337,7 @@ fn loads(
 ) -> (FlashSaleArgs, CheckoutArgs) {
     let common = |rate: f64, out: &str, started: &Arc<Notify>| Common {
         api: api.to_owned(),
+        commands_url: None,
         database_url: database_url.to_owned(),
         admin_token: args.admin_token.clone(),
         concurrency: 200,
@@ -350,6 +351,8 @@ fn loads(
         processes: Vec::new(),
         label: String::new(),
         out: Some(log_dir.join(out)),
+        // The suite reports recoveries and invariants, not PostgreSQL's counters.
+        statistics_delay_secs: 0,
         patience_secs: CLIENT_PATIENCE.as_secs(),
         load_started: Some(Arc::clone(started)),
     };

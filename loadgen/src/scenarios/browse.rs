@@ -89,6 +89,10 @@ impl Reader {
 
 pub async fn run(args: &BrowseArgs) -> anyhow::Result<()> {
     let common = &args.common;
+    anyhow::ensure!(
+        common.commands_url.is_none(),
+        "browse sends no commands: --commands-url does not apply to it"
+    );
     let harness = Harness::connect(common).await?;
     let prefix = setup::run_prefix("browse");
     let users = setup::create_users(&harness.db, &harness.api, &prefix, args.users, 50_000).await?;

@@ -13,6 +13,10 @@
 //! - `journeys_per_sec`: journeys that ended paid per second of load, as the client saw them.
 //! - latencies `POST /orders` and `POST /orders/{id}/payment` (accept latency), `poll`,
 //!   `journey (client)`, and `accept to paid (DB)`: order accepted to order paid.
+//!
+//! Against the synchronous peer (`--commands-url`) the order and the payment go to the peer,
+//! whose `200` is final (the order `RESERVED`, then `PAID`); a refusal there is the
+//! contract's error code at once. Charges, setup and reads stay with the api.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +29,7 @@ use rand::SeedableRng;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{base_params, db_latency, Harness, Outcomes};
+use super::{base_params, db_latency, Harness, Outcomes, Settler};
 use crate::checks::{self, CheckoutFacts};
 use crate::cli::CheckoutArgs;
 use crate::client::{Answer, Api};
@@ -82,7 +86,11 @@ pub fn plan_journeys(
 
 /// What the journeys share while they run.
 struct Shop {
+    /// The api: charges.
     api: Api,
+    /// Where orders and payments go: the api (waiting for the settlement), or the peer.
+    commands: Api,
+    settler: Settler,
     recorder: Recorder,
     outcomes: Outcomes,
     paid: Mutex<Vec<(i64, Uuid)>>,
@@ -121,15 +129,21 @@ impl Shop {
     }
 
     /// Records an accept answer: `202`, or `200` with the settled request when the command
-    /// waited for it; the answer, or why not.
+    /// waited for it (the peer: always); the answer, or why not. The peer refuses with the
+    /// contract's code at once, which is a correct answer that ends the journey.
     fn accepted(
         &self,
         label: &str,
         answer: anyhow::Result<Answer>,
         latency: Duration,
     ) -> Result<Answer, Stop> {
-        let status = match &answer {
-            Ok(a) if a.status == 200 => 200,
+        let status = match (&answer, self.settler) {
+            (Ok(a), Settler::Peer) if (400..500).contains(&a.status) && a.code.is_some() => {
+                self.recorder.record(label, latency);
+                return Err(Stop::Refused(format!("{label} {}", a.outcome())));
+            }
+            (Ok(a), _) if a.status == 200 => 200,
+            (_, Settler::Peer) => 200,
             _ => 202,
         };
         self.answered(label, answer, latency, status)
@@ -164,7 +178,7 @@ impl Shop {
             self.answered("POST /users/{id}/balance/charge", charged, sent.elapsed(), 200)?;
         }
         let created = self
-            .api
+            .commands
             .create_order(user, journey.product, 1, &format!("checkout-{user}-order"))
             .await;
         let created = self.accepted("POST /orders", created, intended.elapsed())?;
@@ -177,7 +191,7 @@ impl Shop {
 
         let sent = Instant::now();
         let paying = self
-            .api
+            .commands
             .pay_order(order, user, journey.coupon, &format!("checkout-{user}-payment"))
             .await;
         let paying = self.accepted("POST /orders/{id}/payment", paying, sent.elapsed())?;
@@ -213,7 +227,7 @@ impl Shop {
                 _ => {}
             }
             let sent = Instant::now();
-            let read = self.api.request_status_waiting(request, WAIT_SECS).await;
+            let read = self.commands.request_status_waiting(request, WAIT_SECS).await;
             self.recorder
                 .record("GET /requests/{id}?wait (poll)", sent.elapsed());
             self.polls.fetch_add(1, Ordering::Relaxed);
@@ -287,10 +301,17 @@ async fn fixture(
 }
 
 impl Shop {
-    fn new(api: Api, args: &CheckoutArgs) -> Self {
-        Self {
+    fn new(harness: &Harness, args: &CheckoutArgs) -> Self {
+        let commands = match harness.settler {
             // Commands wait for their answer: no polling loop.
-            api: api.waiting(WAIT_SECS),
+            Settler::Pipeline => harness.commands.clone().waiting(WAIT_SECS),
+            // The peer's answer is final.
+            Settler::Peer => harness.commands.clone(),
+        };
+        Self {
+            api: harness.api.clone(),
+            commands,
+            settler: harness.settler,
             recorder: Recorder::default(),
             outcomes: Outcomes::default(),
             paid: Mutex::new(Vec::new()),
@@ -316,7 +337,7 @@ async fn warm_up(harness: &Harness, args: &CheckoutArgs, prefix: &str) -> anyhow
         args.common.seed + 1,
     )
     .await?;
-    let shop = Arc::new(Shop::new(harness.api.clone(), args));
+    let shop = Arc::new(Shop::new(harness, args));
     schedule::drive(
         warm.plan.into_iter(),
         harness.warmup_pace(),
@@ -358,7 +379,7 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
     );
 
     let charged: Vec<i64> = plan.iter().filter(|j| j.charge).map(|j| j.user).collect();
-    let shop = Arc::new(Shop::new(harness.api.clone(), args));
+    let shop = Arc::new(Shop::new(&harness, args));
     let window = harness.begin().await;
     let load = Arc::clone(&shop);
     let timing = schedule::drive(plan.into_iter(), common.pace(), None, move |journey, intended| {
@@ -441,6 +462,7 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
         expected_paid: users.len() as i64,
         unexpected_answers: shop.outcomes.unexpected(),
         failed_journeys: shop.failed.load(Ordering::Relaxed),
+        settler: harness.settler,
     };
     let checks = checks::checkout(&harness.db, &harness.api, &facts).await?;
     let mut notes = Vec::new();

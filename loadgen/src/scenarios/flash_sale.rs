@@ -7,10 +7,15 @@
 //! `409 ERR_COUPON_ALREADY_ACQUIRED` (the user holds it), and for a key sent twice,
 //! `409 ERR_IDEMPOTENCY_KEY_IN_USE` while its first request is still being handled.
 //!
+//! Against the synchronous peer (`--commands-url`) the answer is final: `200` with the
+//! issued coupon, or the same refusals; the peer keeps no keys, so a retry is a new request
+//! (answered `409 ERR_COUPON_ALREADY_ACQUIRED` once the first was issued).
+//!
 //! Figures (keys of the result):
 //! - `coupons_issued_per_sec`: coupons issued / (last coupon issued − start of the load):
 //!   what a flash sale is about, end to end, with PostgreSQL's clock (the same machine's).
-//! - `answered_per_sec`, `accepted_per_sec`: HTTP answers, and `202`s, per second of load.
+//! - `answered_per_sec`, `accepted_per_sec`: HTTP answers, and `202`s (peer: `200`s, each a
+//!   coupon issued), per second of load.
 //! - `accept_to_settled_seconds`: first accepted request to last settled one (DB).
 //! - latency `answer (all)`: every answer, from the (scheduled) send to the response.
 
@@ -24,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{base_params, db_latency, Harness, Outcomes};
+use super::{base_params, db_latency, Harness, Outcomes, Settler};
 use crate::checks::{self, FlashSaleFacts};
 use crate::cli::FlashSaleArgs;
 use crate::client::{transport_outcome, Answer, Api};
@@ -108,13 +113,15 @@ pub fn plan_attempts(
     planned.into_iter().map(|(_, a)| a).collect()
 }
 
-/// Whether the contract allows this answer to this attempt.
-pub fn is_allowed(kind: AttemptKind, answer: &Answer) -> bool {
-    match (answer.status, answer.code.as_deref()) {
-        (202, _) => true,
-        (410, Some("ERR_COUPON_OUT_OF_STOCK")) | (409, Some("ERR_COUPON_ALREADY_ACQUIRED")) => true,
+/// Whether the contract allows this answer to this attempt, from who settles it.
+pub fn is_allowed(kind: AttemptKind, answer: &Answer, settler: Settler) -> bool {
+    match (settler, answer.status, answer.code.as_deref()) {
+        (Settler::Pipeline, 202, _) => true,
+        // The peer's answer is final: issued, with the coupon it issued.
+        (Settler::Peer, 200, _) => answer.str_field("status") == Some("SUCCEEDED"),
+        (_, 410, Some("ERR_COUPON_OUT_OF_STOCK")) | (_, 409, Some("ERR_COUPON_ALREADY_ACQUIRED")) => true,
         // A key sent twice: whichever of the two comes second may find the first in flight.
-        (409, Some("ERR_IDEMPOTENCY_KEY_IN_USE")) => kind != AttemptKind::Second,
+        (Settler::Pipeline, 409, Some("ERR_IDEMPOTENCY_KEY_IN_USE")) => kind != AttemptKind::Second,
         _ => false,
     }
 }
@@ -122,6 +129,7 @@ pub fn is_allowed(kind: AttemptKind, answer: &Answer) -> bool {
 /// What the requests share while they run.
 struct Sale {
     api: Api,
+    settler: Settler,
     coupon: i64,
     recorder: Recorder,
     outcomes: Outcomes,
@@ -129,20 +137,25 @@ struct Sale {
     /// The request each key was answered with, to catch a key that names two.
     keys: Mutex<HashMap<String, Uuid>>,
     keys_with_two_requests: AtomicU64,
-    answered_202: AtomicU64,
+    /// `202`s, or the peer's `200`s.
+    accepted_answers: AtomicU64,
+    /// The peer's `200`s: the user coupon each one says it issued.
+    issued_in_answers: Mutex<Vec<Uuid>>,
 }
 
 impl Sale {
-    fn new(api: Api, coupon: i64) -> Self {
+    fn new(api: Api, settler: Settler, coupon: i64) -> Self {
         Self {
             api,
+            settler,
             coupon,
             recorder: Recorder::default(),
             outcomes: Outcomes::default(),
             accepted: Mutex::new(Vec::new()),
             keys: Mutex::new(HashMap::new()),
             keys_with_two_requests: AtomicU64::new(0),
-            answered_202: AtomicU64::new(0),
+            accepted_answers: AtomicU64::new(0),
+            issued_in_answers: Mutex::new(Vec::new()),
         }
     }
 
@@ -162,12 +175,26 @@ impl Sale {
         };
         let outcome = answer.outcome();
         self.recorder.record(&format!("answer {outcome}"), latency);
-        self.outcomes.count(&outcome, is_allowed(attempt.kind, &answer));
+        self.outcomes
+            .count(&outcome, is_allowed(attempt.kind, &answer, self.settler));
         if answer.replayed {
             self.outcomes.count("(of which replayed)", true);
         }
+        if self.settler == Settler::Peer && answer.status == 200 {
+            self.accepted_answers.fetch_add(1, Ordering::Relaxed);
+            let issued = answer
+                .body
+                .pointer("/result/userCouponId")
+                .and_then(|v| v.as_str())
+                .and_then(|v| v.parse().ok());
+            // A 200 that names no coupon counts as issued nothing (and fails a check).
+            self.issued_in_answers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(issued.unwrap_or_default());
+        }
         if answer.status == 202 {
-            self.answered_202.fetch_add(1, Ordering::Relaxed);
+            self.accepted_answers.fetch_add(1, Ordering::Relaxed);
             if let Some(id) = answer.request_id() {
                 self.accepted
                     .lock()
@@ -208,7 +235,7 @@ async fn warm_up(harness: &Harness, args: &FlashSaleArgs, prefix: &str) -> anyho
         50,
         args.common.seed + 1,
     );
-    let sale = Arc::new(Sale::new(harness.api.clone(), coupon));
+    let sale = Arc::new(Sale::new(harness.commands.clone(), harness.settler, coupon));
     schedule::drive(
         plan.into_iter(),
         harness.warmup_pace(),
@@ -253,7 +280,7 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         common.pace().describe()
     );
 
-    let sale = Arc::new(Sale::new(harness.api.clone(), coupon));
+    let sale = Arc::new(Sale::new(harness.commands.clone(), harness.settler, coupon));
     let window = harness.begin().await;
     let load = Arc::clone(&sale);
     let timing = schedule::drive(plan.into_iter(), common.pace(), None, move |attempt, intended| {
@@ -283,7 +310,7 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         .fetch_one(&harness.db)
         .await?;
     let started = timing.started_at.timestamp_micros() as f64 / 1e6;
-    let answered_202 = sale.answered_202.load(Ordering::Relaxed) as f64;
+    let answered_202 = sale.accepted_answers.load(Ordering::Relaxed) as f64;
     let mut figures = std::collections::BTreeMap::new();
     figures.insert("requests".to_owned(), timing.dispatched as f64);
     figures.insert("load_seconds".to_owned(), load_seconds);
@@ -305,7 +332,7 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         figures.insert("accept_to_settled_seconds".to_owned(), last - first);
         figures.insert("settled_per_sec".to_owned(), settled as f64 / (last - first));
     }
-    if let Some(drain) = drained {
+    if let Some(drain) = drained.filter(|_| harness.settler == Settler::Pipeline) {
         figures.insert("drain_after_load_seconds".to_owned(), drain.as_secs_f64());
     }
     if common.rate.is_some() {
@@ -344,6 +371,12 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         unexpected_answers: sale.outcomes.unexpected(),
         keys_with_two_requests: sale.keys_with_two_requests.load(Ordering::Relaxed),
         concurrency: common.concurrency,
+        settler: harness.settler,
+        issued_in_answers: sale
+            .issued_in_answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
     };
     let checks = checks::flash_sale(&harness.db, &harness.api, &facts).await?;
     let mut notes = Vec::new();
@@ -438,25 +471,32 @@ mod tests {
     #[test]
     fn sold_out_and_already_held_are_correct_answers_and_errors_are_not() {
         use AttemptKind::*;
-        assert!(is_allowed(First, &answer(202, None)));
-        assert!(is_allowed(First, &answer(410, Some("ERR_COUPON_OUT_OF_STOCK"))));
-        assert!(is_allowed(
-            Second,
-            &answer(409, Some("ERR_COUPON_ALREADY_ACQUIRED"))
-        ));
-        assert!(is_allowed(
-            Retry,
-            &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))
-        ));
-        assert!(!is_allowed(
-            Second,
-            &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))
-        ));
-        assert!(!is_allowed(First, &answer(503, Some("ERR_UNAVAILABLE"))));
-        assert!(!is_allowed(First, &answer(500, Some("ERR_INTERNAL"))));
-        assert!(!is_allowed(
-            Retry,
-            &answer(422, Some("ERR_IDEMPOTENCY_KEY_REUSED"))
-        ));
+        let ours = |kind, answer: &Answer| is_allowed(kind, answer, Settler::Pipeline);
+        assert!(ours(First, &answer(202, None)));
+        assert!(ours(First, &answer(410, Some("ERR_COUPON_OUT_OF_STOCK"))));
+        assert!(ours(Second, &answer(409, Some("ERR_COUPON_ALREADY_ACQUIRED"))));
+        assert!(ours(Retry, &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))));
+        assert!(!ours(Second, &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))));
+        assert!(!ours(First, &answer(503, Some("ERR_UNAVAILABLE"))));
+        assert!(!ours(First, &answer(500, Some("ERR_INTERNAL"))));
+        assert!(!ours(Retry, &answer(422, Some("ERR_IDEMPOTENCY_KEY_REUSED"))));
+    }
+
+    #[test]
+    fn the_peer_answers_issued_or_refused_and_nothing_asynchronous() {
+        use AttemptKind::*;
+        let peer = |kind, answer: &Answer| is_allowed(kind, answer, Settler::Peer);
+        let mut issued = answer(200, None);
+        issued.body = serde_json::json!({ "status": "SUCCEEDED", "result": {} });
+        assert!(peer(First, &issued));
+        assert!(
+            !peer(First, &answer(200, None)),
+            "a 200 that is not a settled success"
+        );
+        assert!(peer(Retry, &answer(409, Some("ERR_COUPON_ALREADY_ACQUIRED"))));
+        assert!(peer(First, &answer(410, Some("ERR_COUPON_OUT_OF_STOCK"))));
+        assert!(!peer(First, &answer(202, None)), "the peer never defers");
+        assert!(!peer(Retry, &answer(409, Some("ERR_IDEMPOTENCY_KEY_IN_USE"))));
+        assert!(!peer(First, &answer(500, Some("ERR_INTERNAL"))));
     }
 }
