@@ -109,7 +109,14 @@ async fn record_confirmations(db: PgPool, mut receiver: mpsc::UnboundedReceiver<
     const MAX_PER_STATEMENT: usize = 1_000;
     let mut ids = Vec::with_capacity(MAX_PER_STATEMENT);
     while receiver.recv_many(&mut ids, MAX_PER_STATEMENT).await > 0 {
-        let marked = sqlx::query("UPDATE requests SET published = true WHERE id = ANY($1) AND NOT published")
+        // A request a worker is settling right now is passed over: the worker marks it
+        // itself. Waiting for it made a convoy under load, workers waiting for this
+        // statement's row locks while it waited for theirs.
+        let marked = sqlx::query(
+            "UPDATE requests SET published = true
+             WHERE id IN (SELECT id FROM requests WHERE id = ANY($1) AND NOT published
+                          FOR NO KEY UPDATE SKIP LOCKED)",
+        )
             .bind(&ids)
             .execute(&db)
             .await;

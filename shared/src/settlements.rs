@@ -30,7 +30,10 @@ pub fn fits_one_notice(count: usize) -> bool {
 pub async fn announce(db: &PgPool, ids: &[Uuid]) {
     for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
         let payload = chunk.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+        let sent = sqlx::query(
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+             SELECT pg_notify($1, $2) FROM relaxed",
+        )
             .bind(CHANNEL)
             .bind(payload)
             .execute(db)

@@ -88,16 +88,38 @@ pub async fn live(db: &PgPool, replica_ttl: Duration) -> Result<Vec<Uuid>, sqlx:
     .await
 }
 
-/// Extends every lease this replica holds; returns them as `(family, partition, epoch)`.
+/// Extends the leases this replica holds; returns every lease it holds as
+/// `(family, partition, epoch)`.
+///
+/// A settling batch holds its lease under a share lock (its fence) until it commits, and an
+/// update of the lease waits for that. Waiting for every busy partition at each heartbeat
+/// made a convoy under load: the renewal waited for the batches in flight, and every new
+/// batch's fence then waited for the renewal's commit. So a lease a batch holds right now is
+/// passed over, unless it has less than half its life left: that one is waited for. A lease
+/// a batch holds under its fence cannot be taken over meanwhile (a takeover waits for the
+/// same lock), so it is still this replica's.
 pub async fn renew(
     db: &PgPool,
     replica: Uuid,
     lease_ttl: Duration,
 ) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE partition_leases SET expires_at = now() + make_interval(secs => $2)
-         WHERE owner = $1
-         RETURNING family, partition, epoch",
+        "WITH renewed AS (
+            UPDATE partition_leases SET expires_at = now() + make_interval(secs => $2)
+            WHERE (family, partition) IN (
+                (SELECT family, partition FROM partition_leases
+                 WHERE owner = $1 AND expires_at >= now() + make_interval(secs => $2 / 2)
+                 FOR NO KEY UPDATE SKIP LOCKED)
+                UNION ALL
+                (SELECT family, partition FROM partition_leases
+                 WHERE owner = $1 AND expires_at < now() + make_interval(secs => $2 / 2)))
+              AND owner = $1
+            RETURNING family, partition, epoch),
+         passed_over AS (
+            SELECT family, partition, epoch FROM partition_leases
+            WHERE owner = $1 AND expires_at >= now()
+              AND (family, partition) NOT IN (SELECT family, partition FROM renewed))
+         SELECT * FROM renewed UNION ALL SELECT * FROM passed_over",
     )
     .bind(replica)
     .bind(interval_secs(lease_ttl))

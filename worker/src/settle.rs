@@ -342,9 +342,7 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
     match settle_in(&mut tx, family.as_ref(), &write_statement, lease, ids).await {
         Ok(Some(settled)) => {
             tx.commit().await?;
-            if !shared::settlements::fits_one_notice(settled.ids.len()) {
-                shared::settlements::announce(&ctx.db, &settled.ids).await;
-            }
+            shared::settlements::announce(&ctx.db, &settled.ids).await;
             if settled.wrote_events {
                 // Let the outbox relay publish them now.
                 ctx.outbox_written.notify_one();
@@ -491,7 +489,7 @@ async fn write(
         results.push(result.transpose().map_err(|e| unencodable(e.into()))?);
         errors.push(error.transpose().map_err(|e| unencodable(e.into()))?);
     }
-    let fits = shared::settlements::fits_one_notice(ids.len());
+    let fits = false;
     let mut args = PgArguments::default();
     args.add(ids).map_err(unencodable)?;
     args.add(statuses).map_err(unencodable)?;
