@@ -190,6 +190,11 @@ pub fn describe_metrics() {
         Unit::Count,
         "Outbox events not yet published to the events exchange, as last counted by this worker."
     );
+    describe_gauge!(
+        "outbox_oldest_unpublished_seconds",
+        Unit::Seconds,
+        "Age of the oldest outbox event not yet published (0 with none), as last counted by this worker."
+    );
     describe_counter!(
         "outbox_events_published_total",
         Unit::Count,
@@ -318,6 +323,7 @@ mod tests {
         ),
         (Kind::Gauge, "orders_reserved_now", &[]),
         (Kind::Gauge, "outbox_backlog", &[]),
+        (Kind::Gauge, "outbox_oldest_unpublished_seconds", &[]),
         (Kind::Gauge, "worker_partitions_owned", &[("family", "order")]),
         (
             Kind::Histogram,

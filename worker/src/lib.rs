@@ -51,6 +51,8 @@ pub struct Context {
     pub config: WorkerConfig,
     /// Woken after a batch that may have written outbox events commits.
     pub outbox_written: tokio::sync::Notify,
+    /// Batches of one family this replica settles at once.
+    pub settle_slots: consumer::SettleSlots,
     /// This replica's identity in `worker_replicas` and `partition_leases`; new at every
     /// start, so a restarted process never mistakes its predecessor's leases for its own.
     pub replica: Uuid,
@@ -80,6 +82,7 @@ impl Context {
             db,
             publisher: Publisher::new(Arc::clone(&broker)),
             broker,
+            settle_slots: consumer::SettleSlots::new(config.settle_concurrency),
             config,
             outbox_written: tokio::sync::Notify::new(),
             replica: Uuid::now_v7(),

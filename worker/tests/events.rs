@@ -192,3 +192,156 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
     );
     drop(data_platform);
 }
+
+/// Counts the statements that change outbox rows, and what each changed: a statement-level
+/// trigger sees every row a statement updated, so a statement per event would show as
+/// many rows of one event each.
+const COUNT_OUTBOX_UPDATES: &str = "
+CREATE TABLE outbox_updates (id bigserial PRIMARY KEY, touched bigint, marked bigint, marked_again bigint);
+CREATE FUNCTION count_outbox_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO outbox_updates (touched, marked, marked_again)
+  SELECT count(*),
+         count(*) FILTER (WHERE o.published_at IS NULL AND n.published_at IS NOT NULL),
+         count(*) FILTER (WHERE o.published_at IS NOT NULL)
+  FROM old_rows o JOIN new_rows n USING (id)
+  HAVING count(*) > 0;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER count_outbox_updates AFTER UPDATE ON outbox
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION count_outbox_updates();
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_time() {
+    const EVENTS: i64 = 450;
+    let system = System::start(0).await;
+    sqlx::raw_sql(COUNT_OUTBOX_UPDATES)
+        .execute(&system.app.db)
+        .await
+        .unwrap();
+
+    // The data platform's side, bound before anything is published.
+    let broker = shared::config::BrokerSettings::from_env().unwrap().url;
+    let conn = lapin::Connection::connect(&broker, Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    system.app.topology.declare_events(&channel).await.unwrap();
+    let queue = format!("{}test.backlog", system.app.topology.prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            system.app.topology.events_exchange().as_str().into(),
+            "order.paid".into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    // A backlog such as a relay outage leaves: events a minute old, none claimed.
+    let stored: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO outbox (id, routing_key, payload, created_at)
+         SELECT id, 'order.paid', jsonb_build_object('eventId', id, 'type', 'order.paid'),
+                now() - interval '1 minute'
+         FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, $1)) AS events
+         RETURNING id",
+    )
+    .bind(EVENTS as i32)
+    .fetch_all(&system.app.db)
+    .await
+    .unwrap();
+    let ctx = std::sync::Arc::new(system.worker_context());
+    let backlog = worker::outbox::backlog(&ctx).await.unwrap();
+    assert_eq!(backlog.unpublished, EVENTS);
+    assert!(
+        backlog.oldest_age_secs >= 60.0,
+        "the oldest event waited a minute: {backlog:?}"
+    );
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(worker::outbox::run(std::sync::Arc::clone(&ctx), stop.clone()));
+
+    // Every event arrives, as itself.
+    let mut deliveries = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut received = HashSet::new();
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while received.len() < stored.len() {
+        let delivery = tokio::time::timeout_at(deadline, deliveries.next())
+            .await
+            .expect("every event arrives")
+            .unwrap()
+            .unwrap();
+        let event: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+        let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string());
+        assert_eq!(message_id.as_deref(), event["eventId"].as_str());
+        received.insert(event["eventId"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+        delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(received, stored.iter().copied().collect::<HashSet<_>>());
+
+    // Marked after their confirms; the relay then has nothing left.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while system
+        .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        .await
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every confirmed event is marked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    relay.await.unwrap();
+    let backlog = worker::outbox::backlog(&ctx).await.unwrap();
+    assert_eq!((backlog.unpublished, backlog.oldest_age_secs), (0, 0.0));
+
+    // Each event marked once, by statements that each carried a whole pass: at most one
+    // claim and one mark per full batch of events.
+    let passes = (EVENTS + worker::outbox::BATCH - 1) / worker::outbox::BATCH;
+    let (marks, marked, marked_again, claims): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE marked > 0), COALESCE(sum(marked), 0)::bigint,
+                COALESCE(sum(marked_again), 0)::bigint, count(*) FILTER (WHERE marked = 0)
+         FROM outbox_updates",
+    )
+    .fetch_one(&system.app.db)
+    .await
+    .unwrap();
+    assert_eq!(marked, EVENTS, "every event marked published");
+    assert_eq!(marked_again, 0, "no event marked twice");
+    assert!(
+        marks <= passes,
+        "{marks} statements marked {EVENTS} events; at most {passes} expected"
+    );
+    assert!(
+        claims <= passes,
+        "{claims} statements claimed {EVENTS} events; at most {passes} expected"
+    );
+
+    ctx.publisher.close().await;
+    ctx.broker.close().await;
+    let _ = conn.close(200, "done".into()).await;
+}
