@@ -117,9 +117,9 @@ async fn record_confirmations(db: PgPool, mut receiver: mpsc::UnboundedReceiver<
              WHERE id IN (SELECT id FROM requests WHERE id = ANY($1) AND NOT published
                           FOR NO KEY UPDATE SKIP LOCKED)",
         )
-            .bind(&ids)
-            .execute(&db)
-            .await;
+        .bind(&ids)
+        .execute(&db)
+        .await;
         if let Err(e) = marked {
             tracing::warn!(error = %e, requests = ids.len(), "cannot record publish confirmations; the sweeper will re-publish them");
         }

@@ -1,14 +1,20 @@
 //! Word that requests were settled, from the workers to every api replica: one PostgreSQL
 //! `NOTIFY` per settled batch on [`CHANNEL`], naming the batch's requests, so that clients
 //! waiting for an answer (`Prefer: wait`, `?wait=`) are woken rather than polling. A worker
-//! sends it from the statement that writes the batch's outcomes (delivered at its commit);
-//! [`announce`] is for the rest (dead letters, batches too large for one notice).
+//! sends it right after the batch commits ([`announce`]), as do the dead-letter handlers.
+//!
+//! Not from the settling transaction itself: a transaction that notifies holds
+//! PostgreSQL's notify-queue lock from its commit until its WAL is flushed, so every
+//! notifying batch committed behind every other's flush while holding its row locks. The
+//! notice is sent in a transaction of its own that does not wait for the flush: it has no
+//! effect to make durable.
 //!
 //! `LISTEN/NOTIFY` rather than a RabbitMQ exchange: both api and workers already hold
 //! PostgreSQL connections, a notification costs one statement per batch (not per command),
 //! and it needs no queue per api replica to declare, expire and clean up. Notifications are
-//! not durable: one sent while a replica's listener is reconnecting is lost, which is why
-//! waiters also read the request again every poll interval.
+//! not durable: one sent while a replica's listener is reconnecting is lost (or never sent,
+//! by a worker that dies between its commit and its notice), which is why waiters also read
+//! the request again every poll interval.
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -20,12 +26,8 @@ pub const CHANNEL: &str = "requests_settled";
 /// 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 200;
 
-/// Whether `count` request ids fit one notice's payload.
-pub fn fits_one_notice(count: usize) -> bool {
-    count <= IDS_PER_NOTIFICATION
-}
-
-/// Announces that `ids` are settled. Best effort: a lost notice costs its waiters one poll
+/// Announces that `ids` are settled, one notice per 200 ids, each committed without
+/// waiting for the WAL flush. Best effort: a lost notice costs its waiters one poll
 /// interval, so a failure is logged and otherwise ignored.
 pub async fn announce(db: &PgPool, ids: &[Uuid]) {
     for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
@@ -34,10 +36,10 @@ pub async fn announce(db: &PgPool, ids: &[Uuid]) {
             "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
              SELECT pg_notify($1, $2) FROM relaxed",
         )
-            .bind(CHANNEL)
-            .bind(payload)
-            .execute(db)
-            .await;
+        .bind(CHANNEL)
+        .bind(payload)
+        .execute(db)
+        .await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
         }

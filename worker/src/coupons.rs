@@ -133,12 +133,12 @@ impl CommandFamily for CouponIssues {
     }
 
     fn write_ctes(&self) -> &'static str {
-        // Parameters from `FIRST_FAMILY_PARAMETER` (7) on.
+        // Parameters from `FIRST_FAMILY_PARAMETER` (5) on.
         "issued AS (
             INSERT INTO user_coupons (id, coupon_id, user_id, request_id)
-            SELECT * FROM UNNEST($7::uuid[], $8::bigint[], $9::bigint[], $10::uuid[])),
+            SELECT * FROM UNNEST($5::uuid[], $6::bigint[], $7::bigint[], $8::uuid[])),
          counted AS (
             UPDATE coupons c SET issued_quantity = c.issued_quantity + d.n
-            FROM UNNEST($11::bigint[], $12::bigint[]) AS d(id, n) WHERE c.id = d.id)"
+            FROM UNNEST($9::bigint[], $10::bigint[]) AS d(id, n) WHERE c.id = d.id)"
     }
 }

@@ -104,15 +104,16 @@ pub async fn renew(
     lease_ttl: Duration,
 ) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
     sqlx::query_as(
-        "WITH renewed AS (
+        "WITH idle AS (
+            SELECT family, partition FROM partition_leases
+            WHERE owner = $1 AND expires_at >= now() + make_interval(secs => $2 / 2)
+            FOR NO KEY UPDATE SKIP LOCKED),
+         due AS (
+            SELECT family, partition FROM partition_leases
+            WHERE owner = $1 AND expires_at < now() + make_interval(secs => $2 / 2)),
+         renewed AS (
             UPDATE partition_leases SET expires_at = now() + make_interval(secs => $2)
-            WHERE (family, partition) IN (
-                (SELECT family, partition FROM partition_leases
-                 WHERE owner = $1 AND expires_at >= now() + make_interval(secs => $2 / 2)
-                 FOR NO KEY UPDATE SKIP LOCKED)
-                UNION ALL
-                (SELECT family, partition FROM partition_leases
-                 WHERE owner = $1 AND expires_at < now() + make_interval(secs => $2 / 2)))
+            WHERE (family, partition) IN (SELECT * FROM idle UNION ALL SELECT * FROM due)
               AND owner = $1
             RETURNING family, partition, epoch),
          passed_over AS (

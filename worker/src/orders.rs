@@ -208,7 +208,7 @@ impl CommandFamily for OrderCommands {
     }
 
     fn write_ctes(&self) -> &'static str {
-        // Parameters from `FIRST_FAMILY_PARAMETER` (7) on, in the order `Writes::bind`
+        // Parameters from `FIRST_FAMILY_PARAMETER` (5) on, in the order `Writes::bind`
         // adds them. Each `x = ANY(..)` is for the planner, as in the outcomes' `UPDATE`:
         // under a generic plan it cannot tell how many rows an `UNNEST` holds, and a guess
         // of many could scan a whole table instead of looking a few rows up.
@@ -222,42 +222,42 @@ impl CommandFamily for OrderCommands {
                 discount_amount = COALESCE(w.discount_amount, o.discount_amount),
                 paid_amount = COALESCE(w.paid_amount, o.paid_amount),
                 coupon_id = CASE WHEN w.paid_at IS NULL THEN o.coupon_id ELSE w.coupon_id END
-            FROM UNNEST($7::uuid[], $8::text[], $9::bigint[], $10::timestamptz[], $11::bool[],
-                        $12::timestamptz[], $13::bigint[], $14::bigint[], $15::bigint[])
+            FROM UNNEST($5::uuid[], $6::text[], $7::bigint[], $8::timestamptz[], $9::bool[],
+                        $10::timestamptz[], $11::bigint[], $12::bigint[], $13::bigint[])
                  AS w(id, status, total_amount, reserved_until, closed, paid_at, discount_amount,
                       paid_amount, coupon_id)
-            WHERE o.id = ANY($7) AND o.id = w.id),
+            WHERE o.id = ANY($5) AND o.id = w.id),
          snapshot AS (
             UPDATE order_items oi SET name = s.name, unit_price = s.price
-            FROM UNNEST($16::uuid[], $17::bigint[], $18::text[], $19::bigint[])
+            FROM UNNEST($14::uuid[], $15::bigint[], $16::text[], $17::bigint[])
                  AS s(order_id, product_id, name, price)
-            WHERE oi.order_id = ANY($16) AND oi.order_id = s.order_id AND oi.product_id = s.product_id),
+            WHERE oi.order_id = ANY($14) AND oi.order_id = s.order_id AND oi.product_id = s.product_id),
          stocked AS (
             UPDATE products p
             SET reserved = p.reserved + d.reserve - d.sell, stock = p.stock - d.sell,
                 sold = p.sold + d.sell, updated_at = now()
-            FROM UNNEST($20::bigint[], $21::bigint[], $22::bigint[]) AS d(id, reserve, sell)
-            WHERE p.id = ANY($20) AND p.id = d.id),
+            FROM UNNEST($18::bigint[], $19::bigint[], $20::bigint[]) AS d(id, reserve, sell)
+            WHERE p.id = ANY($18) AND p.id = d.id),
          debited AS (
             UPDATE balances b SET amount = d.amount, updated_at = now()
-            FROM UNNEST($23::bigint[], $24::bigint[]) AS d(user_id, amount)
-            WHERE b.user_id = ANY($23) AND b.user_id = d.user_id),
+            FROM UNNEST($21::bigint[], $22::bigint[]) AS d(user_id, amount)
+            WHERE b.user_id = ANY($21) AND b.user_id = d.user_id),
          ledger AS (
             INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
             SELECT l.user_id, 'PAYMENT', l.amount, l.balance_after, l.order_id
-            FROM UNNEST($25::bigint[], $26::bigint[], $27::bigint[], $28::uuid[])
+            FROM UNNEST($23::bigint[], $24::bigint[], $25::bigint[], $26::uuid[])
                  AS l(user_id, amount, balance_after, order_id)),
          used AS (
             UPDATE user_coupons uc SET used_at = now(), order_id = u.order_id
-            FROM UNNEST($29::uuid[], $30::uuid[]) AS u(id, order_id)
-            WHERE uc.id = ANY($29) AND uc.id = u.id),
+            FROM UNNEST($27::uuid[], $28::uuid[]) AS u(id, order_id)
+            WHERE uc.id = ANY($27) AND uc.id = u.id),
          payment AS (
             INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
-            SELECT * FROM UNNEST($31::uuid[], $32::uuid[], $33::bigint[], $34::uuid[],
-                                 $35::bigint[], $36::bigint[], $37::uuid[])),
+            SELECT * FROM UNNEST($29::uuid[], $30::uuid[], $31::bigint[], $32::uuid[],
+                                 $33::bigint[], $34::bigint[], $35::uuid[])),
          event AS (
             INSERT INTO outbox (id, routing_key, payload)
-            SELECT e.id, 'order.paid', e.payload FROM UNNEST($38::uuid[], $39::jsonb[]) AS e(id, payload))"
+            SELECT e.id, 'order.paid', e.payload FROM UNNEST($36::uuid[], $37::jsonb[]) AS e(id, payload))"
     }
 }
 

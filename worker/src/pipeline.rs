@@ -99,8 +99,8 @@ pub struct Decided {
 }
 
 /// The number of the first parameter a family's write CTEs may use: the ones before it
-/// carry the outcomes and the notice (see [`crate::settle`]).
-pub const FIRST_FAMILY_PARAMETER: usize = 7;
+/// carry the outcomes (see [`crate::settle`]).
+pub const FIRST_FAMILY_PARAMETER: usize = 5;
 
 /// The result sets of [`CommandFamily::lock_state`], one per statement, in order.
 pub struct LockedState {

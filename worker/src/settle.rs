@@ -61,7 +61,7 @@ struct Settled {
     failed: usize,
     duplicates: usize,
     accepted_at: Vec<DateTime<Utc>>,
-    /// The requests settled, for the notice of a batch too large to ride in its statement.
+    /// The requests settled, for the notice sent after the commit.
     ids: Vec<Uuid>,
     /// Whether the family wrote outbox events.
     wrote_events: bool,
@@ -443,16 +443,17 @@ async fn settle_in(
     }))
 }
 
-/// The write statement of a family: its CTEs, then every terminal status in one
-/// `UPDATE`, then the notice.
+/// The write statement of a family: its CTEs, then every terminal status in one `UPDATE`.
 ///
 /// `r.id = ANY($1)` is for the planner: it cannot tell how many rows the `UNNEST` holds
 /// under a generic plan, and guessing many once preferred a sequential scan of the whole
 /// requests table to a hundred index lookups (seen in the checkout benchmark: 3 million
-/// rows read). The same statement sends the notice that wakes the clients waiting for
-/// these requests (`shared::settlements`): delivered when this transaction commits, it
-/// costs neither a round trip nor a transaction of its own. A batch too large for one
-/// notice's payload is announced after the commit instead (`settle_once`).
+/// rows read).
+///
+/// The notice that wakes the clients waiting for these requests (`shared::settlements`) is
+/// not sent from here but after the commit: a transaction that notifies holds PostgreSQL's
+/// notify-queue lock from its commit until its WAL is flushed, which serialized every
+/// batch's commit (and the row locks it holds) behind every other's flush.
 pub fn write_statement(family_ctes: &str) -> String {
     format!(
         "WITH {family_ctes},
@@ -462,9 +463,7 @@ pub fn write_statement(family_ctes: &str) -> String {
             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS o(id, status, result, error)
             WHERE r.id = ANY($1) AND r.id = o.id
             RETURNING r.id)
-         SELECT pg_notify($5, ids)
-         FROM (SELECT string_agg(id::text, ',') AS ids FROM written) AS batch
-         WHERE $6 AND ids IS NOT NULL"
+         SELECT count(*) FROM written"
     )
 }
 
@@ -489,14 +488,11 @@ async fn write(
         results.push(result.transpose().map_err(|e| unencodable(e.into()))?);
         errors.push(error.transpose().map_err(|e| unencodable(e.into()))?);
     }
-    let fits = false;
     let mut args = PgArguments::default();
     args.add(ids).map_err(unencodable)?;
     args.add(statuses).map_err(unencodable)?;
     args.add(results).map_err(unencodable)?;
     args.add(errors).map_err(unencodable)?;
-    args.add(shared::settlements::CHANNEL).map_err(unencodable)?;
-    args.add(fits).map_err(unencodable)?;
     family_writes(&mut args).map_err(unencodable)?;
     sqlx::query_with(statement, args).execute(conn).await?;
     Ok(())
