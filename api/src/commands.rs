@@ -29,6 +29,7 @@ use crate::extract::IdempotencyKey;
 use crate::idempotency;
 use crate::intake::{Creation, KeyClaim, StoreError, StoredCommand};
 use crate::requests::add_polling_headers;
+use crate::waiting::Registration;
 use crate::AppState;
 
 /// Publishes commands and remembers, in batches, which ones the broker confirmed.
@@ -216,8 +217,13 @@ pub async fn submit(
     // this request meanwhile (its client gone, or its handler's deadline passed): a spawned
     // task is not cancelled with the request, so a command is never left stored without
     // the decision about it.
+    let request_id = Uuid::now_v7();
+    // A waiter registers before its command is published, so that the request, known to be
+    // pending, is read only once its notice came.
+    let registration = wait.0.map(|within| (state.waiters.register(request_id), within));
     let accepting = tokio::spawn(accept(
         state.clone(),
+        request_id,
         key.clone(),
         scope.clone(),
         user,
@@ -228,8 +234,10 @@ pub async fn submit(
         Acceptance::Accepted(accepted) => accepted,
         Acceptance::Answered(answer) => return Ok(answer),
     };
-    match wait.0 {
-        Some(within) => answer_when_settled(state, accepted, user, within).await,
+    match registration {
+        Some((registration, within)) => {
+            answer_when_settled(state, accepted, user, registration, within).await
+        }
         None => Ok(accepted_response(accepted)),
     }
 }
@@ -267,6 +275,7 @@ enum Acceptance {
 /// when the publish fails ([`withdraw`]); run to its end as a task of its own.
 async fn accept(
     state: AppState,
+    request_id: Uuid,
     key: IdempotencyKey,
     scope: String,
     user: UserId,
@@ -274,7 +283,6 @@ async fn accept(
     command: NewCommand,
 ) -> Result<Acceptance> {
     let family = command.kind.family().as_str();
-    let request_id = Uuid::now_v7();
     let accepted = Accepted {
         request_id,
         kind: command.kind,
@@ -355,12 +363,12 @@ async fn answer_when_settled(
     state: &AppState,
     accepted: Accepted,
     user: UserId,
+    registration: Registration<'_>,
     within: Duration,
 ) -> Result<Response> {
     let id = accepted.request_id;
-    let settled = state
-        .waiters
-        .wait(id, within, || {
+    let settled = registration
+        .settled(within, || {
             crate::requests::settled_request(state.db.clone(), id, user)
         })
         .await;

@@ -123,15 +123,16 @@ async fn get_request(
         ),
     };
     let user = caller.user();
+    // Registered before the read, so that a notice between the read and the wait is kept.
+    let registration = wait.map(|within| (state.waiters.register(id), within));
     let found = fetch_request(&state.db, id, user)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
-    let found = match wait {
-        Some(within) if found.is_pending() => {
+    let found = match registration {
+        Some((registration, within)) if found.is_pending() => {
             // A failed read while waiting answers what was already read.
-            let settled = state
-                .waiters
-                .wait(id, within, || settled_request(state.db.clone(), id, user))
+            let settled = registration
+                .settled(within, || settled_request(state.db.clone(), id, user))
                 .await;
             settled.ok().flatten().unwrap_or(found)
         }

@@ -3,8 +3,8 @@
 //!
 //! Waiters are woken by the workers' one notice per settled batch
 //! ([`shared::settlements`], PostgreSQL `LISTEN/NOTIFY`), which this process listens to on a
-//! connection of its own. A waiter holds no database connection while it waits: it reads its
-//! request once, and again only when woken. Notices are not durable (one sent while the
+//! connection of its own. A waiter holds no database connection while it waits: it registers
+//! before it reads or publishes its request, and reads it again only when woken. Notices are not durable (one sent while the
 //! listener reconnects is lost, and so is one a worker did not send because it died between
 //! its commit and its notice), so every `REQUEST_WAIT_POLL_MS` the listener also reads, in one
 //! statement for every request waited on, which of them are settled, and wakes their waiters:
@@ -29,17 +29,11 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// The requests someone waits for, and how they are woken.
 pub struct Waiters {
-    /// Request id → what its waiters wait on, and how many they are.
-    waiting: Mutex<HashMap<Uuid, Waited>>,
+    /// Request id → a wake-up for each of its waiters.
+    waiting: Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>,
     /// Cancelled when the api starts shutting down: waiters answer at once (their `202`, or
     /// the request still `PENDING`) rather than be cut off with their connection.
     closing: CancellationToken,
-}
-
-/// One request waited on.
-struct Waited {
-    notify: Arc<Notify>,
-    waiters: usize,
 }
 
 impl Waiters {
@@ -59,46 +53,18 @@ impl Waiters {
         self.closing.cancel();
     }
 
-    /// Reads `read` until it answers `Some` (the request is settled), or `within` passes, or
-    /// the api shuts down; the last answer. `read` runs at once, then whenever the request
-    /// is found settled (by its notice, or the listener's sweep).
-    pub async fn wait<T, F, Fut>(&self, request: Uuid, within: Duration, read: F) -> Result<Option<T>>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<T>>>,
-    {
-        let deadline = tokio::time::Instant::now() + within;
-        let registration = self.register(request);
-        loop {
-            // Interest first, then the read: a notice between the two is not missed.
-            let woken = registration.notify.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            if let Some(settled) = read().await? {
-                return Ok(Some(settled));
-            }
-            if self.closing.is_cancelled() {
-                return Ok(None);
-            }
-            tokio::select! {
-                () = &mut woken => metrics::counter!("api_waiters_woken_total").increment(1),
-                () = tokio::time::sleep_until(deadline) => return Ok(None),
-                () = self.closing.cancelled() => return Ok(None),
-            }
-        }
-    }
-
-    fn register(&self, request: Uuid) -> Registration<'_> {
+    /// Takes a place among the waiters of `request`, before the caller reads it or publishes
+    /// it: a notice that comes from then on is kept for [`Registration::settled`], so the
+    /// read the caller makes anyway (or knowing the request was just stored) is the only
+    /// read before the notice.
+    pub fn register(&self, request: Uuid) -> Registration<'_> {
+        let notify = Arc::new(Notify::new());
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        let waited = waiting.entry(request).or_insert_with(|| Waited {
-            notify: Arc::default(),
-            waiters: 0,
-        });
-        waited.waiters += 1;
+        waiting.entry(request).or_default().push(Arc::clone(&notify));
         Registration {
             waiters: self,
             request,
-            notify: Arc::clone(&waited.notify),
+            notify,
         }
     }
 
@@ -109,8 +75,9 @@ impl Waiters {
             return;
         }
         for request in settled {
-            if let Some(waited) = waiting.get(&request) {
-                waited.notify.notify_waiters();
+            for notify in waiting.get(&request).into_iter().flatten() {
+                // A permit: kept when its waiter is between two waits.
+                notify.notify_one();
             }
         }
     }
@@ -124,10 +91,36 @@ impl Waiters {
 
 /// A waiter's place; given up when the waiter is done (answered, timed out, or its client
 /// went away), and the request forgotten with its last waiter.
-struct Registration<'a> {
+pub struct Registration<'a> {
     waiters: &'a Waiters,
     request: Uuid,
     notify: Arc<Notify>,
+}
+
+impl Registration<'_> {
+    /// Waits for the request, known to be pending when registered, to be found settled (by
+    /// its notice, or the listener's sweep), then reads it with `read`; the answer of the
+    /// first read that finds it settled, or `None` once `within` passes or the api shuts
+    /// down.
+    pub async fn settled<T, F, Fut>(&self, within: Duration, read: F) -> Result<Option<T>>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            tokio::select! {
+                () = self.notify.notified() => {
+                    metrics::counter!("api_waiters_woken_total").increment(1);
+                    if let Some(settled) = read().await? {
+                        return Ok(Some(settled));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = self.waiters.closing.cancelled() => return Ok(None),
+            }
+        }
+    }
 }
 
 impl Drop for Registration<'_> {
@@ -137,9 +130,9 @@ impl Drop for Registration<'_> {
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(waited) = waiting.get_mut(&self.request) {
-            waited.waiters -= 1;
-            if waited.waiters == 0 {
+        if let Some(notifies) = waiting.get_mut(&self.request) {
+            notifies.retain(|notify| !Arc::ptr_eq(notify, &self.notify));
+            if notifies.is_empty() {
                 waiting.remove(&self.request);
             }
         }
