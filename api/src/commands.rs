@@ -235,9 +235,7 @@ pub async fn submit(
         Acceptance::Answered(answer) => return Ok(answer),
     };
     match registration {
-        Some((registration, within)) => {
-            answer_when_settled(state, accepted, user, registration, within).await
-        }
+        Some((registration, within)) => Ok(answer_when_settled(accepted, registration, within).await),
         None => Ok(accepted_response(accepted)),
     }
 }
@@ -360,33 +358,21 @@ async fn accept(
 /// wait=N`): `200` with the settled request (and `Preference-Applied`) when a worker settles
 /// it within `within`, else the usual `202`. The command is accepted either way.
 async fn answer_when_settled(
-    state: &AppState,
     accepted: Accepted,
-    user: UserId,
     registration: Registration<'_>,
     within: Duration,
-) -> Result<Response> {
-    let id = accepted.request_id;
-    let settled = registration
-        .settled(within, || {
-            crate::requests::settled_request(state.db.clone(), id, user)
-        })
-        .await;
-    match settled {
-        Ok(Some(mut request)) => {
+) -> Response {
+    match registration.settled(within).await {
+        Some(mut request) => {
             request.order_id = accepted.order_id;
             let mut response = (StatusCode::OK, axum::Json(request)).into_response();
             if let Ok(applied) = HeaderValue::from_str(&format!("wait={}", within.as_secs())) {
                 response.headers_mut().insert(PREFERENCE_APPLIED, applied);
             }
-            Ok(response)
+            response
         }
-        Ok(None) => Ok(accepted_response(accepted)),
-        // The command is accepted; only the wait failed. Its 202 stays true.
-        Err(e) => {
-            tracing::debug!(request_id = %id, error = %e, "waiting for a settled request failed; answering 202");
-            Ok(accepted_response(accepted))
-        }
+        // Not settled in time (or the api is shutting down): the command is accepted.
+        None => accepted_response(accepted),
     }
 }
 

@@ -21,6 +21,7 @@
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
 //! - [`pagination`]: cursor pages (`limit`, `cursor`).
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
+//! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 //! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
 
@@ -44,6 +45,7 @@ pub mod orders;
 pub mod pagination;
 pub mod popular;
 pub mod products;
+pub mod request_status;
 pub mod requests;
 pub mod server;
 pub mod state;

@@ -6,12 +6,10 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::command::RequestKind;
 use shared::domain::UserId;
 use shared::error::ErrorCode;
-use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -22,6 +20,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
+use crate::request_status::{fetch_request, RequestStatus, REQUEST_COLUMNS};
 use crate::AppState;
 
 /// Seconds a client should wait before polling a pending request.
@@ -37,45 +36,10 @@ pub fn add_polling_headers(response: &mut Response, status_url: &str) {
         .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
 }
 
-impl RequestStatus {
-    pub fn is_pending(&self) -> bool {
-        self.status == "PENDING"
-    }
-}
-
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(get_request))
         .routes(routes!(list_requests))
-}
-
-/// The columns of [`RequestStatus`].
-const REQUEST_COLUMNS: &str = "id AS request_id, kind, status, created_at, completed_at, result, error";
-
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RequestStatus {
-    request_id: Uuid,
-    /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
-    #[serde(rename = "type")]
-    kind: String,
-    /// `PENDING`, then `SUCCEEDED` or `FAILED` for good.
-    status: String,
-    created_at: DateTime<Utc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    completed_at: Option<DateTime<Utc>>,
-    /// On success: what the command produced.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    result: Option<serde_json::Value>,
-    /// On failure: `{code, message}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<ErrorSchema>)]
-    error: Option<serde_json::Value>,
-    /// The order an `ORDER_CREATE` creates, in the answer to a command that waited for it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
-    pub order_id: Option<Uuid>,
 }
 
 /// `?wait=N`: seconds to wait for the request to settle, 1 to 30.
@@ -130,31 +94,11 @@ async fn get_request(
         .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
     let found = match registration {
         Some((registration, within)) if found.is_pending() => {
-            // A failed read while waiting answers what was already read.
-            let settled = registration
-                .settled(within, || settled_request(state.db.clone(), id, user))
-                .await;
-            settled.ok().flatten().unwrap_or(found)
+            registration.settled(within).await.unwrap_or(found)
         }
         _ => found,
     };
     Ok(request_answer(found))
-}
-
-/// The caller's request `id`, if it exists.
-pub async fn fetch_request(db: &PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND user_id = $2"
-    ))
-    .bind(id)
-    .bind(user.get())
-    .fetch_optional(db)
-    .await?)
-}
-
-/// The caller's request `id` once it is settled; `None` while it is pending (or unknown).
-pub async fn settled_request(db: PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
-    Ok(fetch_request(&db, id, user).await?.filter(|r| !r.is_pending()))
 }
 
 /// `200` with the request, and `Retry-After` while it is pending.

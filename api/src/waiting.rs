@@ -3,16 +3,18 @@
 //!
 //! Waiters are woken by the workers' one notice per settled batch
 //! ([`shared::settlements`], PostgreSQL `LISTEN/NOTIFY`), which this process listens to on a
-//! connection of its own. A waiter holds no database connection while it waits: it registers
-//! before it reads or publishes its request, and reads it again only when woken. Notices are not durable (one sent while the
+//! connection of its own. A waiter holds no database connection and reads nothing while it
+//! waits: it registers before it reads or publishes its request, and the listener reads the
+//! requests of each notice that someone here waits for, in one statement, and hands each to
+//! its waiters. Notices are not durable (one sent while the
 //! listener reconnects is lost, and so is one a worker did not send because it died between
 //! its commit and its notice), so every `REQUEST_WAIT_POLL_MS` the listener also reads, in one
-//! statement for every request waited on, which of them are settled, and wakes their waiters:
+//! statement for every request waited on, which of them are settled, and hands them over:
 //! a lost notice costs at most one poll interval, and the polling costs one statement per
 //! interval per api process, not one per waiter.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -22,18 +24,26 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::request_status::{fetch_settled, RequestStatus};
 
 /// How long the listener waits before connecting again after a failure.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// The requests someone waits for, and how they are woken.
 pub struct Waiters {
-    /// Request id → a wake-up for each of its waiters.
-    waiting: Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>,
+    db: PgPool,
+    /// Request id → a place for each of its waiters.
+    waiting: Mutex<HashMap<Uuid, Vec<Arc<Place>>>>,
     /// Cancelled when the api starts shutting down: waiters answer at once (their `202`, or
     /// the request still `PENDING`) rather than be cut off with their connection.
     closing: CancellationToken,
+}
+
+/// One waiter's place: where its settled request is put, and its wake-up.
+#[derive(Default)]
+struct Place {
+    settled: OnceLock<RequestStatus>,
+    woken: Notify,
 }
 
 impl Waiters {
@@ -41,10 +51,11 @@ impl Waiters {
     /// lost every `poll_every`) until `stop`.
     pub fn start(db: PgPool, poll_every: Duration, stop: CancellationToken) -> (Arc<Self>, JoinHandle<()>) {
         let waiters = Arc::new(Self {
+            db,
             waiting: Mutex::default(),
             closing: CancellationToken::new(),
         });
-        let listening = tokio::spawn(listen(db, Arc::clone(&waiters), poll_every, stop));
+        let listening = tokio::spawn(listen(Arc::clone(&waiters), poll_every, stop));
         (waiters, listening)
     }
 
@@ -53,33 +64,39 @@ impl Waiters {
         self.closing.cancel();
     }
 
-    /// Takes a place among the waiters of `request`, before the caller reads it or publishes
-    /// it: a notice that comes from then on is kept for [`Registration::settled`], so the
-    /// read the caller makes anyway (or knowing the request was just stored) is the only
-    /// read before the notice.
+    /// Takes a place among the waiters of `request`, before the caller reads it as its own
+    /// or publishes it: what settles it from then on is kept for [`Registration::settled`].
     pub fn register(&self, request: Uuid) -> Registration<'_> {
-        let notify = Arc::new(Notify::new());
+        let place = Arc::new(Place::default());
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        waiting.entry(request).or_default().push(Arc::clone(&notify));
+        waiting.entry(request).or_default().push(Arc::clone(&place));
         Registration {
             waiters: self,
             request,
-            notify,
+            place,
         }
     }
 
-    /// Wakes whoever waits for one of `settled`.
-    fn wake(&self, settled: impl Iterator<Item = Uuid>) {
-        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        if waiting.is_empty() {
-            return;
+    /// Reads, in one statement, those of `candidates` that someone here waits for and that
+    /// are settled, and hands each to its waiters. Nothing is read when nobody waits.
+    async fn deliver(&self, candidates: impl Iterator<Item = Uuid>) -> sqlx::Result<()> {
+        let waited: Vec<Uuid> = {
+            let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            candidates.filter(|id| waiting.contains_key(id)).collect()
+        };
+        if waited.is_empty() {
+            return Ok(());
         }
+        let settled = fetch_settled(&self.db, &waited).await?;
+        let waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         for request in settled {
-            for notify in waiting.get(&request).into_iter().flatten() {
-                // A permit: kept when its waiter is between two waits.
-                notify.notify_one();
+            for place in waiting.get(&request.request_id).into_iter().flatten() {
+                let _ = place.settled.set(request.clone());
+                // A permit: kept if its waiter is not polling its wake-up this instant.
+                place.woken.notify_one();
             }
         }
+        Ok(())
     }
 
     /// The requests waited on now.
@@ -94,30 +111,22 @@ impl Waiters {
 pub struct Registration<'a> {
     waiters: &'a Waiters,
     request: Uuid,
-    notify: Arc<Notify>,
+    place: Arc<Place>,
 }
 
 impl Registration<'_> {
-    /// Waits for the request, known to be pending when registered, to be found settled (by
-    /// its notice, or the listener's sweep), then reads it with `read`; the answer of the
-    /// first read that finds it settled, or `None` once `within` passes or the api shuts
-    /// down.
-    pub async fn settled<T, F, Fut>(&self, within: Duration, read: F) -> Result<Option<T>>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<T>>>,
-    {
+    /// The request once it is settled (found by its notice, or by the listener's sweep), or
+    /// `None` once `within` passes or the api starts shutting down.
+    pub async fn settled(self, within: Duration) -> Option<RequestStatus> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
+            if let Some(settled) = self.place.settled.get() {
+                return Some(settled.clone());
+            }
             tokio::select! {
-                () = self.notify.notified() => {
-                    metrics::counter!("api_waiters_woken_total").increment(1);
-                    if let Some(settled) = read().await? {
-                        return Ok(Some(settled));
-                    }
-                }
-                () = tokio::time::sleep_until(deadline) => return Ok(None),
-                () = self.waiters.closing.cancelled() => return Ok(None),
+                () = self.place.woken.notified() => metrics::counter!("api_waiters_woken_total").increment(1),
+                () = tokio::time::sleep_until(deadline) => return None,
+                () = self.waiters.closing.cancelled() => return None,
             }
         }
     }
@@ -130,26 +139,33 @@ impl Drop for Registration<'_> {
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(notifies) = waiting.get_mut(&self.request) {
-            notifies.retain(|notify| !Arc::ptr_eq(notify, &self.notify));
-            if notifies.is_empty() {
+        if let Some(places) = waiting.get_mut(&self.request) {
+            places.retain(|place| !Arc::ptr_eq(place, &self.place));
+            if places.is_empty() {
                 waiting.remove(&self.request);
             }
         }
     }
 }
 
-/// Listens for settled requests and wakes their waiters, reconnecting after failures; and
-/// every `poll_every` wakes the waiters of requests found settled without a notice.
-async fn listen(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
-    let sweeping = tokio::spawn(sweep(db.clone(), Arc::clone(&waiters), poll_every, stop.clone()));
+/// Listens for settled requests and hands them to their waiters, reconnecting after
+/// failures; and every `poll_every` looks for settled requests whose notice was lost.
+async fn listen(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
+    let sweeping = tokio::spawn(sweep(Arc::clone(&waiters), poll_every, stop.clone()));
     loop {
         let listened = async {
-            let mut listener = PgListener::connect_with(&db).await?;
+            let mut listener = PgListener::connect_with(&waiters.db).await?;
             listener.listen(shared::settlements::CHANNEL).await?;
             loop {
                 let notice = listener.recv().await?;
-                waiters.wake(shared::settlements::parse(notice.payload()));
+                let settled: Vec<Uuid> = shared::settlements::parse(notice.payload()).collect();
+                // Read apart from the listener, so that one slow read holds up no notice.
+                let waiters = Arc::clone(&waiters);
+                tokio::spawn(async move {
+                    if let Err(e) = waiters.deliver(settled.into_iter()).await {
+                        tracing::debug!(error = %e, "cannot read settled requests; the sweep finds them");
+                    }
+                });
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
@@ -170,9 +186,9 @@ async fn listen(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: C
     let _ = sweeping.await;
 }
 
-/// Every `poll_every`, one statement for every request waited on: wakes the waiters of those
-/// that are settled (their notice was lost).
-async fn sweep(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
+/// Every `poll_every`, one statement for every request waited on: hands those that are
+/// settled to their waiters (their notice was lost).
+async fn sweep(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
     let mut every = tokio::time::interval(poll_every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -181,17 +197,8 @@ async fn sweep(db: PgPool, waiters: Arc<Waiters>, poll_every: Duration, stop: Ca
             () = stop.cancelled() => return,
         }
         let waited = waiters.waited_on();
-        if waited.is_empty() {
-            continue;
-        }
-        let settled: std::result::Result<Vec<Uuid>, sqlx::Error> =
-            sqlx::query_scalar("SELECT id FROM requests WHERE id = ANY($1) AND status <> 'PENDING'")
-                .bind(&waited)
-                .fetch_all(&db)
-                .await;
-        match settled {
-            Ok(settled) => waiters.wake(settled.into_iter()),
-            Err(e) => tracing::debug!(error = %e, "cannot sweep for settled requests"),
+        if let Err(e) = waiters.deliver(waited.into_iter()).await {
+            tracing::debug!(error = %e, "cannot sweep for settled requests");
         }
     }
 }
@@ -234,6 +241,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_is_forgotten_with_its_last_waiter() {
         let waiters = Waiters {
+            db: PgPool::connect_lazy("postgres://localhost/unused").expect("a valid URL"),
             waiting: Mutex::default(),
             closing: CancellationToken::new(),
         };
