@@ -220,7 +220,7 @@ fn stage(name: String, h: &Histogram, seconds: f64, unit: &str) -> Option<Stage>
 }
 
 /// The per-stage breakdown of what happened between two scrapes `seconds` apart: api
-/// requests by route and status, and, summed over the workers, settlement transactions,
+/// requests by route and status, the size of the api's accept batches, and, summed over the workers, settlement transactions,
 /// batch sizes and accept-to-settled latency by command family.
 pub fn breakdown(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Stage> {
     let mut stages = Vec::new();
@@ -259,6 +259,18 @@ pub fn breakdown(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Stage> {
             stages.extend(stage(format!("api {family}: {label}"), &h, seconds, "ms"));
         }
     }
+    // Commands of any family the api stored with one statement and one commit.
+    let h = Histogram::collect(&after.api, "api_accept_batch_size", &|_| true).minus(&Histogram::collect(
+        &before.api,
+        "api_accept_batch_size",
+        &|_| true,
+    ));
+    stages.extend(stage(
+        "api accept batch size (one commit)".to_owned(),
+        &h,
+        seconds,
+        "commands",
+    ));
     let workers = |scrape: &Scrape| scrape.workers.concat();
     let (w_before, w_after) = (workers(before), workers(after));
     for family in ["coupon", "order"] {
