@@ -29,8 +29,8 @@ use shared::error::ErrorCode;
 use shared::identity::{self, TokenHash};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, oneshot};
 
+use crate::batched::Batched;
 use crate::error::{ApiError, Result};
 use crate::limits::RateLimits;
 use crate::AppState;
@@ -101,8 +101,9 @@ fn unauthorized(message: &str) -> ApiError {
 
 /// Verifies customer tokens and the admin token.
 pub struct Authenticator {
-    /// Looks up the tokens the cache does not hold, in batches.
-    lookups: mpsc::UnboundedSender<Lookup>,
+    /// Looks up the tokens the cache does not hold, many per statement: each with the
+    /// moment the statement that read it started, which is how old the answer may be.
+    lookups: Batched<TokenHash, (Option<UserId>, Instant)>,
     /// What a token's hash was found to be, and when. Believed for `fresh_for`; kept
     /// longer ([`REMEMBER_VALID`]) only so that a token that was valid may still be looked
     /// up from an address blocked for invalid tokens: a customer who shares an address with
@@ -134,8 +135,11 @@ impl Authenticator {
         limits: Arc<RateLimits>,
         admin_token: &secrecy::SecretString,
     ) -> Self {
-        let (lookups, queue) = mpsc::unbounded_channel();
-        tokio::spawn(look_up_in_batches(db, queue));
+        let lookups = Batched::start(
+            MAX_LOOKUPS_PER_STATEMENT,
+            "api_token_lookup_batch_size",
+            move |hashes| look_up(db.clone(), hashes),
+        );
         Self {
             lookups,
             verified: Cache::builder()
@@ -193,19 +197,7 @@ impl Authenticator {
     /// The user of the valid token `hash`, from PostgreSQL (with other lookups of the
     /// moment), and when it was read.
     async fn look_up(&self, hash: TokenHash) -> Result<(Option<UserId>, Instant)> {
-        let (answer, answered) = oneshot::channel();
-        let gone = || ApiError::internal(anyhow::anyhow!("the token lookup task has stopped"));
-        self.lookups.send(Lookup { hash, answer }).map_err(|_| gone())?;
-        match answered.await.map_err(|_| gone())? {
-            Ok(user) => Ok(user),
-            Err(LookupFailed {
-                unavailable: true,
-                cause,
-            }) => Err(ApiError::Unavailable(anyhow::anyhow!("PostgreSQL: {cause}"))),
-            Err(LookupFailed { cause, .. }) => {
-                Err(ApiError::internal(anyhow::anyhow!("token lookup: {cause}")))
-            }
-        }
+        Ok(self.lookups.read(hash).await?)
     }
 
     /// Counts an invalid token from `client`: 401, or 429 once it sent too many (and then
@@ -245,58 +237,24 @@ impl Authenticator {
     }
 }
 
-/// A token to look up, and where its user goes: with the moment the statement that read it
-/// started, which is how old the answer may be.
-struct Lookup {
-    hash: TokenHash,
-    answer: oneshot::Sender<Result<(Option<UserId>, Instant), LookupFailed>>,
-}
-
-/// Why a batch of lookups failed, for each of its waiters.
-struct LookupFailed {
-    /// PostgreSQL could not serve: 503, not 500.
-    unavailable: bool,
-    cause: String,
-}
-
 /// Most tokens looked up by one statement.
 const MAX_LOOKUPS_PER_STATEMENT: usize = 500;
 
-/// Answers lookups, every one waiting when a statement starts in that statement. No timer:
-/// at low load a lookup runs at once, alone; under a burst the lookups that arrive while
-/// one statement runs share the next, so their number per request falls as load grows.
-async fn look_up_in_batches(db: PgPool, mut queue: mpsc::UnboundedReceiver<Lookup>) {
-    let mut batch = Vec::with_capacity(MAX_LOOKUPS_PER_STATEMENT);
-    while queue.recv_many(&mut batch, MAX_LOOKUPS_PER_STATEMENT).await > 0 {
-        let hashes: Vec<&[u8]> = batch.iter().map(|l| l.hash.as_slice()).collect();
-        let read_at = Instant::now();
-        let found: std::result::Result<Vec<(Vec<u8>, i64)>, sqlx::Error> = sqlx::query_as(
-            "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
-        )
-        .bind(&hashes)
-        .fetch_all(&db)
-        .await;
-        metrics::histogram!("api_token_lookup_batch_size").record(batch.len() as f64);
-        match found {
-            Ok(rows) => {
-                let users: HashMap<Vec<u8>, i64> = rows.into_iter().collect();
-                for lookup in batch.drain(..) {
-                    let user = users.get(lookup.hash.as_slice()).copied().and_then(UserId::new);
-                    let _ = lookup.answer.send(Ok((user, read_at)));
-                }
-            }
-            Err(e) => {
-                let unavailable = shared::db::is_unavailable(&e);
-                let cause = e.to_string();
-                for lookup in batch.drain(..) {
-                    let _ = lookup.answer.send(Err(LookupFailed {
-                        unavailable,
-                        cause: cause.clone(),
-                    }));
-                }
-            }
-        }
-    }
+/// The users of valid tokens among `hashes`, in their order, and when the statement started.
+async fn look_up(db: PgPool, hashes: Vec<TokenHash>) -> sqlx::Result<Vec<(Option<UserId>, Instant)>> {
+    let read_at = Instant::now();
+    let keys: Vec<&[u8]> = hashes.iter().map(|hash| hash.as_slice()).collect();
+    let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+        "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
+    )
+    .bind(&keys)
+    .fetch_all(&db)
+    .await?;
+    let users: HashMap<Vec<u8>, i64> = rows.into_iter().collect();
+    Ok(hashes
+        .iter()
+        .map(|hash| (users.get(hash.as_slice()).copied().and_then(UserId::new), read_at))
+        .collect())
 }
 
 /// Makes a token for `user` and stores its hash; the token, to be shown once. With

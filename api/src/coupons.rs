@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
+use crate::batched::Batched;
 use crate::commands::{self, Accepted, NewCommand, PreferWait};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
@@ -152,7 +153,7 @@ async fn issue_coupon(
     if state.sold_out.contains(coupon) {
         return commands::refuse_from_memory(&state, &key, &route, user, &payload, sold_out()).await;
     }
-    let checked = refuse_what_is_known(&state.db, coupon, user)
+    let checked = refuse_what_is_known(&state.coupon_checks, coupon, user)
         .await
         .inspect_err(|e| {
             if matches!(e, ApiError::Client(refusal) if refusal.code == ErrorCode::CouponOutOfStock) {
@@ -197,22 +198,51 @@ fn sold_out() -> ErrorBody {
     )
 }
 
-/// The checks that need no queue, in the contract's order: the user (400), the coupon
-/// (404), then its state (409, 410).
-async fn refuse_what_is_known(db: &PgPool, coupon: CouponId, user: UserId) -> Result<()> {
-    let (user_exists, coupon_exists, expired, sold_out, held): (bool, bool, bool, bool, bool) =
-        sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $2),
+/// The facts of a coupon issue that need no queue, read for many requests at once (one
+/// statement for the requests of the moment, in a flash sale hundreds).
+pub struct CouponChecks(Batched<(i64, i64), IssueFacts>);
+
+/// Most issue checks read by one statement.
+const MAX_CHECKS_PER_STATEMENT: usize = 256;
+
+/// Whether the user exists, the coupon exists, is expired, is sold out, and is held by the
+/// user.
+type IssueFacts = (bool, bool, bool, bool, bool);
+
+impl CouponChecks {
+    pub fn start(db: PgPool) -> Self {
+        Self(Batched::start(
+            MAX_CHECKS_PER_STATEMENT,
+            "api_coupon_check_batch_size",
+            move |pairs| read_issue_facts(db.clone(), pairs),
+        ))
+    }
+}
+
+/// The facts of each (coupon, user) pair, in their order, in one statement.
+async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Vec<IssueFacts>> {
+    let (coupons, users): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
+    sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = q.user_id),
                 c.id IS NOT NULL,
                 COALESCE(c.expires_at <= now(), false),
                 COALESCE(c.issued_quantity >= c.total_quantity, false),
-                EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = $1 AND user_id = $2)
-         FROM (SELECT 1) AS one LEFT JOIN coupons c ON c.id = $1",
-        )
-        .bind(coupon.get())
-        .bind(user.get())
-        .fetch_one(db)
-        .await?;
+                EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = q.coupon_id AND user_id = q.user_id)
+         FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS q(coupon_id, user_id, n)
+         LEFT JOIN coupons c ON c.id = q.coupon_id
+         ORDER BY q.n",
+    )
+    .bind(&coupons)
+    .bind(&users)
+    .fetch_all(&db)
+    .await
+}
+
+/// The checks that need no queue, in the contract's order: the user (400), the coupon
+/// (404), then its state (409, 410).
+async fn refuse_what_is_known(checks: &CouponChecks, coupon: CouponId, user: UserId) -> Result<()> {
+    let (user_exists, coupon_exists, expired, sold_out, held) =
+        checks.0.read((coupon.get(), user.get())).await?;
     let refusal = if !user_exists {
         Some(ErrorCode::BalanceInvalidUser)
     } else if !coupon_exists {

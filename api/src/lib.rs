@@ -10,6 +10,8 @@
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
 //! - [`intake`]: group commit: the commands accepted at the same moment written by one
 //!   statement.
+//! - [`order_checks`]: what an order or a payment is checked for before it is accepted,
+//!   read for many requests at once.
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
 //!   a user, and the admin token.
@@ -20,6 +22,7 @@
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
 //! - [`pagination`]: cursor pages (`limit`, `cursor`).
+//! - [`batched`]: reads that concurrent requests share, many per statement.
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
@@ -29,6 +32,7 @@ pub mod admin;
 pub mod auth;
 pub mod backpressure;
 pub mod balance;
+pub mod batched;
 pub mod commands;
 pub mod config;
 pub mod coupons;
@@ -41,6 +45,7 @@ pub mod intake;
 pub mod limits;
 pub mod observability;
 pub mod openapi;
+pub mod order_checks;
 pub mod orders;
 pub mod pagination;
 pub mod popular;
@@ -78,6 +83,7 @@ use crate::commands::Dispatcher;
 use crate::error::ApiError;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
+use crate::order_checks::OrderChecks;
 
 /// A built API bound to its address, ready to serve.
 pub struct Application {
@@ -148,6 +154,8 @@ impl Application {
             &config.admin_token,
         ));
         let (intake, _writing) = Intake::start(db.clone(), config.intake);
+        let coupon_checks = Arc::new(coupons::CouponChecks::start(db.clone()));
+        let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let state = AppState {
             db,
             broker,
@@ -157,6 +165,8 @@ impl Application {
             backpressure,
             config: Arc::new(config),
             auth,
+            coupon_checks,
+            order_checks,
             limits,
             waiters,
             metrics: shared::telemetry::metrics_recorder()?,

@@ -15,9 +15,8 @@ use serde::{Deserialize, Serialize};
 use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
 use shared::domain::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
 use shared::error::ErrorCode;
-use shared::money::order_total;
 use shared::order::{OrderEvent, OrderStatus};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -27,8 +26,9 @@ use crate::auth::Caller;
 use crate::commands::{self, Accepted, NewCommand, PreferWait};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
-use crate::intake::{Creation, PendingOrder};
+use crate::intake::Creation;
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
+use crate::order_checks::{invalid_items, invalid_user, not_the_owner};
 use crate::pagination::{finish_page, PageQuery};
 use crate::AppState;
 
@@ -39,14 +39,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(cancel_order))
         .routes(routes!(list_orders))
         .routes(routes!(get_order))
-}
-
-fn invalid_user() -> ApiError {
-    ApiError::new(ErrorCode::OrderInvalidUser, "userId is not a registered user")
-}
-
-fn invalid_items(message: &str) -> ApiError {
-    ApiError::new(ErrorCode::OrderInvalidItems, message)
 }
 
 fn parse_order_id(raw: &str) -> Result<Uuid> {
@@ -233,84 +225,17 @@ async fn create_order(
     let request = serde_json::json!({ "userId": user.get(), "items": lines });
     let payload = serde_json::to_value(&command).map_err(ApiError::internal)?;
     let cap = state.config.max_reserved_orders_per_user;
-    let checked = quote(&state.db, &command, cap).await.map(|order| NewCommand {
-        kind: RequestKind::OrderCreate,
-        partition_key: user.get(),
-        payload,
-        creates: Some(Creation::Order(order)),
-    });
+    let checked = state
+        .order_checks
+        .quote(&command, cap)
+        .await
+        .map(|order| NewCommand {
+            kind: RequestKind::OrderCreate,
+            partition_key: user.get(),
+            payload,
+            creates: Some(Creation::Order(order)),
+        });
     commands::submit(&state, &key, "POST /orders", user, &request, checked, wait).await
-}
-
-#[derive(sqlx::FromRow)]
-struct QuoteRow {
-    user_exists: bool,
-    unpaid: i64,
-    id: Option<i64>,
-    name: Option<String>,
-    price: Option<i64>,
-}
-
-/// Checks the user, how many unpaid orders they hold (at most `cap`) and the products, and
-/// prices the order as it will be stored `PENDING`.
-///
-/// The cap is read outside any transaction, like every check of a command: orders of one
-/// user accepted at the same moment can pass it together, which the per-user rate limit
-/// bounds to a handful; it exists to keep one user from holding stock away from everyone,
-/// and a few over it do not.
-async fn quote(db: &PgPool, order: &OrderCreate, cap: i64) -> Result<PendingOrder> {
-    let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
-    // One round trip: the user's existence rides along with every product row, and with a
-    // single row of NULLs when no product matches.
-    let rows: Vec<QuoteRow> = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS user_exists,
-                (SELECT count(*) FROM orders WHERE user_id = $1 AND status IN ('PENDING', 'RESERVED')) AS unpaid,
-                p.id, p.name, p.price
-         FROM (SELECT 1) AS one LEFT JOIN products p ON p.id = ANY($2)",
-    )
-    .bind(order.user_id)
-    .bind(&ids)
-    .fetch_all(db)
-    .await?;
-    let Some(unpaid) = rows.first().filter(|row| row.user_exists).map(|row| row.unpaid) else {
-        return Err(invalid_user());
-    };
-    let products: HashMap<i64, (String, i64)> = rows
-        .into_iter()
-        .filter_map(|row| Some((row.id?, (row.name?, row.price?))))
-        .collect();
-    let mut names = Vec::new();
-    let mut prices = Vec::new();
-    let mut quantities = Vec::new();
-    for line in &order.items {
-        let (name, price) = products.get(&line.product_id).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::ProductNotFound,
-                format!("no product {}", line.product_id),
-            )
-        })?;
-        names.push(name.clone());
-        prices.push(*price);
-        quantities.push(line.quantity);
-    }
-    // State after existence, as the contract orders its checks.
-    if unpaid >= cap {
-        return Err(ApiError::new(
-            ErrorCode::OrderTooManyReserved,
-            format!("at most {cap} unpaid orders at once: pay or cancel one first"),
-        ));
-    }
-    let total = order_total(prices.iter().copied().zip(quantities.iter().copied()))
-        .ok_or_else(|| invalid_items("the order total is too large"))?;
-    Ok(PendingOrder {
-        order_id: order.order_id,
-        user_id: order.user_id,
-        total,
-        product_ids: ids,
-        names,
-        unit_prices: prices,
-        quantities,
-    })
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -366,7 +291,9 @@ async fn pay_order(
     };
     let payload = serde_json::to_value(command).map_err(ApiError::internal)?;
     let route = format!("POST /orders/{order}/payment");
-    let checked = refuse_unpayable(&state.db, order, user)
+    let checked = state
+        .order_checks
+        .refuse_unpayable(order, user)
         .await
         .map(|()| NewCommand {
             kind: RequestKind::OrderPay,
@@ -375,32 +302,6 @@ async fn pay_order(
             creates: None,
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
-}
-
-/// What the API knows at once about a payment: the order exists (404), is the user's
-/// (403), and can still be paid (400). A `PENDING` order is accepted: its creation is
-/// settled first, in the same partition.
-async fn refuse_unpayable(db: &PgPool, order: Uuid, user: UserId) -> Result<()> {
-    let found: Option<(i64, String)> = sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1")
-        .bind(order)
-        .fetch_optional(db)
-        .await?;
-    let (owner, status) =
-        found.ok_or_else(|| ApiError::new(ErrorCode::PaymentOrderNotFound, "no order with this orderId"))?;
-    if owner != user.get() {
-        return Err(not_the_owner());
-    }
-    if !OrderStatus::parse(&status).is_some_and(OrderStatus::accepts_payment) {
-        return Err(ApiError::new(
-            ErrorCode::PaymentInvalidOrderStatus,
-            format!("an order that is {status} cannot be paid"),
-        ));
-    }
-    Ok(())
-}
-
-fn not_the_owner() -> ApiError {
-    ApiError::new(ErrorCode::OrderUnauthorized, "this order belongs to another user")
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

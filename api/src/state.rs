@@ -10,9 +10,10 @@ use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
-use crate::coupons::SoldOut;
+use crate::coupons::{CouponChecks, SoldOut};
 use crate::intake::Intake;
 use crate::limits::RateLimits;
+use crate::order_checks::OrderChecks;
 use crate::waiting::Waiters;
 
 #[derive(Clone)]
@@ -30,6 +31,10 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Verifies bearer tokens (customers' and the admin's).
     pub auth: Arc<Authenticator>,
+    /// The checks of coupon issues, read many per statement.
+    pub coupon_checks: Arc<CouponChecks>,
+    /// The checks of orders and payments, read many per statement.
+    pub order_checks: Arc<OrderChecks>,
     /// Per-user and per-address rate limits.
     pub limits: Arc<RateLimits>,
     /// Clients waiting for their requests to settle.
