@@ -305,6 +305,12 @@ impl OrderColumns {
 /// it has no key or when the key it claimed was inserted: the `202` saved under a key names
 /// its request, so when two commands of one batch bring the same key, the statement
 /// inserts the first claim, skips the second, and writes only the request the key names.
+///
+/// Keys are inserted in one order, `(scope, key)`, by every batch: a key sent again while
+/// its first request is in another batch's uncommitted insert waits for that batch, and
+/// with two batches claiming two such keys in opposite orders each would wait for the
+/// other until PostgreSQL broke the deadlock a second later (seen in the flash sale, whose
+/// clients send a share of their requests twice).
 async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let c = Columns::of(commands);
     let stored: Vec<Uuid> = sqlx::query_scalar(
@@ -315,6 +321,7 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
          claim AS (
             INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
             SELECT scope, key, request, 202, answer FROM input WHERE key IS NOT NULL
+            ORDER BY scope, key
             ON CONFLICT (scope, key) DO NOTHING
             RETURNING (response_body->>'requestId')::uuid AS id),
          request AS (
