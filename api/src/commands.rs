@@ -186,7 +186,7 @@ pub async fn submit(
         Err(ApiError::Client(refusal)) => {
             if let Some(key) = key.0.as_deref() {
                 if !idempotency::save_refusal(&state.db, scope, key, request, &refusal).await? {
-                    return idempotency::answer_again(&state.db, scope, key, request).await;
+                    return idempotency::answer_again(&state.key_answers, scope, key, request).await;
                 }
             }
             return Err(ApiError::Client(refusal));
@@ -201,7 +201,9 @@ pub async fn submit(
         // from a store that found the key taken. The read costs a round trip only here,
         // under overload and with a key; every other path reads only the flag.
         if let Some(key) = key.0.as_deref() {
-            if let Some(answer) = idempotency::recorded_answer(&state.db, scope, key, request).await? {
+            if let Some(answer) =
+                idempotency::recorded_answer(&state.key_answers, scope, key, request).await?
+            {
                 return Ok(answer);
             }
         }
@@ -254,7 +256,7 @@ pub async fn refuse_from_memory(
 ) -> Result<Response> {
     if let Some(key) = key.0.as_deref() {
         let scope = idempotency::user_scope(route, user);
-        if let Some(answer) = idempotency::recorded_answer(&state.db, &scope, key, request).await? {
+        if let Some(answer) = idempotency::recorded_answer(&state.key_answers, &scope, key, request).await? {
             return Ok(answer);
         }
     }
@@ -317,7 +319,7 @@ async fn accept(
         // Only a key can stop the insert: it was used before, and its first answer (or
         // 409/422) stands.
         return match key.0.as_deref() {
-            Some(key) => idempotency::answer_again(&state.db, &scope, key, &request)
+            Some(key) => idempotency::answer_again(&state.key_answers, &scope, key, &request)
                 .await
                 .map(Acceptance::Answered),
             None => Err(ApiError::internal(anyhow::anyhow!(

@@ -17,8 +17,9 @@
 //! publish failed and the client got 503): a replay waits up to two seconds for the confirm
 //! to be recorded, so a client that sends its key again right after its `202` gets that
 //! `202`, on any replica; 409 only if the first request is still unanswered by then. A
-//! command refused for backpressure writes nothing, but first reads whether its key already
-//! has an answer, which then stands ([`recorded_answer`]).
+//! command refused for backpressure (or from memory) writes nothing, but first reads whether
+//! its key already has an answer, which then stands ([`recorded_answer`]). Command keys are
+//! read many per statement ([`KeyAnswers`]).
 
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use serde::Serialize;
 use shared::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
+use crate::batched::Batched;
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
 
@@ -173,7 +175,7 @@ async fn claim(pool: &PgPool, scope: &str, key: &str, request: &serde_json::Valu
             return Ok(Claim::Held(claimed));
         }
 
-        match earlier_answer(pool, scope, key, request).await? {
+        match earlier_answer(|| read_key(pool, scope, key, request)).await? {
             Earlier::Gone => continue,
             Earlier::Answer(answer) => return answer.map(Claim::Answered),
         }
@@ -206,15 +208,14 @@ const FIRST_ANSWER_PATIENCE: Duration = Duration::from_secs(2);
 /// How often a waiting replay looks again.
 const FIRST_ANSWER_POLL: Duration = Duration::from_millis(20);
 
-async fn earlier_answer(
-    pool: &PgPool,
-    scope: &str,
-    key: &str,
-    request: &serde_json::Value,
-) -> Result<Earlier> {
+async fn earlier_answer<F, Fut>(read: F) -> Result<Earlier>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<KeyRow>>>,
+{
     let deadline = tokio::time::Instant::now() + FIRST_ANSWER_PATIENCE;
     loop {
-        match read_earlier_answer(pool, scope, key, request).await? {
+        match earlier_of(read().await?) {
             Some(earlier) => return Ok(earlier),
             None if tokio::time::Instant::now() + FIRST_ANSWER_POLL > deadline => {
                 return Ok(Earlier::Answer(Err(in_use())));
@@ -224,50 +225,119 @@ async fn earlier_answer(
     }
 }
 
-/// What the key holds now; `None` for a command's saved `202` whose confirm is not
-/// recorded yet (it may still be withdrawn).
-async fn read_earlier_answer(
+/// The answers saved under command keys, read many per statement ([`Batched`]): in a
+/// sold-out flash sale every refusal from memory reads its key, and those of the moment
+/// share one statement.
+pub struct KeyAnswers(Batched<KeyQuery, Option<KeyRow>>);
+
+/// Most keys read by one statement.
+const MAX_KEYS_PER_STATEMENT: usize = 256;
+
+/// A key to read, with the request sent with it now.
+pub struct KeyQuery {
+    scope: String,
+    key: String,
+    request: serde_json::Value,
+}
+
+/// What a key holds: whether it was sent with the same request, its saved answer (status and
+/// body), and whether that answer is a `202` whose command's confirm is not recorded yet.
+type KeyRow = (bool, Option<i16>, Option<serde_json::Value>, bool);
+
+impl KeyAnswers {
+    pub fn start(db: PgPool) -> Self {
+        Self(Batched::start(
+            MAX_KEYS_PER_STATEMENT,
+            "api_key_read_batch_size",
+            move |queries| read_keys(db.clone(), queries),
+        ))
+    }
+
+    /// What `key` of `scope` holds, read with the other keys of the moment.
+    async fn read(&self, scope: &str, key: &str, request: &serde_json::Value) -> Result<Option<KeyRow>> {
+        Ok(self.0.read(KeyQuery::new(scope, key, request)).await?)
+    }
+}
+
+impl KeyQuery {
+    fn new(scope: &str, key: &str, request: &serde_json::Value) -> Self {
+        Self {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            request: request.clone(),
+        }
+    }
+}
+
+/// What `key` of `scope` holds, read on its own (a synchronous request's key).
+async fn read_key(
     pool: &PgPool,
     scope: &str,
     key: &str,
     request: &serde_json::Value,
-) -> Result<Option<Earlier>> {
+) -> Result<Option<KeyRow>> {
+    let mut rows = read_keys(pool.clone(), vec![KeyQuery::new(scope, key, request)]).await?;
+    Ok(rows.pop().flatten())
+}
+
+/// What each key of `queries` holds, in their order, in one statement.
+async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Option<KeyRow>>> {
+    let mut scopes = Vec::with_capacity(queries.len());
+    let mut keys = Vec::with_capacity(queries.len());
+    let mut requests = Vec::with_capacity(queries.len());
+    for query in queries {
+        scopes.push(query.scope);
+        keys.push(query.key);
+        requests.push(query.request);
+    }
     // A saved 202 counts as still being handled until the broker confirmed its command:
     // until then the request may yet be withdrawn.
-    let existing: Option<(bool, Option<i16>, Option<serde_json::Value>, bool)> = sqlx::query_as(
-        "SELECT k.request = $3, k.response_status, k.response_body,
+    // `same` is NULL where no key was found.
+    type Found = (Option<bool>, Option<i16>, Option<serde_json::Value>, bool);
+    let rows: Vec<Found> = sqlx::query_as(
+        "SELECT k.request = q.request, k.response_status, k.response_body,
                 COALESCE(r.status = 'PENDING' AND NOT r.published, false)
-         FROM idempotency_keys k
+         FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS q(scope, key, request, n)
+         LEFT JOIN idempotency_keys k ON k.scope = q.scope AND k.key = q.key
          LEFT JOIN requests r
            ON k.response_status = 202 AND r.id = (k.response_body->>'requestId')::uuid
-         WHERE k.scope = $1 AND k.key = $2",
+         ORDER BY q.n",
     )
-    .bind(scope)
-    .bind(key)
-    .bind(request)
-    .fetch_optional(pool)
+    .bind(&scopes)
+    .bind(&keys)
+    .bind(&requests)
+    .fetch_all(&db)
     .await?;
-    Ok(match existing {
-        None => Some(Earlier::Gone),
-        Some((false, _, _, _)) => Some(Earlier::Answer(Err(ApiError::new(
+    Ok(rows
+        .into_iter()
+        .map(|(same, status, body, unconfirmed)| same.map(|same| (same, status, body, unconfirmed)))
+        .collect())
+}
+
+/// What a key's row says to a later request; `None` for a command's saved `202` whose
+/// confirm is not recorded yet (it may still be withdrawn).
+fn earlier_of(row: Option<KeyRow>) -> Option<Earlier> {
+    Some(match row {
+        None => Earlier::Gone,
+        Some((false, _, _, _)) => Earlier::Answer(Err(ApiError::new(
             ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was used with a different request",
-        )))),
-        Some((true, Some(status), Some(body), false)) => Some(Earlier::Answer(Ok(replay(status, body)))),
-        Some((true, Some(_), Some(_), true)) => None,
-        Some((true, _, _, _)) => Some(Earlier::Answer(Err(in_use()))),
+        ))),
+        Some((true, Some(status), Some(body), false)) => Earlier::Answer(Ok(replay(status, body))),
+        Some((true, Some(_), Some(_), true)) => return None,
+        Some((true, _, _, _)) => Earlier::Answer(Err(in_use())),
     })
 }
 
 /// The answer to a key that was used before (asynchronous commands): the replay of the
 /// first answer, 409 while that request is still being handled, 422 for another request.
 pub async fn answer_again(
-    pool: &PgPool,
+    answers: &KeyAnswers,
     scope: &str,
     key: &str,
     request: &serde_json::Value,
 ) -> Result<Response> {
-    match earlier_answer(pool, scope, key, request).await? {
+    match earlier_answer(|| answers.read(scope, key, request)).await? {
         // Freed a moment ago (a withdrawn request): the client's retry will find it free.
         Earlier::Gone => Err(in_use()),
         Earlier::Answer(answer) => answer,
@@ -279,12 +349,12 @@ pub async fn answer_again(
 /// `None` when the key is free. For a command that is refused before it is stored (the
 /// queues are too deep), so that a key which already has an answer still gets it.
 pub async fn recorded_answer(
-    pool: &PgPool,
+    answers: &KeyAnswers,
     scope: &str,
     key: &str,
     request: &serde_json::Value,
 ) -> Result<Option<Response>> {
-    match earlier_answer(pool, scope, key, request).await? {
+    match earlier_answer(|| answers.read(scope, key, request)).await? {
         Earlier::Gone => Ok(None),
         Earlier::Answer(answer) => answer.map(Some),
     }

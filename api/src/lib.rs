@@ -154,6 +154,7 @@ impl Application {
             &config.admin_token,
         ));
         let (intake, _writing) = Intake::start(db.clone(), config.intake);
+        let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupons::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let state = AppState {
@@ -165,6 +166,7 @@ impl Application {
             backpressure,
             config: Arc::new(config),
             auth,
+            key_answers,
             coupon_checks,
             order_checks,
             limits,

@@ -11,6 +11,7 @@ use crate::backpressure::Backpressure;
 use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
 use crate::coupons::{CouponChecks, SoldOut};
+use crate::idempotency::KeyAnswers;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Verifies bearer tokens (customers' and the admin's).
     pub auth: Arc<Authenticator>,
+    /// The answers saved under command keys, read many per statement.
+    pub key_answers: Arc<KeyAnswers>,
     /// The checks of coupon issues, read many per statement.
     pub coupon_checks: Arc<CouponChecks>,
     /// The checks of orders and payments, read many per statement.
