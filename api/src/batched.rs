@@ -39,7 +39,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batched<Q, A> {
     pub fn start<F, Fut>(max: usize, metric: &'static str, read: F) -> Self
     where
         F: Fn(Vec<Q>) -> Fut + Send + 'static,
-        Fut: Future<Output = sqlx::Result<Vec<A>>> + Send,
+        Fut: Future<Output = sqlx::Result<Vec<A>>> + Send + 'static,
     {
         let (queue, mut receiver) = mpsc::unbounded_channel::<(Q, oneshot::Sender<Result<A, Failed>>)>();
         tokio::spawn(async move {
@@ -47,7 +47,16 @@ impl<Q: Send + 'static, A: Send + 'static> Batched<Q, A> {
             while receiver.recv_many(&mut batch, max).await > 0 {
                 metrics::histogram!(metric).record(batch.len() as f64);
                 let (queries, answers): (Vec<Q>, Vec<_>) = batch.drain(..).unzip();
-                match read(queries).await {
+                // A task of its own, so that a read that panics fails its batch, not the
+                // reader.
+                let read = tokio::spawn(read(queries));
+                let outcome = read.await.unwrap_or_else(|panicked| {
+                    tracing::error!(error = %panicked, metric, "a batched read panicked");
+                    Err(sqlx::Error::Protocol(format!(
+                        "the batched read panicked: {panicked}"
+                    )))
+                });
+                match outcome {
                     Ok(found) if found.len() == answers.len() => {
                         for (answer, found) in answers.into_iter().zip(found) {
                             let _ = answer.send(Ok(found));
@@ -91,11 +100,12 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn each_read_gets_its_own_answer_and_a_failed_statement_fails_its_reads() {
+    async fn each_read_gets_its_own_answer_and_a_failed_or_panicking_read_fails_only_its_batch() {
         let doubled = Batched::start(8, "test_batch_size", |queries: Vec<i64>| async move {
             if queries.contains(&-1) {
                 return Err(sqlx::Error::RowNotFound);
             }
+            assert!(!queries.contains(&-2), "a read that panics");
             Ok(queries.into_iter().map(|q| q * 2).collect())
         });
         let answers = futures::future::join_all((0..20).map(|q| doubled.read(q))).await;
@@ -104,5 +114,8 @@ mod tests {
         }
         let failed = doubled.read(-1).await.unwrap_err();
         assert!(!failed.unavailable);
+        // A read that panics fails its own batch, and the reader goes on.
+        assert!(doubled.read(-2).await.is_err());
+        assert_eq!(doubled.read(21).await.unwrap(), 42);
     }
 }

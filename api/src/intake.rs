@@ -306,7 +306,8 @@ impl OrderColumns {
 /// its request, so when two commands of one batch bring the same key, the statement
 /// inserts the first claim, skips the second, and writes only the request the key names.
 ///
-/// Keys are inserted in one order, `(scope, key)`, by every batch: a key sent again while
+/// Keys are inserted in one order, `(scope, key)` and then the batch's own order (so the
+/// first of two commands with one key claims it), by every batch: a key sent again while
 /// its first request is in another batch's uncommitted insert waits for that batch, and
 /// with two batches claiming two such keys in opposite orders each would wait for the
 /// other until PostgreSQL broke the deadlock a second later (seen in the flash sale, whose
@@ -316,12 +317,12 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
     let stored: Vec<Uuid> = sqlx::query_scalar(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::bigint[],
-                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[])
-                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer)),
+                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[]) WITH ORDINALITY
+                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer, n)),
          claim AS (
             INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
             SELECT scope, key, request, 202, answer FROM input WHERE key IS NOT NULL
-            ORDER BY scope, key
+            ORDER BY scope, key, n
             ON CONFLICT (scope, key) DO NOTHING
             RETURNING (response_body->>'requestId')::uuid AS id),
          request AS (

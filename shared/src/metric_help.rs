@@ -37,6 +37,26 @@ pub fn describe_metrics() {
         Unit::Count,
         "Tokens looked up in PostgreSQL by one statement (cache misses batched together)."
     );
+    describe_histogram!(
+        "api_coupon_check_batch_size",
+        Unit::Count,
+        "Coupon issue checks (user, coupon, held) read by one statement."
+    );
+    describe_histogram!(
+        "api_quote_batch_size",
+        Unit::Count,
+        "Order checks (user, unpaid orders, products and prices) read by one statement."
+    );
+    describe_histogram!(
+        "api_payment_check_batch_size",
+        Unit::Count,
+        "Payment checks (the order's owner and status) read by one statement."
+    );
+    describe_histogram!(
+        "api_key_read_batch_size",
+        Unit::Count,
+        "Idempotency keys of commands read by one statement (replays, and refusals from memory)."
+    );
     describe_counter!(
         "orders_cancelled_total",
         Unit::Count,
@@ -92,7 +112,7 @@ pub fn describe_metrics() {
     describe_counter!(
         "api_waiters_woken_total",
         Unit::Count,
-        "Times a client waiting for its request's answer was woken by a settlement notice (not by its poll timer)."
+        "Times a client waiting for its request's answer was handed it settled (by a settlement notice, or by the sweep when a notice was lost)."
     );
     describe_histogram!(
         "api_command_publish_seconds",
@@ -336,6 +356,10 @@ mod tests {
             &[("family", "order")],
         ),
         (Kind::Histogram, "api_token_lookup_batch_size", &[]),
+        (Kind::Histogram, "api_coupon_check_batch_size", &[]),
+        (Kind::Histogram, "api_quote_batch_size", &[]),
+        (Kind::Histogram, "api_payment_check_batch_size", &[]),
+        (Kind::Histogram, "api_key_read_batch_size", &[]),
         (
             Kind::Histogram,
             "batch_job_duration_seconds",

@@ -1,7 +1,9 @@
 //! Word that requests were settled, from the workers to every api replica: one PostgreSQL
 //! `NOTIFY` per settled batch on [`CHANNEL`], naming the batch's requests, so that clients
 //! waiting for an answer (`Prefer: wait`, `?wait=`) are woken rather than polling. A worker
-//! sends it right after the batch commits ([`announce`]), as do the dead-letter handlers.
+//! sends it in the message that commits the batch, right after the `COMMIT`
+//! ([`announcement`]), so it costs no round trip; the dead-letter handlers send theirs on
+//! their own ([`announce`]).
 //!
 //! Not from the settling transaction itself: a transaction that notifies holds
 //! PostgreSQL's notify-queue lock from its commit until its WAL is flushed, so every
@@ -16,6 +18,8 @@
 //! by a worker that dies between its commit and its notice), which is why waiters also read
 //! the request again every poll interval.
 
+use std::fmt::Write;
+
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -25,6 +29,19 @@ pub const CHANNEL: &str = "requests_settled";
 /// Most request ids in one notification: 200 ids fill 7,400 bytes, under PostgreSQL's
 /// 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 200;
+
+/// The statements that announce `ids` settled, for a simple-protocol message that follows
+/// a `COMMIT`: they run in a transaction of their own, committed without waiting for the
+/// WAL flush. The payloads are uuids printed by this code (hex digits, dashes and commas),
+/// so they can be written as literals.
+pub fn announcement(ids: &[Uuid]) -> String {
+    let mut statements = String::from("SELECT set_config('synchronous_commit', 'off', true);");
+    for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
+        let payload = chunk.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+        let _ = write!(statements, " SELECT pg_notify('{CHANNEL}', '{payload}');");
+    }
+    statements
+}
 
 /// Announces that `ids` are settled, one notice per 200 ids, each committed without
 /// waiting for the WAL flush. Best effort: a lost notice costs its waiters one poll

@@ -17,7 +17,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use shared::command::{CommandMessage, RequestStatus};
@@ -263,8 +263,27 @@ struct OpenTransaction {
 }
 
 impl OpenTransaction {
-    async fn commit(mut self) -> Result<(), sqlx::Error> {
-        self.conn.execute("COMMIT").await?;
+    /// Commits, and announces the settled `ids` in the same message
+    /// ([`shared::settlements::announcement`]): the batch's third and last round trip. A
+    /// failure after the `COMMIT` succeeded (the notices only) is logged, not returned: the
+    /// batch is settled, and its waiters find it at their next poll.
+    async fn commit_and_announce(mut self, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+        let message = format!("COMMIT; {}", shared::settlements::announcement(ids));
+        let mut results = self.conn.fetch_many(sqlx::raw_sql(&message));
+        let mut committed = false;
+        while let Some(result) = results.next().await {
+            match result {
+                // The first statement's result is the `COMMIT`'s.
+                Ok(Either::Left(_)) => committed = true,
+                Ok(Either::Right(_)) => {}
+                Err(e) if committed => {
+                    tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        drop(results);
         self.open = false;
         Ok(())
     }
@@ -341,8 +360,7 @@ async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settl
     };
     match settle_in(&mut tx, family.as_ref(), &write_statement, lease, ids).await {
         Ok(Some(settled)) => {
-            tx.commit().await?;
-            shared::settlements::announce(&ctx.db, &settled.ids).await;
+            tx.commit_and_announce(&settled.ids).await?;
             if settled.wrote_events {
                 // Let the outbox relay publish them now.
                 ctx.outbox_written.notify_one();

@@ -109,8 +109,9 @@ async fn five_hundred_concurrent_commands_are_each_stored_once_and_settled_once(
 
     system.wait_until_settled().await;
     // The keys sent twice were claimed by concurrent batches: every batch takes its keys in
-    // one order, so none of them deadlocked (and was stored again one by one). Read after
-    // the settling: backends report their counters within a second.
+    // one order, so none of them deadlocked (and was stored again one by one). A backend
+    // reports its counters at most 10 s late (when it goes idle): read after that.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let deadlocks = system
         .scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
         .await;
