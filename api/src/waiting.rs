@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -152,20 +152,17 @@ impl Drop for Registration<'_> {
 /// failures; and every `poll_every` looks for settled requests whose notice was lost.
 async fn listen(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationToken) {
     let sweeping = tokio::spawn(sweep(Arc::clone(&waiters), poll_every, stop.clone()));
+    // The reads run apart from the listener, so that a slow read holds up no notice, and one
+    // at a time: the notices that come while one runs are read together by the next.
+    let (notices, received) = mpsc::unbounded_channel();
+    let delivering = tokio::spawn(deliver_notices(Arc::clone(&waiters), received));
     loop {
         let listened = async {
             let mut listener = PgListener::connect_with(&waiters.db).await?;
             listener.listen(shared::settlements::CHANNEL).await?;
             loop {
                 let notice = listener.recv().await?;
-                let settled: Vec<Uuid> = shared::settlements::parse(notice.payload()).collect();
-                // Read apart from the listener, so that one slow read holds up no notice.
-                let waiters = Arc::clone(&waiters);
-                tokio::spawn(async move {
-                    if let Err(e) = waiters.deliver(settled.into_iter()).await {
-                        tracing::debug!(error = %e, "cannot read settled requests; the sweep finds them");
-                    }
-                });
+                let _ = notices.send(shared::settlements::parse(notice.payload()).collect::<Vec<Uuid>>());
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
@@ -183,7 +180,21 @@ async fn listen(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationT
             () = tokio::time::sleep(RECONNECT_AFTER) => {}
         }
     }
-    let _ = sweeping.await;
+    drop(notices);
+    let _ = tokio::join!(sweeping, delivering);
+}
+
+/// Hands the requests of the notices received to their waiters, the notices that arrived
+/// while the last read ran in one statement.
+async fn deliver_notices(waiters: Arc<Waiters>, mut received: mpsc::UnboundedReceiver<Vec<Uuid>>) {
+    const MAX_NOTICES_PER_READ: usize = 64;
+    let mut notices = Vec::with_capacity(MAX_NOTICES_PER_READ);
+    while received.recv_many(&mut notices, MAX_NOTICES_PER_READ).await > 0 {
+        let settled = notices.drain(..).flatten();
+        if let Err(e) = waiters.deliver(settled).await {
+            tracing::debug!(error = %e, "cannot read settled requests; the sweep finds them");
+        }
+    }
 }
 
 /// Every `poll_every`, one statement for every request waited on: hands those that are
