@@ -20,7 +20,7 @@
 
 use std::fmt::Write;
 
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 use uuid::Uuid;
 
 /// The notification channel.
@@ -43,23 +43,12 @@ pub fn announcement(ids: &[Uuid]) -> String {
     statements
 }
 
-/// Announces that `ids` are settled, one notice per 200 ids, each committed without
-/// waiting for the WAL flush. Best effort: a lost notice costs its waiters one poll
-/// interval, so a failure is logged and otherwise ignored.
+/// Announces that `ids` are settled on their own ([`announcement`] as one message, one
+/// transaction that does not wait for its WAL flush). Best effort: a lost notice costs its
+/// waiters one poll interval, so a failure is logged and otherwise ignored.
 pub async fn announce(db: &PgPool, ids: &[Uuid]) {
-    for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
-        let payload = chunk.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-        let sent = sqlx::query(
-            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
-             SELECT pg_notify($1, $2) FROM relaxed",
-        )
-        .bind(CHANNEL)
-        .bind(payload)
-        .execute(db)
-        .await;
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
-        }
+    if let Err(e) = db.execute(sqlx::raw_sql(&announcement(ids))).await {
+        tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
     }
 }
 
