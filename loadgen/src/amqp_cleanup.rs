@@ -3,7 +3,8 @@
 //! topology the api and workers use, so they cannot drift apart.
 
 use anyhow::{bail, Context};
-use lapin::{Connection, ConnectionProperties};
+use shared::broker::Broker;
+use shared::config::BrokerSettings;
 use shared::topology::Topology;
 
 use crate::cli::CleanupArgs;
@@ -26,6 +27,7 @@ pub fn topology(prefix: &str, partitions: u16) -> Topology {
         partitions,
         delivery_limit: 0,
         queue_expires_ms: None,
+        replicas: 1,
     }
 }
 
@@ -36,10 +38,13 @@ pub async fn delete(amqp_url: &str, topology: &Topology, extra_queues: &[String]
     if topology.prefix.trim().is_empty() {
         bail!("refusing to clean up an empty AMQP_PREFIX");
     }
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
-        .await
-        .context("cannot connect to RabbitMQ")?;
+    // Any node of the list will do: queues are the cluster's.
+    let settings = BrokerSettings {
+        url: amqp_url.to_owned(),
+    };
+    let broker = Broker::new(&settings, format!("{}cleanup", topology.prefix));
+    let connection = broker.connection().await.context("cannot connect to RabbitMQ")?;
     let accepted = topology.delete(&connection, extra_queues).await?;
-    let _ = connection.close(200, "cleaned up".into()).await;
+    broker.close().await;
     Ok(accepted)
 }

@@ -48,7 +48,8 @@ pub enum Command {
 /// What every scenario needs: where the system is, and how hard to push it.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Base URL of the api.
+    /// Base URL of the api; several replicas' separated by commas, and clients spread
+    /// their requests over them in turn.
     #[arg(long, env = "LOADGEN_API_URL", default_value = "http://127.0.0.1:8080")]
     pub api: String,
     /// flash-sale and checkout: send the three commands (coupon issue, order creation,
@@ -118,6 +119,9 @@ pub struct Common {
     /// Told when the measured load starts (the fault suite times its faults by it).
     #[arg(skip)]
     pub load_started: Option<Arc<Notify>>,
+    /// Where clients write down their `503` answers (the fault suite times them).
+    #[arg(skip)]
+    pub unavailable: Option<Arc<crate::client::Unavailable>>,
 }
 
 impl Common {
@@ -290,6 +294,10 @@ pub enum Fault {
     /// `kill -9` every process mid-run (the api too, with requests in flight), then start
     /// them all again.
     KillEverything,
+    /// On a 3-node RabbitMQ cluster (started with `--cluster`): stop the node that leads
+    /// the most partition queues mid-run, keep the load going on the two others, then
+    /// start it again.
+    LoseBrokerNode,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -304,6 +312,10 @@ pub struct FaultsArgs {
     /// `<script> stop postgres`, and `<script>` to start whatever is down and wait for it.
     #[arg(long, default_value = "scripts/services")]
     pub services: PathBuf,
+    /// The script that runs the 3-node RabbitMQ cluster of `lose-broker-node`:
+    /// `<script> start|stop|urls|busiest PREFIX|stop-node N|start-node N`.
+    #[arg(long, default_value = "scripts/cluster")]
+    pub cluster: PathBuf,
     /// PostgreSQL server; each scenario gets a database of its own there.
     #[arg(
         long,
@@ -348,7 +360,7 @@ pub struct FaultsArgs {
     /// The whole suite's limit: a scenario gets at most what is left of it (less 45 s to
     /// stop and clean up), and one that would start with less than 90 s is not run (and
     /// fails the suite).
-    #[arg(long, default_value_t = 540)]
+    #[arg(long, default_value_t = 780)]
     pub suite_timeout_secs: u64,
     /// Logs of every process and the results, one directory per scenario.
     #[arg(long, default_value = ".run/faults")]

@@ -2,6 +2,7 @@
 //! scenarios make, answering the status, the error code and the JSON body.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -53,11 +54,14 @@ impl Answer {
     }
 }
 
-/// The API at one base URL, over a pool of keep-alive connections.
+/// The API at one base URL or spread over several (replicas of one deployment, each
+/// request to the next in turn), over a pool of keep-alive connections.
 #[derive(Debug, Clone)]
 pub struct Api {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<[String]>,
+    /// The replica the next request goes to, shared by clones.
+    turn: Arc<AtomicUsize>,
     admin: HeaderMap,
     /// How long a patient client keeps sending a request again (see [`Api::patient`]).
     patience: Duration,
@@ -68,6 +72,38 @@ pub struct Api {
     /// Seconds a command asks to be held until it is settled (`Prefer: respond-async,
     /// wait=N`); `None`: answered `202` at once.
     wait: Option<u64>,
+    /// Where the moments of `503` answers are written, when somebody asks.
+    unavailable: Option<Arc<Unavailable>>,
+}
+
+/// When clients were answered `503 Service Unavailable`: the fault suite tells how long
+/// clients saw them during a fault.
+#[derive(Debug, Default)]
+pub struct Unavailable {
+    seen: Mutex<Vec<tokio::time::Instant>>,
+}
+
+impl Unavailable {
+    fn record(&self) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tokio::time::Instant::now());
+    }
+
+    /// The `503`s answered at or after `since`: how many, and the first and the last of
+    /// them, as time after `since`.
+    pub fn since(&self, since: tokio::time::Instant) -> Option<(usize, Duration, Duration)> {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let after: Vec<Duration> = seen
+            .iter()
+            .filter(|at| **at >= since)
+            .map(|at| at.duration_since(since))
+            .collect();
+        let first = after.iter().min()?;
+        let last = after.iter().max()?;
+        Some((after.len(), *first, *last))
+    }
 }
 
 /// The bearer tokens of the users a client acts for, and who sent each command it was
@@ -83,9 +119,16 @@ const RETRY_FIRST_WAIT: Duration = Duration::from_millis(100);
 const RETRY_MAX_WAIT: Duration = Duration::from_secs(1);
 
 impl Api {
-    /// `connections`: idle connections kept per host, so `connections` concurrent clients
-    /// each keep theirs between requests.
+    /// `base`: one base URL, or several separated by commas (replicas of the api); requests
+    /// go to each in turn. `connections`: idle connections kept per host, so `connections`
+    /// concurrent clients each keep theirs between requests.
     pub fn new(base: &str, admin_token: &str, connections: usize, timeout: Duration) -> anyhow::Result<Self> {
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        anyhow::ensure!(!bases.is_empty(), "no api base URL in {base:?}");
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(connections.max(1))
             .timeout(timeout)
@@ -100,12 +143,14 @@ impl Api {
         );
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            bases: bases.into(),
+            turn: Arc::default(),
             admin,
             patience: Duration::ZERO,
             retried: Arc::default(),
             identities: Arc::default(),
             wait: None,
+            unavailable: None,
         })
     }
 
@@ -130,9 +175,22 @@ impl Api {
     /// synchronous peer, which answers the commands on the contract's paths.
     pub fn at(&self, base: &str) -> Self {
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: vec![base.trim_end_matches('/').to_owned()].into(),
+            turn: Arc::default(),
             ..self.clone()
         }
+    }
+
+    /// The same client, writing down when it is answered `503`.
+    pub fn noting_unavailability(mut self, log: Arc<Unavailable>) -> Self {
+        self.unavailable = Some(log);
+        self
+    }
+
+    /// The base URL of the next request: the replicas in turn.
+    fn base(&self) -> &str {
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        &self.bases[turn % self.bases.len()]
     }
 
     /// Answers that made the client send a request again, by outcome.
@@ -141,10 +199,6 @@ impl Api {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     /// Remembers users' tokens: requests for them are sent with `Authorization: Bearer`.
@@ -246,6 +300,11 @@ impl Api {
     async fn send_once(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
         let response = request.send().await?;
         let status = response.status().as_u16();
+        if status == 503 {
+            if let Some(log) = &self.unavailable {
+                log.record();
+            }
+        }
         let replayed = response
             .headers()
             .get(REPLAYED)
@@ -271,7 +330,7 @@ impl Api {
     }
 
     fn post(&self, path: &str, body: &Value, key: Option<&str>) -> reqwest::RequestBuilder {
-        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let mut request = self.http.post(format!("{}{path}", self.base())).json(body);
         if let Some(seconds) = self.wait {
             request = request.header("prefer", format!("respond-async, wait={seconds}"));
         }
@@ -283,7 +342,7 @@ impl Api {
 
     /// `GET {path}`, e.g. `/products?limit=20`; as the user the path is about, if any.
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
-        let request = self.http.get(format!("{}{path}", self.base));
+        let request = self.http.get(format!("{}{path}", self.base()));
         self.send(self.as_user(request, self.reader_of(path))).await
     }
 
@@ -376,7 +435,7 @@ impl Api {
 
     /// `GET /requests/{requestId}` of a request `user` sent.
     pub async fn request_status_of(&self, user: i64, request: Uuid) -> anyhow::Result<Answer> {
-        let get = self.http.get(format!("{}/requests/{request}", self.base));
+        let get = self.http.get(format!("{}/requests/{request}", self.base()));
         self.send(self.as_user(get, Some(user))).await
     }
 
@@ -411,24 +470,39 @@ impl Api {
         created_id(&answer, "couponId").context("POST /admin/coupons")
     }
 
-    /// Waits until `GET /health/ready` answers 200.
+    /// Waits until `GET /health/ready` answers 200 at every replica.
     pub async fn wait_until_ready(&self, patience: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + patience;
-        loop {
-            match self.get("/health/ready").await {
-                Ok(answer) if answer.status == 200 => return Ok(()),
-                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        for base in self.bases.iter() {
+            loop {
+                match self
+                    .at(base)
+                    .send_once(self.http.get(format!("{base}/health/ready")))
+                    .await
+                {
+                    Ok(answer) if answer.status == 200 => break,
+                    Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Ok(answer) => bail!("{base}/health/ready answered {}: {}", answer.status, answer.body),
+                    Err(e) => return Err(e.context(format!("{base} is not reachable"))),
                 }
-                Ok(answer) => bail!(
-                    "{}/health/ready answered {}: {}",
-                    self.base,
-                    answer.status,
-                    answer.body
-                ),
-                Err(e) => return Err(e.context(format!("{} is not reachable", self.base))),
             }
         }
+        Ok(())
+    }
+
+    /// Whether every replica answers `GET /health/ready` with 200 now.
+    pub async fn ready_everywhere(&self) -> bool {
+        for base in self.bases.iter() {
+            let answer = self
+                .send_once(self.http.get(format!("{base}/health/ready")))
+                .await;
+            if !matches!(answer, Ok(a) if a.status == 200) {
+                return false;
+            }
+        }
+        true
     }
 }
 

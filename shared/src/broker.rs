@@ -4,14 +4,20 @@
 //! the connection dies; the next caller that needs it opens a new one, so processes recover
 //! by themselves without a restart and without a reconnect loop that spins while nobody
 //! needs the broker.
+//!
+//! `AMQP_URL` may name several nodes of one cluster. A process connects to the first that
+//! answers; when its connection dies it tries the next node first, so the loss of a node
+//! moves its connections to the others at the first call that needs one. Queues, exchanges
+//! and bindings are the cluster's, not a node's: the same channel calls work on any node.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use crate::config::BrokerSettings;
+use crate::config::{redact_url, BrokerSettings};
 
 /// How long one connection attempt may take. A healthy local broker answers in
 /// milliseconds; an attempt that stalls is abandoned and tried once more.
@@ -34,52 +40,89 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
-/// A connection that is re-opened on demand after it breaks.
+/// The connection in use and the node (index in the node list) it goes to.
+struct Live {
+    connection: Arc<Connection>,
+    node: usize,
+}
+
+/// A connection that is re-opened on demand after it breaks, to any node of the list.
 pub struct Broker {
-    url: String,
+    nodes: Vec<String>,
     /// Shown in the RabbitMQ management UI, so operators can tell processes apart.
     connection_name: String,
-    current: Mutex<Option<Arc<Connection>>>,
+    current: Mutex<Option<Live>>,
+    /// The node the next connection tries first: the one after the node whose connection
+    /// died, so that a dead node is not waited on before the live ones are asked.
+    first_choice: AtomicUsize,
 }
 
 impl Broker {
     pub fn new(settings: &BrokerSettings, connection_name: impl Into<String>) -> Self {
         Self {
-            url: settings.url.clone(),
+            nodes: settings.nodes().into_iter().map(str::to_owned).collect(),
             connection_name: connection_name.into(),
             current: Mutex::new(None),
+            first_choice: AtomicUsize::new(0),
         }
     }
 
     /// The live connection, opening a new one if there is none or the last one broke.
     pub async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
         let mut current = self.current.lock().await;
-        if let Some(conn) = current.as_ref().filter(|c| c.status().connected()) {
-            return Ok(Arc::clone(conn));
+        match current.as_ref() {
+            Some(live) if live.connection.status().connected() => return Ok(Arc::clone(&live.connection)),
+            Some(dead) => self.move_past(dead.node),
+            None => {}
         }
-        let conn = self.connect().await?;
-        tracing::info!(name = %self.connection_name, "connected to RabbitMQ");
-        let conn = Arc::new(conn);
-        *current = Some(Arc::clone(&conn));
-        Ok(conn)
+        let (connection, node) = self.connect().await?;
+        tracing::info!(name = %self.connection_name, node = %redact_url(&self.nodes[node]), "connected to RabbitMQ");
+        let connection = Arc::new(connection);
+        *current = Some(Live {
+            connection: Arc::clone(&connection),
+            node,
+        });
+        Ok(connection)
     }
 
-    /// Opens a connection. Now and then a handshake stalls with no answer (seen under load
-    /// on a busy two-core machine); it is abandoned after [`CONNECT_TIMEOUT`] and tried again.
-    async fn connect(&self) -> Result<Connection, BrokerError> {
-        let mut attempt = 1;
-        loop {
+    /// Makes the node after `node` the first choice of the next connection.
+    fn move_past(&self, node: usize) {
+        let next = (node + 1) % self.nodes.len().max(1);
+        self.first_choice.store(next, Ordering::Relaxed);
+    }
+
+    /// Opens a connection to the first node of the list, from the first choice on, that
+    /// answers; returns it with the node's index. A stopped node refuses at once; now and
+    /// then a handshake stalls with no answer instead (seen under load on a busy two-core
+    /// machine): it is abandoned after [`CONNECT_TIMEOUT`] and the next node asked. Each
+    /// node gets [`CONNECT_ATTEMPTS`] chances.
+    async fn connect(&self) -> Result<(Connection, usize), BrokerError> {
+        let count = self.nodes.len().max(1);
+        let first = self.first_choice.load(Ordering::Relaxed) % count;
+        let mut last_error = BrokerError::Timeout(CONNECT_TIMEOUT);
+        for attempt in 0..CONNECT_ATTEMPTS * u32::try_from(count).unwrap_or(u32::MAX) {
+            let node = (first + attempt as usize) % count;
+            let Some(url) = self.nodes.get(node) else {
+                break;
+            };
             let properties =
                 ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
-            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, properties)).await {
-                Ok(connected) => return Ok(connected?),
-                Err(_) if attempt < CONNECT_ATTEMPTS => {
-                    tracing::warn!(name = %self.connection_name, "RabbitMQ handshake stalled; trying again");
-                    attempt += 1;
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+                Ok(Ok(connection)) => {
+                    self.first_choice.store(node, Ordering::Relaxed);
+                    return Ok((connection, node));
                 }
-                Err(_) => return Err(BrokerError::Timeout(CONNECT_TIMEOUT)),
+                Ok(Err(e)) => {
+                    tracing::debug!(name = %self.connection_name, node = %redact_url(url), error = %e, "RabbitMQ node refused the connection");
+                    last_error = BrokerError::Amqp(e);
+                }
+                Err(_) => {
+                    tracing::warn!(name = %self.connection_name, node = %redact_url(url), "RabbitMQ handshake stalled; trying again");
+                    last_error = BrokerError::Timeout(CONNECT_TIMEOUT);
+                }
             }
         }
+        Err(last_error)
     }
 
     /// A new channel on the live connection. A connection that does not answer the open
@@ -100,9 +143,17 @@ impl Broker {
     /// Drops `conn` as the live connection (if it still is) and closes it in the background.
     async fn forget(&self, conn: &Arc<Connection>) {
         let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+        if current
+            .as_ref()
+            .is_some_and(|live| Arc::ptr_eq(&live.connection, conn))
+        {
             tracing::warn!(name = %self.connection_name, "RabbitMQ connection unresponsive; opening a new one");
-            if let Some(stale) = current.take() {
+            if let Some(Live {
+                connection: stale,
+                node,
+            }) = current.take()
+            {
+                self.move_past(node);
                 tokio::spawn(async move {
                     let _ =
                         tokio::time::timeout(CONNECT_TIMEOUT, stale.close(200, "unresponsive".into())).await;
@@ -139,8 +190,8 @@ impl Broker {
 
     /// Closes the connection politely, so the broker does not log an abrupt disconnect.
     pub async fn close(&self) {
-        if let Some(conn) = self.current.lock().await.take() {
-            if let Err(e) = conn.close(200, "shutdown".into()).await {
+        if let Some(live) = self.current.lock().await.take() {
+            if let Err(e) = live.connection.close(200, "shutdown".into()).await {
                 tracing::debug!(error = %e, "closing the RabbitMQ connection");
             }
         }

@@ -133,12 +133,29 @@ impl DatabaseSettings {
 /// Where RabbitMQ is. `Debug` shows the URL without its password.
 #[derive(Clone)]
 pub struct BrokerSettings {
-    /// `AMQP_URL`.
+    /// `AMQP_URL`: one node's URL, or the URLs of several nodes of one cluster separated
+    /// by commas (`amqp://app:pw@mq-1:5672/%2f,amqp://app:pw@mq-2:5672/%2f,…`). A process
+    /// connects to the first that answers and moves to another when its node goes away.
     pub url: String,
 }
 
 impl BrokerSettings {
     pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    /// The nodes' URLs, in the order given (at least one: an empty list is the default).
+    pub fn nodes(&self) -> Vec<&str> {
+        let nodes: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .collect();
+        if nodes.is_empty() {
+            vec![Self::DEFAULT_URL]
+        } else {
+            nodes
+        }
+    }
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
@@ -149,8 +166,9 @@ impl BrokerSettings {
 
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<String> = self.nodes().into_iter().map(redact_url).collect();
         f.debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &nodes.join(","))
             .finish()
     }
 }
@@ -210,6 +228,30 @@ mod tests {
             "postgres://postgres@127.0.0.1/x"
         );
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn a_node_list_is_split_on_commas_and_each_node_redacted() {
+        let broker = BrokerSettings {
+            url: " amqp://app:s3cret@mq-1:5672/%2f, amqp://app:s3cret@mq-2:5672/%2f ,".to_owned(),
+        };
+        assert_eq!(
+            broker.nodes(),
+            [
+                "amqp://app:s3cret@mq-1:5672/%2f",
+                "amqp://app:s3cret@mq-2:5672/%2f"
+            ]
+        );
+        let printed = format!("{broker:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("amqp://app:***@mq-1:5672/%2f,amqp://app:***@mq-2:5672/%2f"),
+            "{printed}"
+        );
+        let empty = BrokerSettings {
+            url: " , ".to_owned(),
+        };
+        assert_eq!(empty.nodes(), [BrokerSettings::DEFAULT_URL]);
     }
 
     fn temp_env(name: &str, value: &str, f: impl FnOnce()) {

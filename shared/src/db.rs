@@ -20,7 +20,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// database container that starts next to us, short enough to fail visibly when it is absent.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Connects (creating the database when it does not exist) and applies pending migrations.
+/// Connects (creating the database when it does not exist), applies pending migrations and
+/// claims the pool's share of the connection budget ([`crate::connection_budget`]), which
+/// logs the pool size.
 pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
     let mut delay = Duration::from_millis(200);
@@ -76,6 +78,9 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .await
         .context("cannot connect to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("cannot apply migrations")?;
+    crate::connection_budget::claim(&pool, app_name, settings.max_connections)
+        .await
+        .context("cannot record the connection pool in process_pools")?;
     Ok(pool)
 }
 

@@ -6,6 +6,7 @@
 //! - [`telemetry`]: tracing setup, as text for people or JSON for log shippers.
 //! - [`metric_help`]: the `# HELP` text of every metric the binaries emit.
 //! - [`db`]: the PostgreSQL pool and the migrations every binary runs at start.
+//! - [`connection_budget`]: every process's pool size, added up against `max_connections`.
 //! - [`broker`]: the RabbitMQ connection, re-established on demand after the broker restarts.
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
 //! - [`error`]: the contract's machine-readable error codes and error body.
@@ -23,6 +24,7 @@
 pub mod broker;
 pub mod command;
 pub mod config;
+pub mod connection_budget;
 pub mod coupon;
 pub mod db;
 pub mod domain;

@@ -45,6 +45,7 @@ pub fn isolated_topology() -> crate::topology::Topology {
         partitions: 4,
         delivery_limit: 5,
         queue_expires_ms: Some(300_000),
+        replicas: 3,
     }
 }
 
@@ -66,13 +67,14 @@ pub fn delete_topology_blocking(topology: &crate::topology::Topology, amqp_url: 
         };
         runtime.block_on(async {
             let work = async {
-                let properties = lapin::ConnectionProperties::default()
-                    .with_connection_name(format!("{}cleanup", topology.prefix).into());
-                let connection = lapin::Connection::connect(&amqp_url, properties).await?;
+                let settings = crate::config::BrokerSettings { url: amqp_url };
+                let broker = crate::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
+                let connection = broker.connection().await?;
                 topology
                     .delete(&connection, &[topology.data_platform_queue()])
                     .await?;
-                connection.close(200, "cleaned up".into()).await
+                broker.close().await;
+                anyhow::Ok(())
             };
             // Best effort: a broker that is down leaves the queues to `x-expires`.
             let _ = tokio::time::timeout(CLEANUP_TIMEOUT, work).await;

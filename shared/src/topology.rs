@@ -52,6 +52,10 @@ pub struct Topology {
     /// `COMMAND_QUEUE_EXPIRES_MS`: delete queues unused for this long. Tests only: a
     /// production queue must never disappear.
     pub queue_expires_ms: Option<u32>,
+    /// `COMMAND_QUEUE_REPLICAS`: the members of each quorum queue when it is declared
+    /// (RabbitMQ takes fewer on a smaller cluster: one on a single node). Three survive the
+    /// loss of any one node; five, of two.
+    pub replicas: u32,
 }
 
 impl Topology {
@@ -62,6 +66,7 @@ impl Topology {
             partitions: var("COMMAND_PARTITIONS", 16_u16)?.max(1),
             delivery_limit: var("COMMAND_DELIVERY_LIMIT", 10)?,
             queue_expires_ms: (expires > 0).then_some(expires),
+            replicas: var("COMMAND_QUEUE_REPLICAS", 3_u32)?.max(1),
         })
     }
 
@@ -235,6 +240,10 @@ impl Topology {
     fn quorum_arguments(&self, dead_letter_to: Option<Family>) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongUInt(self.replicas),
+        );
         if let Some(family) = dead_letter_to {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
             args.insert(

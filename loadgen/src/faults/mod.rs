@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::checks;
 use crate::cli::{CheckoutArgs, Common, Fault, FaultsArgs, FlashSaleArgs};
-use crate::client::Api;
+use crate::client::{Api, Unavailable};
 use crate::scenarios::{checkout, flash_sale};
 use recovery::Watch;
 use system::System;
@@ -54,6 +54,11 @@ impl Fault {
         self.to_possible_value()
             .map(|v| v.get_name().to_owned())
             .unwrap_or_default()
+    }
+
+    /// Whether the scenario runs on the 3-node RabbitMQ cluster instead of the single node.
+    fn on_cluster(self) -> bool {
+        matches!(self, Fault::LoseBrokerNode)
     }
 
     /// Worker replicas when the load starts.
@@ -92,6 +97,8 @@ struct Outcome {
     events: Vec<Event>,
     violations: usize,
     error: Option<String>,
+    /// Figures the scenario measured besides its recoveries, printed under the table.
+    figures: Vec<String>,
 }
 
 impl Outcome {
@@ -129,6 +136,7 @@ pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
                     "not run within the suite's {} s",
                     args.suite_timeout_secs
                 )),
+                figures: Vec::new(),
             }
         } else {
             scenario(args, fault, &series, &stamp, bound).await
@@ -162,6 +170,11 @@ pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
             o.violations
         );
     }
+    for o in &outcomes {
+        for figure in &o.figures {
+            println!("  {}: {figure}", o.fault.name());
+        }
+    }
     let failed = outcomes.iter().filter(|o| !o.passed()).count();
     if failed > 0 {
         bail!("{failed} of {} fault scenarios failed", outcomes.len());
@@ -187,10 +200,34 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
     );
 
     let mut events = Vec::new();
+    let mut figures = Vec::new();
     let mut violations = 0;
+    let cluster = if fault.on_cluster() {
+        match Cluster::start(&args.cluster, &prefix).await {
+            Ok(cluster) => {
+                say(&name, &format!("on the 3-node RabbitMQ cluster {}", cluster.urls));
+                Some(cluster)
+            }
+            Err(e) => {
+                return Outcome {
+                    fault,
+                    seconds: started.elapsed().as_secs_f64(),
+                    events,
+                    violations,
+                    error: Some(format!("cannot start the RabbitMQ cluster: {e:#}")),
+                    figures,
+                };
+            }
+        }
+    } else {
+        None
+    };
+    let amqp_url = cluster
+        .as_ref()
+        .map_or_else(|| args.amqp_url.clone(), |c| c.urls.clone());
     let env = vec![
         ("DATABASE_URL".to_owned(), database_url.clone()),
-        ("AMQP_URL".to_owned(), args.amqp_url.clone()),
+        ("AMQP_URL".to_owned(), amqp_url.clone()),
         ("AMQP_PREFIX".to_owned(), prefix.clone()),
         ("ADMIN_TOKEN".to_owned(), args.admin_token.clone()),
         // One api at a time here, but the port of a killed one may linger.
@@ -202,7 +239,18 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
         Ok(mut system) => {
             let exercised = tokio::time::timeout(
                 bound,
-                exercise(args, fault, &mut system, &database_url, &log_dir, &mut events),
+                exercise(
+                    args,
+                    Exercise {
+                        fault,
+                        cluster: cluster.as_ref(),
+                        database_url: &database_url,
+                        log_dir: &log_dir,
+                    },
+                    &mut system,
+                    &mut events,
+                    &mut figures,
+                ),
             )
             .await;
             let mut error = match exercised {
@@ -230,7 +278,13 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
             &format!("kept database {database} and AMQP prefix {prefix}"),
         );
     } else {
-        clean_up(args, &database, &prefix).await;
+        clean_up(args, &amqp_url, &database, &prefix).await;
+    }
+    if let Some(cluster) = &cluster {
+        // Three more brokers are a heavy load on a small machine: they go with the scenario.
+        if let Err(e) = cluster.run(&["stop"]).await {
+            say(&name, &format!("cannot stop the RabbitMQ cluster: {e:#}"));
+        }
     }
     if let Some(e) = &error {
         say(&name, &format!("FAILED: {e}"));
@@ -241,18 +295,88 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
         events,
         violations,
         error,
+        figures,
+    }
+}
+
+/// What one scenario runs against.
+struct Exercise<'a> {
+    fault: Fault,
+    cluster: Option<&'a Cluster>,
+    database_url: &'a str,
+    log_dir: &'a Path,
+}
+
+/// The 3-node RabbitMQ cluster, through its script (`scripts/cluster`).
+struct Cluster {
+    script: std::path::PathBuf,
+    /// The nodes' AMQP URLs, comma-separated, as `AMQP_URL` takes them.
+    urls: String,
+    /// The scenario's queue prefix: whose partition queues count for `busiest`.
+    prefix: String,
+}
+
+impl Cluster {
+    /// Starts the cluster (a no-op for nodes already running) and reads its URLs.
+    async fn start(script: &Path, prefix: &str) -> anyhow::Result<Self> {
+        let mut cluster = Self {
+            script: script.to_owned(),
+            urls: String::new(),
+            prefix: prefix.to_owned(),
+        };
+        cluster.run(&["start"]).await?;
+        cluster.urls = cluster.run(&["urls"]).await?.trim().to_owned();
+        anyhow::ensure!(
+            !cluster.urls.is_empty(),
+            "{} urls printed nothing",
+            script.display()
+        );
+        Ok(cluster)
+    }
+
+    /// The node that leads the most of the scenario's queues.
+    async fn busiest(&self) -> anyhow::Result<u8> {
+        let printed = self.run(&["busiest", &self.prefix]).await?;
+        printed
+            .trim()
+            .parse()
+            .with_context(|| format!("busiest printed {printed:?}, not a node number"))
+    }
+
+    /// Runs the script with `args`; what it printed.
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = tokio::process::Command::new(&self.script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", self.script.display()))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{} {} failed: {}",
+            self.script.display(),
+            args.join(" "),
+            output.status
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }
 
 /// Starts the system, runs the loads with the fault, checks; the number of violated checks.
 async fn exercise(
     args: &FaultsArgs,
-    fault: Fault,
+    run: Exercise<'_>,
     system: &mut System,
-    database_url: &str,
-    log_dir: &Path,
     events: &mut Vec<Event>,
+    figures: &mut Vec<String>,
 ) -> anyhow::Result<usize> {
+    let Exercise {
+        fault,
+        cluster,
+        database_url,
+        log_dir,
+    } = run;
     let name = fault.name();
     system.start_all(fault.workers_at_start())?;
     let api = Api::new(&system.api_url(), &args.admin_token, 8, Duration::from_secs(10))?;
@@ -278,14 +402,15 @@ async fn exercise(
 
     let flash_started = Arc::new(Notify::new());
     let checkout_started = Arc::new(Notify::new());
+    let unavailable = Arc::new(Unavailable::default());
     let (flash, shop) = loads(
         args,
         fault.load(args),
         &system.api_url(),
         database_url,
         log_dir,
-        &flash_started,
-        &checkout_started,
+        (&flash_started, &checkout_started),
+        &unavailable,
     );
     let loads = async { tokio::join!(flash_sale::run(&flash), checkout::run(&shop)) };
     let faults = async {
@@ -296,7 +421,12 @@ async fn exercise(
         )
         .context("the loads did not start")?;
         say(&name, "load started");
-        inject(args, fault, system, &watch, events).await
+        let injection = Injection {
+            fault,
+            cluster,
+            unavailable: &unavailable,
+        };
+        inject(args, injection, system, &watch, events, figures).await
     };
     let ((flash_result, checkout_result), injected) = tokio::join!(loads, faults);
     let mut failures = injected?;
@@ -332,8 +462,8 @@ fn loads(
     api: &str,
     database_url: &str,
     log_dir: &Path,
-    flash_started: &Arc<Notify>,
-    checkout_started: &Arc<Notify>,
+    (flash_started, checkout_started): (&Arc<Notify>, &Arc<Notify>),
+    unavailable: &Arc<Unavailable>,
 ) -> (FlashSaleArgs, CheckoutArgs) {
     let common = |rate: f64, out: &str, started: &Arc<Notify>| Common {
         api: api.to_owned(),
@@ -355,6 +485,7 @@ fn loads(
         statistics_delay_secs: 0,
         patience_secs: CLIENT_PATIENCE.as_secs(),
         load_started: Some(Arc::clone(started)),
+        unavailable: Some(Arc::clone(unavailable)),
     };
     let seconds = load.as_secs_f64();
     // A flash sale sends about 1.15 requests a user (retries and second attempts). Coupons
@@ -378,15 +509,29 @@ fn loads(
     (flash, shop)
 }
 
+/// What a fault is injected into, besides the processes.
+struct Injection<'a> {
+    fault: Fault,
+    cluster: Option<&'a Cluster>,
+    /// When clients were answered 503.
+    unavailable: &'a Unavailable,
+}
+
 /// The fault itself, timed from the start of the load. Returns what went wrong without
 /// stopping the scenario (a process that did not stop gracefully).
 async fn inject(
     args: &FaultsArgs,
-    fault: Fault,
+    injection: Injection<'_>,
     system: &mut System,
     watch: &Watch,
     events: &mut Vec<Event>,
+    figures: &mut Vec<String>,
 ) -> anyhow::Result<Vec<String>> {
+    let Injection {
+        fault,
+        cluster,
+        unavailable,
+    } = injection;
     let mut problems = Vec::new();
     let name = fault.name();
     let load_started = Instant::now();
@@ -509,7 +654,7 @@ async fn inject(
                 problems.push(format!("the stop of every process was not graceful: {unclean}"));
             }
             system.start_all(3)?;
-            mark("started the api, 3 workers, the batch and the data-platform stand-in again");
+            mark("started the apis, 3 workers, the batch and the data-platform stand-in again");
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("a stop of every process".to_owned(), recovery);
@@ -519,10 +664,52 @@ async fn inject(
             let killed = system.kill_all().await;
             mark(&format!("kill -9 every process: {}", killed.join(", ")));
             system.start_all(3)?;
-            mark("started the api, 3 workers, the batch and the data-platform stand-in again");
+            mark("started the apis, 3 workers, the batch and the data-platform stand-in again");
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("a kill -9 of every process".to_owned(), recovery);
+        }
+        Fault::LoseBrokerNode => {
+            let cluster = cluster.context("lose-broker-node runs on the cluster")?;
+            at(0.3).await;
+            let node = cluster.busiest().await?;
+            mark(&format!(
+                "stopping RabbitMQ node {node}, which leads the most partition queues"
+            ));
+            let lost = (Instant::now(), Utc::now());
+            cluster.run(&["stop-node", &node.to_string()]).await?;
+            mark(&format!(
+                "node {node} stopped; the load goes on against the two others"
+            ));
+            // Recovered while the node is still down: that is what quorum queues are for.
+            // Timed from the stop, not from a repair: nothing is repaired yet.
+            let resettled = watch.recovered(lost, &system.worker_names(), bound).await;
+            let took = resettled.as_ref().ok().copied();
+            record(format!("the loss of RabbitMQ node {node}"), resettled);
+            let answered_503 = unavailable.since(lost.0);
+            let seen = match answered_503 {
+                Some((count, first, last)) => format!(
+                    "clients saw 503s for {:.1} s ({count} answers, from +{:.1} s to +{:.1} s after the stop)",
+                    (last - first).as_secs_f64(),
+                    first.as_secs_f64(),
+                    last.as_secs_f64()
+                ),
+                None => "clients saw no 503".to_owned(),
+            };
+            let resettled = took.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+            mark(&format!(
+                "{seen}; every partition settled again {resettled} after the stop"
+            ));
+            figures.push(format!(
+                "node {node} lost under load: {seen}; every partition settled again after {resettled} (goal: under 10 s each)"
+            ));
+            // The node comes back while the load still runs, and rejoins.
+            at(0.7).await;
+            cluster.run(&["start-node", &node.to_string()]).await?;
+            mark(&format!("node {node} is back"));
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record(format!("the return of RabbitMQ node {node}"), recovery);
         }
     }
     Ok(problems)
@@ -582,8 +769,8 @@ async fn services(script: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drops the scenario's database and deletes its queues.
-async fn clean_up(args: &FaultsArgs, database: &str, prefix: &str) {
+/// Drops the scenario's database and deletes its queues (on the broker at `amqp_url`).
+async fn clean_up(args: &FaultsArgs, amqp_url: &str, database: &str, prefix: &str) {
     let admin_url = format!("{}/postgres", args.pg_server.trim_end_matches('/'));
     let dropped = async {
         let db = PgPoolOptions::new()
@@ -601,7 +788,7 @@ async fn clean_up(args: &FaultsArgs, database: &str, prefix: &str) {
     }
     let topology = crate::amqp_cleanup::topology(prefix, args.partitions);
     let extra = [topology.data_platform_queue()];
-    if let Err(e) = crate::amqp_cleanup::delete(&args.amqp_url, &topology, &extra).await {
+    if let Err(e) = crate::amqp_cleanup::delete(amqp_url, &topology, &extra).await {
         eprintln!("faults: cannot delete the queues of {prefix}: {e:#}");
     }
 }

@@ -1,6 +1,6 @@
 //! When the system is whole again after a fault.
 //!
-//! Recovered means, all at once: the api answers ready (it reaches PostgreSQL and RabbitMQ),
+//! Recovered means, all at once: every api replica answers ready (it reaches PostgreSQL and RabbitMQ),
 //! every partition of both command families is leased to a replica that is running now,
 //! every running replica holds at least one (the load is spread again), and the backlog is
 //! gone: every request accepted before the repair has reached a terminal status. Measured
@@ -67,7 +67,7 @@ impl Watch {
 
     /// Reads the state into `state`; whether it is whole, or `None` if it could not be read.
     async fn read(&self, since: DateTime<Utc>, workers: &[String], state: &mut State) -> Option<bool> {
-        state.ready = matches!(self.api.get("/health/ready").await, Ok(a) if a.status == 200);
+        state.ready = self.api.ready_everywhere().await;
         let (leased, holders, caught_up): (i64, i64, bool) = sqlx::query_as(
             "WITH live AS (
                 SELECT l.family, l.partition, r.name FROM partition_leases l

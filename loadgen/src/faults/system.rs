@@ -1,6 +1,6 @@
-//! The system under test, run from its release binaries: the api, worker replicas, the
-//! batch and the data-platform stand-in, each a child process with its log in the
-//! scenario's directory.
+//! The system under test, run from its release binaries: two api replicas, worker
+//! replicas, the batch and the data-platform stand-in, each a child process with its log in
+//! the scenario's directory.
 //! Processes can be killed, stopped and started again, one at a time or all together.
 
 use std::fs::{File, OpenOptions};
@@ -18,11 +18,17 @@ use tokio::time::Instant;
 /// How long a process may take to stop after SIGTERM before it is killed.
 const STOP_PATIENCE: Duration = Duration::from_secs(30);
 
-/// Database pools of the processes besides the api (30). The `scale` scenario runs four
-/// workers next to the api, the batch, the data-platform stand-in and the load generator:
-/// with every pool at its default (10) they would ask for all of PostgreSQL's 100
-/// connections. A worker's partitions share its pool: fewer connections than partitions
-/// only make a batch wait for one.
+/// Api replicas: requests are spread over them, so a replay or a wait often lands on
+/// another replica than the command it is about.
+const API_REPLICAS: usize = 2;
+
+/// Database pools. The `scale` scenario runs four workers next to two apis, the batch, the
+/// data-platform stand-in and the load generator (about 12 connections): with every pool at
+/// its default (api 30, others 10) they would ask for more than PostgreSQL's 100
+/// connections, less its 3 reserved. 2 × 20 + 4 × 8 + 2 × 4 + 12 = 92. A worker's
+/// partitions share its pool: fewer connections than partitions only make a batch wait for
+/// one.
+const API_POOL: u32 = 20;
 const WORKER_POOL: u32 = 8;
 const SIDE_POOL: u32 = 4;
 
@@ -65,8 +71,8 @@ pub struct System {
     bin_dir: PathBuf,
     log_dir: PathBuf,
     env: Vec<(String, String)>,
-    api_addr: SocketAddr,
-    api: Option<Process>,
+    api_addrs: Vec<SocketAddr>,
+    apis: Vec<Process>,
     workers: Vec<Process>,
     batch: Option<Process>,
     data_platform: Option<Process>,
@@ -77,18 +83,27 @@ pub struct System {
 
 impl System {
     /// `env`: what every process gets on top of this one's environment (database, broker,
-    /// prefix, …). The api listens on a free loopback port, the same across restarts.
+    /// prefix, …). Each api replica listens on a free loopback port, the same across
+    /// restarts.
     pub fn new(bin_dir: &Path, log_dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
-        let api_addr = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+        // Bound together, so the two ports differ; released before the apis bind them.
+        let listeners = (0..API_REPLICAS)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
             .context("no free port on loopback")?;
+        let api_addrs = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<Result<Vec<_>, _>>()
+            .context("no free port on loopback")?;
+        drop(listeners);
         Ok(Self {
             bin_dir: bin_dir.to_owned(),
             log_dir: log_dir.to_owned(),
             env,
-            api_addr,
-            api: None,
+            api_addrs,
+            apis: Vec::new(),
             workers: Vec::new(),
             batch: None,
             data_platform: None,
@@ -96,8 +111,14 @@ impl System {
         })
     }
 
+    /// The base URLs of the api replicas, separated by commas (as the load generator takes
+    /// them).
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        self.api_addrs
+            .iter()
+            .map(|addr| format!("http://{addr}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Names of the worker replicas running now.
@@ -141,9 +162,20 @@ impl System {
             .with_context(|| format!("cannot open {}", path.display()))
     }
 
-    pub fn start_api(&mut self) -> anyhow::Result<()> {
-        let api = self.spawn("api", "api", &[], &[("HTTP_ADDR", self.api_addr.to_string())])?;
-        self.api = Some(api);
+    /// Starts every api replica (`api-1`, `api-2`).
+    pub fn start_apis(&mut self) -> anyhow::Result<()> {
+        for (n, addr) in self.api_addrs.clone().into_iter().enumerate() {
+            let api = self.spawn(
+                &format!("api-{}", n + 1),
+                "api",
+                &[],
+                &[
+                    ("HTTP_ADDR", addr.to_string()),
+                    ("DATABASE_MAX_CONNECTIONS", API_POOL.to_string()),
+                ],
+            )?;
+            self.apis.push(api);
+        }
         Ok(())
     }
 
@@ -197,9 +229,9 @@ impl System {
         Ok(())
     }
 
-    /// The api, `workers` replicas, the batch and the data-platform stand-in.
+    /// The api replicas, `workers` worker replicas, the batch and the data-platform stand-in.
     pub fn start_all(&mut self, workers: usize) -> anyhow::Result<()> {
-        self.start_api()?;
+        self.start_apis()?;
         for _ in 0..workers {
             self.start_worker()?;
         }
@@ -244,7 +276,7 @@ impl System {
     /// Every process, no longer counted as running.
     fn take_all(&mut self) -> Vec<Process> {
         let mut all: Vec<Process> = self.workers.drain(..).collect();
-        all.extend(self.api.take());
+        all.append(&mut self.apis);
         all.extend(self.batch.take());
         all.extend(self.data_platform.take());
         all
@@ -254,7 +286,7 @@ impl System {
     pub fn exited(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
         let processes = self
-            .api
+            .apis
             .iter_mut()
             .chain(self.workers.iter_mut())
             .chain(self.batch.iter_mut())

@@ -7,7 +7,7 @@ pub mod flash_sale;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -92,7 +92,10 @@ impl Harness {
             common.request_timeout(),
         )?;
         api.wait_until_ready(STARTUP_PATIENCE).await?;
-        let api = api.patient(Duration::from_secs(common.patience_secs));
+        let mut api = api.patient(Duration::from_secs(common.patience_secs));
+        if let Some(log) = &common.unavailable {
+            api = api.noting_unavailability(Arc::clone(log));
+        }
         let (commands, settler) = match &common.commands_url {
             Some(url) => {
                 let peer = api.at(url);
