@@ -178,3 +178,64 @@ async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_e
         .unwrap();
     assert_eq!(stored, 1);
 }
+
+/// With two nodes in `AMQP_URL`, the loss of the node the api is connected to costs at most
+/// the commands in flight (503, withdrawn); the api moves to the other node by itself and
+/// accepts again while the first stays down. Two proxies of the one broker play the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_node_list_the_api_moves_to_another_node_when_its_node_goes_away() {
+    let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
+    let first = Proxy::start(socket_of(&broker_url)).await;
+    let second = Proxy::start(socket_of(&broker_url)).await;
+    let nodes = format!("{},{}", first.url_for(&broker_url), second.url_for(&broker_url));
+    let app = spawn_app_with(|config| config.broker.url = nodes).await;
+    let (user, path) = user_and_coupon(&app).await;
+    let patience = std::time::Duration::from_secs(60);
+    app.eventually(StatusCode::OK, patience, || app.get("/health/ready"))
+        .await;
+    app.eventually(StatusCode::ACCEPTED, patience, || {
+        app.post(&path, json!({ "userId": user }))
+    })
+    .await;
+
+    // The first node answered, so the api is on it; now it goes away for good.
+    first.cut();
+    let mut answers = Vec::new();
+    for attempt in 0..20 {
+        let answer = app
+            .post_with_key(&path, json!({ "userId": user }), "after-the-loss")
+            .await;
+        let status = answer.status;
+        answers.push(status);
+        if status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attempt {attempt}: {answer:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        answers.last(),
+        Some(&StatusCode::ACCEPTED),
+        "the api never reached the second node: {answers:?}"
+    );
+    assert_eq!(app.get("/health/ready").await.status, StatusCode::OK);
+    // Every 503 was withdrawn, and each 202 is one pending request: nothing lost, nothing twice.
+    let (pending, withdrawn): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'PENDING'),
+                count(*) FILTER (WHERE status = 'FAILED' AND error->>'code' = 'ERR_UNAVAILABLE')
+         FROM requests",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(pending, 2, "{answers:?}");
+    assert_eq!(
+        withdrawn,
+        i64::try_from(answers.len() - 1).unwrap(),
+        "{answers:?}"
+    );
+}

@@ -530,3 +530,41 @@ fn created_id(answer: &Answer, field: &str) -> anyhow::Result<i64> {
         .i64_field(field)
         .with_context(|| format!("no {field} in {}", answer.body))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use super::*;
+
+    #[test]
+    fn requests_go_to_each_api_replica_in_turn_and_clones_share_the_turn() {
+        let api = Api::new(" http://a:1/, http://b:2 ,", "token", 1, Duration::from_secs(1)).unwrap();
+        let clone = api.clone();
+        let bases: Vec<String> = (0..4)
+            .map(|n| if n % 2 == 0 { api.base() } else { clone.base() }.to_owned())
+            .collect();
+        assert_eq!(bases, ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]);
+        // `at` is one replica: the synchronous peer.
+        let peer = api.at("http://peer:3/");
+        assert_eq!([peer.base(), peer.base()], ["http://peer:3", "http://peer:3"]);
+        assert!(Api::new(" , ", "token", 1, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn unavailability_is_told_from_a_moment_on() {
+        let log = Unavailable::default();
+        assert!(log.since(tokio::time::Instant::now()).is_none());
+        log.record();
+        let from = tokio::time::Instant::now();
+        assert!(
+            log.since(from).is_none(),
+            "a 503 before the moment is not counted"
+        );
+        log.record();
+        log.record();
+        let (count, first, last) = log.since(from).unwrap();
+        assert_eq!(count, 2);
+        assert!(first <= last);
+    }
+}

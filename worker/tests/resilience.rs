@@ -342,11 +342,16 @@ async fn partition_queues_dead_letter_at_least_once() {
         let dead_letters = topology.dead_letter_exchange();
         let delivery_limit = topology.delivery_limit;
         let expires = topology.queue_expires_ms;
+        let replicas = topology.replicas;
         async move {
             use lapin::types::{AMQPValue, FieldTable};
             let mut args = FieldTable::default();
             let text = |s: &str| AMQPValue::LongString(s.into());
             args.insert("x-queue-type".into(), text("quorum"));
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongUInt(replicas),
+            );
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
             args.insert("x-delivery-limit".into(), AMQPValue::LongUInt(delivery_limit));
             args.insert("x-dead-letter-exchange".into(), text(&dead_letters));
