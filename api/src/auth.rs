@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use moka::sync::Cache;
@@ -33,7 +33,6 @@ use subtle::ConstantTimeEq;
 use crate::batched::Batched;
 use crate::error::{ApiError, Result};
 use crate::limits::RateLimits;
-use crate::AppState;
 
 /// Most tokens one process keeps verified at once; the least recently used go first.
 const MAX_CACHED_TOKENS: u64 = 200_000;
@@ -76,15 +75,20 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+    Arc<RateLimits>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
         let Some(token) = bearer_token(&parts.headers) else {
             return Err(unauthorized("this route needs Authorization: Bearer <token>"));
         };
-        let client = state.limits.client_address(parts);
-        state.auth.verify(token, client).await
+        let client = Arc::<RateLimits>::from_ref(state).client_address(parts);
+        Arc::<Authenticator>::from_ref(state).verify(token, client).await
     }
 }
 

@@ -12,16 +12,16 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::command::{CouponIssue, RequestKind};
 use shared::domain::{parse_name, whole_number_in, CouponId, UserId, MAX_PRICE};
-use shared::error::{ErrorBody, ErrorCode};
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use shared::error::ErrorCode;
+use sqlx::{PgConnection, PgExecutor};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
-use crate::batched::Batched;
 use crate::commands::{self, Accepted, NewCommand, PreferWait};
+use crate::coupon_checks::{refuse_what_is_known, sold_out};
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
@@ -167,102 +167,6 @@ async fn issue_coupon(
             creates: None,
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
-}
-
-/// Coupons seen sold out by this replica. A coupon's quantity never grows and its issued
-/// coupons are never taken back, so once sold out it stays so: this replica then refuses
-/// it without asking PostgreSQL.
-#[derive(Debug, Default)]
-pub struct SoldOut(std::sync::RwLock<std::collections::HashSet<i64>>);
-
-impl SoldOut {
-    pub fn contains(&self, coupon: CouponId) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&coupon.get())
-    }
-
-    pub fn insert(&self, coupon: CouponId) {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(coupon.get());
-    }
-}
-
-fn sold_out() -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::CouponOutOfStock,
-        shared::coupon::refusal_message(ErrorCode::CouponOutOfStock),
-    )
-}
-
-/// The facts of a coupon issue that need no queue, read for many requests at once (one
-/// statement for the requests of the moment, in a flash sale hundreds).
-pub struct CouponChecks(Batched<(i64, i64), IssueFacts>);
-
-/// Most issue checks read by one statement.
-const MAX_CHECKS_PER_STATEMENT: usize = 256;
-
-/// Whether the user exists, the coupon exists, is expired, is sold out, and is held by the
-/// user.
-type IssueFacts = (bool, bool, bool, bool, bool);
-
-impl CouponChecks {
-    pub fn start(db: PgPool) -> Self {
-        Self(Batched::start(
-            MAX_CHECKS_PER_STATEMENT,
-            "api_coupon_check_batch_size",
-            move |pairs| read_issue_facts(db.clone(), pairs),
-        ))
-    }
-}
-
-/// The facts of each (coupon, user) pair, in their order, in one statement.
-async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Vec<IssueFacts>> {
-    let (coupons, users): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
-    sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = q.user_id),
-                c.id IS NOT NULL,
-                COALESCE(c.expires_at <= now(), false),
-                COALESCE(c.issued_quantity >= c.total_quantity, false),
-                EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = q.coupon_id AND user_id = q.user_id)
-         FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS q(coupon_id, user_id, n)
-         LEFT JOIN coupons c ON c.id = q.coupon_id
-         ORDER BY q.n",
-    )
-    .bind(&coupons)
-    .bind(&users)
-    .fetch_all(&db)
-    .await
-}
-
-/// The checks that need no queue, in the contract's order: the user (400), the coupon
-/// (404), then its state (409, 410).
-async fn refuse_what_is_known(checks: &CouponChecks, coupon: CouponId, user: UserId) -> Result<()> {
-    let (user_exists, coupon_exists, expired, sold_out, held) =
-        checks.0.read((coupon.get(), user.get())).await?;
-    let refusal = if !user_exists {
-        Some(ErrorCode::BalanceInvalidUser)
-    } else if !coupon_exists {
-        Some(ErrorCode::CouponNotFound)
-    } else if expired {
-        Some(ErrorCode::CouponExpired)
-    } else if held {
-        Some(ErrorCode::CouponAlreadyAcquired)
-    } else if sold_out {
-        Some(ErrorCode::CouponOutOfStock)
-    } else {
-        None
-    };
-    match refusal {
-        Some(code) => {
-            metrics::counter!("api_commands_refused_total", "type" => "COUPON_ISSUE", "code" => code.as_str()).increment(1);
-            Err(ApiError::new(code, shared::coupon::refusal_message(code)))
-        }
-        None => Ok(()),
-    }
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]

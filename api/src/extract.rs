@@ -61,11 +61,16 @@ impl From<QueryRejection> for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddress(pub std::net::IpAddr);
 
-impl FromRequestParts<crate::AppState> for ClientAddress {
+impl<S> FromRequestParts<S> for ClientAddress
+where
+    S: Send + Sync,
+    std::sync::Arc<crate::limits::RateLimits>: axum::extract::FromRef<S>,
+{
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, state: &crate::AppState) -> Result<Self, Self::Rejection> {
-        Ok(Self(state.limits.client_address(parts)))
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let limits: std::sync::Arc<crate::limits::RateLimits> = axum::extract::FromRef::from_ref(state);
+        Ok(Self(limits.client_address(parts)))
     }
 }
 

@@ -405,7 +405,7 @@ fn replay(status: i16, body: serde_json::Value) -> Response {
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     // A replayed 202 points at its request like the first answer did.
     if let (StatusCode::ACCEPTED, Some(url)) = (status, status_url) {
-        crate::requests::add_polling_headers(&mut response, &url);
+        crate::polling::add_polling_headers(&mut response, &url);
     }
     response
 }

@@ -8,10 +8,12 @@
 //! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`], [`admin`]: one router
 //!   per part of the contract.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
+//! - [`dispatcher`]: publishing with the broker's confirm, and marking confirmed requests
+//!   published.
 //! - [`intake`]: group commit: the commands accepted at the same moment written by one
 //!   statement.
-//! - [`order_checks`]: what an order or a payment is checked for before it is accepted,
-//!   read for many requests at once.
+//! - [`coupon_checks`], [`order_checks`]: what a coupon issue, an order or a payment is
+//!   checked for before it is accepted, read for many requests at once.
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
 //!   a user, and the admin token.
@@ -22,6 +24,7 @@
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
 //! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
 //! - [`pagination`]: cursor pages (`limit`, `cursor`).
+//! - [`polling`]: `Location` and `Retry-After` of pending requests, set in one place.
 //! - [`batched`]: reads that concurrent requests share, many per statement.
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
@@ -35,7 +38,9 @@ pub mod balance;
 pub mod batched;
 pub mod commands;
 pub mod config;
+pub mod coupon_checks;
 pub mod coupons;
+pub mod dispatcher;
 pub mod docs;
 pub mod error;
 pub mod extract;
@@ -48,6 +53,7 @@ pub mod openapi;
 pub mod order_checks;
 pub mod orders;
 pub mod pagination;
+pub mod polling;
 pub mod popular;
 pub mod products;
 pub mod request_status;
@@ -79,7 +85,7 @@ pub use state::AppState;
 
 use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
-use crate::commands::Dispatcher;
+use crate::dispatcher::Dispatcher;
 use crate::error::ApiError;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
@@ -155,7 +161,7 @@ impl Application {
         ));
         let (intake, _writing) = Intake::start(db.clone(), config.intake);
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
-        let coupon_checks = Arc::new(coupons::CouponChecks::start(db.clone()));
+        let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let state = AppState {
             db,

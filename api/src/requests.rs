@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::command::RequestKind;
@@ -22,19 +21,6 @@ use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
 use crate::request_status::{fetch_request, RequestStatus, REQUEST_COLUMNS};
 use crate::AppState;
-
-/// Seconds a client should wait before polling a pending request.
-pub const POLL_AFTER_SECS: &str = "1";
-
-/// The headers of an answer about a pending request: where to poll, and when.
-pub fn add_polling_headers(response: &mut Response, status_url: &str) {
-    if let Ok(location) = HeaderValue::from_str(status_url) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
-}
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -106,9 +92,7 @@ fn request_answer(request: RequestStatus) -> Response {
     let pending = request.is_pending();
     let mut response = axum::Json(request).into_response();
     if pending {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER_SECS));
+        crate::polling::add_retry_after(&mut response);
     }
     response
 }

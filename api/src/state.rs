@@ -8,16 +8,18 @@ use sqlx::PgPool;
 
 use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
-use crate::commands::Dispatcher;
 use crate::config::ApiConfig;
-use crate::coupons::{CouponChecks, SoldOut};
+use crate::coupon_checks::{CouponChecks, SoldOut};
+use crate::dispatcher::Dispatcher;
 use crate::idempotency::KeyAnswers;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
 use crate::waiting::Waiters;
 
-#[derive(Clone)]
+/// Extractors take the parts they need through `FromRef`, so that the modules defining
+/// them need not know this struct (and it can hold their types without a cycle).
+#[derive(Clone, axum::extract::FromRef)]
 pub struct AppState {
     pub db: PgPool,
     pub broker: Arc<Broker>,

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use shared::config::{var, ConfigError, DatabaseSettings, TelemetrySettings};
 
-use crate::jobs::Job;
-use crate::schedule::CronSchedule;
+use crate::cron::CronSchedule;
 
 /// The contract keeps idempotency keys at least this long, so no setting may go below it.
 pub const MIN_IDEMPOTENCY_KEY_RETENTION_HOURS: u64 = 24;
@@ -55,14 +54,6 @@ impl Schedules {
             reservation_expiry: cron_var("BATCH_RESERVATION_EXPIRY_CRON", Self::DEFAULT_RESERVATION_EXPIRY)?,
             housekeeping: cron_var("BATCH_HOUSEKEEPING_CRON", Self::DEFAULT_HOUSEKEEPING)?,
         })
-    }
-
-    pub fn of(&self, job: Job) -> &CronSchedule {
-        match job {
-            Job::PopularProducts => &self.popular_products,
-            Job::ReservationExpiry => &self.reservation_expiry,
-            Job::Housekeeping => &self.housekeeping,
-        }
     }
 }
 

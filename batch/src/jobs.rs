@@ -7,7 +7,8 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::config::BatchConfig;
+use crate::config::{BatchConfig, Schedules};
+use crate::cron::CronSchedule;
 use crate::housekeeping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +39,15 @@ impl Job {
             Job::PopularProducts => 1,
             Job::ReservationExpiry => 2,
             Job::Housekeeping => 3,
+        }
+    }
+
+    /// When the job runs.
+    pub fn schedule(self, schedules: &Schedules) -> &CronSchedule {
+        match self {
+            Job::PopularProducts => &schedules.popular_products,
+            Job::ReservationExpiry => &schedules.reservation_expiry,
+            Job::Housekeeping => &schedules.housekeeping,
         }
     }
 

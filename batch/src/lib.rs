@@ -13,13 +13,15 @@
 //! # Layout
 //! - [`config`]: the batch's settings, schedules included.
 //! - [`jobs`]: the jobs and what each does for a slot; [`housekeeping`]: the pruning.
-//! - [`schedule`]: cron slots, the scheduler, and the catch-up of slots that did not run.
+//! - [`cron`]: cron expressions and the slots they define.
+//! - [`schedule`]: the scheduler, and the catch-up of slots that did not run.
 //! - [`runs`]: once everywhere: advisory locks, `job_runs` claims and records.
 //! - [`observability`]: the metrics of job runs (served with [`shared::telemetry::serve_metrics`]).
 //! - [`Batch`]: start-up, and the graceful stop that waits for runs in progress;
 //!   [`run_job_now`]: `batch run <job>`.
 
 pub mod config;
+pub mod cron;
 pub mod housekeeping;
 pub mod jobs;
 pub mod observability;

@@ -99,7 +99,7 @@ impl Runner {
     /// Runs `job`'s latest slot unless it already ran or is running elsewhere. Failures are
     /// logged and recorded, not returned: the next catch-up retries them.
     pub async fn run_due(&self, job: Job) {
-        let Some(slot) = self.config.schedules.of(job).latest_slot(Utc::now()) else {
+        let Some(slot) = job.schedule(&self.config.schedules).latest_slot(Utc::now()) else {
             tracing::warn!(job = job.name(), "the schedule has no past occurrence yet");
             return;
         };

@@ -13,7 +13,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::client::Api;
-use crate::scenarios::Settler;
 
 /// One check and how it went.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +66,16 @@ async fn count(
 }
 
 type QueryScalar<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>;
+
+/// Who settles the commands a scenario sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settler {
+    /// Our api accepts them and the workers settle them.
+    Pipeline,
+    /// The synchronous peer (`loadgen peer`) settles each in its request and answers the
+    /// result: nothing is left to wait for and there are no request rows.
+    Peer,
+}
 
 /// What the flash sale did, as the client saw it.
 pub struct FlashSaleFacts {
@@ -288,6 +297,8 @@ pub struct CheckoutFacts {
     pub coupon: i64,
     /// Users who charged their balance through the API before ordering.
     pub charged: Vec<i64>,
+    /// What each of them charged.
+    pub charge: i64,
     /// Orders the client saw paid, with their users.
     pub paid: Vec<(i64, Uuid)>,
     pub expected_paid: i64,
@@ -330,7 +341,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| {
             q.bind(users.clone())
                 .bind(facts.charged.clone())
-                .bind(crate::scenarios::checkout::CHARGE)
+                .bind(facts.charge)
         },
     )
     .await?;

@@ -407,6 +407,7 @@ async fn the_checkout_charge_check_counts_each_charge_once() {
         products: Vec::new(),
         coupon,
         charged: vec![ann],
+        charge: CHARGE,
         paid: Vec::new(),
         expected_paid: 0,
         unexpected_answers: 0,

@@ -20,6 +20,47 @@ pub enum IssueDecision {
     Refuse(ErrorCode),
 }
 
+/// What is known of one issue request when it is decided: by the api's check before the
+/// queue (read without locks), or by the worker (under the coupon's row lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssueFacts {
+    pub user_registered: bool,
+    /// The coupon's state; `None` when there is no such coupon.
+    pub coupon: Option<IssueState>,
+    /// The user holds this coupon already.
+    pub held: bool,
+}
+
+/// The state of a coupon that matters to one more issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssueState {
+    pub expired: bool,
+    /// Nothing is left to issue.
+    pub sold_out: bool,
+}
+
+/// Why an issue request is refused, if it is: the one rule of the api's check and the
+/// worker's decision, in the contract's order: the user (400), the coupon (404), its
+/// expiry (409), one of a kind per user (409), then the stock (410).
+pub fn refusal(facts: IssueFacts) -> Option<ErrorCode> {
+    let Some(coupon) = facts.coupon.filter(|_| facts.user_registered) else {
+        return Some(if facts.user_registered {
+            ErrorCode::CouponNotFound
+        } else {
+            ErrorCode::BalanceInvalidUser
+        });
+    };
+    if coupon.expired {
+        Some(ErrorCode::CouponExpired)
+    } else if facts.held {
+        Some(ErrorCode::CouponAlreadyAcquired)
+    } else if coupon.sold_out {
+        Some(ErrorCode::CouponOutOfStock)
+    } else {
+        None
+    }
+}
+
 /// Decides a batch of issue requests in the order given (the broker's order): first come,
 /// first served, at most one coupon of a kind per user, never beyond what is left.
 ///
@@ -36,26 +77,22 @@ pub fn decide_issues(
         .iter()
         .map(|request| {
             let pair = (request.coupon_id, request.user_id);
-            let Some(coupon) = coupons.get(&request.coupon_id) else {
-                return IssueDecision::Refuse(ErrorCode::CouponNotFound);
+            let facts = IssueFacts {
+                user_registered: registered_users.contains(&request.user_id),
+                coupon: coupons.get(&request.coupon_id).map(|coupon| IssueState {
+                    expired: coupon.expired,
+                    sold_out: remaining.get(&request.coupon_id).is_none_or(|left| *left <= 0),
+                }),
+                held: held.contains(&pair) || issued_now.contains(&pair),
             };
-            if !registered_users.contains(&request.user_id) {
-                return IssueDecision::Refuse(ErrorCode::BalanceInvalidUser);
+            if let Some(code) = refusal(facts) {
+                return IssueDecision::Refuse(code);
             }
-            if coupon.expired {
-                return IssueDecision::Refuse(ErrorCode::CouponExpired);
+            if let Some(left) = remaining.get_mut(&request.coupon_id) {
+                *left -= 1;
             }
-            if held.contains(&pair) || issued_now.contains(&pair) {
-                return IssueDecision::Refuse(ErrorCode::CouponAlreadyAcquired);
-            }
-            match remaining.get_mut(&request.coupon_id) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
-                    issued_now.insert(pair);
-                    IssueDecision::Issue
-                }
-                _ => IssueDecision::Refuse(ErrorCode::CouponOutOfStock),
-            }
+            issued_now.insert(pair);
+            IssueDecision::Issue
         })
         .collect()
 }
@@ -128,6 +165,58 @@ mod tests {
                 IssueDecision::Refuse(ErrorCode::CouponAlreadyAcquired),
             ]
         );
+    }
+
+    #[test]
+    fn refusals_come_in_the_contracts_order() {
+        let open = IssueState {
+            expired: false,
+            sold_out: false,
+        };
+        let gone = IssueState {
+            expired: true,
+            sold_out: true,
+        };
+        let facts = |user_registered, coupon, held| IssueFacts {
+            user_registered,
+            coupon,
+            held,
+        };
+        let cases = [
+            (facts(false, None, false), Some(ErrorCode::BalanceInvalidUser)),
+            (
+                facts(false, Some(gone), true),
+                Some(ErrorCode::BalanceInvalidUser),
+            ),
+            (facts(true, None, false), Some(ErrorCode::CouponNotFound)),
+            (facts(true, Some(gone), true), Some(ErrorCode::CouponExpired)),
+            (
+                facts(
+                    true,
+                    Some(IssueState {
+                        expired: false,
+                        ..gone
+                    }),
+                    true,
+                ),
+                Some(ErrorCode::CouponAlreadyAcquired),
+            ),
+            (
+                facts(
+                    true,
+                    Some(IssueState {
+                        expired: false,
+                        ..gone
+                    }),
+                    false,
+                ),
+                Some(ErrorCode::CouponOutOfStock),
+            ),
+            (facts(true, Some(open), false), None),
+        ];
+        for (facts, refused) in cases {
+            assert_eq!(refusal(facts), refused, "{facts:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use batch::config::Schedules;
-use batch::schedule::CronSchedule;
+use batch::cron::CronSchedule;
 use batch::BatchConfig;
 use chrono::{DateTime, NaiveDate, Utc};
 use shared::config::DatabaseSettings;

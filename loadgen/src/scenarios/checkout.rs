@@ -458,6 +458,7 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
         products: product_ids.iter().map(|id| (*id, stock)).collect(),
         coupon,
         charged,
+        charge: CHARGE,
         paid: paid_seen,
         expected_paid: users.len() as i64,
         unexpected_answers: shop.outcomes.unexpected(),

@@ -15,6 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+pub use crate::checks::Settler;
 use crate::cli::Common;
 use crate::client::Api;
 use crate::db_activity::{self, Wait};
@@ -26,16 +27,6 @@ use crate::schedule::Pace;
 
 /// How long to wait for the api to be ready and the workers to own every partition.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(90);
-
-/// Who settles the commands a scenario sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settler {
-    /// Our api accepts them and the workers settle them.
-    Pipeline,
-    /// The synchronous peer (`loadgen peer`) settles each in its request and answers the
-    /// result: nothing is left to wait for and there are no request rows.
-    Peer,
-}
 
 /// What every scenario holds while it runs.
 pub struct Harness {
