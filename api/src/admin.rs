@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
-use crate::products::{parse_product_id, product_not_found, Product, PRODUCT_COLUMNS};
+use crate::products::{parse_product_id, product_not_found, Product};
 use crate::{idempotency, AppState};
 
 const MAX_PRODUCT_NAME_CHARS: usize = 200;
@@ -108,12 +108,14 @@ async fn create_product(
         &request,
         StatusCode::CREATED,
         async |conn| {
-            let created: Product = sqlx::query_as(&format!(
-                "INSERT INTO products (name, price, stock) VALUES ($1, $2, $3) RETURNING {PRODUCT_COLUMNS}"
-            ))
-            .bind(&product.name)
-            .bind(product.price)
-            .bind(product.stock)
+            let created = sqlx::query_as!(
+                Product,
+                r#"INSERT INTO products (name, price, stock) VALUES ($1, $2, $3)
+                   RETURNING id AS product_id, name, price, stock - reserved AS "stock!""#,
+                product.name,
+                product.price,
+                product.stock,
+            )
             .fetch_one(&mut *conn)
             .await?;
             Ok(created)
@@ -157,16 +159,19 @@ async fn update_product(
     if price.is_none() && stock.is_none() {
         return Err(invalid("give price, stock or both"));
     }
-    let updated: Option<Product> = sqlx::query_as(&format!(
-        "UPDATE products
+    // `$3::bigint`: PostgreSQL types the parameters of the WHERE clause first, where
+    // `COALESCE($3, 0)` alone would make `$3` an `int` like the literal.
+    let updated = sqlx::query_as!(
+        Product,
+        r#"UPDATE products
          SET price = COALESCE($2, price), stock = COALESCE(reserved + $3, stock), updated_at = now()
-         WHERE id = $1 AND reserved + COALESCE($3, 0) <= $4
-         RETURNING {PRODUCT_COLUMNS}"
-    ))
-    .bind(product.get())
-    .bind(price)
-    .bind(stock)
-    .bind(MAX_STOCK)
+         WHERE id = $1 AND reserved + COALESCE($3::bigint, 0) <= $4
+         RETURNING id AS product_id, name, price, stock - reserved AS "stock!""#,
+        product.get(),
+        price,
+        stock,
+        MAX_STOCK,
+    )
     .fetch_optional(&state.db)
     .await?;
     match updated {

@@ -248,13 +248,18 @@ const MAX_LOOKUPS_PER_STATEMENT: usize = 500;
 async fn look_up(db: PgPool, hashes: Vec<TokenHash>) -> sqlx::Result<Vec<(Option<UserId>, Instant)>> {
     let read_at = Instant::now();
     let keys: Vec<&[u8]> = hashes.iter().map(|hash| hash.as_slice()).collect();
-    let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+    // `as _`: the macro checks a `bytea[]` against `&[Vec<u8>]` only; borrowed slices encode
+    // the same, without a copy of every hash.
+    let rows = sqlx::query!(
         "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
+        &keys as _,
     )
-    .bind(&keys)
     .fetch_all(&db)
     .await?;
-    let users: HashMap<Vec<u8>, i64> = rows.into_iter().collect();
+    let users: HashMap<Vec<u8>, i64> = rows
+        .into_iter()
+        .map(|row| (row.token_hash, row.user_id))
+        .collect();
     Ok(hashes
         .iter()
         .map(|hash| (users.get(hash.as_slice()).copied().and_then(UserId::new), read_at))
@@ -272,15 +277,15 @@ pub async fn issue_token(
 ) -> Result<String> {
     let new = identity::new_token()
         .map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
-    let inserted = sqlx::query(
+    let inserted = sqlx::query!(
         "INSERT INTO user_tokens (user_id, token_hash)
          SELECT $1, $2
          WHERE $3::bytea IS NULL
             OR EXISTS (SELECT 1 FROM user_tokens WHERE token_hash = $3 AND user_id = $1 AND revoked_at IS NULL)",
+        user.get(),
+        new.hash.as_slice(),
+        vouched_by.as_ref().map(|h| h.as_slice()),
     )
-    .bind(user.get())
-    .bind(new.hash.as_slice())
-    .bind(vouched_by.as_ref().map(|h| h.as_slice()))
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 0 {

@@ -56,8 +56,7 @@ async fn get_balance(
     Path(user): Path<String>,
 ) -> Result<axum::Json<Balance>> {
     let user = caller.own_path_user(&user, invalid_user)?;
-    let balance: Option<i64> = sqlx::query_scalar("SELECT amount FROM balances WHERE user_id = $1")
-        .bind(user.get())
+    let balance = sqlx::query_scalar!("SELECT amount FROM balances WHERE user_id = $1", user.get())
         .fetch_optional(&state.db)
         .await?;
     let balance = balance.ok_or_else(invalid_user)?;
@@ -123,14 +122,14 @@ async fn charge_balance(
 
 /// Adds `amount` to the balance and writes its ledger row; the caller owns the transaction.
 async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Charge> {
-    let balance: Option<i64> = sqlx::query_scalar(
+    let balance = sqlx::query_scalar!(
         "UPDATE balances SET amount = amount + $2, updated_at = now()
          WHERE user_id = $1 AND amount + $2 <= $3
          RETURNING amount",
+        user.get(),
+        amount,
+        MAX_BALANCE,
     )
-    .bind(user.get())
-    .bind(amount)
-    .bind(MAX_BALANCE)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(balance) = balance else {
@@ -143,13 +142,13 @@ async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Ch
             invalid_user()
         });
     };
-    let transaction_id: i64 = sqlx::query_scalar(
+    let transaction_id = sqlx::query_scalar!(
         "INSERT INTO balance_transactions (user_id, kind, amount, balance_after)
          VALUES ($1, 'CHARGE', $2, $3) RETURNING id",
+        user.get(),
+        amount,
+        balance,
     )
-    .bind(user.get())
-    .bind(amount)
-    .bind(balance)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Charge {
@@ -161,15 +160,15 @@ async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Ch
 }
 
 async fn user_exists(executor: impl PgExecutor<'_>, user: UserId) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)")
-            .bind(user.get())
-            .fetch_one(executor)
-            .await?,
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS "exists!""#,
+        user.get()
     )
+    .fetch_one(executor)
+    .await?)
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BalanceTransaction {
     transaction_id: i64,
@@ -211,15 +210,16 @@ async fn list_transactions(
     let user = UserId::parse(&user).ok_or_else(invalid_user)?;
     let page: Page = query.parse()?;
     caller.act_for(user)?;
-    let rows: Vec<BalanceTransaction> = sqlx::query_as(
+    let rows = sqlx::query_as!(
+        BalanceTransaction,
         "SELECT id AS transaction_id, kind, amount, balance_after, order_id, created_at
          FROM balance_transactions
          WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
+        user.get(),
+        page.after,
+        page.limit + 1,
     )
-    .bind(user.get())
-    .bind(page.after)
-    .bind(page.limit + 1)
     .fetch_all(&state.db)
     .await?;
     let (items, next_cursor) = finish_page(rows, page.limit, |t| t.transaction_id);

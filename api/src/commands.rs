@@ -333,20 +333,23 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
         );
         // Published already (by the sweeper, when this publish took longer than its
         // grace): it may take effect, so it cannot be taken back.
-        let published: Option<bool> =
-            sqlx::query_scalar("SELECT published FROM requests WHERE id = $1 FOR NO KEY UPDATE")
-                .bind(request_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let published = sqlx::query_scalar!(
+            "SELECT published FROM requests WHERE id = $1 FOR NO KEY UPDATE",
+            request_id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         if published != Some(false) || !command::fail_pending(&mut tx, request_id, &error).await? {
             return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
         }
         if let Some(key) = key.0.as_deref() {
-            sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
-                .bind(scope)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query!(
+                "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2",
+                scope,
+                key
+            )
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(Withdrawal::Withdrawn)

@@ -62,20 +62,25 @@ impl CouponChecks {
 /// The facts of each (coupon, user) pair, in their order, in one statement.
 async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Vec<FactRow>> {
     let (coupons, users): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
-    sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = q.user_id),
-                c.id IS NOT NULL,
-                COALESCE(c.expires_at <= now(), false),
-                COALESCE(c.issued_quantity >= c.total_quantity, false),
+    let rows = sqlx::query!(
+        r#"SELECT EXISTS (SELECT 1 FROM users WHERE id = q.user_id) AS "user_registered!",
+                c.id IS NOT NULL AS "coupon_exists!",
+                COALESCE(c.expires_at <= now(), false) AS "expired!",
+                COALESCE(c.issued_quantity >= c.total_quantity, false) AS "sold_out!",
                 EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = q.coupon_id AND user_id = q.user_id)
+                  AS "held!"
          FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS q(coupon_id, user_id, n)
          LEFT JOIN coupons c ON c.id = q.coupon_id
-         ORDER BY q.n",
+         ORDER BY q.n"#,
+        &coupons,
+        &users,
     )
-    .bind(&coupons)
-    .bind(&users)
     .fetch_all(&db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.user_registered, r.coupon_exists, r.expired, r.sold_out, r.held))
+        .collect())
 }
 
 /// The checks that need no queue ([`shared::coupon::refusal`], the worker's rule, on what

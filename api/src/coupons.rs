@@ -26,7 +26,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::{IdempotencyKey, Json, Query};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader, PreferHeader};
 use crate::pagination::{finish_page, Page, PageQuery};
-use crate::products::{Product, PRODUCT_COLUMNS};
+use crate::products::Product;
 use crate::{idempotency, AppState};
 
 const MAX_COUPON_NAME_CHARS: usize = 100;
@@ -59,7 +59,7 @@ fn invalid_user() -> ApiError {
     ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Coupon {
     coupon_id: i64,
@@ -75,19 +75,20 @@ pub struct Coupon {
     applicable_product_ids: Option<Vec<i64>>,
 }
 
-const COUPON_COLUMNS: &str = "c.id AS coupon_id, c.name, c.discount_type, c.discount_value, c.total_quantity,
-    c.issued_quantity, c.expires_at,
-    CASE WHEN c.all_products THEN NULL
-         ELSE ARRAY(SELECT product_id FROM coupon_products WHERE coupon_id = c.id ORDER BY product_id) END
-      AS applicable_product_ids";
-
 async fn fetch_coupon(executor: impl PgExecutor<'_>, coupon: CouponId) -> Result<Option<Coupon>> {
-    Ok(
-        sqlx::query_as(&format!("SELECT {COUPON_COLUMNS} FROM coupons c WHERE c.id = $1"))
-            .bind(coupon.get())
-            .fetch_optional(executor)
-            .await?,
+    Ok(sqlx::query_as!(
+        Coupon,
+        "SELECT c.id AS coupon_id, c.name, c.discount_type, c.discount_value, c.total_quantity,
+                c.issued_quantity, c.expires_at,
+                CASE WHEN c.all_products THEN NULL
+                     ELSE ARRAY(SELECT product_id FROM coupon_products WHERE coupon_id = c.id
+                                ORDER BY product_id) END
+                  AS applicable_product_ids
+         FROM coupons c WHERE c.id = $1",
+        coupon.get(),
     )
+    .fetch_optional(executor)
+    .await?)
 }
 
 /// One coupon kind and how many are left.
@@ -169,7 +170,7 @@ async fn issue_coupon(
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldCoupon {
     user_coupon_id: Uuid,
@@ -209,17 +210,18 @@ async fn user_coupons(
     // Newest first by id: user coupon ids are UUIDv7, in the order they were issued.
     let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
     caller.act_for(user)?;
-    let rows: Vec<HeldCoupon> = sqlx::query_as(
+    let rows = sqlx::query_as!(
+        HeldCoupon,
         "SELECT uc.id AS user_coupon_id, c.id AS coupon_id, c.name, c.discount_type, c.discount_value,
                 uc.issued_at, c.expires_at
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.used_at IS NULL AND c.expires_at > now()
            AND ($2::uuid IS NULL OR uc.id < $2)
          ORDER BY uc.id DESC LIMIT $3",
+        user.get(),
+        before,
+        limit + 1,
     )
-    .bind(user.get())
-    .bind(before)
-    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
     let (items, next_cursor) = finish_page(rows, limit, |c| c.user_coupon_id);
@@ -252,25 +254,27 @@ async fn applicable_products(
 ) -> Result<axum::Json<ApplicableProducts>> {
     let coupon = parse_coupon_id(&coupon)?;
     let page: Page = query.parse()?;
-    let found: Option<(bool, bool)> =
-        sqlx::query_as("SELECT all_products, expires_at <= now() FROM coupons WHERE id = $1")
-            .bind(coupon.get())
-            .fetch_optional(&state.db)
-            .await?;
-    let (all_products, expired) = found.ok_or_else(coupon_not_found)?;
-    if expired {
+    let found = sqlx::query!(
+        r#"SELECT all_products, expires_at <= now() AS "expired!" FROM coupons WHERE id = $1"#,
+        coupon.get(),
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(coupon_not_found)?;
+    if found.expired {
         return Err(ApiError::new(ErrorCode::CouponExpired, "this coupon has expired"));
     }
-    let rows: Vec<Product> = sqlx::query_as(&format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products
+    let rows = sqlx::query_as!(
+        Product,
+        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!" FROM products
          WHERE ($1 OR id IN (SELECT product_id FROM coupon_products WHERE coupon_id = $2))
            AND ($3::bigint IS NULL OR id > $3)
-         ORDER BY id LIMIT $4"
-    ))
-    .bind(all_products)
-    .bind(coupon.get())
-    .bind(page.after)
-    .bind(page.limit + 1)
+         ORDER BY id LIMIT $4"#,
+        found.all_products,
+        coupon.get(),
+        page.after,
+        page.limit + 1,
+    )
     .fetch_all(&state.db)
     .await?;
     let (items, next_cursor) = finish_page(rows, page.limit, |p| p.product_id);
@@ -392,10 +396,12 @@ async fn create_coupon(
 
 async fn insert_coupon(conn: &mut PgConnection, coupon: &ValidNewCoupon) -> Result<Coupon> {
     if let Some(ids) = &coupon.applicable_product_ids {
-        let known: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_one(&mut *conn)
-            .await?;
+        let known = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM products WHERE id = ANY($1)"#,
+            ids
+        )
+        .fetch_one(&mut *conn)
+        .await?;
         if usize::try_from(known).ok() != Some(ids.len()) {
             return Err(ApiError::new(
                 ErrorCode::ProductNotFound,
@@ -403,24 +409,26 @@ async fn insert_coupon(conn: &mut PgConnection, coupon: &ValidNewCoupon) -> Resu
             ));
         }
     }
-    let id: i64 = sqlx::query_scalar(
+    let id = sqlx::query_scalar!(
         "INSERT INTO coupons (name, discount_type, discount_value, total_quantity, expires_at, all_products)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        coupon.name,
+        coupon.discount_type,
+        coupon.discount_value,
+        coupon.total_quantity,
+        coupon.expires_at,
+        coupon.applicable_product_ids.is_none(),
     )
-    .bind(&coupon.name)
-    .bind(coupon.discount_type)
-    .bind(coupon.discount_value)
-    .bind(coupon.total_quantity)
-    .bind(coupon.expires_at)
-    .bind(coupon.applicable_product_ids.is_none())
     .fetch_one(&mut *conn)
     .await?;
     if let Some(ids) = &coupon.applicable_product_ids {
-        sqlx::query("INSERT INTO coupon_products (coupon_id, product_id) SELECT $1, UNNEST($2::bigint[])")
-            .bind(id)
-            .bind(ids)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query!(
+            "INSERT INTO coupon_products (coupon_id, product_id) SELECT $1, UNNEST($2::bigint[])",
+            id,
+            ids,
+        )
+        .execute(&mut *conn)
+        .await?;
     }
     let created = fetch_coupon(
         &mut *conn,

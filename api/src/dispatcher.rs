@@ -93,12 +93,12 @@ async fn record_confirmations(db: PgPool, mut receiver: mpsc::UnboundedReceiver<
         // A request a worker is settling right now is passed over: the worker marks it
         // itself. Waiting for it made a convoy under load, workers waiting for this
         // statement's row locks while it waited for theirs.
-        let marked = sqlx::query(
+        let marked = sqlx::query!(
             "UPDATE requests SET published = true
              WHERE id IN (SELECT id FROM requests WHERE id = ANY($1) AND NOT published
                           FOR NO KEY UPDATE SKIP LOCKED)",
+            &ids,
         )
-        .bind(&ids)
         .execute(&db)
         .await;
         if let Err(e) = marked {

@@ -61,9 +61,14 @@ async fn live() -> StatusCode {
 )]
 async fn ready(State(state): State<AppState>) -> Response {
     let postgres = async {
-        tokio::time::timeout(CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(&state.db))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        // Fetched, not executed (a macro's query that returns rows has no `execute`); the
+        // row is not read.
+        tokio::time::timeout(
+            CHECK_TIMEOUT,
+            sqlx::query_scalar!("SELECT 1").fetch_all(&state.db),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     };
     let rabbitmq = async {
         tokio::time::timeout(CHECK_TIMEOUT, state.broker.is_reachable())

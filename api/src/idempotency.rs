@@ -157,18 +157,18 @@ enum Claim {
 async fn claim(pool: &PgPool, scope: &str, key: &str, request: &serde_json::Value) -> Result<Claim> {
     // Two rounds: a claim released between our insert and our read is free to take again.
     for _ in 0..2 {
-        let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
+        let claimed = sqlx::query_scalar!(
             "INSERT INTO idempotency_keys (scope, key, request) VALUES ($1, $2, $3)
              ON CONFLICT (scope, key) DO UPDATE SET locked_at = now()
                WHERE idempotency_keys.response_status IS NULL
                  AND idempotency_keys.request = EXCLUDED.request
                  AND idempotency_keys.locked_at < now() - make_interval(secs => $4)
              RETURNING locked_at",
+            scope,
+            key,
+            request,
+            STALE_CLAIM_SECS,
         )
-        .bind(scope)
-        .bind(key)
-        .bind(request)
-        .bind(STALE_CLAIM_SECS)
         .fetch_optional(pool)
         .await?;
         if let Some(claimed) = claimed {
@@ -293,24 +293,24 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
     // A saved 202 counts as still being handled until the broker confirmed its command:
     // until then the request may yet be withdrawn.
     // `same` is NULL where no key was found.
-    type Found = (Option<bool>, Option<i16>, Option<serde_json::Value>, bool);
-    let rows: Vec<Found> = sqlx::query_as(
-        "SELECT k.request = q.request, k.response_status, k.response_body,
-                COALESCE(r.status = 'PENDING' AND NOT r.published, false)
+    let rows = sqlx::query!(
+        r#"SELECT k.request = q.request AS "same?", k.response_status AS "status?",
+                k.response_body AS "body?",
+                COALESCE(r.status = 'PENDING' AND NOT r.published, false) AS "unconfirmed!"
          FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS q(scope, key, request, n)
          LEFT JOIN idempotency_keys k ON k.scope = q.scope AND k.key = q.key
          LEFT JOIN requests r
            ON k.response_status = 202 AND r.id = (k.response_body->>'requestId')::uuid
-         ORDER BY q.n",
+         ORDER BY q.n"#,
+        &scopes,
+        &keys,
+        &requests,
     )
-    .bind(&scopes)
-    .bind(&keys)
-    .bind(&requests)
     .fetch_all(&db)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(same, status, body, unconfirmed)| same.map(|same| (same, status, body, unconfirmed)))
+        .map(|row| row.same.map(|same| (same, row.status, row.body, row.unconfirmed)))
         .collect())
 }
 
@@ -377,18 +377,18 @@ pub async fn save_refusal(
     // A refusal has no effect to protect, and its causes (sold out, expired, already held,
     // not payable) do not go away, so a retry after such a loss gets the same answer,
     // computed again.
-    let saved: Option<bool> = sqlx::query_scalar(
-        "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+    let saved = sqlx::query_scalar!(
+        r#"WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
          INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
          SELECT $1, $2, $3, $4, $5 FROM relaxed
          ON CONFLICT (scope, key) DO NOTHING
-         RETURNING true",
+         RETURNING true AS "saved!""#,
+        scope,
+        key,
+        request,
+        status,
+        body,
     )
-    .bind(scope)
-    .bind(key)
-    .bind(request)
-    .bind(status)
-    .bind(body)
     .fetch_optional(pool)
     .await?;
     Ok(saved.is_some())
@@ -420,15 +420,15 @@ async fn save_response(
     status: StatusCode,
     body: &serde_json::Value,
 ) -> Result<bool> {
-    let saved = sqlx::query(
+    let saved = sqlx::query!(
         "UPDATE idempotency_keys SET response_status = $3, response_body = $4
          WHERE scope = $1 AND key = $2 AND locked_at = $5 AND response_status IS NULL",
+        scope,
+        key,
+        i16::try_from(status.as_u16()).unwrap_or(i16::MAX),
+        body,
+        claimed,
     )
-    .bind(scope)
-    .bind(key)
-    .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
-    .bind(body)
-    .bind(claimed)
     .execute(executor)
     .await?;
     Ok(saved.rows_affected() == 1)
@@ -436,13 +436,13 @@ async fn save_response(
 
 /// Frees the key, if it still holds this request's claim.
 async fn release(pool: &PgPool, scope: &str, key: &str, claimed: DateTime<Utc>) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "DELETE FROM idempotency_keys
          WHERE scope = $1 AND key = $2 AND locked_at = $3 AND response_status IS NULL",
+        scope,
+        key,
+        claimed,
     )
-    .bind(scope)
-    .bind(key)
-    .bind(claimed)
     .execute(pool)
     .await?;
     Ok(())

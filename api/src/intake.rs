@@ -314,7 +314,9 @@ impl OrderColumns {
 /// clients send a share of their requests twice).
 async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let c = Columns::of(commands);
-    let stored: Vec<Uuid> = sqlx::query_scalar(
+    // `as _`: arrays of our text enum, and text and jsonb arrays that hold NULLs (commands
+    // without a key), which the macro's check (`&[String]`, `&[Value]`) does not accept.
+    let stored: Vec<Uuid> = sqlx::query_scalar!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::bigint[],
                                  $6::text[], $7::text[], $8::jsonb[], $9::jsonb[]) WITH ORDINALITY
@@ -344,26 +346,26 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
                  AS l(order_id, product_id, name, unit_price, quantity)
             WHERE l.order_id IN (SELECT id FROM pending_order))
          SELECT id FROM request",
+        &c.ids,
+        &c.kinds as _,
+        &c.partition_keys,
+        &c.payloads,
+        &c.users,
+        &c.scopes as _,
+        &c.keys as _,
+        &c.key_requests as _,
+        &c.key_answers as _,
+        &c.orders.request_ids,
+        &c.orders.ids,
+        &c.orders.users,
+        &c.orders.totals,
+        &c.orders.line_orders,
+        &c.orders.line_products,
+        &c.orders.line_names,
+        &c.orders.line_prices,
+        &c.orders.line_quantities,
+        OrderStatus::Pending.as_str(),
     )
-    .bind(&c.ids)
-    .bind(&c.kinds)
-    .bind(&c.partition_keys)
-    .bind(&c.payloads)
-    .bind(&c.users)
-    .bind(&c.scopes)
-    .bind(&c.keys)
-    .bind(&c.key_requests)
-    .bind(&c.key_answers)
-    .bind(&c.orders.request_ids)
-    .bind(&c.orders.ids)
-    .bind(&c.orders.users)
-    .bind(&c.orders.totals)
-    .bind(&c.orders.line_orders)
-    .bind(&c.orders.line_products)
-    .bind(&c.orders.line_names)
-    .bind(&c.orders.line_prices)
-    .bind(&c.orders.line_quantities)
-    .bind(OrderStatus::Pending)
     .fetch_all(db)
     .await?;
     Ok(stored.into_iter().collect())

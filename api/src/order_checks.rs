@@ -147,37 +147,27 @@ async fn read_quotes(db: PgPool, queries: Vec<QuoteQuery>) -> sqlx::Result<Vec<Q
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    type Row = (
-        Option<i64>,
-        Option<bool>,
-        Option<i64>,
-        Option<i64>,
-        Option<String>,
-        Option<i64>,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT u.id, EXISTS (SELECT 1 FROM users WHERE id = u.id),
-                (SELECT count(*) FROM orders WHERE user_id = u.id AND status IN ('PENDING', 'RESERVED')),
-                NULL::bigint, NULL::text, NULL::bigint
+    // Every column is NULL in the other half of the union.
+    let rows = sqlx::query!(
+        r#"SELECT u.id AS "user_id?", EXISTS (SELECT 1 FROM users WHERE id = u.id) AS "user_exists?",
+                (SELECT count(*) FROM orders WHERE user_id = u.id AND status IN ('PENDING', 'RESERVED'))
+                  AS "unpaid?",
+                NULL::bigint AS "product_id?", NULL::text AS "name?", NULL::bigint AS "price?"
          FROM unnest($1::bigint[]) AS u(id)
          UNION ALL
-         SELECT NULL, NULL, NULL, p.id, p.name, p.price FROM products p WHERE p.id = ANY($2)",
+         SELECT NULL, NULL, NULL, p.id, p.name, p.price FROM products p WHERE p.id = ANY($2)"#,
+        &users,
+        &products,
     )
-    .bind(&users)
-    .bind(&products)
     .fetch_all(&db)
     .await?;
     let mut user_facts: HashMap<i64, (bool, i64)> = HashMap::new();
     let mut product_facts: HashMap<i64, (String, i64)> = HashMap::new();
     for row in rows {
-        match row {
-            (Some(user), Some(exists), Some(unpaid), ..) => {
-                user_facts.insert(user, (exists, unpaid));
-            }
-            (_, _, _, Some(id), Some(name), Some(price)) => {
-                product_facts.insert(id, (name, price));
-            }
-            _ => {}
+        if let (Some(user), Some(exists), Some(unpaid)) = (row.user_id, row.user_exists, row.unpaid) {
+            user_facts.insert(user, (exists, unpaid));
+        } else if let (Some(id), Some(name), Some(price)) = (row.product_id, row.name, row.price) {
+            product_facts.insert(id, (name, price));
         }
     }
     Ok(queries
@@ -199,14 +189,12 @@ async fn read_quotes(db: PgPool, queries: Vec<QuoteQuery>) -> sqlx::Result<Vec<Q
 
 /// The owner and status of each order of `ids`, in one statement.
 async fn read_orders(db: PgPool, ids: Vec<Uuid>) -> sqlx::Result<Vec<Option<(i64, String)>>> {
-    let rows: Vec<(Uuid, i64, String)> =
-        sqlx::query_as("SELECT id, user_id, status FROM orders WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&db)
-            .await?;
+    let rows = sqlx::query!("SELECT id, user_id, status FROM orders WHERE id = ANY($1)", &ids)
+        .fetch_all(&db)
+        .await?;
     let found: HashMap<Uuid, (i64, String)> = rows
         .into_iter()
-        .map(|(id, user, status)| (id, (user, status)))
+        .map(|row| (row.id, (row.user_id, row.status)))
         .collect();
     Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }

@@ -51,7 +51,7 @@ fn parse_user(raw: &serde_json::Number) -> Result<UserId> {
         .ok_or_else(invalid_user)
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderItem {
     product_id: i64,
@@ -81,7 +81,6 @@ pub struct Order {
     paid_at: Option<DateTime<Utc>>,
 }
 
-#[derive(sqlx::FromRow)]
 struct OrderRow {
     id: Uuid,
     user_id: i64,
@@ -95,28 +94,25 @@ struct OrderRow {
     paid_at: Option<DateTime<Utc>>,
 }
 
-const ORDER_COLUMNS: &str = "id, user_id, status, total_amount, discount_amount, paid_amount, coupon_id,
-    created_at, reserved_until, paid_at";
-
 /// Orders with their lines, in the order of `rows`.
 async fn with_items(conn: &mut PgConnection, rows: Vec<OrderRow>) -> Result<Vec<Order>> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let items: Vec<(Uuid, OrderItem)> = sqlx::query_as::<_, (Uuid, i64, String, i64, i64)>(
+    let items: Vec<(Uuid, OrderItem)> = sqlx::query!(
         "SELECT order_id, product_id, name, unit_price, quantity FROM order_items
          WHERE order_id = ANY($1) ORDER BY order_id, product_id",
+        &ids,
     )
-    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
-    .map(|(order, product_id, name, unit_price, quantity)| {
+    .map(|row| {
         (
-            order,
+            row.order_id,
             OrderItem {
-                product_id,
-                name,
-                unit_price,
-                quantity,
+                product_id: row.product_id,
+                name: row.name,
+                unit_price: row.unit_price,
+                quantity: row.quantity,
             },
         )
     })
@@ -144,10 +140,15 @@ async fn with_items(conn: &mut PgConnection, rows: Vec<OrderRow>) -> Result<Vec<
 }
 
 async fn fetch_order(conn: &mut PgConnection, order: Uuid) -> Result<Option<Order>> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-        .bind(order)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query_as!(
+        OrderRow,
+        "SELECT id, user_id, status, total_amount, discount_amount, paid_amount, coupon_id,
+                created_at, reserved_until, paid_at
+         FROM orders WHERE id = $1",
+        order,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(with_items(conn, row.into_iter().collect()).await?.pop())
 }
 
@@ -337,12 +338,14 @@ async fn cancel_order(
     state.limits.user_write(user)?;
     let mut tx = state.db.begin().await?;
     // The same row lock as payment and expiry: whichever commits first wins.
-    let found: Option<(i64, String)> =
-        sqlx::query_as("SELECT user_id, status FROM orders WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(order)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let (owner, status) = found.ok_or_else(order_not_found)?;
+    let found = sqlx::query!(
+        "SELECT user_id, status FROM orders WHERE id = $1 FOR NO KEY UPDATE",
+        order
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(order_not_found)?;
+    let (owner, status) = (found.user_id, found.status);
     if owner != user.get() {
         return Err(not_the_owner());
     }
@@ -358,11 +361,13 @@ async fn cancel_order(
     if current.is_some_and(OrderStatus::holds_stock) {
         shared::reservations::release_stock(&mut tx, &[order]).await?;
     }
-    sqlx::query("UPDATE orders SET status = $2, closed_at = now() WHERE id = $1")
-        .bind(order)
-        .bind(cancelled.as_str())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE orders SET status = $2, closed_at = now() WHERE id = $1",
+        order,
+        cancelled.as_str(),
+    )
+    .execute(&mut *tx)
+    .await?;
     let cancelled = fetch_order(&mut tx, order).await?.ok_or_else(order_not_found)?;
     tx.commit().await?;
     metrics::counter!("orders_cancelled_total").increment(1);
@@ -400,14 +405,17 @@ async fn list_orders(
     let (limit, before) = query.parse_with(|raw| Uuid::parse_str(raw).ok())?;
     let user = caller.own_path_user(&user, invalid_user)?;
     let mut conn = state.db.acquire().await?;
-    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
-        "SELECT {ORDER_COLUMNS} FROM orders
+    let rows = sqlx::query_as!(
+        OrderRow,
+        "SELECT id, user_id, status, total_amount, discount_amount, paid_amount, coupon_id,
+                created_at, reserved_until, paid_at
+         FROM orders
          WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3"
-    ))
-    .bind(user.get())
-    .bind(before)
-    .bind(limit + 1)
+         ORDER BY id DESC LIMIT $3",
+        user.get(),
+        before,
+        limit + 1,
+    )
     .fetch_all(&mut *conn)
     .await?;
     let (rows, next_cursor) = finish_page(rows, limit, |r| r.id);

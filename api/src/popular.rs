@@ -169,16 +169,16 @@ async fn record_run(
         ),
         Err(e) => ("FAILED", None, Some(e.to_string())),
     };
-    let recorded = sqlx::query(
+    let recorded = sqlx::query!(
         "INSERT INTO job_runs (job, period, trigger, outcome, runner, started_at, finished_at, rows, error)
          VALUES ($1, $2, 'ADMIN', $3, $4, $2, now(), $5, $6)",
+        shared::popular::JOB,
+        started,
+        outcome,
+        format!("api-{}", std::process::id()),
+        rows,
+        error,
     )
-    .bind(shared::popular::JOB)
-    .bind(started)
-    .bind(outcome)
-    .bind(format!("api-{}", std::process::id()))
-    .bind(rows)
-    .bind(error)
     .execute(db)
     .await;
     if let Err(e) = recorded {

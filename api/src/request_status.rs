@@ -11,10 +11,7 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::openapi::ErrorSchema;
 
-/// The columns of [`RequestStatus`].
-pub const REQUEST_COLUMNS: &str = "id AS request_id, kind, status, created_at, completed_at, result, error";
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestStatus {
     pub request_id: Uuid,
@@ -36,8 +33,34 @@ pub struct RequestStatus {
     error: Option<serde_json::Value>,
     /// The order an `ORDER_CREATE` creates, in the answer to a command that waited for it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
     pub order_id: Option<Uuid>,
+}
+
+/// A request's row as the reads select it: [`RequestStatus`] without `order_id`, which is
+/// not a column (`query_as!` fills every field of its struct from the row).
+pub struct RequestRow {
+    pub request_id: Uuid,
+    pub kind: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+}
+
+impl From<RequestRow> for RequestStatus {
+    fn from(row: RequestRow) -> Self {
+        Self {
+            request_id: row.request_id,
+            kind: row.kind,
+            status: row.status,
+            created_at: row.created_at,
+            completed_at: row.completed_at,
+            result: row.result,
+            error: row.error,
+            order_id: None,
+        }
+    }
 }
 
 impl RequestStatus {
@@ -48,22 +71,28 @@ impl RequestStatus {
 
 /// The caller's request `id`, if it exists.
 pub async fn fetch_request(db: &PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND user_id = $2"
-    ))
-    .bind(id)
-    .bind(user.get())
+    let row = sqlx::query_as!(
+        RequestRow,
+        "SELECT id AS request_id, kind, status, created_at, completed_at, result, error
+         FROM requests WHERE id = $1 AND user_id = $2",
+        id,
+        user.get(),
+    )
     .fetch_optional(db)
-    .await?)
+    .await?;
+    Ok(row.map(RequestStatus::from))
 }
 
 /// Those of `ids` that are settled, in one statement. Whose they are is not asked: only a
 /// waiter who registered for a request after reading it as its own (or storing it) gets it.
 pub async fn fetch_settled(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<RequestStatus>> {
-    sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ANY($1) AND status <> 'PENDING'"
-    ))
-    .bind(ids)
+    let rows = sqlx::query_as!(
+        RequestRow,
+        "SELECT id AS request_id, kind, status, created_at, completed_at, result, error
+         FROM requests WHERE id = ANY($1) AND status <> 'PENDING'",
+        ids,
+    )
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(RequestStatus::from).collect())
 }

@@ -19,7 +19,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
-use crate::request_status::{fetch_request, RequestStatus, REQUEST_COLUMNS};
+use crate::request_status::{fetch_request, RequestRow, RequestStatus};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -152,19 +152,23 @@ async fn list_requests(
     };
     let (limit, before) = page.parse_with(|raw| Uuid::parse_str(raw).ok())?;
     caller.act_for(user)?;
-    let rows: Vec<RequestStatus> = sqlx::query_as(&format!(
-        "SELECT {REQUEST_COLUMNS} FROM requests
+    let rows: Vec<RequestStatus> = sqlx::query_as!(
+        RequestRow,
+        "SELECT id AS request_id, kind, status, created_at, completed_at, result, error FROM requests
          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR kind = $3)
            AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5"
-    ))
-    .bind(user.get())
-    .bind(status)
-    .bind(kind)
-    .bind(before)
-    .bind(limit + 1)
+         ORDER BY id DESC LIMIT $5",
+        user.get(),
+        status,
+        kind,
+        before,
+        limit + 1,
+    )
     .fetch_all(&state.db)
-    .await?;
+    .await?
+    .into_iter()
+    .map(RequestStatus::from)
+    .collect();
     let (items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
     Ok(axum::Json(RequestPage { items, next_cursor }))
 }

@@ -103,12 +103,12 @@ fn without_token(user: &User) -> serde_json::Result<serde_json::Value> {
 }
 
 async fn insert_user(conn: &mut PgConnection, name: &str) -> Result<User> {
-    let user_id: i64 = sqlx::query_scalar(
+    let user_id: i64 = sqlx::query_scalar!(
         "WITH u AS (INSERT INTO users (name) VALUES ($1) RETURNING id),
               b AS (INSERT INTO balances (user_id) SELECT id FROM u)
          SELECT id FROM u",
+        name,
     )
-    .bind(name)
     .fetch_one(&mut *conn)
     .await?;
     let user =
@@ -182,10 +182,13 @@ async fn revoke_current_token(
     Path(user): Path<String>,
 ) -> Result<Response> {
     caller.own_path_user(&user, invalid_user)?;
-    sqlx::query("UPDATE user_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
-        .bind(caller.token().as_slice())
-        .execute(&state.db)
-        .await?;
-    state.auth.forget(caller.token());
+    let token = caller.token();
+    sqlx::query!(
+        "UPDATE user_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
+        token.as_slice(),
+    )
+    .execute(&state.db)
+    .await?;
+    state.auth.forget(token);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

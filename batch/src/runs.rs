@@ -213,13 +213,13 @@ async fn claim(
     trigger: Trigger,
     runner: &str,
 ) -> sqlx::Result<Option<i64>> {
-    let abandoned = sqlx::query(
+    let abandoned = sqlx::query!(
         "UPDATE job_runs
          SET outcome = 'ABANDONED', finished_at = now(),
              error = 'the process running it stopped before it finished'
          WHERE job = $1 AND outcome = 'RUNNING'",
+        job.name(),
     )
-    .bind(job.name())
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -230,16 +230,16 @@ async fn claim(
             "runs of a process that died marked abandoned"
         );
     }
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "INSERT INTO job_runs (job, period, trigger, runner) VALUES ($1, $2, $3, $4)
          ON CONFLICT (job, period) WHERE trigger = 'SCHEDULE' AND outcome IN ('RUNNING', 'SUCCEEDED')
          DO NOTHING
          RETURNING id",
+        job.name(),
+        slot,
+        trigger.as_str(),
+        runner,
     )
-    .bind(job.name())
-    .bind(slot)
-    .bind(trigger.as_str())
-    .bind(runner)
     .fetch_optional(conn)
     .await
 }
@@ -249,14 +249,14 @@ async fn finish(conn: &mut PgConnection, run_id: i64, result: &anyhow::Result<u6
         Ok(rows) => ("SUCCEEDED", Some(i64::try_from(*rows).unwrap_or(i64::MAX)), None),
         Err(e) => ("FAILED", None, Some(format!("{e:#}"))),
     };
-    sqlx::query(
+    sqlx::query!(
         "UPDATE job_runs SET outcome = $2, finished_at = now(), rows = $3, error = $4
          WHERE id = $1 AND outcome = 'RUNNING'",
+        run_id,
+        outcome,
+        rows,
+        error,
     )
-    .bind(run_id)
-    .bind(outcome)
-    .bind(rows)
-    .bind(error)
     .execute(conn)
     .await?;
     Ok(())
@@ -274,11 +274,13 @@ impl JobLock {
     /// The lock, or `None` when another session holds it.
     async fn try_acquire(db: &PgPool, job: Job) -> sqlx::Result<Option<Self>> {
         let mut conn = db.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOCK_NAMESPACE)
-            .bind(job.lock_key())
-            .fetch_one(&mut *conn)
-            .await?;
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock($1, $2) AS "locked!""#,
+            LOCK_NAMESPACE,
+            job.lock_key(),
+        )
+        .fetch_one(&mut *conn)
+        .await?;
         Ok(locked.then_some(Self {
             job,
             conn,
@@ -308,11 +310,13 @@ impl JobLock {
     }
 
     async fn release(mut self) {
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(LOCK_NAMESPACE)
-            .bind(self.job.lock_key())
-            .execute(&mut *self.conn)
-            .await;
+        let unlocked = sqlx::query_scalar!(
+            "SELECT pg_advisory_unlock($1, $2)",
+            LOCK_NAMESPACE,
+            self.job.lock_key(),
+        )
+        .fetch_one(&mut *self.conn)
+        .await;
         match unlocked {
             Ok(_) => self.released = true,
             Err(e) => tracing::warn!(

@@ -225,14 +225,14 @@ pub async fn fail_pending(
     request_id: Uuid,
     error: &crate::error::ErrorBody,
 ) -> Result<bool, sqlx::Error> {
-    let failed = sqlx::query(
+    let failed = sqlx::query!(
         "UPDATE requests SET status = $3, error = $2, completed_at = now()
          WHERE id = $1 AND status = $4",
+        request_id,
+        serde_json::to_value(error).unwrap_or_default(),
+        RequestStatus::Failed as _,
+        RequestStatus::Pending as _,
     )
-    .bind(request_id)
-    .bind(serde_json::to_value(error).unwrap_or_default())
-    .bind(RequestStatus::Failed)
-    .bind(RequestStatus::Pending)
     .execute(&mut *conn)
     .await?;
     if failed.rows_affected() == 0 {
@@ -240,12 +240,12 @@ pub async fn fail_pending(
     }
     // `'PENDING'` stays written out: it is what lets the planner use the partial index
     // `orders_pending_by_request`, which a bound status would not under a generic plan.
-    sqlx::query(
+    sqlx::query!(
         "UPDATE orders SET status = $2, closed_at = now()
          WHERE create_request_id = $1 AND status = 'PENDING'",
+        request_id,
+        OrderStatus::Rejected as _,
     )
-    .bind(request_id)
-    .bind(OrderStatus::Rejected)
     .execute(&mut *conn)
     .await?;
     Ok(true)

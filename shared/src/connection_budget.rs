@@ -49,14 +49,16 @@ impl Budget {
 pub async fn claim(db: &PgPool, process: &str, pool_size: u32) -> Result<Budget, sqlx::Error> {
     let id = Uuid::now_v7();
     let host = hostname();
-    sqlx::query("INSERT INTO process_pools (id, process, host, pid, pool_size) VALUES ($1, $2, $3, $4, $5)")
-        .bind(id)
-        .bind(process)
-        .bind(&host)
-        .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
-        .bind(i32::try_from(pool_size).unwrap_or(i32::MAX))
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO process_pools (id, process, host, pid, pool_size) VALUES ($1, $2, $3, $4, $5)",
+        id,
+        process,
+        host,
+        i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        i32::try_from(pool_size).unwrap_or(i32::MAX),
+    )
+    .execute(db)
+    .await?;
     let budget = read(db).await?;
     tracing::info!(
         pool_size,
@@ -83,21 +85,16 @@ pub async fn claim(db: &PgPool, process: &str, pool_size: u32) -> Result<Budget,
 
 /// The budget as the live rows and the server's settings give it now.
 pub async fn read(db: &PgPool) -> Result<Budget, sqlx::Error> {
-    let (processes, claimed, max_connections, reserved): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(pool_size), 0)::bigint,
-                current_setting('max_connections')::bigint,
-                current_setting('superuser_reserved_connections')::bigint
-         FROM process_pools WHERE heartbeat_at > now() - make_interval(secs => $1)",
+    sqlx::query_as!(
+        Budget,
+        r#"SELECT count(*) AS "processes!", coalesce(sum(pool_size), 0)::bigint AS "claimed!",
+                current_setting('max_connections')::bigint AS "max_connections!",
+                current_setting('superuser_reserved_connections')::bigint AS "reserved!"
+         FROM process_pools WHERE heartbeat_at > now() - make_interval(secs => $1)"#,
+        LIVE_WITHIN.as_secs_f64(),
     )
-    .bind(LIVE_WITHIN.as_secs_f64())
     .fetch_one(db)
-    .await?;
-    Ok(Budget {
-        processes,
-        claimed,
-        max_connections,
-        reserved,
-    })
+    .await
 }
 
 /// Keeps the row alive until the pool closes; the row then lapses after [`LIVE_WITHIN`]
@@ -109,11 +106,11 @@ async fn heartbeat(db: PgPool, id: Uuid) {
         if db.is_closed() {
             return;
         }
-        let beat = sqlx::query(
+        let beat = sqlx::query!(
             "WITH gone AS (DELETE FROM process_pools WHERE heartbeat_at < now() - interval '1 day')
              UPDATE process_pools SET heartbeat_at = now() WHERE id = $1",
+            id,
         )
-        .bind(id)
         .execute(&db)
         .await;
         if let Err(e) = beat {

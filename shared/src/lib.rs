@@ -10,6 +10,7 @@
 //! - [`broker`]: the RabbitMQ connection, re-established on demand after the broker restarts.
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
 //! - [`error`]: the contract's machine-readable error codes and error body.
+//! - [`events`]: the `order.paid` event to the data platform, as a type.
 //! - [`domain`]: ids, money and the other rules that need no I/O.
 //! - [`identity`]: customer bearer tokens: how they are made and how they are stored.
 //! - [`command`]: asynchronous requests and the messages that carry them.
@@ -29,6 +30,7 @@ pub mod coupon;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod identity;
 pub mod metric_help;
 pub mod money;

@@ -203,62 +203,65 @@ pub struct Refreshed {
 /// same day writes the same rows (only `computed_at` moves).
 pub async fn refresh(db: &PgPool, as_of: NaiveDate) -> Result<Refreshed, sqlx::Error> {
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(REFRESH_LOCK.0)
-        .bind(REFRESH_LOCK.1)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        REFRESH_LOCK.0,
+        REFRESH_LOCK.1
+    )
+    .execute(&mut *tx)
+    .await?;
 
     let rebuilt = Window::before(as_of, MAX_DAYS);
-    sqlx::query("DELETE FROM daily_product_sales WHERE day BETWEEN $1 AND $2")
-        .bind(rebuilt.from)
-        .bind(rebuilt.to)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM daily_product_sales WHERE day BETWEEN $1 AND $2",
+        rebuilt.from,
+        rebuilt.to,
+    )
+    .execute(&mut *tx)
+    .await?;
     // Bounds are instants, so the day of a payment is its UTC date whatever the session's
     // time zone; the partial index on paid orders' paid_at serves the range.
-    let rollup_rows = sqlx::query(
+    let rollup_rows = sqlx::query!(
         "INSERT INTO daily_product_sales (day, product_id, sold_quantity)
          SELECT (o.paid_at AT TIME ZONE 'UTC')::date, i.product_id, sum(i.quantity)
          FROM orders o JOIN order_items i ON i.order_id = o.id
          WHERE o.status = 'PAID' AND o.paid_at >= $1 AND o.paid_at < $2
          GROUP BY 1, 2",
+        rebuilt.starts_at(),
+        rebuilt.ends_before(),
     )
-    .bind(rebuilt.starts_at())
-    .bind(rebuilt.ends_before())
     .execute(&mut *tx)
     .await?
     .rows_affected();
 
     let window = Window::before(as_of, DEFAULT_DAYS);
     let ranked = rank(sales_in(&mut tx, window).await?, Filter::DEFAULT.limit());
-    let computed_at: DateTime<Utc> = sqlx::query_scalar(
+    let computed_at: DateTime<Utc> = sqlx::query_scalar!(
         "INSERT INTO popular_snapshots (as_of, days, item_limit, from_day, to_day, computed_at)
          VALUES ($1, $2, $3, $4, $5, now())
          ON CONFLICT (as_of) DO UPDATE
          SET days = EXCLUDED.days, item_limit = EXCLUDED.item_limit, from_day = EXCLUDED.from_day,
              to_day = EXCLUDED.to_day, computed_at = EXCLUDED.computed_at
          RETURNING computed_at",
+        as_of,
+        i32::from(DEFAULT_DAYS),
+        i32::from(DEFAULT_LIMIT),
+        window.from,
+        window.to,
     )
-    .bind(as_of)
-    .bind(i32::from(DEFAULT_DAYS))
-    .bind(i32::from(DEFAULT_LIMIT))
-    .bind(window.from)
-    .bind(window.to)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM popular_snapshot_items WHERE as_of = $1")
-        .bind(as_of)
+    sqlx::query!("DELETE FROM popular_snapshot_items WHERE as_of = $1", as_of)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO popular_snapshot_items (as_of, rank, product_id, sold_quantity)
          SELECT $1, * FROM UNNEST($2::int[], $3::bigint[], $4::bigint[])",
+        as_of,
+        &ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        &ranked.iter().map(|r| r.product_id).collect::<Vec<_>>(),
+        &ranked.iter().map(|r| r.sold_quantity).collect::<Vec<_>>(),
     )
-    .bind(as_of)
-    .bind(ranked.iter().map(|r| r.rank).collect::<Vec<_>>())
-    .bind(ranked.iter().map(|r| r.product_id).collect::<Vec<_>>())
-    .bind(ranked.iter().map(|r| r.sold_quantity).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     let items = describe(&mut tx, &ranked).await?;
@@ -282,11 +285,12 @@ pub async fn latest_version(db: &PgPool) -> Result<Option<SnapshotVersion>, sqlx
 }
 
 async fn latest_version_in(conn: &mut PgConnection) -> Result<Option<SnapshotVersion>, sqlx::Error> {
-    let row: Option<(NaiveDate, DateTime<Utc>)> =
-        sqlx::query_as("SELECT as_of, computed_at FROM popular_snapshots ORDER BY as_of DESC LIMIT 1")
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|(as_of, computed_at)| SnapshotVersion { as_of, computed_at }))
+    sqlx::query_as!(
+        SnapshotVersion,
+        "SELECT as_of, computed_at FROM popular_snapshots ORDER BY as_of DESC LIMIT 1"
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 /// The ranking for `filter`, as of the newest snapshot's day: the default filter straight
@@ -297,7 +301,7 @@ async fn latest_version_in(conn: &mut PgConnection) -> Result<Option<SnapshotVer
 /// seen entirely or not at all.
 pub async fn read(db: &PgPool, filter: Filter, today: NaiveDate) -> Result<Ranking, sqlx::Error> {
     let mut tx = db.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
     let Some(version) = latest_version_in(&mut tx).await? else {
@@ -309,20 +313,14 @@ pub async fn read(db: &PgPool, filter: Filter, today: NaiveDate) -> Result<Ranki
     };
     let window = Window::before(version.as_of, filter.days());
     let ranked = if filter.is_default() {
-        let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+        sqlx::query_as!(
+            Ranked,
             "SELECT rank, product_id, sold_quantity FROM popular_snapshot_items
              WHERE as_of = $1 ORDER BY rank",
+            version.as_of,
         )
-        .bind(version.as_of)
         .fetch_all(&mut *tx)
-        .await?;
-        rows.into_iter()
-            .map(|(rank, product_id, sold_quantity)| Ranked {
-                rank,
-                product_id,
-                sold_quantity,
-            })
-            .collect()
+        .await?
     } else {
         rank(sales_in(&mut tx, window).await?, filter.limit())
     };
@@ -337,27 +335,29 @@ pub async fn read(db: &PgPool, filter: Filter, today: NaiveDate) -> Result<Ranki
 
 /// Units sold per product over `window`, from the rollup.
 async fn sales_in(conn: &mut PgConnection, window: Window) -> Result<Vec<(i64, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT product_id, sum(sold_quantity)::bigint FROM daily_product_sales
-         WHERE day BETWEEN $1 AND $2 GROUP BY product_id",
+    let sales = sqlx::query!(
+        r#"SELECT product_id, sum(sold_quantity)::bigint AS "sold!" FROM daily_product_sales
+         WHERE day BETWEEN $1 AND $2 GROUP BY product_id"#,
+        window.from,
+        window.to,
     )
-    .bind(window.from)
-    .bind(window.to)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(sales.into_iter().map(|s| (s.product_id, s.sold)).collect())
 }
 
 /// Adds each ranked product's name and current price, keeping the ranking's order.
 async fn describe(conn: &mut PgConnection, ranked: &[Ranked]) -> Result<Vec<PopularProduct>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT r.rank, p.id AS product_id, p.name, p.price, r.sold_quantity
+    sqlx::query_as!(
+        PopularProduct,
+        r#"SELECT r.rank AS "rank!", p.id AS product_id, p.name, p.price, r.sold_quantity AS "sold_quantity!"
          FROM UNNEST($1::int[], $2::bigint[], $3::bigint[]) AS r(rank, product_id, sold_quantity)
          JOIN products p ON p.id = r.product_id
-         ORDER BY r.rank",
+         ORDER BY r.rank"#,
+        &ranked.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        &ranked.iter().map(|r| r.product_id).collect::<Vec<_>>(),
+        &ranked.iter().map(|r| r.sold_quantity).collect::<Vec<_>>(),
     )
-    .bind(ranked.iter().map(|r| r.rank).collect::<Vec<_>>())
-    .bind(ranked.iter().map(|r| r.product_id).collect::<Vec<_>>())
-    .bind(ranked.iter().map(|r| r.sold_quantity).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }

@@ -26,23 +26,25 @@ pub async fn expire_overdue(db: &PgPool) -> Result<u64, sqlx::Error> {
 
 async fn expire_chunk(db: &PgPool) -> Result<u64, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let orders: Vec<Uuid> = sqlx::query_scalar(
+    let orders: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM orders
          WHERE status = 'RESERVED' AND reserved_until < now()
          ORDER BY id LIMIT $1
          FOR NO KEY UPDATE SKIP LOCKED",
+        CHUNK,
     )
-    .bind(CHUNK)
     .fetch_all(&mut *tx)
     .await?;
     if orders.is_empty() {
         return Ok(0);
     }
     release_stock(&mut tx, &orders).await?;
-    sqlx::query("UPDATE orders SET status = 'EXPIRED', closed_at = now() WHERE id = ANY($1)")
-        .bind(&orders)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE orders SET status = 'EXPIRED', closed_at = now() WHERE id = ANY($1)",
+        &orders,
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     metrics::counter!("reservations_expired_total").increment(orders.len() as u64);
     tracing::info!(orders = orders.len(), "reservations expired");
@@ -52,25 +54,31 @@ async fn expire_chunk(db: &PgPool) -> Result<u64, sqlx::Error> {
 /// Gives the units reserved by `orders` back, locking the products in id order. The caller
 /// holds the orders' row locks and changes their status in the same transaction.
 pub async fn release_stock(conn: &mut sqlx::PgConnection, orders: &[Uuid]) -> Result<(), sqlx::Error> {
-    let lines: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT product_id, sum(quantity)::bigint FROM order_items
-         WHERE order_id = ANY($1) GROUP BY product_id ORDER BY product_id",
+    let lines = sqlx::query!(
+        r#"SELECT product_id, sum(quantity)::bigint AS "quantity!" FROM order_items
+         WHERE order_id = ANY($1) GROUP BY product_id ORDER BY product_id"#,
+        orders,
     )
-    .bind(orders)
     .fetch_all(&mut *conn)
     .await?;
-    let (products, quantities): (Vec<i64>, Vec<i64>) = lines.into_iter().unzip();
-    sqlx::query("SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&products)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
+    let (products, quantities): (Vec<i64>, Vec<i64>) = lines
+        .into_iter()
+        .map(|line| (line.product_id, line.quantity))
+        .unzip();
+    // Only the locks are wanted; the ids come back unread.
+    sqlx::query_scalar!(
+        "SELECT id FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &products,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query!(
         "UPDATE products p SET reserved = p.reserved - r.quantity, updated_at = now()
          FROM UNNEST($1::bigint[], $2::bigint[]) AS r(product_id, quantity)
          WHERE p.id = r.product_id",
+        &products,
+        &quantities,
     )
-    .bind(&products)
-    .bind(&quantities)
     .execute(&mut *conn)
     .await?;
     Ok(())

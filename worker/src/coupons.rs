@@ -32,6 +32,7 @@ impl CommandFamily for CouponIssues {
     fn lock_state(&self, ids: &str) -> Vec<String> {
         let coupon = payload_bigint("couponId");
         let user = payload_bigint("userId");
+        // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
         vec![
             // The coupons, locked in id order.
             format!(
@@ -133,6 +134,7 @@ impl CommandFamily for CouponIssues {
     }
 
     fn write_ctes(&self) -> &'static str {
+        // dynamic: part of the write statement composed at start (`settle::write_statement`).
         // Parameters from `FIRST_FAMILY_PARAMETER` (5) on.
         "issued AS (
             INSERT INTO user_coupons (id, coupon_id, user_id, request_id)

@@ -100,14 +100,14 @@ async fn consume(
             .and_then(|s| Uuid::parse_str(s).ok());
         match event_id {
             Some(event_id) => {
-                let deliveries: i32 = sqlx::query_scalar(
+                let deliveries: i32 = sqlx::query_scalar!(
                     "INSERT INTO received_events (event_id, routing_key, payload) VALUES ($1, $2, $3)
                      ON CONFLICT (event_id) DO UPDATE SET deliveries = received_events.deliveries + 1
                      RETURNING deliveries",
+                    event_id,
+                    delivery.routing_key.as_str(),
+                    &payload,
                 )
-                .bind(event_id)
-                .bind(delivery.routing_key.as_str())
-                .bind(&payload)
                 .fetch_one(db)
                 .await?;
                 if deliveries == 1 {

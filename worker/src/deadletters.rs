@@ -169,19 +169,21 @@ async fn record_unreadable(
         "a dead letter that is not a command of its family; parked as unreadable"
     );
     metrics::counter!("worker_unreadable_letters_total", "family" => family.as_str()).increment(1);
-    sqlx::query_scalar(
+    // `$1::bytea`: the body need not be UTF-8, so the digest is of its bytes (`md5(text)`
+    // is what the parameter would otherwise be taken for).
+    sqlx::query_scalar!(
         "INSERT INTO unreadable_letters (id, family, reason, bytes, preview)
-         VALUES (md5($1)::uuid, $2, $3, $4, $5)
+         VALUES (md5($1::bytea)::uuid, $2, $3, $4, $5)
          ON CONFLICT (id) DO UPDATE
            SET family = EXCLUDED.family, reason = EXCLUDED.reason, dead_at = now(),
                resolution = NULL, resolved_at = NULL
          RETURNING id",
+        body,
+        family.as_str(),
+        reason,
+        i32::try_from(body.len()).unwrap_or(i32::MAX),
+        preview,
     )
-    .bind(body)
-    .bind(family.as_str())
-    .bind(reason)
-    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
-    .bind(preview)
     .fetch_one(&ctx.db)
     .await
 }
@@ -240,17 +242,17 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
     let family = message.kind.family().as_str();
     let mut tx = ctx.db.begin().await?;
     if let Some(partition_key) = revivable(&mut tx, message, reason).await? {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO dead_letters (request_id, family, kind, reason, revivals, resolution, resolved_at)
              VALUES ($1, $2, $3, $4, 1, 'revived', now())
              ON CONFLICT (request_id) DO UPDATE
                SET revivals = dead_letters.revivals + 1, reason = EXCLUDED.reason, dead_at = now(),
                    resolution = 'revived', resolved_at = now()",
+            message.request_id,
+            family,
+            message.kind.as_str(),
+            reason,
         )
-        .bind(message.request_id)
-        .bind(family)
-        .bind(message.kind.as_str())
-        .bind(reason)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -264,7 +266,7 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
     // rejected (it would otherwise stay `PENDING` for ever). A second copy of the same
     // death (dead-lettering is at least once) finds no note and keeps the detail the first
     // one brought; a detail from a death already dealt with belongs to that one, not this.
-    sqlx::query(
+    sqlx::query!(
         "WITH note AS (DELETE FROM settle_failures WHERE request_id = $1 RETURNING detail)
          INSERT INTO dead_letters (request_id, family, kind, reason, detail)
          VALUES ($1, $2, $3, $4, (SELECT detail FROM note))
@@ -272,11 +274,11 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
            SET reason = EXCLUDED.reason, dead_at = now(), resolution = NULL, resolved_at = NULL,
                detail = COALESCE(EXCLUDED.detail,
                                  CASE WHEN dead_letters.resolution IS NULL THEN dead_letters.detail END)",
+        message.request_id,
+        family,
+        message.kind.as_str(),
+        reason,
     )
-    .bind(message.request_id)
-    .bind(family)
-    .bind(message.kind.as_str())
-    .bind(reason)
     .execute(&mut *tx)
     .await?;
     let error = ErrorBody::new(
@@ -305,15 +307,15 @@ async fn revivable(
     if reason != "delivery_limit" {
         return Ok(None);
     }
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT r.partition_key FROM requests r
          WHERE r.id = $1 AND r.status = 'PENDING'
            AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = r.id)
            AND COALESCE((SELECT d.revivals FROM dead_letters d WHERE d.request_id = r.id), 0) < $2
          FOR NO KEY UPDATE OF r",
+        message.request_id,
+        REVIVALS,
     )
-    .bind(message.request_id)
-    .bind(REVIVALS)
     .fetch_optional(tx)
     .await
 }

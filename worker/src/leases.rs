@@ -25,15 +25,15 @@ impl Lease {
     /// Inside a settling transaction: true while this lease still stands. The row stays
     /// share-locked until commit, so the lease cannot change hands under a batch in flight.
     pub async fn fence(&self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM partition_leases
+        let held: Option<i32> = sqlx::query_scalar!(
+            r#"SELECT 1 AS "held!" FROM partition_leases
              WHERE family = $1 AND partition = $2 AND owner = $3 AND epoch = $4
-             FOR SHARE",
+             FOR SHARE"#,
+            self.family.as_str(),
+            i32::from(self.partition),
+            self.owner,
+            self.epoch,
         )
-        .bind(self.family.as_str())
-        .bind(i32::from(self.partition))
-        .bind(self.owner)
-        .bind(self.epoch)
         .fetch_optional(conn)
         .await?;
         Ok(held.is_some())
@@ -47,13 +47,13 @@ fn interval_secs(d: Duration) -> f64 {
 /// Creates the lease rows of every partition (once per deployment; later calls do nothing).
 pub async fn ensure_rows(db: &PgPool, topology: &Topology) -> Result<(), sqlx::Error> {
     for family in Family::ALL {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO partition_leases (family, partition)
              SELECT $1, p FROM generate_series(0, $2 - 1) AS p
              ON CONFLICT DO NOTHING",
+            family.as_str(),
+            i32::from(topology.partitions),
         )
-        .bind(family.as_str())
-        .bind(i32::from(topology.partitions))
         .execute(db)
         .await?;
     }
@@ -67,12 +67,12 @@ pub async fn heartbeat(
     name: &str,
     replica_ttl: Duration,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO worker_replicas (id, name) VALUES ($1, $2)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+        replica,
+        name,
     )
-    .bind(replica)
-    .bind(name)
     .execute(db)
     .await?;
     live(db, replica_ttl).await
@@ -80,10 +80,10 @@ pub async fn heartbeat(
 
 /// The ids of the replicas heard from within `replica_ttl`.
 pub async fn live(db: &PgPool, replica_ttl: Duration) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT id FROM worker_replicas WHERE heartbeat_at > now() - make_interval(secs => $1) ORDER BY id",
+        interval_secs(replica_ttl),
     )
-    .bind(interval_secs(replica_ttl))
     .fetch_all(db)
     .await
 }
@@ -103,10 +103,12 @@ pub async fn renew(
     replica: Uuid,
     lease_ttl: Duration,
 ) -> Result<Vec<(String, i32, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "WITH idle AS (
+    // `$2::float8`: the TTL is in seconds with a fraction; left to `$2 / 2`, the parameter
+    // would be taken for an integer (and halved by integer division).
+    let held = sqlx::query!(
+        r#"WITH idle AS (
             SELECT family, partition FROM partition_leases
-            WHERE owner = $1 AND expires_at >= now() + make_interval(secs => $2 / 2)
+            WHERE owner = $1 AND expires_at >= now() + make_interval(secs => $2::float8 / 2)
             FOR NO KEY UPDATE SKIP LOCKED),
          due AS (
             SELECT family, partition FROM partition_leases
@@ -120,12 +122,17 @@ pub async fn renew(
             SELECT family, partition, epoch FROM partition_leases
             WHERE owner = $1 AND expires_at >= now()
               AND (family, partition) NOT IN (SELECT family, partition FROM renewed))
-         SELECT * FROM renewed UNION ALL SELECT * FROM passed_over",
+         SELECT family AS "family!", partition AS "partition!", epoch AS "epoch!" FROM renewed
+         UNION ALL SELECT * FROM passed_over"#,
+        replica,
+        interval_secs(lease_ttl),
     )
-    .bind(replica)
-    .bind(interval_secs(lease_ttl))
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(held
+        .into_iter()
+        .map(|l| (l.family, l.partition, l.epoch))
+        .collect())
 }
 
 /// Takes the lease of a partition that is free, expired, or already handed to this
@@ -137,17 +144,17 @@ pub async fn acquire(
     partition: u16,
     lease_ttl: Duration,
 ) -> Result<Option<Lease>, sqlx::Error> {
-    let epoch: Option<i64> = sqlx::query_scalar(
+    let epoch: Option<i64> = sqlx::query_scalar!(
         "UPDATE partition_leases
          SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $4)
          WHERE family = $2 AND partition = $3
            AND (owner IS NULL OR owner = $1 OR expires_at < now())
          RETURNING epoch",
+        replica,
+        family.as_str(),
+        i32::from(partition),
+        interval_secs(lease_ttl),
     )
-    .bind(replica)
-    .bind(family.as_str())
-    .bind(i32::from(partition))
-    .bind(interval_secs(lease_ttl))
     .fetch_optional(db)
     .await?;
     Ok(epoch.map(|epoch| Lease {
@@ -174,7 +181,7 @@ pub async fn hand_over(
     lease_ttl: Duration,
     replica_ttl: Duration,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "WITH next AS (
             SELECT id FROM worker_replicas
             WHERE id = $4 AND heartbeat_at > now() - make_interval(secs => $6)
@@ -184,13 +191,13 @@ pub async fn hand_over(
              expires_at = CASE WHEN EXISTS (SELECT 1 FROM next) THEN now() + make_interval(secs => $5)
                                ELSE '-infinity' END
          WHERE family = $1 AND partition = $2 AND owner = $3",
+        lease.family.as_str(),
+        i32::from(lease.partition),
+        lease.owner,
+        next,
+        interval_secs(lease_ttl),
+        interval_secs(replica_ttl),
     )
-    .bind(lease.family.as_str())
-    .bind(i32::from(lease.partition))
-    .bind(lease.owner)
-    .bind(next)
-    .bind(interval_secs(lease_ttl))
-    .bind(interval_secs(replica_ttl))
     .execute(db)
     .await?;
     Ok(())
@@ -200,21 +207,23 @@ pub async fn hand_over(
 /// shutdown): from then on no replica hands it a partition, while the leases it still
 /// drains keep naming a replica that exists.
 pub async fn retire(db: &PgPool, replica: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE worker_replicas SET heartbeat_at = '-infinity' WHERE id = $1")
-        .bind(replica)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "UPDATE worker_replicas SET heartbeat_at = '-infinity' WHERE id = $1",
+        replica
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 /// Frees every lease still naming `replica`: at shutdown, after its own were handed over,
 /// those other leaving replicas handed to it meanwhile.
 pub async fn free_all(db: &PgPool, replica: Uuid) -> Result<u64, sqlx::Error> {
-    let freed = sqlx::query(
+    let freed = sqlx::query!(
         "UPDATE partition_leases SET owner = NULL, epoch = epoch + 1, expires_at = '-infinity'
          WHERE owner = $1",
+        replica,
     )
-    .bind(replica)
     .execute(db)
     .await?;
     Ok(freed.rows_affected())
@@ -223,9 +232,11 @@ pub async fn free_all(db: &PgPool, replica: Uuid) -> Result<u64, sqlx::Error> {
 /// Removes this replica's row (last thing at shutdown, once it holds no lease), and forgets
 /// replicas that have been gone for a day.
 pub async fn leave(db: &PgPool, replica: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM worker_replicas WHERE id = $1 OR heartbeat_at < now() - interval '1 day'")
-        .bind(replica)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM worker_replicas WHERE id = $1 OR heartbeat_at < now() - interval '1 day'",
+        replica,
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use shared::command::{
     OrderCreate, OrderPaid, OrderPay, OrderReserved, RequestKind, RequestResult, RequestStatus,
 };
 use shared::error::{ErrorBody, ErrorCode};
+use shared::events::{OrderPaid as OrderPaidEvent, OrderPaidType, PaidItem};
 use shared::money::{order_total, Discount};
 use shared::order::{OrderEvent, OrderStatus};
 use sqlx::Arguments;
@@ -82,6 +82,7 @@ impl CommandFamily for OrderCommands {
         let pay = text(RequestKind::OrderPay.as_str());
         let create = text(RequestKind::OrderCreate.as_str());
         let order_id = payload_uuid("orderId");
+        // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
         format!(
             "WITH creations AS (
                 SELECT o.create_request_id AS id
@@ -111,6 +112,7 @@ impl CommandFamily for OrderCommands {
         // take. With `FOR UPDATE`, the API inserting order lines (locking their products in
         // the client's order) and a reservation locking the same products deadlocked under
         // a burst.
+        // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
         vec![
             format!(
                 "SELECT o.id, o.user_id, o.status, o.total_amount FROM orders o
@@ -208,6 +210,7 @@ impl CommandFamily for OrderCommands {
     }
 
     fn write_ctes(&self) -> &'static str {
+        // dynamic: part of the write statement composed at start (`settle::write_statement`).
         // Parameters from `FIRST_FAMILY_PARAMETER` (5) on, in the order `Writes::bind`
         // adds them. Each `x = ANY(..)` is for the planner, as in the outcomes' `UPDATE`:
         // under a generic plan it cannot tell how many rows an `UNNEST` holds, and a guess
@@ -385,7 +388,7 @@ struct Book {
     ledger: Vec<(i64, i64, i64, Uuid)>,
     used: Vec<(Uuid, Uuid)>,
     payments: Vec<PaymentRow>,
-    events: Vec<(Uuid, serde_json::Value)>,
+    events: Vec<OrderPaidEvent>,
 }
 
 struct PaymentRow {
@@ -582,26 +585,26 @@ impl Book {
             amount,
             coupon_id: coupon_used,
         });
-        let event_id = Uuid::now_v7();
-        let items: Vec<serde_json::Value> = lines
-            .iter()
-            .map(|l| json!({"productId": l.product_id, "name": l.name, "unitPrice": l.unit_price, "quantity": l.quantity}))
-            .collect();
-        let mut event = json!({
-            "eventId": event_id,
-            "type": "order.paid",
-            "occurredAt": now,
-            "orderId": pay.order_id,
-            "userId": pay.user_id,
-            "items": items,
-            "totalAmount": total,
-            "discountAmount": discount,
-            "paidAmount": amount,
+        self.events.push(OrderPaidEvent {
+            event_id: Uuid::now_v7(),
+            kind: OrderPaidType::OrderPaid,
+            occurred_at: now,
+            order_id: pay.order_id,
+            user_id: pay.user_id,
+            items: lines
+                .iter()
+                .map(|l| PaidItem {
+                    product_id: l.product_id,
+                    name: l.name.clone(),
+                    unit_price: l.unit_price,
+                    quantity: l.quantity,
+                })
+                .collect(),
+            total_amount: total,
+            discount_amount: discount,
+            paid_amount: amount,
+            coupon_id: coupon_used,
         });
-        if let Some(coupon_id) = coupon_used {
-            event["couponId"] = json!(coupon_id);
-        }
-        self.events.push((event_id, event));
         metrics::counter!("payments_total", "outcome" => "paid").increment(1);
         Decision::Succeeded(RequestResult::OrderPaid(OrderPaid {
             order_id: pay.order_id,
@@ -707,7 +710,11 @@ impl Book {
             writes.payment_discounts.push(p.discount);
             writes.payment_coupons.push(p.user_coupon_id);
         }
-        (writes.event_ids, writes.events) = self.events.into_iter().unzip();
+        (writes.event_ids, writes.events) = self
+            .events
+            .into_iter()
+            .map(|event| (event.event_id, sqlx::types::Json(event)))
+            .unzip();
         writes
     }
 }
@@ -747,7 +754,8 @@ struct Writes {
     payment_discounts: Vec<i64>,
     payment_coupons: Vec<Option<Uuid>>,
     event_ids: Vec<Uuid>,
-    events: Vec<serde_json::Value>,
+    /// `order.paid` events, each written to the outbox as the one JSON value it serializes to.
+    events: Vec<sqlx::types::Json<OrderPaidEvent>>,
 }
 
 impl Writes {
@@ -792,6 +800,8 @@ impl Writes {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
 
     use super::*;
 

@@ -20,7 +20,6 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::Context;
 
@@ -86,7 +85,7 @@ async fn relay_until_drained(ctx: &Context) {
 
 /// One pass: claims due events, publishes them, marks the confirmed ones published.
 pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
-    let due: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+    let due = sqlx::query!(
         "UPDATE outbox SET claimed_until = now() + interval '30 seconds'
          WHERE id IN (
            SELECT id FROM outbox
@@ -94,8 +93,8 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
            ORDER BY created_at LIMIT $1
            FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, routing_key, payload",
+        BATCH,
     )
-    .bind(BATCH)
     .fetch_all(&ctx.db)
     .await?;
     if due.is_empty() {
@@ -103,14 +102,14 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
     }
     let exchange = ctx.config.topology.events_exchange();
     // Publishes are pipelined on the confirm channel; each confirm is awaited.
-    let published = join_all(due.iter().map(|(id, routing_key, payload)| {
+    let published = join_all(due.iter().map(|event| {
         let exchange = &exchange;
         async move {
-            let body = serde_json::to_vec(payload).unwrap_or_default();
+            let body = serde_json::to_vec(&event.payload).unwrap_or_default();
             ctx.publisher
-                .publish(exchange, routing_key, &id.to_string(), &body, false)
+                .publish(exchange, &event.routing_key, &event.id.to_string(), &body, false)
                 .await
-                .map(|()| *id)
+                .map(|()| event.id)
         }
     }))
     .await;
@@ -125,10 +124,12 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
         // One statement for the whole pass. `published_at IS NULL`: an event whose claim ran
         // out while it was published here, and that another relay published and marked
         // meanwhile, keeps its first mark.
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
-            .bind(&confirmed)
-            .execute(&ctx.db)
-            .await?;
+        sqlx::query!(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            &confirmed,
+        )
+        .execute(&ctx.db)
+        .await?;
     }
     metrics::counter!("outbox_events_published_total").increment(confirmed.len() as u64);
     Ok(due.len())
@@ -149,18 +150,18 @@ pub struct Backlog {
 /// Counts the backlog with one statement; both counts read partial indexes
 /// (`outbox_unpublished`, `orders_reserved_by_deadline`) that hold only the rows counted.
 pub async fn backlog(ctx: &Context) -> Result<Backlog, sqlx::Error> {
-    let (unpublished, oldest_age_secs, reserved_orders): (i64, f64, i64) = sqlx::query_as(
-        "SELECT count(*),
-                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8,
-                (SELECT count(*) FROM orders WHERE status = 'RESERVED')
-         FROM outbox WHERE published_at IS NULL",
+    let counted = sqlx::query!(
+        r#"SELECT count(*) AS "unpublished!",
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS "oldest_age_secs!",
+                (SELECT count(*) FROM orders WHERE status = 'RESERVED') AS "reserved_orders!"
+         FROM outbox WHERE published_at IS NULL"#,
     )
     .fetch_one(&ctx.db)
     .await?;
     Ok(Backlog {
-        unpublished,
-        oldest_age_secs: oldest_age_secs.max(0.0),
-        reserved_orders,
+        unpublished: counted.unpublished,
+        oldest_age_secs: counted.oldest_age_secs.max(0.0),
+        reserved_orders: counted.reserved_orders,
     })
 }
 

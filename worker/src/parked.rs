@@ -53,7 +53,6 @@ fn parse(id: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(id).with_context(|| format!("{id:?} is not a request id"))
 }
 
-#[derive(sqlx::FromRow)]
 struct Open {
     request_id: Uuid,
     kind: String,
@@ -63,7 +62,6 @@ struct Open {
     status: Option<String>,
 }
 
-#[derive(sqlx::FromRow)]
 struct Unreadable {
     id: Uuid,
     family: String,
@@ -74,10 +72,12 @@ struct Unreadable {
 }
 
 async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Result<String> {
-    let open: Vec<Open> = sqlx::query_as(
-        "SELECT d.request_id, d.kind, d.reason, d.detail, d.dead_at, r.status
+    let open = sqlx::query_as!(
+        Open,
+        // `?`: the request may be pruned; sqlx would take the outer-joined column for NOT NULL.
+        r#"SELECT d.request_id, d.kind, d.reason, d.detail, d.dead_at, r.status AS "status?"
          FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
-         WHERE d.resolution IS NULL ORDER BY d.dead_at",
+         WHERE d.resolution IS NULL ORDER BY d.dead_at"#,
     )
     .fetch_all(db)
     .await?;
@@ -96,7 +96,8 @@ async fn list(config: &WorkerConfig, db: &PgPool, broker: &Broker) -> anyhow::Re
             let _ = writeln!(out, "    {detail}");
         }
     }
-    let unreadable: Vec<Unreadable> = sqlx::query_as(
+    let unreadable = sqlx::query_as!(
+        Unreadable,
         "SELECT id, family, reason, bytes, preview, dead_at FROM unreadable_letters
          WHERE resolution IS NULL ORDER BY dead_at",
     )
@@ -146,7 +147,6 @@ async fn parked_depths(config: &WorkerConfig, broker: &Broker) -> anyhow::Result
     Ok(depths)
 }
 
-#[derive(sqlx::FromRow)]
 struct Letter {
     kind: String,
     status: Option<String>,
@@ -154,22 +154,25 @@ struct Letter {
 }
 
 async fn letter(db: &PgPool, id: Uuid) -> anyhow::Result<Option<Letter>> {
-    Ok(sqlx::query_as(
-        "SELECT d.kind, r.status, r.partition_key
+    Ok(sqlx::query_as!(
+        Letter,
+        // `?`: the request may be pruned; sqlx would take the outer-joined columns for NOT NULL.
+        r#"SELECT d.kind, r.status AS "status?", r.partition_key AS "partition_key?"
          FROM dead_letters d LEFT JOIN requests r ON r.id = d.request_id
-         WHERE d.request_id = $1 AND d.resolution IS NULL",
+         WHERE d.request_id = $1 AND d.resolution IS NULL"#,
+        id,
     )
-    .bind(id)
     .fetch_optional(db)
     .await?)
 }
 
 /// Whether `id` names an open unreadable message.
 async fn is_unreadable(db: &PgPool, id: Uuid) -> anyhow::Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM unreadable_letters WHERE id = $1 AND resolution IS NULL)",
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM unreadable_letters WHERE id = $1 AND resolution IS NULL)
+             AS "exists!""#,
+        id,
     )
-    .bind(id)
     .fetch_one(db)
     .await?)
 }
@@ -186,11 +189,13 @@ async fn open_letter(db: &PgPool, id: Uuid) -> anyhow::Result<Letter> {
 }
 
 async fn resolve(db: &PgPool, id: Uuid, resolution: &str) -> anyhow::Result<()> {
-    sqlx::query("UPDATE dead_letters SET resolution = $2, resolved_at = now() WHERE request_id = $1")
-        .bind(id)
-        .bind(resolution)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "UPDATE dead_letters SET resolution = $2, resolved_at = now() WHERE request_id = $1",
+        id,
+        resolution,
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -253,10 +258,10 @@ async fn discard(
                 == Some(name.as_str())
         })
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE unreadable_letters SET resolution = 'discarded', resolved_at = now() WHERE id = $1",
+            id,
         )
-        .bind(id)
         .execute(db)
         .await?;
         taken > 0

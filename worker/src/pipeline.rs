@@ -134,6 +134,7 @@ pub trait CommandFamily: Send + Sync {
     /// (an SQL literal, see [`uuid_array`]), and any other request that must be settled
     /// with them, returning the columns of [`RequestRow`].
     fn lock_requests(&self, ids: &str) -> String {
+        // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
         format!(
             "SELECT id, kind, payload, status, created_at FROM requests
              WHERE id = ANY({ids}) ORDER BY id FOR NO KEY UPDATE"

@@ -157,12 +157,12 @@ pub async fn process_batch(
 async fn note_why(ctx: &Context, message: &CommandMessage, reason: &str) {
     // Enough to read the error; a pathological message must not bloat the row.
     let detail: String = reason.chars().take(1_000).collect();
-    let noted = sqlx::query(
+    let noted = sqlx::query!(
         "INSERT INTO settle_failures (request_id, detail) VALUES ($1, $2)
          ON CONFLICT (request_id) DO UPDATE SET detail = EXCLUDED.detail, noted_at = now()",
+        message.request_id,
+        detail,
     )
-    .bind(message.request_id)
-    .bind(detail)
     .execute(&ctx.db)
     .await;
     if let Err(e) = noted {
@@ -269,6 +269,7 @@ impl OpenTransaction {
     /// batch is settled, and its waiters find it at their next poll.
     async fn commit_and_announce(mut self, ids: &[Uuid]) -> Result<(), sqlx::Error> {
         let message = format!("COMMIT; {}", shared::settlements::announcement(ids));
+        // dynamic: the COMMIT and the notice go as one message, which the macros cannot build.
         let mut results = self.conn.fetch_many(sqlx::raw_sql(&message));
         let mut committed = false;
         while let Some(result) = results.next().await {
@@ -289,6 +290,8 @@ impl OpenTransaction {
     }
 
     async fn rollback(mut self) {
+        // Not a macro: like sqlx's own rollback, a simple-protocol statement, never prepared
+        // (a prepared one would cost a fresh connection a round trip more).
         if self.conn.execute("ROLLBACK").await.is_ok() {
             self.open = false;
         }
@@ -332,6 +335,7 @@ async fn lock_and_fence(
         message.push(';');
     }
     // Rows come statement by statement, each closed by its command result.
+    // dynamic: BEGIN, the fence and the locks go as one message, which the macros cannot build.
     let items: Vec<Either<PgQueryResult, PgRow>> =
         conn.fetch_many(sqlx::raw_sql(&message)).try_collect().await?;
     let mut sets = vec![Vec::new()];
@@ -512,6 +516,7 @@ async fn write(
     args.add(results).map_err(unencodable)?;
     args.add(errors).map_err(unencodable)?;
     family_writes(&mut args).map_err(unencodable)?;
+    // dynamic: composed at start from the family's CTEs, which bind their own parameters.
     sqlx::query_with(statement, args).execute(conn).await?;
     Ok(())
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use shared::broker::PublishError;
 use shared::command::{self, RequestKind};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::Context;
 
@@ -34,7 +33,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 /// One pass; returns how many requests were re-published.
 pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
-    let due: Vec<(Uuid, String, i64)> = sqlx::query_as(
+    let due = sqlx::query!(
         "UPDATE requests SET publish_after = now() + interval '30 seconds'
          WHERE id IN (
            SELECT id FROM requests
@@ -42,16 +41,17 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
            ORDER BY created_at LIMIT $1
            FOR NO KEY UPDATE SKIP LOCKED)
          RETURNING id, kind, partition_key",
+        SWEEP_LIMIT,
     )
-    .bind(SWEEP_LIMIT)
     .fetch_all(&ctx.db)
     .await?;
     let mut published = Vec::with_capacity(due.len());
     let mut failed = None;
-    for (id, kind, key) in due {
-        let Some(kind) = RequestKind::parse(&kind) else {
+    for request in due {
+        let Some(kind) = RequestKind::parse(&request.kind) else {
             continue;
         };
+        let (id, key) = (request.id, request.partition_key);
         match command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await {
             Ok(()) => published.push(id),
             // Refused, this message alone: the others may still go.
@@ -65,10 +65,12 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
     }
     // What was confirmed is marked even when another publish failed: otherwise the next pass
     // would send it again (harmless, but a second message for every settled request).
-    sqlx::query("UPDATE requests SET published = true WHERE id = ANY($1)")
-        .bind(&published)
-        .execute(&ctx.db)
-        .await?;
+    sqlx::query!(
+        "UPDATE requests SET published = true WHERE id = ANY($1)",
+        &published
+    )
+    .execute(&ctx.db)
+    .await?;
     metrics::counter!("worker_requests_republished_total").increment(published.len() as u64);
     match failed {
         Some(e) => {
