@@ -197,27 +197,33 @@ impl System {
         .unwrap()
     }
 
-    /// Waits until `partitions` leases per family are held by `replicas` distinct live replicas.
+    /// Waits until `replicas` replicas are live and every lease is held by the replica that
+    /// rendezvous hashing gives it to: the load is spread as it will stay. With few
+    /// partitions hashing may give one replica all of them (1 run in 128 with two replicas
+    /// and 8 leases), so the number of distinct owners is what hashing says, not `replicas`.
     pub async fn wait_for_owners(&self, replicas: usize) {
         poll_until(|| async {
-            let owners: i64 = sqlx::query_scalar(
-                "SELECT count(DISTINCT owner) FROM partition_leases l
-                 JOIN worker_replicas r ON r.id = l.owner
-                 WHERE l.expires_at > now() AND r.heartbeat_at > now() - interval '1.5 seconds'",
+            let live = self.live_replicas().await;
+            let held: Vec<(String, i32, uuid::Uuid)> = sqlx::query_as(
+                "SELECT family, partition, owner FROM partition_leases
+                 WHERE owner = ANY($1) AND expires_at > now()",
             )
-            .fetch_one(&self.app.db)
-            .await
-            .unwrap();
-            let held: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM partition_leases WHERE owner IS NOT NULL AND expires_at > now()",
-            )
-            .fetch_one(&self.app.db)
+            .bind(&live)
+            .fetch_all(&self.app.db)
             .await
             .unwrap();
             let expected = self.leases();
-            (owners == replicas as i64 && held == expected)
+            let where_hashing_says = held.iter().all(|(family, partition, owner)| {
+                let partition = u16::try_from(*partition).unwrap();
+                shared::partition::rendezvous_owner(&live, family, partition) == Some(*owner)
+            });
+            (live.len() == replicas && held.len() as i64 == expected && where_hashing_says)
                 .then_some(())
-                .ok_or(format!("{owners} owners hold {held} of {expected} leases"))
+                .ok_or(format!(
+                    "{} live replicas hold {} of {expected} leases, as hashing says: {where_hashing_says}",
+                    live.len(),
+                    held.len()
+                ))
         })
         .await;
     }
