@@ -54,6 +54,9 @@ pub struct NewCommand {
     pub payload: serde_json::Value,
     /// What the command creates with its request, readable at once (an order, `PENDING`).
     pub creates: Option<Creation>,
+    /// The order the command is about (the one it creates or pays), stored typed beside
+    /// its payload.
+    pub order_id: Option<Uuid>,
 }
 
 /// Accepts a command `user` sent to `route` whose checks already ran: `checked` is the
@@ -204,6 +207,7 @@ async fn accept(
                 answer,
             }),
             creates: command.creates,
+            order_id: command.order_id,
         })
         .await
         .map_err(|e| match e {

@@ -166,6 +166,7 @@ async fn issue_coupon(
             partition_key: coupon.get(),
             payload: payload.clone(),
             creates: None,
+            order_id: None,
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }

@@ -99,6 +99,8 @@ pub struct StoredCommand {
     pub user_id: i64,
     pub key: Option<KeyClaim>,
     pub creates: Option<Creation>,
+    /// The order the command creates or pays (`requests.order_id`).
+    pub order_id: Option<Uuid>,
 }
 
 /// Why a command could not be stored; nothing of it was written.
@@ -238,6 +240,7 @@ struct Columns {
     keys: Vec<Option<String>>,
     key_requests: Vec<Option<serde_json::Value>>,
     key_answers: Vec<Option<serde_json::Value>>,
+    order_ids: Vec<Option<Uuid>>,
     orders: OrderColumns,
 }
 
@@ -268,6 +271,7 @@ impl Columns {
             columns.keys.push(key.map(|k| k.key.clone()));
             columns.key_requests.push(key.map(|k| k.request.clone()));
             columns.key_answers.push(key.map(|k| k.answer.clone()));
+            columns.order_ids.push(command.order_id);
             match &command.creates {
                 None => {}
                 Some(Creation::Order(order)) => columns.orders.add(command.request_id, order),
@@ -314,13 +318,15 @@ impl OrderColumns {
 /// clients send a share of their requests twice).
 async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let c = Columns::of(commands);
-    // `as _`: arrays of our text enum, and text and jsonb arrays that hold NULLs (commands
-    // without a key), which the macro's check (`&[String]`, `&[Value]`) does not accept.
+    // `as _`: arrays of our text enum, and text, jsonb and uuid arrays that hold NULLs
+    // (commands without a key, or about no order), which the macro's check (`&[String]`,
+    // `&[Value]`, `&[Uuid]`) does not accept.
     let stored: Vec<Uuid> = sqlx::query_scalar!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::bigint[],
-                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[]) WITH ORDINALITY
-                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer, n)),
+                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], $20::uuid[])
+                WITH ORDINALITY
+                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer, order_id, n)),
          claim AS (
             INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
             SELECT scope, key, request, 202, answer FROM input WHERE key IS NOT NULL
@@ -328,8 +334,8 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
             ON CONFLICT (scope, key) DO NOTHING
             RETURNING (response_body->>'requestId')::uuid AS id),
          request AS (
-            INSERT INTO requests (id, kind, partition_key, payload, user_id)
-            SELECT i.id, i.kind, i.partition_key, i.payload, i.user_id FROM input i
+            INSERT INTO requests (id, kind, partition_key, payload, user_id, order_id)
+            SELECT i.id, i.kind, i.partition_key, i.payload, i.user_id, i.order_id FROM input i
             WHERE i.key IS NULL OR i.id IN (SELECT id FROM claim)
             RETURNING id),
          pending_order AS (
@@ -365,6 +371,7 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
         &c.orders.line_prices,
         &c.orders.line_quantities,
         OrderStatus::Pending.as_str(),
+        &c.order_ids as _,
     )
     .fetch_all(db)
     .await?;

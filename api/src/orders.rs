@@ -234,6 +234,7 @@ async fn create_order(
             kind: RequestKind::OrderCreate,
             partition_key: user.get(),
             payload,
+            order_id: Some(order.order_id),
             creates: Some(Creation::Order(order)),
         });
     commands::submit(&state, &key, "POST /orders", user, &request, checked, wait).await
@@ -301,6 +302,7 @@ async fn pay_order(
             partition_key: user.get(),
             payload: payload.clone(),
             creates: None,
+            order_id: Some(order),
         });
     commands::submit(&state, &key, &route, user, &payload, checked, wait).await
 }

@@ -26,8 +26,7 @@ use sqlx::Arguments;
 use uuid::Uuid;
 
 use crate::pipeline::{
-    payload_bigint, payload_uuid, text, CommandFamily, Decided, Decision, LockedState, PendingRequest,
-    SettleError,
+    payload_bigint, text, CommandFamily, Decided, Decision, LockedState, PendingRequest, SettleError,
 };
 
 /// Order creations and payments, partitioned by user.
@@ -45,12 +44,10 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Decision {
     Decision::Failed(ErrorBody::new(code, message))
 }
 
-/// The orders the batch's requests name (`ids`: the batch's request ids, a literal).
+/// The orders the batch's requests are about (`ids`: the batch's request ids, a literal):
+/// the typed `order_id` the api stored with each.
 fn named_orders(ids: &str) -> String {
-    format!(
-        "SELECT {} FROM requests r WHERE r.id = ANY({ids})",
-        payload_uuid("orderId")
-    )
+    format!("SELECT r.order_id FROM requests r WHERE r.id = ANY({ids})")
 }
 
 /// What the batch's payments name in their payloads (`field`), for their requests only.
@@ -81,15 +78,14 @@ impl CommandFamily for OrderCommands {
         let order_pending = text(OrderStatus::Pending.as_str());
         let pay = text(RequestKind::OrderPay.as_str());
         let create = text(RequestKind::OrderCreate.as_str());
-        let order_id = payload_uuid("orderId");
         // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
         format!(
             "WITH creations AS (
                 SELECT o.create_request_id AS id
                 FROM requests r
-                JOIN orders o ON o.id = {order_id}
+                JOIN orders o ON o.id = r.order_id
                 WHERE r.id = ANY({ids}) AND r.kind = {pay} AND r.status = {pending}
-                  AND o.status = {order_pending} AND o.user_id::text = r.payload->>'userId'
+                  AND o.status = {order_pending} AND o.user_id = r.user_id
                   AND NOT EXISTS (SELECT 1 FROM settle_failures f WHERE f.request_id = o.create_request_id)
                   AND NOT EXISTS (SELECT 1 FROM dead_letters d
                                   WHERE d.request_id = o.create_request_id AND d.resolution IS NULL))

@@ -231,14 +231,6 @@ pub fn payload_bigint(field: &'static str) -> String {
     format!("CASE WHEN r.payload->>'{field}' ~ '^[0-9]{{1,18}}$' THEN (r.payload->>'{field}')::bigint END")
 }
 
-/// A field of a request's payload (`r.payload`) as a `uuid`, or NULL when it is not one.
-pub fn payload_uuid(field: &'static str) -> String {
-    format!(
-        "CASE WHEN r.payload->>'{field}' ~* '^[0-9a-f]{{8}}-([0-9a-f]{{4}}-){{3}}[0-9a-f]{{12}}$'
-              THEN (r.payload->>'{field}')::uuid END"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
