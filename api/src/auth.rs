@@ -24,9 +24,9 @@ use axum::http::{header, HeaderMap};
 use moka::sync::Cache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
-use shared::domain::UserId;
-use shared::error::ErrorCode;
-use shared::identity::{self, TokenHash};
+use shared::domain::error::ErrorCode;
+use shared::domain::identity::{self, TokenHash};
+use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Channel;
-use shared::broker::{queue_depth, Broker};
-use shared::topology::{Family, Topology};
+use shared::domain::command::Family;
+use shared::messaging::broker::{queue_depth, Broker};
+use shared::messaging::topology::Topology;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

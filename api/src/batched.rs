@@ -65,7 +65,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batched<Q, A> {
                     outcome => {
                         let failed = match outcome {
                             Err(e) => Failed {
-                                unavailable: shared::db::is_unavailable(&e),
+                                unavailable: shared::store::db::is_unavailable(&e),
                                 cause: e.to_string(),
                             },
                             Ok(found) => Failed {

@@ -12,9 +12,9 @@ use std::time::Duration;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use shared::command::{self, RequestKind, RequestStatus};
-use shared::domain::UserId;
-use shared::error::{ErrorBody, ErrorCode};
+use shared::domain::command::{RequestKind, RequestStatus};
+use shared::domain::error::{ErrorBody, ErrorCode};
+use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -343,7 +343,9 @@ async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &s
         )
         .fetch_optional(&mut *tx)
         .await?;
-        if published != Some(false) || !command::fail_pending(&mut tx, request_id, &error).await? {
+        if published != Some(false)
+            || !shared::store::requests::fail_pending(&mut tx, request_id, &error).await?
+        {
             return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
         }
         if let Some(key) = key.0.as_deref() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::http::HeaderName;
 use secrecy::{ExposeSecret, SecretString};
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
-use shared::topology::Topology;
+use shared::messaging::topology::Topology;
 
 use crate::intake::IntakeSettings;
 

@@ -1,9 +1,9 @@
 //! The checks of a coupon issue that need no queue: who and what exists, read for many
 //! requests per statement, and the coupons this replica has seen sold out.
 
-use shared::coupon::{IssueFacts, IssueState};
-use shared::domain::{CouponId, UserId};
-use shared::error::{ErrorBody, ErrorCode};
+use shared::domain::coupon::{IssueFacts, IssueState};
+use shared::domain::error::{ErrorBody, ErrorCode};
+use shared::domain::ids::{CouponId, UserId};
 use sqlx::PgPool;
 
 use crate::batched::Batched;
@@ -34,7 +34,7 @@ impl SoldOut {
 pub fn sold_out() -> ErrorBody {
     ErrorBody::new(
         ErrorCode::CouponOutOfStock,
-        shared::coupon::refusal_message(ErrorCode::CouponOutOfStock),
+        shared::domain::coupon::refusal_message(ErrorCode::CouponOutOfStock),
     )
 }
 
@@ -83,7 +83,7 @@ async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Ve
         .collect())
 }
 
-/// The checks that need no queue ([`shared::coupon::refusal`], the worker's rule, on what
+/// The checks that need no queue ([`shared::domain::coupon::refusal`], the worker's rule, on what
 /// PostgreSQL says now): the user (400), the coupon (404), then its state (409, 410).
 pub async fn refuse_what_is_known(checks: &CouponChecks, coupon: CouponId, user: UserId) -> Result<()> {
     let (user_registered, coupon_exists, expired, sold_out, held) =
@@ -93,10 +93,10 @@ pub async fn refuse_what_is_known(checks: &CouponChecks, coupon: CouponId, user:
         coupon: coupon_exists.then_some(IssueState { expired, sold_out }),
         held,
     };
-    match shared::coupon::refusal(facts) {
+    match shared::domain::coupon::refusal(facts) {
         Some(code) => {
             metrics::counter!("api_commands_refused_total", "type" => "COUPON_ISSUE", "code" => code.as_str()).increment(1);
-            Err(ApiError::new(code, shared::coupon::refusal_message(code)))
+            Err(ApiError::new(code, shared::domain::coupon::refusal_message(code)))
         }
         None => Ok(()),
     }

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::broker::{Broker, PublishError, Publisher};
-use shared::command::{self, RequestKind};
-use shared::topology::Topology;
+use shared::domain::command::RequestKind;
+use shared::messaging::broker::{Broker, PublishError, Publisher};
+use shared::messaging::topology::Topology;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -57,16 +57,28 @@ impl Dispatcher {
         kind: RequestKind,
         partition_key: i64,
     ) -> Result<(), PublishError> {
-        let mut published =
-            command::publish(&self.publisher, &self.topology, request_id, kind, partition_key).await;
+        let mut published = shared::messaging::commands::publish(
+            &self.publisher,
+            &self.topology,
+            request_id,
+            kind,
+            partition_key,
+        )
+        .await;
         if let Err(PublishError::Unroutable(_)) = published {
             // The partition queues are missing (a broker that lost its data): declare them
             // and try once more.
             if let Err(e) = self.declare_topology().await {
                 tracing::warn!(error = format!("{e:#}"), "cannot declare the command topology");
             }
-            published =
-                command::publish(&self.publisher, &self.topology, request_id, kind, partition_key).await;
+            published = shared::messaging::commands::publish(
+                &self.publisher,
+                &self.topology,
+                request_id,
+                kind,
+                partition_key,
+            )
+            .await;
         }
         let family = kind.family().as_str();
         match &published {

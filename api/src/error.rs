@@ -3,7 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shared::error::{ErrorBody, ErrorCode};
+use shared::domain::error::{ErrorBody, ErrorCode};
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -53,7 +53,7 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        if shared::db::is_unavailable(&error) {
+        if shared::store::db::is_unavailable(&error) {
             Self::Unavailable(anyhow::Error::new(error).context("PostgreSQL"))
         } else {
             Self::Internal(error.into())

@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
-use shared::error::ErrorCode;
+use shared::domain::error::ErrorCode;
 
 use crate::error::ApiError;
 

@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use shared::error::{ErrorBody, ErrorCode};
+use shared::domain::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use crate::batched::Batched;
@@ -62,7 +62,7 @@ impl<T: Serialize> Outcome<T> {
 /// The scope of a key sent to `route` on behalf of `user`, for routes whose user is named in
 /// the body rather than the path: the contract keys are "for the same user and route", so
 /// two users who happen to send the same key must not meet.
-pub fn user_scope(route: &str, user: shared::domain::UserId) -> String {
+pub fn user_scope(route: &str, user: shared::domain::ids::UserId) -> String {
     format!("{route} by user {user}")
 }
 

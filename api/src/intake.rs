@@ -18,8 +18,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::command::RequestKind;
-use shared::order::OrderStatus;
+use shared::domain::command::RequestKind;
+use shared::domain::order::OrderStatus;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
@@ -114,7 +114,7 @@ pub enum StoreError {
 
 impl From<&sqlx::Error> for StoreError {
     fn from(error: &sqlx::Error) -> Self {
-        if shared::db::is_unavailable(error) {
+        if shared::store::db::is_unavailable(error) {
             StoreError::Unavailable(error.to_string())
         } else {
             StoreError::Failed(error.to_string())
@@ -205,7 +205,7 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
                 let _ = entry.answer.send(Ok(stored.contains(&entry.command.request_id)));
             }
         }
-        Err(e) if batch.len() > 1 && !shared::db::is_unavailable(&e) => {
+        Err(e) if batch.len() > 1 && !shared::store::db::is_unavailable(&e) => {
             // One row broke the statement, and the statement wrote nothing: each command
             // on its own, so that only the one at fault fails.
             tracing::warn!(commands = batch.len(), error = %e, "an accept batch failed; storing its commands one by one");

@@ -71,8 +71,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use shared::broker::Broker;
-use shared::error::{ErrorBody, ErrorCode};
+use shared::domain::error::{ErrorBody, ErrorCode};
+use shared::messaging::broker::Broker;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -113,7 +113,7 @@ impl Application {
     /// RabbitMQ may be down at this point: the API starts anyway and reports not ready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
         config.check_admin_token()?;
-        let db = shared::db::connect_and_migrate(&config.database, "api").await?;
+        let db = shared::store::db::connect_and_migrate(&config.database, "api").await?;
         let broker = Arc::new(Broker::new(&config.broker, "api"));
         let (commands, confirmations) =
             Dispatcher::start(Arc::clone(&broker), config.topology.clone(), db.clone());

@@ -11,7 +11,7 @@ use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use shared::domain::UserId;
+use shared::domain::ids::UserId;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RateLimitSettings;

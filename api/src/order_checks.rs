@@ -8,11 +8,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use shared::command::OrderCreate;
-use shared::domain::UserId;
-use shared::error::ErrorCode;
-use shared::money::order_total;
-use shared::order::OrderStatus;
+use shared::domain::command::OrderCreate;
+use shared::domain::error::ErrorCode;
+use shared::domain::ids::UserId;
+use shared::domain::money::order_total;
+use shared::domain::order::OrderStatus;
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -12,10 +12,10 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use shared::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
-use shared::domain::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
-use shared::error::ErrorCode;
-use shared::order::{OrderEvent, OrderStatus};
+use shared::domain::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
+use shared::domain::error::ErrorCode;
+use shared::domain::ids::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
+use shared::domain::order::{OrderEvent, OrderStatus};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -361,7 +361,7 @@ async fn cancel_order(
     // A PENDING order holds nothing yet: its queued creation will find it cancelled and
     // reserve nothing.
     if current.is_some_and(OrderStatus::holds_stock) {
-        shared::reservations::release_stock(&mut tx, &[order]).await?;
+        shared::store::reservations::release_stock(&mut tx, &[order]).await?;
     }
     sqlx::query!(
         "UPDATE orders SET status = $2, closed_at = now() WHERE id = $1",

@@ -4,7 +4,7 @@
 //! on deep pages and never skips or repeats an item when rows are inserted between calls.
 
 use serde::Deserialize;
-use shared::error::ErrorCode;
+use shared::domain::error::ErrorCode;
 use utoipa::IntoParams;
 
 use crate::error::ApiError;

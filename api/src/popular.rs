@@ -22,8 +22,8 @@ use axum::extract::State;
 use axum::Extension;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
-use shared::error::ErrorCode;
-use shared::popular::{Filter, Ranking, SnapshotVersion};
+use shared::domain::error::ErrorCode;
+use shared::domain::popular::{Filter, Ranking, SnapshotVersion};
 use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -143,7 +143,7 @@ async fn popular_products(
 )]
 async fn run_popular_products(State(state): State<AppState>) -> Result<axum::Json<PopularProducts>> {
     let started = Utc::now();
-    let refreshed = shared::popular::refresh(&state.db, started.date_naive()).await;
+    let refreshed = shared::store::popular::refresh(&state.db, started.date_naive()).await;
     record_run(&state.db, started, &refreshed).await;
     let refreshed = refreshed?;
     tracing::info!(
@@ -159,7 +159,7 @@ async fn run_popular_products(State(state): State<AppState>) -> Result<axum::Jso
 async fn record_run(
     db: &PgPool,
     started: DateTime<Utc>,
-    result: &std::result::Result<shared::popular::Refreshed, sqlx::Error>,
+    result: &std::result::Result<shared::domain::popular::Refreshed, sqlx::Error>,
 ) {
     let (outcome, rows, error) = match result {
         Ok(r) => (
@@ -172,7 +172,7 @@ async fn record_run(
     let recorded = sqlx::query!(
         "INSERT INTO job_runs (job, period, trigger, outcome, runner, started_at, finished_at, rows, error)
          VALUES ($1, $2, 'ADMIN', $3, $4, $2, now(), $5, $6)",
-        shared::popular::JOB,
+        shared::domain::popular::JOB,
         started,
         outcome,
         format!("api-{}", std::process::id()),
@@ -223,7 +223,7 @@ impl PopularCache {
         if let Some(answer) = hit {
             return Ok(answer);
         }
-        let ranking = shared::popular::read(db, filter, today).await?;
+        let ranking = shared::store::popular::read(db, filter, today).await?;
         let answer = PopularProducts::from(&ranking);
         // Kept under the version the read itself saw, which may be newer than `version`;
         // answers of older versions can never be served again, so they go.
@@ -246,7 +246,7 @@ impl PopularCache {
         match *seen {
             Some(s) if s.today == today && s.at.elapsed() < CHECK_INTERVAL => Ok(s.version),
             _ => {
-                let version = shared::popular::latest_version(db).await?;
+                let version = shared::store::popular::latest_version(db).await?;
                 *seen = Some(Seen {
                     at: Instant::now(),
                     today,

@@ -3,8 +3,8 @@
 
 use axum::extract::{Path, State};
 use serde::Serialize;
-use shared::domain::ProductId;
-use shared::error::ErrorCode;
+use shared::domain::error::ErrorCode;
+use shared::domain::ids::ProductId;
 use sqlx::PgExecutor;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;

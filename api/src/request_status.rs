@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use shared::domain::UserId;
+use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;

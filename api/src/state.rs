@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use shared::broker::Broker;
+use shared::messaging::broker::Broker;
 use sqlx::PgPool;
 
 use crate::auth::Authenticator;

@@ -2,7 +2,7 @@
 //! command, `?wait=N` on its request) is held until its request is settled, or N seconds.
 //!
 //! Waiters are woken by the workers' one notice per settled batch
-//! ([`shared::settlements`], PostgreSQL `LISTEN/NOTIFY`), which this process listens to on a
+//! ([`shared::store::settlements`], PostgreSQL `LISTEN/NOTIFY`), which this process listens to on a
 //! connection of its own. A waiter holds no database connection and reads nothing while it
 //! waits: it registers before it reads or publishes its request, and the listener reads the
 //! requests of each notice that someone here waits for, in one statement, and hands each to
@@ -159,10 +159,11 @@ async fn listen(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationT
     loop {
         let listened = async {
             let mut listener = PgListener::connect_with(&waiters.db).await?;
-            listener.listen(shared::settlements::CHANNEL).await?;
+            listener.listen(shared::store::settlements::CHANNEL).await?;
             loop {
                 let notice = listener.recv().await?;
-                let _ = notices.send(shared::settlements::parse(notice.payload()).collect::<Vec<Uuid>>());
+                let _ =
+                    notices.send(shared::store::settlements::parse(notice.payload()).collect::<Vec<Uuid>>());
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())

@@ -130,7 +130,7 @@ async fn every_operation_is_public_administrative_or_refuses_anyone_but_its_user
     };
     let victim_token = app.token_of(victim.user).unwrap();
     let attacker_token = app.token_of(attacker).unwrap();
-    let forged = shared::identity::new_token().unwrap().token;
+    let forged = shared::domain::identity::new_token().unwrap().token;
     let before = holdings(&app, victim.user).await;
 
     let document = app.get("/openapi.json").await.body;

@@ -14,7 +14,7 @@ use common::{spawn_app_with, Answer};
 use lapin::options::QueuePurgeOptions;
 use reqwest::StatusCode;
 use serde_json::json;
-use shared::topology::Family;
+use shared::domain::command::Family;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_queue_limit_commands_get_429_until_the_queues_drain() {

@@ -37,7 +37,7 @@ async fn a_registration_shows_its_token_once_and_keeps_only_its_hash() {
     assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
     let user = first.body["userId"].as_i64().unwrap();
     let token = first.body["token"].as_str().unwrap().to_owned();
-    assert!(shared::identity::is_well_formed(&token), "{token}");
+    assert!(shared::domain::identity::is_well_formed(&token), "{token}");
     assert_eq!(balance_with(&app, user, &token).await.status, StatusCode::OK);
 
     // Stored as its SHA-256, nowhere in clear: not in the tokens, not in the saved answer.
@@ -46,7 +46,7 @@ async fn a_registration_shows_its_token_once_and_keeps_only_its_hash() {
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(stored, shared::identity::hash_token(&token).to_vec());
+    assert_eq!(stored, shared::domain::identity::hash_token(&token).to_vec());
     let saved: String =
         sqlx::query_scalar("SELECT response_body::text FROM idempotency_keys WHERE key = 'signup-ann'")
             .fetch_one(&app.db)
@@ -319,7 +319,7 @@ async fn registrations_and_invalid_tokens_are_limited_per_client_address() {
     assert_eq!(app.get(&path).await.status, StatusCode::OK);
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let forged = shared::identity::new_token().unwrap().token;
+        let forged = shared::domain::identity::new_token().unwrap().token;
         let answer = app
             .send(Method::GET, &path, None, &[("Authorization", &bearer(&forged))])
             .await;
@@ -505,7 +505,7 @@ async fn many_first_requests_at_once_are_each_verified_as_their_own_user() {
     let app = spawn_app().await;
     let users = app.create_users(300).await;
     let forged: Vec<String> = (0..20)
-        .map(|_| shared::identity::new_token().unwrap().token)
+        .map(|_| shared::domain::identity::new_token().unwrap().token)
         .collect();
     let app = &app;
     let first = users[0];

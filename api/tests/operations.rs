@@ -247,7 +247,9 @@ async fn migrations_are_safe_when_several_processes_start_at_once() {
     let settings = shared::config::DatabaseSettings::new(url, 2);
     let starts = (0..4).map(|i| {
         let settings = settings.clone();
-        tokio::spawn(async move { shared::db::connect_and_migrate(&settings, &format!("starter-{i}")).await })
+        tokio::spawn(async move {
+            shared::store::db::connect_and_migrate(&settings, &format!("starter-{i}")).await
+        })
     });
     let pools: Vec<_> = futures::future::join_all(starts).await;
     let mut pool = None;
@@ -259,7 +261,7 @@ async fn migrations_are_safe_when_several_processes_start_at_once() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(applied, shared::db::MIGRATOR.iter().count() as i64);
+    assert_eq!(applied, shared::store::db::MIGRATOR.iter().count() as i64);
     // A migration that failed half-way and was retried can leave an index that exists but
     // is not valid (an interrupted CREATE INDEX CONCURRENTLY); none may be.
     let invalid: Vec<String> =

@@ -27,7 +27,7 @@ impl Job {
     /// The name in `job_runs`, logs, metrics and `batch run <job>`.
     pub fn name(self) -> &'static str {
         match self {
-            Job::PopularProducts => shared::popular::JOB,
+            Job::PopularProducts => shared::domain::popular::JOB,
             Job::ReservationExpiry => "reservation-expiry",
             Job::Housekeeping => "housekeeping",
         }
@@ -61,7 +61,7 @@ impl Job {
         match self {
             Job::PopularProducts => {
                 // The ranking of a slot is as of the slot's UTC day: the whole days before it.
-                let refreshed = shared::popular::refresh(db, slot.date_naive()).await?;
+                let refreshed = shared::store::popular::refresh(db, slot.date_naive()).await?;
                 let top: Vec<(i64, i64)> = refreshed
                     .ranking
                     .items
@@ -78,7 +78,7 @@ impl Job {
                 );
                 Ok(refreshed.rollup_rows)
             }
-            Job::ReservationExpiry => Ok(shared::reservations::expire_overdue(db).await?),
+            Job::ReservationExpiry => Ok(shared::store::reservations::expire_overdue(db).await?),
             Job::Housekeeping => housekeeping::prune(db, config).await,
         }
     }

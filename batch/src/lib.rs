@@ -90,7 +90,7 @@ impl Batch {
             .await
             .with_context(|| format!("cannot listen on {}", config.metrics_addr))?;
         let metrics_addr = listener.local_addr()?;
-        let db = shared::db::connect_and_migrate(&config.database, "batch").await?;
+        let db = shared::store::db::connect_and_migrate(&config.database, "batch").await?;
         let recorder = shared::telemetry::metrics_recorder()?;
         let name = config.name.clone();
         let runner = Arc::new(Runner::new(db, config));
@@ -156,7 +156,7 @@ pub async fn run(config: BatchConfig, shutdown: CancellationToken) -> anyhow::Re
 /// Runs `job` once now (`batch run <job>`), after any run of it in progress elsewhere;
 /// returns the rows it wrote or deleted.
 pub async fn run_job_now(config: BatchConfig, job: Job) -> anyhow::Result<u64> {
-    let db = shared::db::connect_and_migrate(&config.database, "batch").await?;
+    let db = shared::store::db::connect_and_migrate(&config.database, "batch").await?;
     let runner = Runner::new(db.clone(), config);
     let rows = runner.run_on_demand(job).await;
     db.close().await;

@@ -8,7 +8,7 @@ mod common;
 use batch::{Job, Outcome, Runner};
 use chrono::{NaiveDate, Utc};
 use common::{at, days_before, order, paid, user};
-use shared::popular::{Filter, Window};
+use shared::domain::popular::{Filter, Window};
 use sqlx::PgPool;
 
 /// Products of the fabricated history, in id order (so `p[0]` has the lowest id).
@@ -63,7 +63,7 @@ async fn fabricate(db: &PgPool, today: NaiveDate) -> History {
 }
 
 async fn ranked(db: &PgPool, filter: Filter, today: NaiveDate) -> Vec<(i32, i64, i64)> {
-    shared::popular::read(db, filter, today)
+    shared::store::popular::read(db, filter, today)
         .await
         .unwrap()
         .items
@@ -83,7 +83,9 @@ async fn the_ranking_counts_units_of_paid_orders_over_the_three_whole_days_befor
     let outcome = runner.run_scheduled(Job::PopularProducts, slot).await.unwrap();
     assert!(matches!(outcome, Outcome::Ran { .. }), "{outcome:?}");
 
-    let ranking = shared::popular::read(&db, Filter::DEFAULT, today).await.unwrap();
+    let ranking = shared::store::popular::read(&db, Filter::DEFAULT, today)
+        .await
+        .unwrap();
     assert_eq!(ranking.window, Window::before(today, 3));
     assert_eq!(
         (ranking.window.from, ranking.window.to),
@@ -194,7 +196,7 @@ async fn running_the_same_slot_again_changes_nothing() {
     }
 
     // Recomputing the same day on demand writes the same figures; only the time moves.
-    let recomputed = shared::popular::refresh(&db, today).await.unwrap();
+    let recomputed = shared::store::popular::refresh(&db, today).await.unwrap();
     let figures = |rows: &[(NaiveDate, i64, i64, chrono::DateTime<Utc>)]| {
         rows.iter().map(|(d, p, q, _)| (*d, *p, *q)).collect::<Vec<_>>()
     };

@@ -3,9 +3,9 @@
 //! topology the api and workers use, so they cannot drift apart.
 
 use anyhow::{bail, Context};
-use shared::broker::Broker;
 use shared::config::BrokerSettings;
-use shared::topology::Topology;
+use shared::messaging::broker::Broker;
+use shared::messaging::topology::Topology;
 
 use crate::cli::CleanupArgs;
 

@@ -9,7 +9,6 @@
 //! `max_connections` leaves free. pgbench's own CPU use is far below an HTTP stack's, so
 //! the comparison flatters the baseline, if anything.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,12 +17,14 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::process::Command;
 
-use crate::checks::Checks;
+use crate::checks::{CheckId, Checks};
 use crate::cli::{BaselineArgs, BaselineScenario};
 use crate::db_activity;
+use crate::figures::{BaselineFigures, BaselineOutcome, Scenario};
 use crate::histogram::Latency;
-use crate::report::{self, BaselineResult, BaselineVariant};
+use crate::report;
 use crate::resources::CpuTracker;
+use crate::results::{self, BaselineResult, BaselineVariant};
 
 /// Connections left to others when sizing the pgbench client count.
 const SPARE_CONNECTIONS: i64 = 5;
@@ -69,12 +70,12 @@ pub async fn run(args: &BaselineArgs) -> anyhow::Result<()> {
     if args.pooled_clients > 0 && args.pooled_clients < most {
         client_counts.push(args.pooled_clients);
     }
-    let (scenario, scripts): (&str, &[Script]) = match args.scenario {
-        BaselineScenario::FlashSale => ("flash-sale", &FLASH_SALE),
-        BaselineScenario::Checkout => ("checkout", &CHECKOUT),
+    let (scenario, scripts): (Scenario, &[Script]) = match args.scenario {
+        BaselineScenario::FlashSale => (Scenario::FlashSale, &FLASH_SALE),
+        BaselineScenario::Checkout => (Scenario::Checkout, &CHECKOUT),
     };
     let mut result = BaselineResult {
-        scenario: scenario.to_owned(),
+        scenario,
         requested_clients: args.concurrency,
         variants: Vec::new(),
     };
@@ -90,7 +91,7 @@ pub async fn run(args: &BaselineArgs) -> anyhow::Result<()> {
     }
     report::print_baseline(&result);
     if let Some(out) = &args.out {
-        report::write_json(out, &result)?;
+        results::write_json(out, &result)?;
     }
     let violations: usize = result.variants.iter().map(|v| v.violations).sum();
     anyhow::ensure!(
@@ -157,12 +158,11 @@ async fn run_script(
     let latency = read_logs(&logs)?;
     let _ = std::fs::remove_dir_all(&logs);
 
-    let mut figures = BTreeMap::new();
     let mut checks = Checks::default();
     let processed = field(&output, "number of transactions actually processed:")
         .and_then(|v| v.split('/').next())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
     let failed = field(&output, "number of failed transactions:")
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
@@ -171,17 +171,15 @@ async fn run_script(
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    figures.insert("tps".to_owned(), tps);
-    figures.extend(db_activity::delta(
-        &counters.0,
-        &counters.1,
-        Some((processed, "transaction")),
-    ));
-    figures.insert("transactions".to_owned(), processed);
-    checks.expect_eq("pgbench ran every transaction", transactions as f64, processed);
-    checks.expect_eq("no failed transaction", 0.0, failed);
+    // Compared as floats, so that the detail reads as it always has (`expected 2000.0, …`).
+    checks.expect_eq(
+        CheckId::BaselineAllTransactionsRan,
+        transactions as f64,
+        processed as f64,
+    );
+    checks.expect_eq(CheckId::BaselineNoFailedTransaction, 0.0, failed);
 
-    match args.scenario {
+    let outcome = match args.scenario {
         BaselineScenario::FlashSale => {
             let (issued, rows, users, window): (i64, i64, i64, Option<f64>) = sqlx::query_as(
                 "SELECT c.issued, count(uc.id), count(DISTINCT uc.user_id),
@@ -192,13 +190,14 @@ async fn run_script(
             .fetch_one(db)
             .await?;
             let expected = args.quantity.min(transactions as i64);
-            checks.expect_eq("exactly the quantity issued (coupon row)", expected, issued);
-            checks.expect_eq("exactly the quantity issued (rows)", expected, rows);
-            checks.expect_eq("no user holds it twice", rows, users);
-            figures.insert("issued".to_owned(), rows as f64);
-            if let Some(window) = window.filter(|w| *w > 0.0) {
-                figures.insert("issue_window_seconds".to_owned(), window);
-                figures.insert("issue_tps".to_owned(), (rows - 1) as f64 / window);
+            checks.expect_eq(CheckId::BaselineQuantityIssuedCoupon, expected, issued);
+            checks.expect_eq(CheckId::BaselineQuantityIssuedRows, expected, rows);
+            checks.expect_eq(CheckId::BaselineNoUserHoldsTwice, rows, users);
+            let window = window.filter(|w| *w > 0.0);
+            BaselineOutcome::FlashSale {
+                issued: u64::try_from(rows).unwrap_or_default(),
+                issue_window_seconds: window,
+                issue_tps: window.map(|window| (rows - 1) as f64 / window),
             }
         }
         BaselineScenario::Checkout => {
@@ -211,23 +210,38 @@ async fn run_script(
             )
             .fetch_one(db)
             .await?;
-            checks.expect_eq("stock + sold = initial stock", (stock * products) as i64, on_hand);
-            checks.expect_none("no balance negative", negative);
-            checks.expect_eq("one payment per transaction", transactions as i64, payments);
             checks.expect_eq(
-                "payments = balances debited",
+                CheckId::BaselineStockConserved,
+                (stock * products) as i64,
+                on_hand,
+            );
+            checks.expect_none(CheckId::BaselineNoNegativeBalance, negative);
+            checks.expect_eq(
+                CheckId::BaselinePaymentPerTransaction,
+                transactions as i64,
+                payments,
+            );
+            checks.expect_eq(
+                CheckId::BaselinePaymentsAreDebits,
                 CHECKOUT_BALANCE * transactions as i64 - left,
                 paid,
             );
-            figures.insert("paid".to_owned(), payments as f64);
+            BaselineOutcome::Checkout {
+                paid: u64::try_from(payments).unwrap_or_default(),
+            }
         }
-    }
+    };
     let violations = checks.violations();
     Ok(BaselineVariant {
         name: format!("{}, {clients} clients", script.name),
         description: script.description.to_owned(),
         clients,
-        figures,
+        figures: BaselineFigures {
+            tps,
+            transactions: processed,
+            db: db_activity::delta(&counters.0, &counters.1, processed as f64),
+            outcome,
+        },
         latency: latency.summary(),
         checks: checks.into_vec(),
         violations,

@@ -1,25 +1,34 @@
 //! The correctness checks run at the end of every scenario, once every accepted command is
 //! settled: what the API answers and what PostgreSQL holds must agree with each other and
 //! with the invariants of the design. A failed check is a violation; a benchmark with one
-//! has no figure worth reporting.
+//! has no figure worth reporting. Each check is named by its [`CheckId`].
+
+mod id;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 
 use anyhow::Context;
 use futures::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::client::Api;
+pub use id::{CheckId, Suite, UnknownCheckId};
 
 /// One check and how it went.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    pub name: String,
+    pub id: CheckId,
     pub passed: bool,
     pub detail: String,
+}
+
+impl Check {
+    /// What the check asserts, as the printouts show it.
+    pub fn description(&self) -> &'static str {
+        self.id.description()
+    }
 }
 
 /// The checks of one scenario.
@@ -27,22 +36,22 @@ pub struct Check {
 pub struct Checks(Vec<Check>);
 
 impl Checks {
-    pub fn expect(&mut self, name: &str, passed: bool, detail: impl Into<String>) {
+    pub fn expect(&mut self, id: CheckId, passed: bool, detail: impl Into<String>) {
         self.0.push(Check {
-            name: name.to_owned(),
+            id,
             passed,
             detail: detail.into(),
         });
     }
 
-    pub fn expect_eq<T: PartialEq + Debug>(&mut self, name: &str, expected: T, actual: T) {
+    pub fn expect_eq<T: PartialEq + Debug>(&mut self, id: CheckId, expected: T, actual: T) {
         let detail = format!("expected {expected:?}, found {actual:?}");
-        self.expect(name, expected == actual, detail);
+        self.expect(id, expected == actual, detail);
     }
 
     /// `count` rows that should not exist.
-    pub fn expect_none(&mut self, name: &str, count: i64) {
-        self.expect(name, count == 0, format!("{count} found"));
+    pub fn expect_none(&mut self, id: CheckId, count: i64) {
+        self.expect(id, count == 0, format!("{count} found"));
     }
 
     pub fn violations(&self) -> usize {
@@ -98,13 +107,10 @@ pub struct FlashSaleFacts {
 pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyhow::Result<Checks> {
     let mut checks = Checks::default();
     let coupon = facts.coupon;
-    checks.expect_none(
-        "every answer was one the contract allows",
-        facts.unexpected_answers as i64,
-    );
+    checks.expect_none(CheckId::FlashSaleAnswersAllowed, facts.unexpected_answers as i64);
     if facts.settler == Settler::Pipeline {
         checks.expect_none(
-            "an Idempotency-Key never named two requests",
+            CheckId::FlashSaleKeyNamesOneRequest,
             facts.keys_with_two_requests as i64,
         );
     }
@@ -115,12 +121,12 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
             .fetch_one(db)
             .await?;
     checks.expect_eq(
-        "coupon issued count is the quantity (DB)",
+        CheckId::FlashSaleIssuedCountDb,
         facts.expected_issued,
         issued_count,
     );
     checks.expect(
-        "never issued beyond the total",
+        CheckId::FlashSaleNotOverIssued,
         issued_count <= total,
         format!("{issued_count} of {total}"),
     );
@@ -133,13 +139,9 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
     .bind(facts.users.1)
     .fetch_one(db)
     .await?;
-    checks.expect_eq(
-        "exactly the quantity issued (user_coupons rows)",
-        facts.expected_issued,
-        rows,
-    );
-    checks.expect_eq("no user holds it twice", rows, users);
-    checks.expect_none("issued only to users of this run", strangers);
+    checks.expect_eq(CheckId::FlashSaleQuantityIssued, facts.expected_issued, rows);
+    checks.expect_eq(CheckId::FlashSaleNoUserHoldsTwice, rows, users);
+    checks.expect_none(CheckId::FlashSaleIssuedToRunUsers, strangers);
     if facts.settler == Settler::Peer {
         peer_answers_are_the_coupons_issued(&mut checks, db, facts, rows).await?;
     } else {
@@ -149,7 +151,7 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
     // Read back through the API.
     let answer = api.get(&format!("/coupons/{coupon}")).await?;
     checks.expect_eq(
-        "coupon issuedQuantity is the quantity (API)",
+        CheckId::FlashSaleIssuedQuantityApi,
         Some(facts.expected_issued),
         answer.i64_field("issuedQuantity"),
     );
@@ -178,7 +180,7 @@ pub async fn flash_sale(db: &PgPool, api: &Api, facts: &FlashSaleFacts) -> anyho
         }
     }
     checks.expect(
-        "holders see the coupon at GET /users/{id}/coupons (API, sample)",
+        CheckId::FlashSaleHoldersSeeCouponApi,
         missing == 0,
         format!("{missing} of {} sampled holders do not", holders.len()),
     );
@@ -194,7 +196,7 @@ async fn peer_answers_are_the_coupons_issued(
     rows: i64,
 ) -> anyhow::Result<()> {
     let answered = i64::try_from(facts.issued_in_answers.len()).unwrap_or(i64::MAX);
-    checks.expect_eq("one 200 answer per issued coupon", rows, answered);
+    checks.expect_eq(CheckId::FlashSalePeerAnswerPerCoupon, rows, answered);
     let unknown = count(
         db,
         "SELECT count(*) FROM UNNEST($1::uuid[]) AS a(id)
@@ -202,7 +204,7 @@ async fn peer_answers_are_the_coupons_issued(
         |q| q.bind(facts.issued_in_answers.clone()).bind(facts.coupon),
     )
     .await?;
-    checks.expect_none("every 200 names a coupon issued by this sale", unknown);
+    checks.expect_none(CheckId::FlashSalePeerAnswersNameCoupons, unknown);
     Ok(())
 }
 
@@ -227,19 +229,16 @@ async fn requests_settled_the_sale(
     .bind(coupon)
     .fetch_one(db)
     .await?;
-    checks.expect_none("every request terminal (DB)", pending);
-    checks.expect_eq("one succeeded request per issued coupon", rows, succeeded);
-    checks.expect_none(
-        "failures are only out of stock, already acquired or withdrawn after a 503 (no ERR_PROCESSING_FAILED)",
-        odd_failures,
-    );
+    checks.expect_none(CheckId::FlashSaleRequestsTerminalDb, pending);
+    checks.expect_eq(CheckId::FlashSaleSuccessPerCoupon, rows, succeeded);
+    checks.expect_none(CheckId::FlashSaleExpectedFailuresOnly, odd_failures);
     let withdrawn_202 = count(
         db,
         "SELECT count(*) FROM requests WHERE id = ANY($1) AND error->>'code' = 'ERR_UNAVAILABLE'",
         |q| q.bind(facts.accepted.clone()),
     )
     .await?;
-    checks.expect_none("no request answered 202 was withdrawn", withdrawn_202);
+    checks.expect_none(CheckId::FlashSaleAcceptedNotWithdrawn, withdrawn_202);
     let orphans = count(
         db,
         "SELECT count(*) FROM requests r
@@ -249,7 +248,7 @@ async fn requests_settled_the_sale(
         |q| q.bind(coupon),
     )
     .await?;
-    checks.expect_none("every success names the coupon it issued", orphans);
+    checks.expect_none(CheckId::FlashSaleSuccessNamesCoupon, orphans);
     let unexplained = count(
         db,
         "SELECT count(*) FROM user_coupons uc WHERE coupon_id = $1
@@ -257,7 +256,7 @@ async fn requests_settled_the_sale(
         |q| q.bind(coupon),
     )
     .await?;
-    checks.expect_none("every issued coupon has its succeeded request", unexplained);
+    checks.expect_none(CheckId::FlashSaleCouponHasRequest, unexplained);
     let unsettled = count(
         db,
         "SELECT count(*) FROM UNNEST($1::uuid[]) AS a(id) LEFT JOIN requests r USING (id)
@@ -265,7 +264,7 @@ async fn requests_settled_the_sale(
         |q| q.bind(facts.accepted.clone()),
     )
     .await?;
-    checks.expect_none("every 202 is stored and terminal (DB)", unsettled);
+    checks.expect_none(CheckId::FlashSaleAcceptedTerminalDb, unsettled);
 
     let mut accepted = facts.accepted.clone();
     accepted.sort_unstable();
@@ -282,10 +281,7 @@ async fn requests_settled_the_sale(
         .buffer_unordered(facts.concurrency.max(1))
         .fold(0_i64, |sum, n| async move { sum + n })
         .await;
-    checks.expect_none(
-        "every 202 reads terminal at GET /requests/{id} (API)",
-        not_terminal,
-    );
+    checks.expect_none(CheckId::FlashSaleAcceptedTerminalApi, not_terminal);
     Ok(())
 }
 
@@ -312,14 +308,11 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
     let mut checks = Checks::default();
     let users = facts.users.clone();
     let product_ids: Vec<i64> = facts.products.iter().map(|(id, _)| *id).collect();
-    checks.expect_none(
-        "every answer was one the contract allows",
-        facts.unexpected_answers as i64,
-    );
-    checks.expect_none("every journey ended paid", facts.failed_journeys as i64);
+    checks.expect_none(CheckId::CheckoutAnswersAllowed, facts.unexpected_answers as i64);
+    checks.expect_none(CheckId::CheckoutJourneysPaid, facts.failed_journeys as i64);
 
     let negative = count(db, "SELECT count(*) FROM balances WHERE amount < 0", |q| q).await?;
-    checks.expect_none("no balance negative", negative);
+    checks.expect_none(CheckId::CheckoutNoNegativeBalance, negative);
     let off_ledger = count(
         db,
         "SELECT count(*) FROM balances b
@@ -329,7 +322,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_none("balance = CHARGE + REFUND - PAYMENT of its ledger", off_ledger);
+    checks.expect_none(CheckId::CheckoutBalanceIsLedger, off_ledger);
     // Charges sent again (no answer, 503, 409 while in flight) with their key: each user's
     // charge is on the ledger exactly once, and only theirs.
     let miscounted = count(
@@ -345,10 +338,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         },
     )
     .await?;
-    checks.expect_none(
-        "each charge applied exactly once, and only by the users who sent one",
-        miscounted,
-    );
+    checks.expect_none(CheckId::CheckoutChargesAppliedOnce, miscounted);
     let stale_after = count(
         db,
         "SELECT count(*) FROM balances b
@@ -358,10 +348,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_none(
-        "the newest ledger entry's balanceAfter is the balance",
-        stale_after,
-    );
+    checks.expect_none(CheckId::CheckoutBalanceAfterIsBalance, stale_after);
 
     let on_hand: Vec<(i64, i64, i64, i64)> =
         sqlx::query_as("SELECT id, stock, reserved, sold FROM products WHERE id = ANY($1) ORDER BY id")
@@ -373,7 +360,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         .iter()
         .filter(|(id, stock, _, sold)| initial.get(id) != Some(&(stock + sold)))
         .count();
-    checks.expect_none("stock + sold = initial stock, every product", unbalanced as i64);
+    checks.expect_none(CheckId::CheckoutStockConserved, unbalanced as i64);
     let units = |status: &'static str| {
         format!(
             "SELECT count(*) FROM products p WHERE p.id = ANY($1) AND p.{} <> COALESCE(
@@ -383,9 +370,9 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         )
     };
     let reserved_off = count(db, &units("RESERVED"), |q| q.bind(product_ids.clone())).await?;
-    checks.expect_none("reserved = units of RESERVED orders, every product", reserved_off);
+    checks.expect_none(CheckId::CheckoutReservedIsOrders, reserved_off);
     let sold_off = count(db, &units("PAID"), |q| q.bind(product_ids.clone())).await?;
-    checks.expect_none("sold = units of PAID orders, every product", sold_off);
+    checks.expect_none(CheckId::CheckoutSoldIsOrders, sold_off);
 
     let payments_off = count(
         db,
@@ -394,7 +381,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_none("one payment per PAID order, none for others", payments_off);
+    checks.expect_none(CheckId::CheckoutPaymentPerPaidOrder, payments_off);
     let amounts_off = count(
         db,
         "SELECT count(*) FROM orders o JOIN payments p ON p.order_id = o.id
@@ -406,10 +393,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_none(
-        "payment = paid amount = total - discount = ledger PAYMENT",
-        amounts_off,
-    );
+    checks.expect_none(CheckId::CheckoutAmountsAgree, amounts_off);
 
     let coupon = facts.coupon;
     let used_unpaid = count(
@@ -421,10 +405,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(coupon),
     )
     .await?;
-    checks.expect_none(
-        "every used coupon belongs to its PAID order and payment",
-        used_unpaid,
-    );
+    checks.expect_none(CheckId::CheckoutUsedCouponsPaid, used_unpaid);
     let discounted_unused = count(
         db,
         "SELECT count(*) FROM orders o WHERE o.coupon_id = $1
@@ -432,10 +413,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(coupon),
     )
     .await?;
-    checks.expect_none(
-        "every order with the coupon used a held coupon",
-        discounted_unused,
-    );
+    checks.expect_none(CheckId::CheckoutDiscountsUsedCoupons, discounted_unused);
     let (issued, rows): (i64, i64) = sqlx::query_as(
         "SELECT issued_quantity, (SELECT count(*) FROM user_coupons WHERE coupon_id = $1)
          FROM coupons WHERE id = $1",
@@ -443,7 +421,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
     .bind(coupon)
     .fetch_one(db)
     .await?;
-    checks.expect_eq("coupon issued count = coupons held", issued, rows);
+    checks.expect_eq(CheckId::CheckoutIssuedCountIsHeld, issued, rows);
 
     // One hash join rather than a scan of the outbox per order: nothing indexes the payload.
     let events_off = count(
@@ -455,10 +433,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_none(
-        "one order.paid event per PAID order, none for others (outbox)",
-        events_off,
-    );
+    checks.expect_none(CheckId::CheckoutEventPerPaidOrder, events_off);
 
     if facts.settler == Settler::Pipeline {
         let (pending, processing_failed): (i64, i64) = sqlx::query_as(
@@ -469,8 +444,8 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         .bind(&users)
         .fetch_one(db)
         .await?;
-        checks.expect_none("every request terminal (DB)", pending);
-        checks.expect_none("no ERR_PROCESSING_FAILED", processing_failed);
+        checks.expect_none(CheckId::CheckoutRequestsTerminalDb, pending);
+        checks.expect_none(CheckId::CheckoutNoProcessingFailed, processing_failed);
     }
     let paid = count(
         db,
@@ -478,7 +453,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         |q| q.bind(users.clone()),
     )
     .await?;
-    checks.expect_eq("every user's order PAID (DB)", facts.expected_paid, paid);
+    checks.expect_eq(CheckId::CheckoutOrdersPaidDb, facts.expected_paid, paid);
 
     // Read back through the API.
     let mut stock_off = 0;
@@ -489,7 +464,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         }
     }
     checks.expect(
-        "GET /products/{id} stock = on hand - reserved (API)",
+        CheckId::CheckoutProductStockApi,
         stock_off == 0,
         format!("{stock_off} of {} products differ", on_hand.len()),
     );
@@ -499,7 +474,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
     .bind(&users)
     .fetch_all(db)
     .await?;
-    balances_read_back(&mut checks, db, api, &sample).await?;
+    balances_read_back(&mut checks, CheckId::CheckoutBalancesApi, db, api, &sample).await?;
     let readers: Vec<i64> = facts.paid.iter().take(50).map(|(user, _)| *user).collect();
     crate::setup::issue_tokens(db, api, &readers).await?;
     let mut not_paid = 0;
@@ -510,7 +485,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         }
     }
     checks.expect(
-        "GET /users/{id}/orders/{orderId} reads PAID (API, sample)",
+        CheckId::CheckoutOrdersPaidApi,
         not_paid == 0,
         format!("{not_paid} of {} sampled orders do not", facts.paid.len().min(50)),
     );
@@ -526,7 +501,7 @@ pub async fn browse(
     unexpected_answers: u64,
 ) -> anyhow::Result<Checks> {
     let mut checks = Checks::default();
-    checks.expect_none("every answer was 200", unexpected_answers as i64);
+    checks.expect_none(CheckId::BrowseAnswersOk, unexpected_answers as i64);
     let rows: Vec<(i64, i64)> =
         sqlx::query_as("SELECT id, stock - reserved FROM products WHERE id = ANY($1) ORDER BY id")
             .bind(products)
@@ -539,7 +514,7 @@ pub async fn browse(
         }
     }
     checks.expect(
-        "GET /products/{id} = the product row (API)",
+        CheckId::BrowseProductsApi,
         stock_off == 0,
         format!("{stock_off} of {} differ", rows.len()),
     );
@@ -549,7 +524,7 @@ pub async fn browse(
     .bind(users)
     .fetch_all(db)
     .await?;
-    balances_read_back(&mut checks, db, api, &sample).await?;
+    balances_read_back(&mut checks, CheckId::BrowseBalancesApi, db, api, &sample).await?;
     Ok(checks)
 }
 
@@ -561,11 +536,11 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
 
     // Coupons: never over-issued, never held twice, the count is the rows.
     checks.expect_none(
-        "no coupon issued beyond its total",
+        CheckId::WholeSystemCouponsNotOverIssued,
         rows("SELECT count(*) FROM coupons WHERE issued_quantity > total_quantity").await?,
     );
     checks.expect_none(
-        "every coupon's issued count = the coupons held",
+        CheckId::WholeSystemIssuedCountIsHeld,
         rows(
             "SELECT count(*) FROM coupons c WHERE c.issued_quantity <>
                (SELECT count(*) FROM user_coupons uc WHERE uc.coupon_id = c.id)",
@@ -573,7 +548,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
-        "a coupon is held if and only if a COUPON_ISSUE request SUCCEEDED in issuing it",
+        CheckId::WholeSystemCouponHeldIffIssued,
         rows(
             "SELECT count(*) FROM requests r LEFT JOIN user_coupons uc ON uc.request_id = r.id
              WHERE r.kind = 'COUPON_ISSUE' AND (r.status = 'SUCCEEDED') <> (uc.id IS NOT NULL)",
@@ -581,14 +556,14 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
-        "no user holds a coupon twice",
+        CheckId::WholeSystemNoCouponHeldTwice,
         rows("SELECT count(*) FROM (SELECT 1 FROM user_coupons GROUP BY user_id, coupon_id HAVING count(*) > 1) d")
             .await?,
     );
 
     // Stock: never oversold; what is reserved and sold is what orders say.
     checks.expect_none(
-        "no product with negative stock or reservations, or more reserved than on hand",
+        CheckId::WholeSystemStockInBounds,
         rows("SELECT count(*) FROM products WHERE stock < 0 OR reserved < 0 OR reserved > stock").await?,
     );
     let units = |status: &str, column: &str| {
@@ -599,21 +574,21 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         )
     };
     checks.expect_none(
-        "reserved = units of RESERVED orders, every product",
+        CheckId::WholeSystemReservedIsOrders,
         count(db, &units("RESERVED", "reserved"), |q| q).await?,
     );
     checks.expect_none(
-        "sold = units of PAID orders, every product",
+        CheckId::WholeSystemSoldIsOrders,
         count(db, &units("PAID", "sold"), |q| q).await?,
     );
 
     // Money: balances are their ledgers, never negative; nothing charged twice.
     checks.expect_none(
-        "no balance negative",
+        CheckId::WholeSystemNoNegativeBalance,
         rows("SELECT count(*) FROM balances WHERE amount < 0").await?,
     );
     checks.expect_none(
-        "balance = CHARGE + REFUND - PAYMENT of its ledger, every user",
+        CheckId::WholeSystemBalanceIsLedger,
         rows(
             "SELECT count(*) FROM balances b
              LEFT JOIN (SELECT user_id, sum(CASE kind WHEN 'PAYMENT' THEN -amount ELSE amount END) AS total
@@ -623,7 +598,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
-        "no order paid twice (payments, ledger PAYMENT entries)",
+        CheckId::WholeSystemNoOrderPaidTwice,
         rows(
             "SELECT count(*) FROM (
                SELECT order_id FROM payments GROUP BY order_id HAVING count(*) > 1
@@ -636,7 +611,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     // An order paid in full by its coupon debits nothing, so it has no ledger entry (the
     // ledger holds positive amounts only).
     checks.expect_none(
-        "a payment for every PAID order and no other; a ledger PAYMENT entry for every one that cost something",
+        CheckId::WholeSystemPaymentPerPaidOrder,
         rows(
             "SELECT count(*) FROM orders o
              WHERE (o.status = 'PAID') <> EXISTS (SELECT 1 FROM payments p WHERE p.order_id = o.id)
@@ -647,7 +622,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
-        "a payment exists if and only if an ORDER_PAY request SUCCEEDED in making it",
+        CheckId::WholeSystemPaymentIffPaid,
         rows(
             "SELECT count(*) FROM requests r LEFT JOIN payments p ON p.request_id = r.id
              WHERE r.kind = 'ORDER_PAY' AND (r.status = 'SUCCEEDED') <> (p.id IS NOT NULL)",
@@ -657,7 +632,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     // A create FAILED leaves its order REJECTED, or CANCELLED if the user cancelled it while
     // it was PENDING (never reserved); one that SUCCEEDED reserved it.
     checks.expect_none(
-        "every order settled as its create request says",
+        CheckId::WholeSystemOrdersSettledAsCreated,
         rows(
             "SELECT count(*) FROM orders o LEFT JOIN requests r ON r.id = o.create_request_id
              WHERE r.status IS DISTINCT FROM 'SUCCEEDED' AND r.status IS DISTINCT FROM 'FAILED'
@@ -671,7 +646,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     // A user's commands are settled in order: no payment before its order's creation (both
     // in one transaction, when the creation's message came late, have one time).
     checks.expect_none(
-        "no payment settled before its order's creation",
+        CheckId::WholeSystemPaymentAfterCreation,
         rows(
             "SELECT count(*) FROM requests p
              JOIN orders o ON o.id::text = p.payload->>'orderId'
@@ -684,27 +659,27 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
 
     // Commands: every one settled, none given up on.
     checks.expect_none(
-        "every request terminal",
+        CheckId::WholeSystemRequestsTerminal,
         rows("SELECT count(*) FROM requests WHERE status = 'PENDING'").await?,
     );
     checks.expect_none(
-        "no request failed for want of processing (ERR_PROCESSING_FAILED)",
+        CheckId::WholeSystemNoProcessingFailed,
         rows("SELECT count(*) FROM requests WHERE error->>'code' = 'ERR_PROCESSING_FAILED'").await?,
     );
     // A command sent back after running out of deliveries unread (`revived`: returned by
     // handovers, kills, restarts) is the system coping, not a dead letter.
     checks.expect_none(
-        "nothing dead-lettered",
+        CheckId::WholeSystemNothingDeadLettered,
         rows("SELECT count(*) FROM dead_letters WHERE resolution IS DISTINCT FROM 'revived'").await?,
     );
 
     // Events: one order.paid per paid order, published and received once.
     checks.expect_none(
-        "every event published",
+        CheckId::WholeSystemEventsPublished,
         rows("SELECT count(*) FROM outbox WHERE published_at IS NULL").await?,
     );
     checks.expect_none(
-        "one order.paid event per PAID order, none for others (outbox)",
+        CheckId::WholeSystemEventPerPaidOrder,
         rows(
             "SELECT count(*) FROM orders o WHERE (o.status = 'PAID')::int <>
                (SELECT count(*) FROM outbox e WHERE e.routing_key = 'order.paid'
@@ -713,7 +688,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         .await?,
     );
     checks.expect_none(
-        "the data platform received one order.paid per PAID order, none for others",
+        CheckId::WholeSystemEventsReceived,
         rows(
             "SELECT count(*) FROM orders o WHERE (o.status = 'PAID')::int <>
                (SELECT count(*) FROM received_events e WHERE e.routing_key = 'order.paid'
@@ -738,7 +713,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         }
     }
     checks.expect(
-        "GET /requests/{id} reads terminal (API, sample)",
+        CheckId::WholeSystemRequestsTerminalApi,
         not_terminal == 0,
         format!("{not_terminal} of {} sampled requests do not", sample.len()),
     );
@@ -746,13 +721,15 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
         sqlx::query_as("SELECT user_id, amount FROM balances ORDER BY random() LIMIT 100")
             .fetch_all(db)
             .await?;
-    balances_read_back(&mut checks, db, api, &balances).await?;
+    balances_read_back(&mut checks, CheckId::WholeSystemBalancesApi, db, api, &balances).await?;
     Ok(checks)
 }
 
-/// Reads each sampled `(user, balance row)` back through `GET /users/{id}/balance`.
+/// Reads each sampled `(user, balance row)` back through `GET /users/{id}/balance`: check
+/// `id`, the caller's suite's own.
 async fn balances_read_back(
     checks: &mut Checks,
+    id: CheckId,
     db: &PgPool,
     api: &Api,
     sample: &[(i64, i64)],
@@ -767,7 +744,7 @@ async fn balances_read_back(
         }
     }
     checks.expect(
-        "GET /users/{id}/balance = the balance row (API, sample)",
+        id,
         balance_off == 0,
         format!("{balance_off} of {} sampled users differ", sample.len()),
     );

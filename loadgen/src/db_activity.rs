@@ -112,23 +112,61 @@ pub async fn counters(db: &PgPool) -> Counters {
     .unwrap_or_default()
 }
 
-/// What happened between two snapshots, as figures (`db_commits`, …), each also divided by
-/// `per` units of work (`…_per_{unit}`) when given.
-pub fn delta(before: &Counters, after: &Counters, per: Option<(f64, &str)>) -> BTreeMap<String, f64> {
-    let mut figures = BTreeMap::new();
-    for (key, value) in [
-        ("db_commits", (after.commits - before.commits) as f64),
-        ("db_rollbacks", (after.rollbacks - before.rollbacks) as f64),
-        ("db_rows_inserted", (after.inserted - before.inserted) as f64),
-        ("db_rows_updated", (after.updated - before.updated) as f64),
-        ("db_rows_deleted", (after.deleted - before.deleted) as f64),
-        ("wal_bytes (server)", after.wal_bytes - before.wal_bytes),
-        ("wal_syncs (server)", (after.wal_syncs - before.wal_syncs) as f64),
-    ] {
-        figures.insert(key.to_owned(), value);
-        if let Some((n, unit)) = per.filter(|(n, _)| *n > 0.0) {
-            figures.insert(format!("{key} per {unit}"), value / n);
+/// What PostgreSQL did over a window (differences of its cumulative counters), or the same
+/// divided by the units of work done in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DbCost {
+    /// Transactions committed in this database.
+    pub commits: f64,
+    /// Transactions rolled back in this database.
+    pub rollbacks: f64,
+    /// Rows inserted in this database.
+    pub rows_inserted: f64,
+    /// Rows updated in this database.
+    pub rows_updated: f64,
+    /// Rows deleted in this database.
+    pub rows_deleted: f64,
+    /// Bytes of WAL written by the whole server (other databases included).
+    pub wal_bytes: f64,
+    /// WAL syncs to disk by the whole server.
+    pub wal_syncs: f64,
+}
+
+impl DbCost {
+    fn per(&self, n: f64) -> DbCost {
+        DbCost {
+            commits: self.commits / n,
+            rollbacks: self.rollbacks / n,
+            rows_inserted: self.rows_inserted / n,
+            rows_updated: self.rows_updated / n,
+            rows_deleted: self.rows_deleted / n,
+            wal_bytes: self.wal_bytes / n,
+            wal_syncs: self.wal_syncs / n,
         }
     }
-    figures
+}
+
+/// What PostgreSQL did over a run: in all, and per unit of work (request, paid order, …).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DbActivity {
+    pub total: DbCost,
+    /// `None` when no unit of work was done.
+    pub per_unit: Option<DbCost>,
+}
+
+/// What happened between two snapshots, in all and per each of `n` units of work.
+pub fn delta(before: &Counters, after: &Counters, n: f64) -> DbActivity {
+    let total = DbCost {
+        commits: (after.commits - before.commits) as f64,
+        rollbacks: (after.rollbacks - before.rollbacks) as f64,
+        rows_inserted: (after.inserted - before.inserted) as f64,
+        rows_updated: (after.updated - before.updated) as f64,
+        rows_deleted: (after.deleted - before.deleted) as f64,
+        wal_bytes: after.wal_bytes - before.wal_bytes,
+        wal_syncs: (after.wal_syncs - before.wal_syncs) as f64,
+    };
+    DbActivity {
+        total,
+        per_unit: (n > 0.0).then(|| total.per(n)),
+    }
 }

@@ -24,7 +24,11 @@
 //! - [`resources`]: CPU time and peak memory of the processes involved, from `/proc`.
 //! - [`db_activity`]: what PostgreSQL's backends wait on during a run, and what it cost
 //!   (commits, rows, WAL).
-//! - [`report`]: results as JSON, and the side-by-side table with the peer and the baseline.
+//! - [`figures`]: what each scenario and the baseline measured, as types.
+//! - [`figure_map`]: figures as result files hold them, a map by key.
+//! - [`results`]: what a run measured and checked, and its result file (JSON).
+//! - [`report`]: the printout of a result, and the side-by-side table with the peer and the
+//!   baseline.
 //! - [`amqp_cleanup`]: deletes the queues and exchanges of a benchmark's `AMQP_PREFIX`.
 //! - [`faults`]: the fault suite: the loads under worker kills, broker and database
 //!   restarts, scaling, and a stop and a kill of everything, with recovery times and
@@ -37,11 +41,14 @@ pub mod cli;
 pub mod client;
 pub mod db_activity;
 pub mod faults;
+pub mod figure_map;
+pub mod figures;
 pub mod histogram;
 pub mod peer;
 pub mod prometheus;
 pub mod report;
 pub mod resources;
+pub mod results;
 pub mod scenarios;
 pub mod schedule;
 pub mod setup;

@@ -1,77 +1,18 @@
-//! Results: what a scenario or a baseline run wrote (JSON), the detailed printout of one
-//! run, and the side-by-side table of ours against the synchronous peer and the baseline,
-//! as medians over runs.
+//! The printouts of results: the detailed one of a run, and the side-by-side table of ours
+//! against the synchronous peer and the baseline, as medians over runs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs;
-use std::path::Path;
-
-use anyhow::Context;
-use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use crate::checks::Check;
 use crate::cli::ReportArgs;
 use crate::db_activity::Wait;
+use crate::figure_map::{self, FigureMap};
+use crate::figures::{BaselineFigures, Figures, Scenario, WorkUnit};
 use crate::histogram::{fmt_ms, LatencySummary};
 use crate::prometheus::Stage;
-use crate::resources::{CpuUse, Memory};
-
-/// What one scenario run measured and checked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScenarioResult {
-    pub scenario: String,
-    pub label: String,
-    pub pace: String,
-    pub params: BTreeMap<String, String>,
-    pub started_at: DateTime<Utc>,
-    /// Throughputs, counts and durations, by key (see each scenario's module).
-    pub figures: BTreeMap<String, f64>,
-    pub latencies: BTreeMap<String, LatencySummary>,
-    /// HTTP answers by `status code`.
-    pub outcomes: BTreeMap<String, u64>,
-    pub checks: Vec<Check>,
-    pub violations: usize,
-    pub stages: Vec<Stage>,
-    pub cpu: Vec<CpuUse>,
-    pub memory: Vec<Memory>,
-    pub db_waits: Vec<Wait>,
-    pub notes: Vec<String>,
-}
-
-/// What one baseline run measured and checked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BaselineResult {
-    pub scenario: String,
-    pub requested_clients: usize,
-    pub variants: Vec<BaselineVariant>,
-}
-
-/// One pgbench script.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BaselineVariant {
-    pub name: String,
-    pub description: String,
-    pub clients: usize,
-    pub figures: BTreeMap<String, f64>,
-    pub latency: LatencySummary,
-    pub checks: Vec<Check>,
-    pub violations: usize,
-    pub db_waits: Vec<Wait>,
-    pub cpu: Vec<CpuUse>,
-}
-
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a result file", path.display()))
-}
+use crate::resources::CpuUse;
+use crate::results::{read_json, BaselineResult, BaselineVariant, ScenarioResult};
 
 fn fmt_num(v: f64) -> String {
     if v.abs() >= 100.0 {
@@ -99,13 +40,11 @@ fn fmt_num(v: f64) -> String {
 /// The detailed printout of one scenario run.
 pub fn print_scenario(r: &ScenarioResult) {
     let mut out = String::new();
-    let _ = writeln!(out, "\n== {} ({}) {}", r.scenario, r.pace, r.label);
+    let _ = writeln!(out, "\n== {} ({}) {}", r.scenario().name(), r.pace, r.label);
     let params: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "   {}", params.join(" "));
     let _ = writeln!(out, "-- figures");
-    for (k, v) in &r.figures {
-        let _ = writeln!(out, "   {k:<44} {:>14}", fmt_num(*v));
-    }
+    print_figures(&mut out, &figure_map::write_scenario(&r.figures));
     let _ = writeln!(out, "-- answers");
     for (k, v) in &r.outcomes {
         let _ = writeln!(out, "   {k:<44} {v:>14}");
@@ -148,6 +87,13 @@ pub fn print_scenario(r: &ScenarioResult) {
         let _ = writeln!(out, "   note: {note}");
     }
     print!("{out}");
+}
+
+/// Figures by key, as they are written: the printouts list them in the files' order.
+fn print_figures(out: &mut String, figures: &FigureMap) {
+    for (k, v) in figures {
+        let _ = writeln!(out, "   {k:<44} {:>14}", fmt_num(*v));
+    }
 }
 
 fn print_stages(out: &mut String, stages: &[Stage]) {
@@ -217,7 +163,7 @@ fn print_checks(out: &mut String, checks: &[Check]) {
     );
     for c in checks {
         let mark = if c.passed { "ok  " } else { "FAIL" };
-        let _ = writeln!(out, "   {mark} {} ({})", c.name, c.detail);
+        let _ = writeln!(out, "   {mark} {} ({})", c.description(), c.detail);
     }
 }
 
@@ -228,11 +174,13 @@ pub fn print_baseline(r: &BaselineResult) {
         let _ = writeln!(
             out,
             "\n== baseline {} / {}: {} ({} pgbench clients, {} asked)",
-            r.scenario, v.name, v.description, v.clients, r.requested_clients
+            r.scenario.name(),
+            v.name,
+            v.description,
+            v.clients,
+            r.requested_clients
         );
-        for (k, value) in &v.figures {
-            let _ = writeln!(out, "   {k:<44} {:>14}", fmt_num(*value));
-        }
+        print_figures(&mut out, &figure_map::write_baseline(&v.figures));
         let _ = writeln!(
             out,
             "   transaction latency p50/p90/p99/max ms      {}",
@@ -274,32 +222,71 @@ fn median_latency(all: &[LatencySummary]) -> Option<LatencySummary> {
     })
 }
 
-/// What the comparison table shows for a scenario: the headline throughput (ours, the
-/// baseline's key), a second throughput, and the latency.
+/// Reads one of a scenario's figures, if it has it.
+type Figure = fn(&Figures) -> Option<f64>;
+/// Reads one of a baseline variant's figures, if it has it.
+type BaselineFigure = fn(&BaselineFigures) -> Option<f64>;
+
+/// A throughput of the table: its title, and how to read it from our figures and from a
+/// baseline variant's.
+#[derive(Clone, Copy)]
+struct Column {
+    title: &'static str,
+    ours: Figure,
+    baseline: BaselineFigure,
+}
+
+/// What the comparison table shows for a scenario: the headline throughput, a second
+/// throughput, and the latency.
 struct Columns {
-    headline: (&'static str, &'static str, &'static str),
-    second: Option<(&'static str, &'static str, &'static str)>,
+    headline: Column,
+    second: Option<Column>,
     latency: &'static str,
 }
 
-fn columns(scenario: &str) -> Columns {
+fn columns(scenario: Scenario) -> Columns {
     match scenario {
-        "flash-sale" => Columns {
-            headline: ("coupons issued/s", "coupons_issued_per_sec", "issue_tps"),
-            second: Some(("answered/s (tx/s)", "answered_per_sec", "tps")),
+        Scenario::FlashSale => Columns {
+            headline: Column {
+                title: "coupons issued/s",
+                ours: |f| f.flash_sale()?.coupons_issued_per_sec,
+                baseline: BaselineFigures::issue_tps,
+            },
+            second: Some(Column {
+                title: "answered/s (tx/s)",
+                ours: |f| f.flash_sale().map(|f| f.answered_per_sec),
+                baseline: |b| Some(b.tps),
+            }),
             latency: "answer (all)",
         },
-        "checkout" => Columns {
-            headline: ("orders paid/s", "paid_per_sec", "tps"),
+        Scenario::Checkout => Columns {
+            headline: Column {
+                title: "orders paid/s",
+                ours: |f| f.checkout()?.paid_per_sec,
+                baseline: |b| Some(b.tps),
+            },
             second: None,
             latency: "POST /orders",
         },
-        _ => Columns {
-            headline: ("requests/s", "requests_per_sec", ""),
+        Scenario::Browse => Columns {
+            headline: Column {
+                title: "requests/s",
+                ours: |f| f.browse().map(|f| f.requests_per_sec),
+                // pgbench has no baseline of reads.
+                baseline: |_| None,
+            },
             second: None,
             latency: "all",
         },
     }
+}
+
+/// The median over `results` of a figure, from those that have it.
+fn median_figure<'a>(
+    results: impl IntoIterator<Item = &'a ScenarioResult>,
+    figure: impl Fn(&Figures) -> Option<f64>,
+) -> Option<f64> {
+    median(results.into_iter().filter_map(|r| figure(&r.figures)).collect())
 }
 
 /// One line of the table: a system, median over the runs.
@@ -344,8 +331,8 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
         let baseline = dir.join("baseline.json");
         if baseline.exists() {
             let baseline: BaselineResult = read_json(&baseline)?;
-            if let Some(headline) = result.figures.get(columns(&result.scenario).headline.1) {
-                pairs.push((*headline, baseline.clone()));
+            if let Some(headline) = (columns(result.scenario()).headline.ours)(&result.figures) {
+                pairs.push((headline, baseline.clone()));
             }
             baselines.push(baseline);
         }
@@ -354,8 +341,8 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     let Some(first) = ours.first() else {
         anyhow::bail!("no runs given");
     };
-    let cols = columns(&first.scenario);
-    let fig = |key: &str| median(ours.iter().filter_map(|r| r.figures.get(key).copied()).collect());
+    let cols = columns(first.scenario());
+    let fig = |figure: &dyn Fn(&Figures) -> Option<f64>| median_figure(&ours, figure);
     let lat = |key: &str| {
         median_latency(
             &ours
@@ -366,14 +353,8 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     };
 
     let peer_results: Vec<&ScenarioResult> = peers.iter().map(|(_, peer)| peer).collect();
-    let peer_fig = |key: &str| {
-        median(
-            peer_results
-                .iter()
-                .filter_map(|r| r.figures.get(key).copied())
-                .collect(),
-        )
-    };
+    let peer_fig =
+        |figure: &dyn Fn(&Figures) -> Option<f64>| median_figure(peer_results.iter().copied(), figure);
     let peer_lat = |key: &str| {
         median_latency(
             &peer_results
@@ -386,9 +367,9 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     let mut lines = vec![Line {
         system: format!("ours ({})", first.label),
         clients: first.params.get("concurrency").cloned().unwrap_or_default(),
-        headline: fig(cols.headline.1),
+        headline: fig(&cols.headline.ours),
         ratio: None,
-        second: cols.second.and_then(|c| fig(c.1)),
+        second: cols.second.and_then(|c| fig(&c.ours)),
         latency: lat(cols.latency),
         violations: ours.iter().map(|r| r.violations).sum(),
     }];
@@ -396,12 +377,12 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
         lines.push(Line {
             system: "sync HTTP peer (loadgen peer)".to_owned(),
             clients: peer.params.get("concurrency").cloned().unwrap_or_default(),
-            headline: peer_fig(cols.headline.1),
+            headline: peer_fig(&cols.headline.ours),
             ratio: median_ratio(peers.iter().map(|(ours, peer)| {
-                let key = cols.headline.1;
-                (ours.figures.get(key).copied(), peer.figures.get(key).copied())
+                let headline = cols.headline.ours;
+                (headline(&ours.figures), headline(&peer.figures))
             })),
-            second: cols.second.and_then(|c| peer_fig(c.1)),
+            second: cols.second.and_then(|c| peer_fig(&c.ours)),
             latency: peer_lat(cols.latency),
             violations: peer_results.iter().map(|r| r.violations).sum(),
         });
@@ -415,26 +396,22 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|b| b.variants.iter().filter(|v| &v.name == name))
             .collect();
-        let vfig = |key: &str| median(runs.iter().filter_map(|v| v.figures.get(key).copied()).collect());
+        let vfig = |figure: BaselineFigure| median(runs.iter().filter_map(|v| figure(&v.figures)).collect());
         lines.push(Line {
             system: format!("sync baseline: {name}"),
             clients: runs.first().map(|v| v.clients.to_string()).unwrap_or_default(),
-            headline: vfig(cols.headline.2),
+            headline: vfig(cols.headline.baseline),
             ratio: median(
                 pairs
                     .iter()
                     .filter_map(|(ours, b)| {
-                        let theirs = b
-                            .variants
-                            .iter()
-                            .find(|v| &v.name == name)?
-                            .figures
-                            .get(cols.headline.2)?;
-                        (*theirs > 0.0).then(|| ours / theirs)
+                        let variant = b.variants.iter().find(|v| &v.name == name)?;
+                        let theirs = (cols.headline.baseline)(&variant.figures)?;
+                        (theirs > 0.0).then(|| ours / theirs)
                     })
                     .collect(),
             ),
-            second: cols.second.and_then(|c| vfig(c.2)),
+            second: cols.second.and_then(|c| vfig(c.baseline)),
             latency: median_latency(&runs.iter().map(|v| v.latency).collect::<Vec<_>>()),
             violations: runs.iter().map(|v| v.violations).sum(),
         });
@@ -445,7 +422,7 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         out,
         "\n{}: {}, {} run{}{}",
-        first.scenario,
+        first.scenario().name(),
         first.pace,
         runs,
         if runs == 1 { "" } else { "s" },
@@ -453,13 +430,13 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     );
     let params: Vec<String> = first.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "{}", params.join(" "));
-    let second_title = cols.second.map_or("", |c| c.0);
+    let second_title = cols.second.map_or("", |c| c.title);
     let _ = writeln!(
         out,
         "{:<48} {:>7} {:>17} {:>9} {:>17} {:>30} {:>10}",
         "system",
         "clients",
-        cols.headline.0,
+        cols.headline.title,
         "ratio",
         second_title,
         "latency ms p50/p90/p99/max",
@@ -491,62 +468,67 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
         let _ = writeln!(
             out,
             "(ratio: our {} divided by that system's in the same run; median over runs)",
-            cols.headline.0
+            cols.headline.title
         );
     }
-    let extra: &[(&str, &str)] = match first.scenario.as_str() {
-        "flash-sale" => &[(
+    let extra: &[(&str, &str)] = match first.scenario() {
+        Scenario::FlashSale => &[(
             "accept to settled (DB)",
             "ours: accept to settled, per request (DB)",
         )],
-        "checkout" => &[
+        Scenario::Checkout => &[
             ("POST /orders/{id}/payment", "ours: payment accept latency"),
             ("accept to paid (DB)", "ours: order accepted to paid (DB)"),
             ("journey (client)", "ours: whole journey with polling (client)"),
         ],
-        _ => &[],
+        Scenario::Browse => &[],
     };
     for (key, label) in extra {
         if let Some(l) = lat(key) {
             let _ = writeln!(out, "{label:<66} ms p50/p90/p99/max {}", l.compact());
         }
     }
-    let peer_extra: &[(&str, &str)] = match first.scenario.as_str() {
-        "checkout" => &[
+    let peer_extra: &[(&str, &str)] = match first.scenario() {
+        Scenario::Checkout => &[
             ("POST /orders/{id}/payment", "peer: payment latency (settled)"),
             ("accept to paid (DB)", "peer: order placed to paid (DB)"),
             ("journey (client)", "peer: whole journey (client)"),
         ],
-        _ => &[],
+        Scenario::FlashSale | Scenario::Browse => &[],
     };
     for (key, label) in peer_extra {
         if let Some(l) = peer_lat(key) {
             let _ = writeln!(out, "{label:<66} ms p50/p90/p99/max {}", l.compact());
         }
     }
-    for (key, label) in [
+    for (unit, label) in [
         (
-            "db_commits per paid order",
+            WorkUnit::PaidOrder,
             "PostgreSQL commits per paid order (ours / peer)",
         ),
-        (
-            "db_commits per request",
-            "PostgreSQL commits per request (ours / peer)",
-        ),
+        (WorkUnit::Request, "PostgreSQL commits per request (ours / peer)"),
     ] {
-        if let (Some(o), Some(p)) = (fig(key), peer_fig(key)) {
+        let commits = |f: &Figures| f.db_per(unit).map(|cost| cost.commits);
+        if let (Some(o), Some(p)) = (fig(&commits), peer_fig(&commits)) {
             let _ = writeln!(out, "{label:<66} {} / {}", fmt_num(o), fmt_num(p));
         }
     }
-    for (key, label) in [
+    let ours_only: [(Figure, &str); 3] = [
         (
-            "accept_to_settled_seconds",
+            |f| f.flash_sale()?.accept_to_settled_seconds,
             "ours: first accept to last settled, s",
         ),
-        ("accepted_per_sec", "ours: 202 answers/s"),
-        ("journeys_per_sec", "ours: journeys completed/s (client)"),
-    ] {
-        if let Some(v) = fig(key) {
+        (
+            |f| f.flash_sale().map(|f| f.accepted_per_sec),
+            "ours: 202 answers/s",
+        ),
+        (
+            |f| f.checkout().map(|f| f.journeys_per_sec),
+            "ours: journeys completed/s (client)",
+        ),
+    ];
+    for (figure, label) in ours_only {
+        if let Some(v) = fig(&figure) {
             let _ = writeln!(out, "{label:<66} {}", fmt_num(v));
         }
     }

@@ -55,7 +55,7 @@ pub async fn issue_tokens(db: &PgPool, api: &Api, users: &[i64]) -> anyhow::Resu
     }
     let tokens = missing
         .iter()
-        .map(|_| shared::identity::new_token())
+        .map(|_| shared::domain::identity::new_token())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
     let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| t.hash.to_vec()).collect();

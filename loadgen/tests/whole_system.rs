@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use loadgen::checks;
+use loadgen::checks::{self, CheckId};
 use loadgen::client::{Answer, Api};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -27,7 +27,7 @@ struct World {
     database_url: String,
     stop: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-    topology: shared::topology::Topology,
+    topology: shared::messaging::topology::Topology,
     amqp_url: String,
 }
 
@@ -127,15 +127,15 @@ impl World {
             .unwrap()
     }
 
-    /// The names of the whole-system checks that fail now.
-    async fn violated(&self) -> Vec<String> {
+    /// The whole-system checks that fail now.
+    async fn violated(&self) -> Vec<CheckId> {
         checks::whole_system(&self.db, &self.api)
             .await
             .unwrap()
             .into_vec()
             .into_iter()
             .filter(|c| !c.passed)
-            .map(|c| c.name)
+            .map(|c| c.id)
             .collect()
     }
 }
@@ -253,7 +253,7 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                     SELECT (payload->>'eventId')::uuid, routing_key, payload FROM outbox";
     world.execute(received).await;
 
-    assert_eq!(world.violated().await, Vec::<String>::new(), "a sound world");
+    assert_eq!(world.violated().await, Vec::<CheckId>::new(), "a sound world");
 
     // Each damage, the checks it must trip, and its repair. Requests are changed with what
     // the schema asks of them (an error when FAILED, no completion when PENDING) and put
@@ -269,42 +269,42 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                      completed_at = s.completed_at
                    FROM saved s WHERE r.id = s.id;
                    DROP TABLE saved;";
-    let damages: Vec<(String, &[&str], String)> = vec![
+    let damages: Vec<(String, &[CheckId], String)> = vec![
         (
             format!("UPDATE balances SET amount = amount + 1 WHERE user_id = {ann}"),
-            &["balance = CHARGE + REFUND - PAYMENT of its ledger, every user"],
+            &[CheckId::WholeSystemBalanceIsLedger],
             format!("UPDATE balances SET amount = amount - 1 WHERE user_id = {ann}"),
         ),
         (
             format!("UPDATE products SET stock = stock - 1, sold = sold + 1 WHERE id = {lamp}"),
-            &["sold = units of PAID orders, every product"],
+            &[CheckId::WholeSystemSoldIsOrders],
             format!("UPDATE products SET stock = stock + 1, sold = sold - 1 WHERE id = {lamp}"),
         ),
         (
             format!("UPDATE products SET reserved = reserved + 1 WHERE id = {lamp}"),
-            &["reserved = units of RESERVED orders, every product"],
+            &[CheckId::WholeSystemReservedIsOrders],
             format!("UPDATE products SET reserved = reserved - 1 WHERE id = {lamp}"),
         ),
         (
             damage_requests("COUPON_ISSUE", failed, ""),
-            &["a coupon is held if and only if a COUPON_ISSUE request SUCCEEDED in issuing it"],
+            &[CheckId::WholeSystemCouponHeldIffIssued],
             restore.into(),
         ),
         (
             "UPDATE coupons SET issued_quantity = issued_quantity + 1".into(),
-            &["every coupon's issued count = the coupons held"],
+            &[CheckId::WholeSystemIssuedCountIsHeld],
             "UPDATE coupons SET issued_quantity = issued_quantity - 1".into(),
         ),
         (
             damage_requests("ORDER_PAY", failed, ""),
-            &["a payment exists if and only if an ORDER_PAY request SUCCEEDED in making it"],
+            &[CheckId::WholeSystemPaymentIffPaid],
             restore.into(),
         ),
         (
             "UPDATE balance_transactions SET amount = amount + 1 WHERE kind = 'PAYMENT'".into(),
             &[
-                "balance = CHARGE + REFUND - PAYMENT of its ledger, every user",
-                "a payment for every PAID order and no other; a ledger PAYMENT entry for every one that cost something",
+                CheckId::WholeSystemBalanceIsLedger,
+                CheckId::WholeSystemPaymentPerPaidOrder,
             ],
             "UPDATE balance_transactions SET amount = amount - 1 WHERE kind = 'PAYMENT'".into(),
         ),
@@ -315,9 +315,9 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                 "",
             ),
             &[
-                "every request terminal",
-                "every order settled as its create request says",
-                "GET /requests/{id} reads terminal (API, sample)",
+                CheckId::WholeSystemRequestsTerminal,
+                CheckId::WholeSystemOrdersSettledAsCreated,
+                CheckId::WholeSystemRequestsTerminalApi,
             ],
             restore.into(),
         ),
@@ -327,13 +327,13 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                 "completed_at = completed_at + interval '1 hour'",
                 "AND status = 'SUCCEEDED'",
             ),
-            &["no payment settled before its order's creation"],
+            &[CheckId::WholeSystemPaymentAfterCreation],
             restore.into(),
         ),
         (
             // A cancelled order that had been reserved cannot go with a failed creation.
             format!("UPDATE orders SET reserved_until = now() WHERE id = '{fay_order_id}'"),
-            &["every order settled as its create request says"],
+            &[CheckId::WholeSystemOrdersSettledAsCreated],
             format!("UPDATE orders SET reserved_until = NULL WHERE id = '{fay_order_id}'"),
         ),
         (
@@ -342,7 +342,7 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                 "error = jsonb_set(error, '{code}', '\"ERR_PROCESSING_FAILED\"')",
                 "AND status = 'FAILED'",
             ),
-            &["no request failed for want of processing (ERR_PROCESSING_FAILED)"],
+            &[CheckId::WholeSystemNoProcessingFailed],
             restore.into(),
         ),
         (
@@ -350,17 +350,17 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
                 "INSERT INTO dead_letters (request_id, family, kind, reason)
                  VALUES ('{fay_create}', 'order', 'ORDER_CREATE', 'rejected')"
             ),
-            &["nothing dead-lettered"],
+            &[CheckId::WholeSystemNothingDeadLettered],
             "DELETE FROM dead_letters".into(),
         ),
         (
             "DELETE FROM received_events".into(),
-            &["the data platform received one order.paid per PAID order, none for others"],
+            &[CheckId::WholeSystemEventsReceived],
             received.into(),
         ),
         (
             "UPDATE outbox SET published_at = NULL".into(),
-            &["every event published"],
+            &[CheckId::WholeSystemEventsPublished],
             "UPDATE outbox SET published_at = now()".into(),
         ),
     ];
@@ -369,14 +369,14 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
         let violated = world.violated().await;
         for check in tripped.iter() {
             assert!(
-                violated.iter().any(|v| v == check),
+                violated.contains(check),
                 "after {damage:?}, {check:?} passed; violated: {violated:?}"
             );
         }
         world.execute(repair).await;
         assert_eq!(
             world.violated().await,
-            Vec::<String>::new(),
+            Vec::<CheckId>::new(),
             "after repairing {damage:?}"
         );
     }
@@ -420,7 +420,7 @@ async fn the_checkout_charge_check_counts_each_charge_once() {
             .unwrap()
             .into_vec()
             .into_iter()
-            .find(|c| c.name == "each charge applied exactly once, and only by the users who sent one")
+            .find(|c| c.id == CheckId::CheckoutChargesAppliedOnce)
             .expect("the check runs")
             .passed
     };

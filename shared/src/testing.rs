@@ -39,8 +39,8 @@ pub async fn fresh_database_url() -> anyhow::Result<String> {
 
 /// A command topology no other test shares: a unique name prefix, few partitions (quick to
 /// declare), and queues that delete themselves a while after the test stops using them.
-pub fn isolated_topology() -> crate::topology::Topology {
-    crate::topology::Topology {
+pub fn isolated_topology() -> crate::messaging::topology::Topology {
+    crate::messaging::topology::Topology {
         prefix: format!("t{}.", &uuid::Uuid::now_v7().simple().to_string()[20..]),
         partitions: 4,
         delivery_limit: 5,
@@ -57,7 +57,7 @@ pub fn isolated_topology() -> crate::topology::Topology {
 /// out of them, after which it accepted sockets but never answered a handshake. The work runs
 /// on a thread with a runtime of its own, so it can be called from inside a test's runtime
 /// and still finish while that runtime is being torn down.
-pub fn delete_topology_blocking(topology: &crate::topology::Topology, amqp_url: &str) {
+pub fn delete_topology_blocking(topology: &crate::messaging::topology::Topology, amqp_url: &str) {
     const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
     let topology = topology.clone();
     let amqp_url = amqp_url.to_owned();
@@ -68,7 +68,8 @@ pub fn delete_topology_blocking(topology: &crate::topology::Topology, amqp_url: 
         runtime.block_on(async {
             let work = async {
                 let settings = crate::config::BrokerSettings { url: amqp_url };
-                let broker = crate::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
+                let broker =
+                    crate::messaging::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
                 let connection = broker.connection().await?;
                 topology
                     .delete(&connection, &[topology.data_platform_queue()])

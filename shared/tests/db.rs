@@ -39,11 +39,11 @@ async fn too_many_connections_is_unavailability() {
         _ => None,
     };
     assert_eq!(code.as_deref(), Some("53300"), "{error:?}");
-    assert!(shared::db::is_unavailable(&error), "{error:?}");
+    assert!(shared::store::db::is_unavailable(&error), "{error:?}");
 
     // And a query that is wrong is not.
     let wrong = admin.execute("SELECT * FROM no_such_table").await.unwrap_err();
-    assert!(!shared::db::is_unavailable(&wrong), "{wrong:?}");
+    assert!(!shared::store::db::is_unavailable(&wrong), "{wrong:?}");
 }
 
 /// Every process records its pool at start; the budget adds up the live ones and says
@@ -60,8 +60,10 @@ async fn the_connection_budget_adds_up_live_pools_against_max_connections() {
     let (base, _) = server.rsplit_once('/').unwrap();
     let settings = shared::config::DatabaseSettings::new(format!("{base}/{name}"), 7);
 
-    let db = shared::db::connect_and_migrate(&settings, "api").await.unwrap();
-    let alone = shared::connection_budget::read(&db).await.unwrap();
+    let db = shared::store::db::connect_and_migrate(&settings, "api")
+        .await
+        .unwrap();
+    let alone = shared::store::connection_budget::read(&db).await.unwrap();
     assert_eq!((alone.processes, alone.claimed), (1, 7));
     assert!(alone.max_connections > 0 && alone.reserved >= 0);
     assert!(!alone.exceeded(), "{alone:?}");
@@ -80,13 +82,15 @@ async fn the_connection_budget_adds_up_live_pools_against_max_connections() {
     .execute(&db)
     .await
     .unwrap();
-    let over = shared::connection_budget::read(&db).await.unwrap();
+    let over = shared::store::connection_budget::read(&db).await.unwrap();
     assert_eq!(over.processes, 2);
     assert_eq!(over.claimed, alone.allowed() + 1);
     assert!(over.exceeded(), "{over:?}");
 
     // The next process to start sees it too (and says so in its log).
-    let next = shared::connection_budget::claim(&db, "worker", 3).await.unwrap();
+    let next = shared::store::connection_budget::claim(&db, "worker", 3)
+        .await
+        .unwrap();
     assert_eq!(next.processes, 3);
     assert!(next.exceeded(), "{next:?}");
 

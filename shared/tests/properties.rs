@@ -7,12 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 use proptest::prelude::*;
-use shared::domain::{
+use shared::domain::ids::{
     whole_number_in, MAX_BALANCE, MAX_CHARGE, MAX_LINE_QUANTITY, MAX_ORDER_LINES, MAX_PRICE, MAX_STOCK,
 };
-use shared::money::{order_total, Discount};
-use shared::order::{OrderEvent, OrderStatus, EVENTS};
-use shared::partition::{partition_of, rendezvous_owner};
+use shared::domain::money::{order_total, Discount};
+use shared::domain::order::{OrderEvent, OrderStatus, EVENTS};
+use shared::domain::partition::{partition_of, rendezvous_owner};
 use uuid::Uuid;
 
 proptest! {

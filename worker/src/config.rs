@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
-use shared::topology::Topology;
+use shared::messaging::topology::Topology;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {

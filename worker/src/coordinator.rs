@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
-use shared::partition::rendezvous_owner;
-use shared::topology::Family;
+use shared::domain::command::Family;
+use shared::domain::partition::rendezvous_owner;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -1,16 +1,16 @@
 //! The coupon family: settling coupon issues a whole batch at a time.
 //!
 //! The coupon rows are locked in id order (no deadlock with another batch) in the batch's
-//! lock round trip, the decisions are taken in memory by [`shared::coupon::decide_issues`],
+//! lock round trip, the decisions are taken in memory by [`shared::domain::coupon::decide_issues`],
 //! and the issued coupons and the new counts are written in the batch's one write
 //! statement. That is what lets one hot coupon go far beyond one transaction per request.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use shared::command::{CouponIssue, CouponIssued, RequestResult};
-use shared::coupon::{decide_issues, refusal_message, CouponStock, IssueDecision};
-use shared::error::ErrorBody;
+use shared::domain::command::{CouponIssue, CouponIssued, RequestResult};
+use shared::domain::coupon::{decide_issues, refusal_message, CouponStock, IssueDecision};
+use shared::domain::error::ErrorBody;
 use sqlx::Arguments;
 use uuid::Uuid;
 

@@ -8,7 +8,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use shared::broker::Broker;
+use shared::messaging::broker::Broker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,7 +21,7 @@ pub fn queue_name(config: &WorkerConfig) -> String {
 }
 
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = shared::db::connect_and_migrate(&config.database, "data-platform").await?;
+    let db = shared::store::db::connect_and_migrate(&config.database, "data-platform").await?;
     let broker = Broker::new(&config.broker, format!("{}-data-platform", config.name));
     while !shutdown.is_cancelled() {
         match consume(&config, &db, &broker, &shutdown).await {

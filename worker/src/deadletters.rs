@@ -22,9 +22,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use shared::command::CommandMessage;
-use shared::error::{ErrorBody, ErrorCode};
-use shared::topology::Family;
+use shared::domain::command::CommandMessage;
+use shared::domain::command::Family;
+use shared::domain::error::{ErrorBody, ErrorCode};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -85,7 +85,7 @@ async fn drain(ctx: &Context, family: Family, shutdown: &CancellationToken) -> a
         let reason = death_reason(&delivery.properties);
         match record_patiently(ctx, family, &delivery.data, &reason, shutdown).await? {
             Fate::SentBack(message, partition_key) => {
-                shared::command::publish(
+                shared::messaging::commands::publish(
                     &ctx.publisher,
                     topology,
                     message.request_id,
@@ -128,7 +128,7 @@ async fn record_patiently(
 ) -> anyhow::Result<Fate> {
     loop {
         match record(ctx, family, body, reason).await {
-            Err(e) if shared::db::is_unavailable(&e) && !shutdown.is_cancelled() => {
+            Err(e) if shared::store::db::is_unavailable(&e) && !shutdown.is_cancelled() => {
                 tracing::warn!(family = family.as_str(), error = %e, "cannot record a dead letter yet; waiting for PostgreSQL");
                 tokio::select! {
                     () = shutdown.cancelled() => {}
@@ -285,10 +285,10 @@ async fn decide(ctx: &Context, message: &CommandMessage, reason: &str) -> Result
         ErrorCode::ProcessingFailed,
         "the command could not be settled; it is kept for operators to inspect",
     );
-    let marked = shared::command::fail_pending(&mut tx, message.request_id, &error).await?;
+    let marked = shared::store::requests::fail_pending(&mut tx, message.request_id, &error).await?;
     tx.commit().await?;
     if marked {
-        shared::settlements::announce(&ctx.db, &[message.request_id]).await;
+        shared::store::settlements::announce(&ctx.db, &[message.request_id]).await;
         tracing::error!(request_id = %message.request_id, "request failed: its command was dead-lettered");
         metrics::counter!("worker_requests_failed_by_dead_letter_total", "family" => family).increment(1);
     }

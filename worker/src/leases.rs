@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use shared::topology::{Family, Topology};
+use shared::domain::command::Family;
+use shared::messaging::topology::Topology;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 

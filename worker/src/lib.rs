@@ -33,8 +33,8 @@ pub mod sweeper;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use shared::broker::{Broker, Publisher};
-use shared::topology::Family;
+use shared::domain::command::Family;
+use shared::messaging::broker::{Broker, Publisher};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -109,7 +109,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let listener = TcpListener::bind(config.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.metrics_addr))?;
-    let db = shared::db::connect_and_migrate(&config.database, "worker").await?;
+    let db = shared::store::db::connect_and_migrate(&config.database, "worker").await?;
     let ctx = Arc::new(Context::new(config, db));
     if ctx.broker.wait_until_reachable(&shutdown).await.is_err() {
         tracing::info!("stopped before RabbitMQ was reachable");

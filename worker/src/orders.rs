@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use shared::command::{
+use shared::domain::command::{
     OrderCreate, OrderPaid, OrderPay, OrderReserved, RequestKind, RequestResult, RequestStatus,
 };
-use shared::error::{ErrorBody, ErrorCode};
-use shared::events::{OrderPaid as OrderPaidEvent, OrderPaidType, PaidItem};
-use shared::money::{order_total, Discount};
-use shared::order::{OrderEvent, OrderStatus};
+use shared::domain::error::{ErrorBody, ErrorCode};
+use shared::domain::events::{OrderPaid as OrderPaidEvent, OrderPaidType, PaidItem};
+use shared::domain::money::{order_total, Discount};
+use shared::domain::order::{OrderEvent, OrderStatus};
 use sqlx::Arguments;
 use uuid::Uuid;
 

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use shared::broker::{queue_depth, Broker, Publisher};
-use shared::command::{CommandMessage, RequestKind};
-use shared::topology::Family;
+use shared::domain::command::Family;
+use shared::domain::command::{CommandMessage, RequestKind};
+use shared::messaging::broker::{queue_depth, Broker, Publisher};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -29,7 +29,7 @@ use crate::WorkerConfig;
 /// Runs one operator command; `args` are what follows `worker dead-letters`. Returns the
 /// text to print.
 pub async fn run(config: WorkerConfig, args: &[String]) -> anyhow::Result<String> {
-    let db = shared::db::connect_and_migrate(&config.database, "dead-letters").await?;
+    let db = shared::store::db::connect_and_migrate(&config.database, "dead-letters").await?;
     let broker = Arc::new(Broker::new(
         &config.broker,
         format!("{}-dead-letters", config.name),
@@ -217,7 +217,7 @@ async fn replay(
     };
     // Published before it leaves the parked queue: a crash in between leaves a copy parked,
     // and the worker settles the request once whatever number of copies arrives.
-    shared::command::publish(publisher, &config.topology, id, kind, partition_key).await?;
+    shared::messaging::commands::publish(publisher, &config.topology, id, kind, partition_key).await?;
     let taken = take_parked(config, publisher, &[kind.family()], |m| {
         is_command(m, kind.family(), id)
     })

@@ -18,9 +18,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use shared::command::{RequestKind, RequestResult, RequestStatus};
-use shared::error::ErrorBody;
-use shared::topology::Family;
+use shared::domain::command::Family;
+use shared::domain::command::{RequestKind, RequestResult, RequestStatus};
+use shared::domain::error::ErrorBody;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::FromRow;
 use uuid::Uuid;

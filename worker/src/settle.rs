@@ -20,8 +20,8 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use shared::command::{CommandMessage, RequestStatus};
-use shared::topology::Family;
+use shared::domain::command::Family;
+use shared::domain::command::{CommandMessage, RequestStatus};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
 use sqlx::{Arguments, Either, Executor, FromRow, PgConnection, Postgres, Row};
@@ -38,7 +38,7 @@ impl SettleError {
     fn is_transient(&self) -> bool {
         match self {
             SettleError::Database(e) => {
-                shared::db::is_unavailable(e)
+                shared::store::db::is_unavailable(e)
                     || matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
             }
             _ => false,
@@ -264,11 +264,11 @@ struct OpenTransaction {
 
 impl OpenTransaction {
     /// Commits, and announces the settled `ids` in the same message
-    /// ([`shared::settlements::announcement`]): the batch's third and last round trip. A
+    /// ([`shared::store::settlements::announcement`]): the batch's third and last round trip. A
     /// failure after the `COMMIT` succeeded (the notices only) is logged, not returned: the
     /// batch is settled, and its waiters find it at their next poll.
     async fn commit_and_announce(mut self, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-        let message = format!("COMMIT; {}", shared::settlements::announcement(ids));
+        let message = format!("COMMIT; {}", shared::store::settlements::announcement(ids));
         // dynamic: the COMMIT and the notice go as one message, which the macros cannot build.
         let mut results = self.conn.fetch_many(sqlx::raw_sql(&message));
         let mut committed = false;
@@ -472,7 +472,7 @@ async fn settle_in(
 /// requests table to a hundred index lookups (seen in the checkout benchmark: 3 million
 /// rows read).
 ///
-/// The notice that wakes the clients waiting for these requests (`shared::settlements`) is
+/// The notice that wakes the clients waiting for these requests (`shared::store::settlements`) is
 /// not sent from here but after the commit: a transaction that notifies holds PostgreSQL's
 /// notify-queue lock from its commit until its WAL is flushed, which serialized every
 /// batch's commit (and the row locks it holds) behind every other's flush.

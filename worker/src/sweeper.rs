@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use shared::broker::PublishError;
-use shared::command::{self, RequestKind};
+use shared::domain::command::RequestKind;
+use shared::messaging::broker::PublishError;
 use tokio_util::sync::CancellationToken;
 
 use crate::Context;
@@ -52,7 +52,8 @@ pub async fn sweep_once(ctx: &Context) -> anyhow::Result<usize> {
             continue;
         };
         let (id, key) = (request.id, request.partition_key);
-        match command::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await {
+        match shared::messaging::commands::publish(&ctx.publisher, &ctx.config.topology, id, kind, key).await
+        {
             Ok(()) => published.push(id),
             // Refused, this message alone: the others may still go.
             Err(e @ (PublishError::Nacked | PublishError::Unroutable(_))) => failed = Some(e),

@@ -96,7 +96,12 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     // No worker yet: take the message out of its partition queue and leave the request as
     // the dead api did, stored and unpublished, due for the sweeper now.
     system
-        .lose_publish(shared::topology::Family::Coupon, coupon, &request, "0 seconds")
+        .lose_publish(
+            shared::domain::command::Family::Coupon,
+            coupon,
+            &request,
+            "0 seconds",
+        )
         .await;
     let meanwhile = system
         .app
@@ -123,11 +128,11 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
 /// every request swept after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sweep_marks_what_it_published_when_another_publish_fails() {
-    use shared::topology::Family;
+    use shared::domain::command::Family;
 
     let system = System::start(0).await;
     let topology = system.app.topology.clone();
-    let partition = |coupon| shared::partition::partition_of(coupon, topology.partitions);
+    let partition = |coupon| shared::domain::partition::partition_of(coupon, topology.partitions);
     let refused_coupon = system.coupon(5).await;
     let mut coupon = system.coupon(5).await;
     while partition(coupon) == partition(refused_coupon) {
@@ -169,7 +174,9 @@ async fn a_sweep_marks_what_it_published_when_another_publish_fails() {
         "the refused one is left to the next pass"
     );
     let queue = topology.queue(Family::Coupon, partition(coupon));
-    let depth = shared::broker::queue_depth(&channel, &queue).await.unwrap();
+    let depth = shared::messaging::broker::queue_depth(&channel, &queue)
+        .await
+        .unwrap();
     assert_eq!(depth, 1, "the other request's command is in {queue}");
 
     // The queue back, the refused request due again: the next pass sends it alone.

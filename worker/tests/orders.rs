@@ -74,7 +74,7 @@ async fn fifty_units_two_hundred_buyers_nothing_oversold_and_stock_reconciles() 
         .await
         .unwrap();
     assert_eq!(
-        shared::reservations::expire_overdue(&system.app.db)
+        shared::store::reservations::expire_overdue(&system.app.db)
             .await
             .unwrap(),
         20
@@ -337,7 +337,7 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
     // and leave its request as an api that died before the confirm does: unpublished, with
     // the sweeper not due for an hour.
     let partition = system
-        .lose_publish(shared::topology::Family::Order, user, &create, "1 hour")
+        .lose_publish(shared::domain::command::Family::Order, user, &create, "1 hour")
         .await;
 
     let paid = system.pay(&order, user, None).await;
@@ -351,13 +351,13 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
 
     // The creation's message arrives at last, then another order of the same user's: once
     // that one is settled, the partition has been through the late message.
-    let late = serde_json::to_vec(&shared::command::CommandMessage {
+    let late = serde_json::to_vec(&shared::domain::command::CommandMessage {
         request_id: create.parse().unwrap(),
-        kind: shared::command::RequestKind::OrderCreate,
+        kind: shared::domain::command::RequestKind::OrderCreate,
     })
     .unwrap();
     system
-        .send_raw(shared::topology::Family::Order, partition, &late)
+        .send_raw(shared::domain::command::Family::Order, partition, &late)
         .await;
     let next = system.order(user, &[(product, 1)]).await;
     assert_eq!(
@@ -414,7 +414,7 @@ async fn expiry_racing_payment_lets_exactly_one_win_per_order() {
     );
     let expiring = async {
         for _ in 0..100 {
-            shared::reservations::expire_overdue(&system.app.db)
+            shared::store::reservations::expire_overdue(&system.app.db)
                 .await
                 .unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -422,7 +422,7 @@ async fn expiry_racing_payment_lets_exactly_one_win_per_order() {
     };
     let (answers, ()) = tokio::join!(paying, expiring);
     system.wait_until_settled().await;
-    shared::reservations::expire_overdue(&system.app.db)
+    shared::store::reservations::expire_overdue(&system.app.db)
         .await
         .unwrap();
 

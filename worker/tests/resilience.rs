@@ -205,7 +205,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
 
     // The message rests in the family's parked dead-letter queue.
-    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
+    let parked = system.parked_queue(shared::domain::command::Family::Coupon).await;
     parked.wait_for_depth(1).await;
 
     // Operators see it, with why it died and what the worker saw go wrong.
@@ -243,7 +243,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
 
     // Discarding removes it for good, every copy of it: dead letters arrive at least once.
     parked
-        .park(poison, shared::command::RequestKind::CouponIssue)
+        .park(poison, shared::domain::command::RequestKind::CouponIssue)
         .await;
     parked.wait_for_depth(2).await;
     let (ok, discarded) = system.worker_command(&["dead-letters", "discard", &id]).await;
@@ -338,7 +338,7 @@ async fn partition_queues_dead_letter_at_least_once() {
     // queue declared without the at-least-once strategy is refused (406), with it accepted.
     let declare = |strategy: Option<&'static str>| {
         let conn = &conn;
-        let queue = topology.queue(shared::topology::Family::Order, 0);
+        let queue = topology.queue(shared::domain::command::Family::Order, 0);
         let dead_letters = topology.dead_letter_exchange();
         let delivery_limit = topology.delivery_limit;
         let expires = topology.queue_expires_ms;
@@ -408,8 +408,10 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
     .execute(&system.app.db)
     .await
     .unwrap();
-    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
-    parked.park(id, shared::command::RequestKind::CouponIssue).await;
+    let parked = system.parked_queue(shared::domain::command::Family::Coupon).await;
+    parked
+        .park(id, shared::domain::command::RequestKind::CouponIssue)
+        .await;
     let pending = system.app.get(&format!("/requests/{id}")).await;
     assert_eq!(pending.body["status"], "PENDING", "{pending:?}");
 
@@ -448,9 +450,9 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
 /// published again instead, never returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn looking_through_the_parked_queue_returns_no_other_message_to_it() {
-    use shared::command::RequestKind;
+    use shared::domain::command::RequestKind;
     let system = System::start(0).await;
-    let parked = system.parked_queue(shared::topology::Family::Coupon).await;
+    let parked = system.parked_queue(shared::domain::command::Family::Coupon).await;
     let [gone, kept] = [uuid::Uuid::now_v7(), uuid::Uuid::now_v7()];
     for id in [gone, kept] {
         sqlx::query(
@@ -476,7 +478,8 @@ async fn looking_through_the_parked_queue_returns_no_other_message_to_it() {
         "both copies of {gone} are gone, {kept} is not"
     );
     let left = parked.take().await.expect("the other letter is still parked");
-    let command: shared::command::CommandMessage = serde_json::from_slice(&left.delivery.data).unwrap();
+    let command: shared::domain::command::CommandMessage =
+        serde_json::from_slice(&left.delivery.data).unwrap();
     assert_eq!(command.request_id, kept);
     assert!(
         !left.delivery.redelivered,
@@ -491,7 +494,7 @@ async fn looking_through_the_parked_queue_returns_no_other_message_to_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_and_can_be_discarded() {
-    use shared::topology::Family;
+    use shared::domain::command::Family;
     let system = System::start(1).await;
     let coupon = system.coupon(10).await;
     let user = system.app.create_users(1).await[0];
@@ -504,9 +507,9 @@ async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_an
     // coupon partition; and a copy of the coupon command on an order partition, where it is
     // not a command of the family.
     let garbage = b"\x00not a command".to_vec();
-    let misrouted = serde_json::to_vec(&shared::command::CommandMessage {
+    let misrouted = serde_json::to_vec(&shared::domain::command::CommandMessage {
         request_id: request.parse().unwrap(),
-        kind: shared::command::RequestKind::CouponIssue,
+        kind: shared::domain::command::RequestKind::CouponIssue,
     })
     .unwrap();
     system.send_raw(Family::Coupon, 0, &garbage).await;
@@ -597,9 +600,9 @@ async fn a_lease_held_without_a_consumer_is_handed_on_to_the_partitions_owner() 
     let system = System::start(2).await;
     system.wait_for_replicas(2).await;
     let coupon = system.coupon(10).await;
-    let partition = shared::partition::partition_of(coupon, system.app.topology.partitions);
+    let partition = shared::domain::partition::partition_of(coupon, system.app.topology.partitions);
     let live = system.live_replicas().await;
-    let owner = shared::partition::rendezvous_owner(&live, "coupon", partition).unwrap();
+    let owner = shared::domain::partition::rendezvous_owner(&live, "coupon", partition).unwrap();
     let other = *live.iter().find(|r| **r != owner).expect("two live replicas");
     let partition = i32::from(partition);
     let holder = || async {
@@ -672,7 +675,7 @@ async fn return_unread(connection: &lapin::Connection, queue: &str) -> bool {
 /// it. Such a command is now sent back to its partition, a bounded number of times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounded_number_of_times() {
-    use shared::topology::Family;
+    use shared::domain::command::Family;
     let system = System::start(0).await;
     let partitions = system.app.topology.partitions;
     // Every partition is leased, for an hour, to a replica that does not run: the worker
@@ -699,7 +702,9 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
     // every time it comes back.
     let (first, second) = loop {
         let (a, b) = (system.coupon(10).await, system.coupon(10).await);
-        if shared::partition::partition_of(a, partitions) != shared::partition::partition_of(b, partitions) {
+        if shared::domain::partition::partition_of(a, partitions)
+            != shared::domain::partition::partition_of(b, partitions)
+        {
             break (a, b);
         }
     };
@@ -710,7 +715,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
         assert_eq!(issued.status, StatusCode::ACCEPTED, "{issued:?}");
         let queue = system.app.topology.queue(
             Family::Coupon,
-            shared::partition::partition_of(coupon, partitions),
+            shared::domain::partition::partition_of(coupon, partitions),
         );
         requests.push((issued.body["requestId"].as_str().unwrap().to_owned(), queue));
     }
@@ -753,11 +758,13 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
                 .fetch_one(&db)
                 .await
                 .unwrap();
-                let requeued =
-                    shared::broker::queue_depth(&connection.create_channel().await.unwrap(), &queue)
-                        .await
-                        .unwrap()
-                        == 1;
+                let requeued = shared::messaging::broker::queue_depth(
+                    &connection.create_channel().await.unwrap(),
+                    &queue,
+                )
+                .await
+                .unwrap()
+                    == 1;
                 if status == "FAILED" || (back && requeued) {
                     return status;
                 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::System;
 use reqwest::StatusCode;
-use shared::topology::Family;
+use shared::domain::command::Family;
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;

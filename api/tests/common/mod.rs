@@ -15,7 +15,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-characters";
 pub struct TestApp {
     pub addr: SocketAddr,
     /// The command topology this app publishes to (unique to the test).
-    pub topology: shared::topology::Topology,
+    pub topology: shared::messaging::topology::Topology,
     pub client: reqwest::Client,
     /// A pool on the app's database, for asserting what was (not) stored.
     pub db: PgPool,
@@ -394,9 +394,9 @@ impl TestApp {
         let mut ids = ids;
         ids.sort_unstable();
         // Each with a token, made and stored as the API does.
-        let tokens: Vec<shared::identity::NewToken> = ids
+        let tokens: Vec<shared::domain::identity::NewToken> = ids
             .iter()
-            .map(|_| shared::identity::new_token().unwrap())
+            .map(|_| shared::domain::identity::new_token().unwrap())
             .collect();
         let hashes: Vec<Vec<u8>> = tokens.iter().map(|t| t.hash.to_vec()).collect();
         sqlx::query(

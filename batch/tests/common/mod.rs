@@ -23,7 +23,7 @@ pub async fn fresh_database() -> (String, PgPool) {
         .await
         .expect("fresh database");
     let settings = DatabaseSettings::new(url.clone(), 5);
-    let db = shared::db::connect_and_migrate(&settings, "batch-test")
+    let db = shared::store::db::connect_and_migrate(&settings, "batch-test")
         .await
         .expect("migrated database");
     (url, db)

@@ -444,7 +444,7 @@ async fn exercise(
     let checks = checks::whole_system(&db, &api).await?;
     let violated: Vec<_> = checks.into_vec().into_iter().filter(|c| !c.passed).collect();
     for c in &violated {
-        say(&name, &format!("VIOLATED: {} ({})", c.name, c.detail));
+        say(&name, &format!("VIOLATED: {} ({})", c.description(), c.detail));
     }
     if violated.is_empty() {
         say(&name, "whole-system invariants hold");

@@ -7,10 +7,10 @@ use api::extract::Json;
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use shared::command::RequestKind;
-use shared::coupon::refusal_message;
-use shared::domain::{whole_number_in, CouponId, UserId};
-use shared::error::ErrorCode;
+use shared::domain::command::RequestKind;
+use shared::domain::coupon::refusal_message;
+use shared::domain::error::ErrorCode;
+use shared::domain::ids::{whole_number_in, CouponId, UserId};
 use uuid::Uuid;
 
 use super::{Peer, Settled};
@@ -77,7 +77,7 @@ pub async fn issue_coupon(
         .bind(request_id)
         .fetch_one(&peer.db)
         .await
-        .map_err(|e| match shared::db::violated_constraint(&e) {
+        .map_err(|e| match shared::store::db::violated_constraint(&e) {
             Some("user_coupon_once") => refused(ErrorCode::CouponAlreadyAcquired),
             _ => ApiError::from(e),
         })?;

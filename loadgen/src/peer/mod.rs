@@ -11,7 +11,7 @@
 //!
 //! What makes it a fair peer:
 //! - the api's pool size and PostgreSQL session settings, built by the same function
-//!   ([`shared::db::connect_and_migrate`] with [`api::config::DEFAULT_POOL`] and the same
+//!   ([`shared::store::db::connect_and_migrate`] with [`api::config::DEFAULT_POOL`] and the same
 //!   `DATABASE_*` variables);
 //! - conditional updates instead of read-then-write, rows locked in id order, one statement
 //!   where one statement can do the work (coupon issue and order creation are one
@@ -45,9 +45,9 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use shared::command::{RequestKind, RequestStatus};
 use shared::config::{var, DatabaseSettings, TelemetrySettings};
-use shared::error::ErrorCode;
+use shared::domain::command::{RequestKind, RequestStatus};
+use shared::domain::error::ErrorCode;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -203,7 +203,7 @@ impl PeerServer {
         settings: &DatabaseSettings,
         reservation_ttl: Duration,
     ) -> anyhow::Result<Self> {
-        let db = shared::db::connect_and_migrate(settings, "loadgen-peer").await?;
+        let db = shared::store::db::connect_and_migrate(settings, "loadgen-peer").await?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;

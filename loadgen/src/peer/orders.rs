@@ -15,11 +15,11 @@ use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
-use shared::command::{OrderLine, RequestKind};
-use shared::domain::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
-use shared::error::ErrorCode;
-use shared::money::Discount;
-use shared::order::{OrderEvent, OrderStatus};
+use shared::domain::command::{OrderLine, RequestKind};
+use shared::domain::error::ErrorCode;
+use shared::domain::ids::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
+use shared::domain::money::Discount;
+use shared::domain::order::{OrderEvent, OrderStatus};
 use uuid::Uuid;
 
 use super::{concurrency_conflict, Peer, Settled};

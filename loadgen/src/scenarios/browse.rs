@@ -1,9 +1,8 @@
 //! `browse`: the synchronous reads, for `--duration-secs`: `GET /products` (first page),
 //! `GET /products/{id}`, `GET /products/popular` and `GET /users/{id}/balance`, mixed
 //! 25 / 40 / 10 / 25. Every answer must be 200; requests per second and latency are reported
-//! per endpoint (`requests_per_sec` and latency `all` overall).
+//! per endpoint (`requests_per_sec` and latency `all` overall; see [`BrowseFigures`]).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +10,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use super::{base_params, Harness, Outcomes};
+use super::{base_params, dispatch_lag, Harness, Outcomes};
 use crate::checks;
 use crate::cli::BrowseArgs;
 use crate::client::Api;
+use crate::figures::{BrowseFigures, Figures};
 use crate::histogram::Recorder;
-use crate::report::ScenarioResult;
+use crate::results::ScenarioResult;
 use crate::schedule;
 use crate::setup;
 
@@ -131,23 +131,18 @@ pub async fn run(args: &BrowseArgs) -> anyhow::Result<()> {
 
     let seconds = timing.elapsed().as_secs_f64();
     let latencies = reader.recorder.summaries();
-    let mut figures = BTreeMap::new();
-    figures.insert("requests".to_owned(), timing.dispatched as f64);
-    figures.insert("load_seconds".to_owned(), seconds);
-    figures.insert("requests_per_sec".to_owned(), timing.dispatched as f64 / seconds);
-    for (label, l) in &latencies {
-        if label != "all" {
-            figures.insert(format!("{label} per sec"), l.count as f64 / seconds);
-        }
-    }
-    figures.extend(measured.db_figures(timing.dispatched as f64, "request"));
-    if common.rate.is_some() {
-        figures.insert("late_dispatches".to_owned(), timing.late as f64);
-        figures.insert(
-            "worst_dispatch_lag_ms".to_owned(),
-            timing.worst_lag.as_secs_f64() * 1e3,
-        );
-    }
+    let figures = Figures::Browse(BrowseFigures {
+        requests: timing.dispatched,
+        load_seconds: seconds,
+        requests_per_sec: timing.dispatched as f64 / seconds,
+        per_endpoint: latencies
+            .iter()
+            .filter(|(label, _)| *label != "all")
+            .map(|(label, l)| (label.clone(), l.count as f64 / seconds))
+            .collect(),
+        dispatch: dispatch_lag(common, &timing),
+        db: measured.db_activity(timing.dispatched as f64),
+    });
     let checks = checks::browse(
         &harness.db,
         &harness.api,
@@ -162,7 +157,6 @@ pub async fn run(args: &BrowseArgs) -> anyhow::Result<()> {
     params.insert("duration_secs".to_owned(), args.duration_secs.to_string());
     let violations = checks.violations();
     harness.finish(ScenarioResult {
-        scenario: "browse".to_owned(),
         label: common.label.clone(),
         pace: common.pace().describe(),
         params,

@@ -8,7 +8,7 @@
 //! share of users will buy, so a single unit sold twice would leave someone's order
 //! rejected (and fail a check).
 //!
-//! Figures (keys of the result):
+//! Figures ([`CheckoutFigures`]):
 //! - `paid_per_sec`: orders paid / (last payment − start of the load), end to end, DB clock.
 //! - `journeys_per_sec`: journeys that ended paid per second of load, as the client saw them.
 //! - latencies `POST /orders` and `POST /orders/{id}/payment` (accept latency), `poll`,
@@ -18,7 +18,6 @@
 //! whose `200` is final (the order `RESERVED`, then `PAID`); a refusal there is the
 //! contract's error code at once. Charges, setup and reads stay with the api.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -29,12 +28,13 @@ use rand::SeedableRng;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{base_params, db_latency, Harness, Outcomes, Settler};
+use super::{base_params, db_latency, dispatch_lag, Harness, Outcomes, Settler};
 use crate::checks::{self, CheckoutFacts};
 use crate::cli::CheckoutArgs;
 use crate::client::{Answer, Api};
+use crate::figures::{CheckoutFigures, Figures};
 use crate::histogram::Recorder;
-use crate::report::ScenarioResult;
+use crate::results::ScenarioResult;
 use crate::schedule;
 use crate::setup;
 
@@ -406,30 +406,18 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
     .await?;
     let started = timing.started_at.timestamp_micros() as f64 / 1e6;
     let paid_seen = shop.paid.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let mut figures = BTreeMap::new();
-    figures.insert("journeys".to_owned(), timing.dispatched as f64);
-    figures.insert("paid".to_owned(), paid as f64);
-    figures.insert("load_seconds".to_owned(), load_seconds);
-    figures.insert(
-        "journeys_per_sec".to_owned(),
-        paid_seen.len() as f64 / load_seconds,
-    );
-    figures.insert(
-        "polls_per_journey".to_owned(),
-        shop.polls.load(Ordering::Relaxed) as f64 / (timing.dispatched.max(1)) as f64,
-    );
-    if let Some(last) = last_paid {
-        figures.insert("paid_per_sec".to_owned(), paid as f64 / (last - started));
-        figures.insert("last_payment_after_start_seconds".to_owned(), last - started);
-    }
-    if common.rate.is_some() {
-        figures.insert("late_dispatches".to_owned(), timing.late as f64);
-        figures.insert(
-            "worst_dispatch_lag_ms".to_owned(),
-            timing.worst_lag.as_secs_f64() * 1e3,
-        );
-    }
-    figures.extend(measured.db_figures(paid as f64, "paid order"));
+    let paid_in = last_paid.map(|last| last - started);
+    let figures = Figures::Checkout(CheckoutFigures {
+        journeys: timing.dispatched,
+        paid: u64::try_from(paid).unwrap_or_default(),
+        load_seconds,
+        journeys_per_sec: paid_seen.len() as f64 / load_seconds,
+        polls_per_journey: shop.polls.load(Ordering::Relaxed) as f64 / (timing.dispatched.max(1)) as f64,
+        paid_per_sec: paid_in.map(|seconds| paid as f64 / seconds),
+        last_payment_after_start_seconds: paid_in,
+        dispatch: dispatch_lag(common, &timing),
+        db: measured.db_activity(paid as f64),
+    });
     let mut latencies = shop.recorder.summaries();
     for (label, sql) in [
         (
@@ -479,7 +467,6 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
     params.insert("coupon_holders".to_owned(), holders.to_string());
     let violations = checks.violations();
     harness.finish(ScenarioResult {
-        scenario: "checkout".to_owned(),
         label: common.label.clone(),
         pace: common.pace().describe(),
         params,

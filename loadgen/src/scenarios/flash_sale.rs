@@ -11,7 +11,7 @@
 //! issued coupon, or the same refusals; the peer keeps no keys, so a retry is a new request
 //! (answered `409 ERR_COUPON_ALREADY_ACQUIRED` once the first was issued).
 //!
-//! Figures (keys of the result):
+//! Figures ([`FlashSaleFigures`]):
 //! - `coupons_issued_per_sec`: coupons issued / (last coupon issued − start of the load):
 //!   what a flash sale is about, end to end, with PostgreSQL's clock (the same machine's).
 //! - `answered_per_sec`, `accepted_per_sec`: HTTP answers, and `202`s (peer: `200`s, each a
@@ -29,12 +29,13 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{base_params, db_latency, Harness, Outcomes, Settler};
+use super::{base_params, db_latency, dispatch_lag, Harness, Outcomes, Settler};
 use crate::checks::{self, FlashSaleFacts};
 use crate::cli::FlashSaleArgs;
 use crate::client::{transport_outcome, Answer, Api};
+use crate::figures::{Figures, FlashSaleFigures};
 use crate::histogram::Recorder;
-use crate::report::ScenarioResult;
+use crate::results::ScenarioResult;
 use crate::schedule;
 use crate::setup;
 
@@ -310,39 +311,28 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         .fetch_one(&harness.db)
         .await?;
     let started = timing.started_at.timestamp_micros() as f64 / 1e6;
-    let answered_202 = sale.accepted_answers.load(Ordering::Relaxed) as f64;
-    let mut figures = std::collections::BTreeMap::new();
-    figures.insert("requests".to_owned(), timing.dispatched as f64);
-    figures.insert("load_seconds".to_owned(), load_seconds);
-    figures.insert(
-        "answered_per_sec".to_owned(),
-        timing.dispatched as f64 / load_seconds,
-    );
-    figures.insert("accepted".to_owned(), answered_202);
-    figures.insert("accepted_per_sec".to_owned(), answered_202 / load_seconds);
-    figures.insert("issued".to_owned(), issued as f64);
-    if let Some(last) = last_issue {
-        figures.insert("last_issue_after_start_seconds".to_owned(), last - started);
-        figures.insert(
-            "coupons_issued_per_sec".to_owned(),
-            issued as f64 / (last - started),
-        );
-    }
-    if let (Some(first), Some(last)) = (first_accept, last_settled) {
-        figures.insert("accept_to_settled_seconds".to_owned(), last - first);
-        figures.insert("settled_per_sec".to_owned(), settled as f64 / (last - first));
-    }
-    if let Some(drain) = drained.filter(|_| harness.settler == Settler::Pipeline) {
-        figures.insert("drain_after_load_seconds".to_owned(), drain.as_secs_f64());
-    }
-    if common.rate.is_some() {
-        figures.insert("late_dispatches".to_owned(), timing.late as f64);
-        figures.insert(
-            "worst_dispatch_lag_ms".to_owned(),
-            timing.worst_lag.as_secs_f64() * 1e3,
-        );
-    }
-    figures.extend(measured.db_figures(timing.dispatched as f64, "request"));
+    let accepted_answers = sale.accepted_answers.load(Ordering::Relaxed);
+    let issue = last_issue.map(|last| (last - started, issued as f64 / (last - started)));
+    let settling = first_accept
+        .zip(last_settled)
+        .map(|(first, last)| (last - first, settled as f64 / (last - first)));
+    let figures = Figures::FlashSale(FlashSaleFigures {
+        requests: timing.dispatched,
+        load_seconds,
+        answered_per_sec: timing.dispatched as f64 / load_seconds,
+        accepted: accepted_answers,
+        accepted_per_sec: accepted_answers as f64 / load_seconds,
+        issued: u64::try_from(issued).unwrap_or_default(),
+        last_issue_after_start_seconds: issue.map(|(seconds, _)| seconds),
+        coupons_issued_per_sec: issue.map(|(_, per_sec)| per_sec),
+        accept_to_settled_seconds: settling.map(|(seconds, _)| seconds),
+        settled_per_sec: settling.map(|(_, per_sec)| per_sec),
+        drain_after_load_seconds: drained
+            .filter(|_| harness.settler == Settler::Pipeline)
+            .map(|drain| drain.as_secs_f64()),
+        dispatch: dispatch_lag(common, &timing),
+        db: measured.db_activity(timing.dispatched as f64),
+    });
     let mut latencies = sale.recorder.summaries();
     if let Some(l) = db_latency(
         &harness.db,
@@ -392,7 +382,6 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
     params.insert("requests".to_owned(), requests.to_string());
     let violations = checks.violations();
     harness.finish(ScenarioResult {
-        scenario: "flash-sale".to_owned(),
         label: common.label.clone(),
         pace: common.pace().describe(),
         params,

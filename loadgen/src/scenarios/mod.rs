@@ -18,12 +18,14 @@ use tokio::time::Instant;
 pub use crate::checks::Settler;
 use crate::cli::Common;
 use crate::client::Api;
-use crate::db_activity::{self, Wait};
+use crate::db_activity::{self, DbActivity, Wait};
+use crate::figures::DispatchLag;
 use crate::histogram::LatencySummary;
 use crate::prometheus::{self, Scrape, Stage};
-use crate::report::{self, ScenarioResult};
+use crate::report;
 use crate::resources::{self, CpuTracker, CpuUse};
-use crate::schedule::Pace;
+use crate::results::{self, ScenarioResult};
+use crate::schedule::{Pace, Timing};
 
 /// How long to wait for the api to be ready and the workers to own every partition.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(90);
@@ -60,9 +62,9 @@ pub struct Measured {
 }
 
 impl Measured {
-    /// Commits, rows and WAL of the window, also per `n` units of work (`request`, …).
-    pub fn db_figures(&self, n: f64, unit: &str) -> BTreeMap<String, f64> {
-        db_activity::delta(&self.counters.0, &self.counters.1, Some((n, unit)))
+    /// Commits, rows and WAL of the window, also per each of `n` units of work.
+    pub fn db_activity(&self, n: f64) -> DbActivity {
+        db_activity::delta(&self.counters.0, &self.counters.1, n)
     }
 }
 
@@ -281,7 +283,7 @@ impl Harness {
         result.notes.extend(self.notes.iter().cloned());
         report::print_scenario(&result);
         if let Some(out) = &self.common.out {
-            report::write_json(out, &result)?;
+            results::write_json(out, &result)?;
         }
         // A run that broke an invariant fails, so that scripts and CI stop on it.
         anyhow::ensure!(
@@ -357,6 +359,14 @@ where
         p99_ms: row.p99.unwrap_or_default(),
         max_ms: row.max.unwrap_or_default(),
     }))
+}
+
+/// How far the schedule slipped, open loop (`--rate`) only.
+pub fn dispatch_lag(common: &Common, timing: &Timing) -> Option<DispatchLag> {
+    common.rate.map(|_| DispatchLag {
+        late_dispatches: timing.late,
+        worst_dispatch_lag_ms: timing.worst_lag.as_secs_f64() * 1e3,
+    })
 }
 
 /// The pace and the knobs every result carries.

@@ -215,7 +215,7 @@ impl System {
             let expected = self.leases();
             let where_hashing_says = held.iter().all(|(family, partition, owner)| {
                 let partition = u16::try_from(*partition).unwrap();
-                shared::partition::rendezvous_owner(&live, family, partition) == Some(*owner)
+                shared::domain::partition::rendezvous_owner(&live, family, partition) == Some(*owner)
             });
             (live.len() == replicas && held.len() as i64 == expected && where_hashing_says)
                 .then_some(())
@@ -468,7 +468,7 @@ pub struct ParkedQueue {
 }
 
 impl System {
-    pub async fn parked_queue(&self, family: shared::topology::Family) -> ParkedQueue {
+    pub async fn parked_queue(&self, family: shared::domain::command::Family) -> ParkedQueue {
         let (connection, channel) = confirmed_channel().await;
         ParkedQueue {
             name: self.app.topology.parked_queue(family),
@@ -480,7 +480,7 @@ impl System {
 
 impl ParkedQueue {
     pub async fn depth(&self) -> u32 {
-        shared::broker::queue_depth(&self.channel, &self.name)
+        shared::messaging::broker::queue_depth(&self.channel, &self.name)
             .await
             .unwrap()
     }
@@ -510,8 +510,9 @@ impl ParkedQueue {
     }
 
     /// Parks a copy of the command of request `id`, as the dead-letter consumer would.
-    pub async fn park(&self, id: uuid::Uuid, kind: shared::command::RequestKind) {
-        let body = serde_json::to_vec(&shared::command::CommandMessage { request_id: id, kind }).unwrap();
+    pub async fn park(&self, id: uuid::Uuid, kind: shared::domain::command::RequestKind) {
+        let body =
+            serde_json::to_vec(&shared::domain::command::CommandMessage { request_id: id, kind }).unwrap();
         self.channel
             .basic_publish(
                 "".into(),
@@ -534,9 +535,15 @@ impl System {
     /// message taken out of the partition queue of `key` in `family` (no worker may run
     /// yet), the request stored and unpublished, due for the sweeper `due` from now (an SQL
     /// interval). Returns the partition.
-    pub async fn lose_publish(&self, family: shared::topology::Family, key: i64, id: &str, due: &str) -> u16 {
+    pub async fn lose_publish(
+        &self,
+        family: shared::domain::command::Family,
+        key: i64,
+        id: &str,
+        due: &str,
+    ) -> u16 {
         let topology = &self.app.topology;
-        let partition = shared::partition::partition_of(key, topology.partitions);
+        let partition = shared::domain::partition::partition_of(key, topology.partitions);
         let queue = topology.queue(family, partition);
         let connection = broker_connection().await;
         let channel = connection.create_channel().await.unwrap();
@@ -600,7 +607,7 @@ impl System {
 impl System {
     /// Publishes `body` as it is to partition `partition` of `family`, confirmed, as a
     /// foreign or broken publisher would: no request stands behind it.
-    pub async fn send_raw(&self, family: shared::topology::Family, partition: u16, body: &[u8]) {
+    pub async fn send_raw(&self, family: shared::domain::command::Family, partition: u16, body: &[u8]) {
         let (connection, channel) = confirmed_channel().await;
         let topology = &self.app.topology;
         let confirm = channel

@@ -2,8 +2,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::command::CouponIssue;
-use crate::error::ErrorCode;
+use crate::domain::command::CouponIssue;
+use crate::domain::error::ErrorCode;
 
 /// What a batch needs to know of one coupon, read under its row lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

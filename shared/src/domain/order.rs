@@ -93,8 +93,6 @@ impl OrderStatus {
     }
 }
 
-crate::stored_as_text!(OrderStatus);
-
 /// Every event, for callers that ask about all of them.
 pub const EVENTS: [OrderEvent; 5] = [
     OrderEvent::Reserve,

@@ -8,54 +8,26 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::order::OrderStatus;
-use crate::topology::Family;
+use crate::domain::order::OrderStatus;
 
-/// Maps an enum stored in a `TEXT` column to and from that column, through its `as_str`
-/// and `parse`, so statuses and kinds are bound and read as types, never as literals.
-///
-/// Written out rather than `#[derive(sqlx::Type)]` with `type_name = "text"`: sqlx treats
-/// such a type as one it must look up by name, which costs a round trip to PostgreSQL on
-/// every new connection; this one is plain `TEXT` (and `TEXT[]` for arrays) to sqlx.
-#[macro_export]
-macro_rules! stored_as_text {
-    ($type:ty) => {
-        impl sqlx::Type<sqlx::Postgres> for $type {
-            fn type_info() -> sqlx::postgres::PgTypeInfo {
-                <str as sqlx::Type<sqlx::Postgres>>::type_info()
-            }
+/// A family of commands; each has its own partition queues and dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Coupon issues, partitioned by `couponId`.
+    Coupon,
+    /// Order creation and payment, partitioned by `userId`.
+    Order,
+}
 
-            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-                <str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-            }
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Coupon, Family::Order];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Coupon => "coupon",
+            Family::Order => "order",
         }
-
-        impl sqlx::postgres::PgHasArrayType for $type {
-            fn array_type_info() -> sqlx::postgres::PgTypeInfo {
-                <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
-            }
-
-            fn array_compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-                <&str as sqlx::postgres::PgHasArrayType>::array_compatible(ty)
-            }
-        }
-
-        impl sqlx::Encode<'_, sqlx::Postgres> for $type {
-            fn encode_by_ref(
-                &self,
-                buf: &mut sqlx::postgres::PgArgumentBuffer,
-            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $type {
-            fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-                let raw = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
-                <$type>::parse(raw).ok_or_else(|| format!("{raw:?} is not a {}", stringify!($type)).into())
-            }
-        }
-    };
+    }
 }
 
 /// The type of an asynchronous request, as the contract names it.
@@ -127,9 +99,6 @@ impl RequestStatus {
         self != RequestStatus::Pending
     }
 }
-
-stored_as_text!(RequestKind);
-stored_as_text!(RequestStatus);
 
 /// What a settled request produced, as the contract's `result` names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,70 +180,6 @@ pub struct OrderPay {
     pub user_id: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coupon_id: Option<i64>,
-}
-
-/// Fails a request that is still `PENDING` with `error`, and rejects the order it was
-/// creating, if any (a `PENDING` order holds no stock, so nothing is released). Waits for
-/// the row lock of a worker settling the request right now: if that worker commits first,
-/// the request is no longer `PENDING` and nothing changes. True when it was failed here.
-///
-/// Both ways a request fails without being settled go through here: the api withdrawing
-/// one it could not publish, and a worker parking a dead letter.
-pub async fn fail_pending(
-    conn: &mut sqlx::PgConnection,
-    request_id: Uuid,
-    error: &crate::error::ErrorBody,
-) -> Result<bool, sqlx::Error> {
-    let failed = sqlx::query!(
-        "UPDATE requests SET status = $3, error = $2, completed_at = now()
-         WHERE id = $1 AND status = $4",
-        request_id,
-        serde_json::to_value(error).unwrap_or_default(),
-        RequestStatus::Failed as _,
-        RequestStatus::Pending as _,
-    )
-    .execute(&mut *conn)
-    .await?;
-    if failed.rows_affected() == 0 {
-        return Ok(false);
-    }
-    // `'PENDING'` stays written out: it is what lets the planner use the partial index
-    // `orders_pending_by_request`, which a bound status would not under a generic plan.
-    sqlx::query!(
-        "UPDATE orders SET status = $2, closed_at = now()
-         WHERE create_request_id = $1 AND status = 'PENDING'",
-        request_id,
-        OrderStatus::Rejected as _,
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
-}
-
-/// Publishes the command of a stored request to its partition queue and waits for the
-/// broker's confirm. The API calls it after committing the request; the sweeper calls it
-/// again for requests whose confirm was never recorded.
-pub async fn publish(
-    publisher: &crate::broker::Publisher,
-    topology: &crate::topology::Topology,
-    request_id: Uuid,
-    kind: RequestKind,
-    partition_key: i64,
-) -> Result<(), crate::broker::PublishError> {
-    let partition = crate::partition::partition_of(partition_key, topology.partitions);
-    let queue = topology.queue(kind.family(), partition);
-    let message = CommandMessage { request_id, kind };
-    // Serializing two plain fields cannot fail; an empty body would be dead-lettered.
-    let body = serde_json::to_vec(&message).unwrap_or_default();
-    publisher
-        .publish(
-            &topology.commands_exchange(),
-            &queue,
-            &request_id.to_string(),
-            &body,
-            true,
-        )
-        .await
 }
 
 #[cfg(test)]

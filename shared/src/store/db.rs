@@ -21,7 +21,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Connects (creating the database when it does not exist), applies pending migrations and
-/// claims the pool's share of the connection budget ([`crate::connection_budget`]), which
+/// claims the pool's share of the connection budget ([`crate::store::connection_budget`]), which
 /// logs the pool size.
 pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
     let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
@@ -78,7 +78,7 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .await
         .context("cannot connect to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("cannot apply migrations")?;
-    crate::connection_budget::claim(&pool, app_name, settings.max_connections)
+    crate::store::connection_budget::claim(&pool, app_name, settings.max_connections)
         .await
         .context("cannot record the connection pool in process_pools")?;
     Ok(pool)

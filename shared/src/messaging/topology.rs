@@ -18,26 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{var, ConfigError};
-
-/// A family of commands; each has its own partition queues and dead-letter queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Coupon issues, partitioned by `couponId`.
-    Coupon,
-    /// Order creation and payment, partitioned by `userId`.
-    Order,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::Coupon, Family::Order];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Coupon => "coupon",
-            Family::Order => "order",
-        }
-    }
-}
+use crate::domain::command::Family;
 
 /// Names and arguments of the command queues.
 #[derive(Debug, Clone)]

@@ -1,0 +1,24 @@
+//! The rules of the pipeline, without I/O: nothing here reaches PostgreSQL, RabbitMQ or the
+//! clock of a runtime, so each rule can be read, and tested, on its own.
+//!
+//! - [`ids`]: ids, names and the bounds of numbers in requests.
+//! - [`money`]: order totals and coupon discounts.
+//! - [`order`]: the life of an order: which status follows which event.
+//! - [`coupon`]: who gets a coupon from a batch of issue requests, and why one is refused.
+//! - [`partition`]: which partition a key goes to, which replica owns a partition.
+//! - [`command`]: asynchronous requests, their results and the messages that carry them.
+//! - [`events`]: the `order.paid` event to the data platform.
+//! - [`error`]: the contract's machine-readable error codes and error body.
+//! - [`identity`]: customer bearer tokens: how they are made and how they are stored.
+//! - [`popular`]: the popular-products ranking: windows, filters, ranks.
+
+pub mod command;
+pub mod coupon;
+pub mod error;
+pub mod events;
+pub mod identity;
+pub mod ids;
+pub mod money;
+pub mod order;
+pub mod partition;
+pub mod popular;
