@@ -5,8 +5,9 @@
 //! `202 Accepted` with a status URL.
 //!
 //! # Layout
-//! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`], [`admin`]: one router
-//!   per part of the contract.
+//! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
+//!   [`popular`], [`admin`]: one router per part of the contract.
+//! - [`config`]: the api's settings; [`state`]: what every handler can reach.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
 //! - [`dispatcher`]: publishing with the broker's confirm, and marking confirmed requests
 //!   published.

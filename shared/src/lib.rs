@@ -12,6 +12,7 @@
 //! - [`telemetry`]: tracing setup, as text for people or JSON for log shippers.
 //! - [`metric_help`]: the `# HELP` text of every metric the binaries emit.
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
+//! - `testing` (feature `test-support`): a database of its own per test, an isolated topology.
 
 pub mod config;
 pub mod domain;

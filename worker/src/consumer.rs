@@ -80,7 +80,7 @@ async fn consume(ctx: &Context, lease: &Lease, queue: &str, stop: &CancellationT
             Err(e) => break Err(e.into()),
         };
         gathering.busy = batch.len() > 1;
-        let settled = settle::process_batch(ctx, lease, batch, stop).await;
+        let settled = settle::settle_and_ack(ctx, lease, batch, stop).await;
         drop(slot);
         match settled {
             Ok(Continue::Yes) => {}

@@ -13,7 +13,10 @@
 //! - [`orders`]: the order family: stock reservation and payment settlement.
 //! - [`outbox`]: publishes events after commit to `ecommerce.events`.
 //! - [`dataplatform`]: `worker data-platform`, a stand-in consumer of those events.
-//! - [`deadletters`]: marks requests of dead-lettered commands failed and parks the messages.
+//! - [`dead_letter_consumer`]: marks requests of dead-lettered commands failed and parks the
+//!   messages.
+//! - [`parked_letters`]: `worker dead-letters list | replay | discard`, the operators' command
+//!   over the parked letters.
 //! - [`sweeper`]: re-publishes requests whose publish was never confirmed.
 
 pub mod config;
@@ -21,11 +24,11 @@ pub mod consumer;
 pub mod coordinator;
 pub mod coupons;
 pub mod dataplatform;
-pub mod deadletters;
+pub mod dead_letter_consumer;
 pub mod leases;
 pub mod orders;
 pub mod outbox;
-pub mod parked;
+pub mod parked_letters;
 pub mod pipeline;
 pub mod settle;
 pub mod sweeper;
@@ -125,7 +128,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         shutdown.clone(),
     ));
     let sweeper = tokio::spawn(sweeper::run(Arc::clone(&ctx), shutdown.clone()));
-    let dead_letters = tokio::spawn(deadletters::run(Arc::clone(&ctx), shutdown.clone()));
+    let dead_letters = tokio::spawn(dead_letter_consumer::run(Arc::clone(&ctx), shutdown.clone()));
     let relay = tokio::spawn(outbox::run(Arc::clone(&ctx), shutdown.clone()));
     tracing::info!(name = %ctx.config.name, replica = %ctx.replica, %metrics_addr, "worker ready");
 

@@ -9,7 +9,7 @@
 //! A batch that fails for a reason other than an unreachable database is settled again one
 //! command at a time, in order, so one bad command cannot hold back the others. A command
 //! that keeps failing is dead-lettered (its request is then marked failed by
-//! [`crate::deadletters`]). An unreachable database is waited out without giving up the
+//! [`crate::dead_letter_consumer`]). An unreachable database is waited out without giving up the
 //! messages, so an outage never burns through delivery attempts.
 
 use std::collections::{HashMap, HashSet};
@@ -75,7 +75,7 @@ enum Attempt {
 }
 
 /// Settles and acks one batch of deliveries from the lease's partition.
-pub async fn process_batch(
+pub async fn settle_and_ack(
     ctx: &Context,
     lease: &Lease,
     batch: Vec<Delivery>,

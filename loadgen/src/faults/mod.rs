@@ -12,6 +12,9 @@
 //! A scenario that breaks an invariant, does not recover within the bound, has a process
 //! that does not stop gracefully on SIGTERM, or does not end within its time limit fails
 //! the suite; the next scenario still runs, while the suite's own time limit lasts.
+//!
+//! - [`system`]: the processes under test, started, stopped and killed.
+//! - [`recovery`]: when the system is whole again after a fault.
 
 pub mod recovery;
 pub mod system;

@@ -1,5 +1,9 @@
 //! The scenarios, and what they share: connecting, measuring a window (metrics, CPU, what
 //! PostgreSQL waits on), counting answers, waiting for settlement, and writing the result.
+//!
+//! - [`flash_sale`]: many users race for one coupon's limited quantity.
+//! - [`checkout`]: users charge, order and pay, some with a coupon.
+//! - [`browse`]: the synchronous reads: products, popular products, balances.
 
 pub mod browse;
 pub mod checkout;
