@@ -6,11 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{spawn_app_with, Answer, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use testkit::{spawn_app_with, Answer, TestApp};
 
 /// The contract's public operations ("Public, without credentials").
 const PUBLIC: &[(&str, &str)] = &[

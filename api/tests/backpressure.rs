@@ -6,15 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::{spawn_app_with, Answer};
 use lapin::options::QueuePurgeOptions;
 use reqwest::StatusCode;
 use serde_json::json;
 use shared::domain::command::Family;
+use testkit::{spawn_app_with, Answer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_queue_limit_commands_get_429_until_the_queues_drain() {

@@ -3,10 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{spawn_app, ADMIN_TOKEN};
 use reqwest::{Method, StatusCode};
+use testkit::{spawn_app, ADMIN_TOKEN};
 
 const JSON: &str = "application/json";
 

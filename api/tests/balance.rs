@@ -2,11 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::spawn_app;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use testkit::spawn_app;
 
 #[tokio::test]
 async fn a_new_user_has_a_zero_balance() {

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{socket_of, spawn_app_with, Proxy, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{socket_of, spawn_app_with, Proxy, TestApp};
 
 /// A user, and the issue path of a coupon they can request.
 async fn user_and_coupon(app: &TestApp) -> (i64, String) {
@@ -122,7 +120,7 @@ async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_e
                 .send()
                 .await
                 .unwrap();
-            common::read(response).await
+            testkit::read(response).await
         })
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -2,11 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::spawn_app;
 use rand::Rng;
 use reqwest::StatusCode;
+use testkit::spawn_app;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_charges_of_one_user_all_count() {
@@ -71,13 +69,8 @@ async fn concurrent_charges_over_twenty_users_each_add_up() {
         assert_eq!(app.balance(user).await, expected, "user {user}");
     }
     // Every balance equals its ledger.
-    let mismatches: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM balances b
-         WHERE b.amount <> COALESCE((SELECT sum(CASE WHEN kind = 'PAYMENT' THEN -amount ELSE amount END)
-                                     FROM balance_transactions t WHERE t.user_id = b.user_id), 0)",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let mismatches = shared::store::invariants::balances_off_ledger(&app.db, None)
+        .await
+        .unwrap();
     assert_eq!(mismatches, 0);
 }

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use chrono::{Duration, Utc};
-use common::{spawn_app, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use testkit::{spawn_app, TestApp};
 
 fn in_a_day() -> String {
     (Utc::now() + Duration::days(1)).to_rfc3339()

@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::spawn_app;
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::spawn_app;
 
 #[tokio::test]
 async fn the_same_key_and_body_replays_the_first_answer_without_a_second_effect() {
@@ -189,7 +187,7 @@ async fn a_slow_request_whose_claim_was_taken_over_applies_nothing() {
                 .send()
                 .await
                 .unwrap();
-            common::read(response).await
+            testkit::read(response).await
         })
     };
     let claim_age = || async {
@@ -354,7 +352,7 @@ async fn a_replay_right_after_a_202_gets_that_202_on_this_replica_and_another() 
         .send()
         .await
         .unwrap();
-    let elsewhere = common::read(elsewhere).await;
+    let elsewhere = testkit::read(elsewhere).await;
     assert_eq!(elsewhere.status, StatusCode::ACCEPTED, "{elsewhere:?}");
     assert_eq!(elsewhere.body["requestId"], created.body["requestId"]);
     assert_eq!(elsewhere.body["orderId"], created.body["orderId"]);

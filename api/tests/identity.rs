@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::{spawn_app, spawn_app_with, Answer, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use testkit::{spawn_app, spawn_app_with, Answer, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,10 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::spawn_app;
 use reqwest::{Method, StatusCode};
+use testkit::spawn_app;
 
 #[tokio::test]
 async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
@@ -20,11 +18,11 @@ async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
 
 #[tokio::test]
 async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
-    let database_url = shared::testing::fresh_database_url().await.unwrap();
+    let database = testkit::database::TestDatabase::create().await;
     let mut config = api::ApiConfig::from_env().unwrap();
     config.http_addr = ([127, 0, 0, 1], 0).into();
-    config.database.url = database_url;
-    config.admin_token = common::ADMIN_TOKEN.to_owned().into();
+    config.database.url = database.url().to_owned();
+    config.admin_token = testkit::ADMIN_TOKEN.to_owned().into();
     config.metrics_addr = ([127, 0, 0, 1], 0).into();
     // Nothing listens on port 1.
     config.broker.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
@@ -37,7 +35,7 @@ async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
 
     let live = reqwest::get(format!("http://{addr}/health/live")).await.unwrap();
     assert_eq!(live.status(), StatusCode::OK);
-    let ready = common::read(reqwest::get(format!("http://{addr}/health/ready")).await.unwrap()).await;
+    let ready = testkit::read(reqwest::get(format!("http://{addr}/health/ready")).await.unwrap()).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.body["postgres"], "UP");
     assert_eq!(ready.body["rabbitmq"], "DOWN");
@@ -243,8 +241,8 @@ async fn the_docs_page_serves_swagger_ui_over_the_openapi_document_from_the_api_
 
 #[tokio::test]
 async fn migrations_are_safe_when_several_processes_start_at_once() {
-    let url = shared::testing::fresh_database_url().await.unwrap();
-    let settings = shared::config::DatabaseSettings::new(url, 2);
+    let database = testkit::database::TestDatabase::create().await;
+    let settings = shared::config::DatabaseSettings::new(database.url(), 2);
     let starts = (0..4).map(|i| {
         let settings = settings.clone();
         tokio::spawn(async move {

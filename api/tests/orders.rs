@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{spawn_app, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{spawn_app, TestApp};
 
-async fn order(app: &TestApp, body: Value) -> common::Answer {
+async fn order(app: &TestApp, body: Value) -> testkit::Answer {
     app.command("/orders", body).await
 }
 

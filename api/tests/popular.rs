@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use common::{spawn_app, Answer, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use testkit::{spawn_app, Answer, TestApp};
 use uuid::Uuid;
 
 fn days_before(day: NaiveDate, n: u64) -> NaiveDate {

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{spawn_app, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{spawn_app, TestApp};
 
 /// The request ids of every page of `path` (which has its filters), `limit` per page.
 async fn every_page(app: &TestApp, user: i64, path: &str, limit: usize) -> Vec<String> {
@@ -31,7 +29,7 @@ async fn every_page(app: &TestApp, user: i64, path: &str, limit: usize) -> Vec<S
     }
 }
 
-fn request_id(answer: &common::Answer) -> String {
+fn request_id(answer: &testkit::Answer) -> String {
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
     answer.body["requestId"].as_str().unwrap().to_owned()
 }

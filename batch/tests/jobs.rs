@@ -2,13 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
+use testkit::jobs;
 
 use std::time::Duration;
 
 use batch::{Job, Outcome, Runner};
 use chrono::Utc;
-use common::{order, user};
+use testkit::jobs::{order, user};
 use uuid::Uuid;
 
 async fn status_of(db: &sqlx::PgPool, order: Uuid) -> String {
@@ -21,10 +21,10 @@ async fn status_of(db: &sqlx::PgPool, order: Uuid) -> String {
 
 #[tokio::test]
 async fn expiry_releases_the_stock_of_overdue_reservations_and_leaves_paid_and_fresh_ones_alone() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let u = user(&db).await;
-    let a = common::product(&db, "A", 1_000, 100).await;
-    let b = common::product(&db, "B", 2_000, 100).await;
+    let a = jobs::product(&db, "A", 1_000, 100).await;
+    let b = jobs::product(&db, "B", 2_000, 100).await;
     let now = Utc::now();
     let overdue = order(
         &db,
@@ -72,9 +72,9 @@ async fn expiry_releases_the_stock_of_overdue_reservations_and_leaves_paid_and_f
         .await
         .unwrap();
 
-    let runner = Runner::new(db.clone(), common::config(&url, "test"));
+    let runner = Runner::new(db.clone(), jobs::config(&url, "test"));
     let outcome = runner
-        .run_scheduled(Job::ReservationExpiry, common::quiet_slot())
+        .run_scheduled(Job::ReservationExpiry, jobs::quiet_slot())
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Ran { rows: 1, .. }), "{outcome:?}");
@@ -105,7 +105,7 @@ async fn expiry_releases_the_stock_of_overdue_reservations_and_leaves_paid_and_f
 
 #[tokio::test]
 async fn housekeeping_prunes_only_what_is_past_its_retention() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     for (key, age_hours) in [("old", 25), ("young", 23)] {
         sqlx::query(
             "INSERT INTO idempotency_keys (scope, key, request, created_at)
@@ -149,9 +149,9 @@ async fn housekeeping_prunes_only_what_is_past_its_retention() {
     .await
     .unwrap();
 
-    let runner = Runner::new(db.clone(), common::config(&url, "test"));
+    let runner = Runner::new(db.clone(), jobs::config(&url, "test"));
     let outcome = runner
-        .run_scheduled(Job::Housekeeping, common::quiet_slot())
+        .run_scheduled(Job::Housekeeping, jobs::quiet_slot())
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Ran { rows: 3, .. }), "{outcome:?}");
@@ -179,7 +179,7 @@ async fn housekeeping_prunes_only_what_is_past_its_retention() {
 
 #[tokio::test]
 async fn retention_follows_the_configuration() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     sqlx::query(
         "INSERT INTO idempotency_keys (scope, key, request, created_at)
          VALUES ('POST /users', 'two days', '{}', now() - interval '47 hours')",
@@ -187,12 +187,12 @@ async fn retention_follows_the_configuration() {
     .execute(&db)
     .await
     .unwrap();
-    let mut config = common::config(&url, "test");
+    let mut config = jobs::config(&url, "test");
     config.idempotency_key_retention = Duration::from_secs(48 * 3600);
     let runner = Runner::new(db.clone(), config);
     assert_eq!(runner.run_on_demand(Job::Housekeeping).await.unwrap(), 0);
 
-    let mut config = common::config(&url, "test");
+    let mut config = jobs::config(&url, "test");
     config.idempotency_key_retention = Duration::from_secs(46 * 3600);
     let runner = Runner::new(db.clone(), config);
     assert_eq!(runner.run_on_demand(Job::Housekeeping).await.unwrap(), 1);

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
+use testkit::jobs;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -35,11 +35,11 @@ fn once_each() -> Vec<(String, i64, i64, bool)> {
 
 #[tokio::test]
 async fn two_batches_started_together_run_each_job_once() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     // Each instance has its own pool and its own sessions, as two replicas would.
     let (a, b) = tokio::join!(
-        Batch::start(common::config(&url, "a")),
-        Batch::start(common::config(&url, "b"))
+        Batch::start(jobs::config(&url, "a")),
+        Batch::start(jobs::config(&url, "b"))
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     // Both have caught up at start; the catch-up of either, repeated now, changes nothing.
@@ -52,7 +52,7 @@ async fn two_batches_started_together_run_each_job_once() {
             .fetch_all(&db)
             .await
             .unwrap();
-    assert_eq!(slots, vec![common::quiet_slot()]);
+    assert_eq!(slots, vec![jobs::quiet_slot()]);
     tokio::join!(a.stop(), b.stop());
 }
 
@@ -64,9 +64,9 @@ fn batch_process(database_url: &str, name: &str, args: &[&str]) -> Command {
         .env("DATABASE_URL", database_url)
         .env("BATCH_NAME", name)
         .env("BATCH_METRICS_ADDR", "127.0.0.1:0")
-        .env("BATCH_POPULAR_PRODUCTS_CRON", common::QUIET_CRON)
-        .env("BATCH_RESERVATION_EXPIRY_CRON", common::QUIET_CRON)
-        .env("BATCH_HOUSEKEEPING_CRON", common::QUIET_CRON)
+        .env("BATCH_POPULAR_PRODUCTS_CRON", jobs::QUIET_CRON)
+        .env("BATCH_RESERVATION_EXPIRY_CRON", jobs::QUIET_CRON)
+        .env("BATCH_HOUSEKEEPING_CRON", jobs::QUIET_CRON)
         .env("RUST_LOG", "info")
         .env("LOG_JSON", "false")
         .stdout(Stdio::piped())
@@ -95,7 +95,7 @@ async fn wait_until_ready(child: &mut Child) {
 
 #[tokio::test]
 async fn two_batch_processes_started_together_run_each_job_once() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let mut a = batch_process(&url, "a", &[]).spawn().unwrap();
     let mut b = batch_process(&url, "b", &[]).spawn().unwrap();
     tokio::join!(wait_until_ready(&mut a), wait_until_ready(&mut b));
@@ -111,16 +111,16 @@ async fn two_batch_processes_started_together_run_each_job_once() {
 
 #[tokio::test]
 async fn batch_run_runs_one_job_now_and_fails_loudly() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let status = batch_process(&url, "cli", &["run", "popular-products"])
         .status()
         .await
         .unwrap();
     assert!(status.success());
-    let runs = common::runs_of(&db, "popular-products").await;
+    let runs = jobs::runs_of(&db, "popular-products").await;
     assert_eq!(runs.len(), 1);
     assert_eq!((runs[0].0.as_str(), runs[0].1.as_str()), ("MANUAL", "SUCCEEDED"));
-    assert_eq!(common::snapshots(&db).await.len(), 1);
+    assert_eq!(jobs::snapshots(&db).await.len(), 1);
 
     let unknown = batch_process(&url, "cli", &["run", "everything"])
         .status()
@@ -138,7 +138,7 @@ async fn batch_run_runs_one_job_now_and_fails_loudly() {
         .await
         .unwrap();
     assert!(!failed.success());
-    let outcomes: Vec<String> = common::runs_of(&db, "housekeeping")
+    let outcomes: Vec<String> = jobs::runs_of(&db, "housekeeping")
         .await
         .into_iter()
         .map(|(trigger, outcome, _)| format!("{trigger} {outcome}"))
@@ -148,8 +148,8 @@ async fn batch_run_runs_one_job_now_and_fails_loudly() {
 
 #[tokio::test]
 async fn the_batch_serves_the_last_success_and_duration_of_each_job() {
-    let (url, _db) = common::fresh_database().await;
-    let batch = Batch::start(common::config(&url, "metrics")).await.unwrap();
+    let (url, _db) = jobs::fresh_database().await;
+    let batch = Batch::start(jobs::config(&url, "metrics")).await.unwrap();
     let body = reqwest::get(format!("http://{}/metrics", batch.metrics_addr()))
         .await
         .unwrap()

@@ -3,13 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
+use testkit::jobs;
 
 use batch::{Job, Outcome, Runner};
 use chrono::{NaiveDate, Utc};
-use common::{at, days_before, order, paid, user};
 use shared::domain::popular::{Filter, Window};
 use sqlx::PgPool;
+use testkit::jobs::{at, days_before, order, paid, user};
 
 /// Products of the fabricated history, in id order (so `p[0]` has the lowest id).
 struct History {
@@ -30,7 +30,7 @@ struct History {
 async fn fabricate(db: &PgPool, today: NaiveDate) -> History {
     let mut p = Vec::new();
     for i in 0..7 {
-        p.push(common::product(db, &format!("Product {i}"), 1_000 * (i + 1), 1_000).await);
+        p.push(jobs::product(db, &format!("Product {i}"), 1_000 * (i + 1), 1_000).await);
     }
     let u = user(db).await;
     let d = |n| days_before(today, n);
@@ -74,10 +74,10 @@ async fn ranked(db: &PgPool, filter: Filter, today: NaiveDate) -> Vec<(i32, i64,
 
 #[tokio::test]
 async fn the_ranking_counts_units_of_paid_orders_over_the_three_whole_days_before_today() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let today = Utc::now().date_naive();
     let History { p } = fabricate(&db, today).await;
-    let runner = Runner::new(db.clone(), common::config(&url, "test"));
+    let runner = Runner::new(db.clone(), jobs::config(&url, "test"));
 
     let slot = at(today, 5 * 60);
     let outcome = runner.run_scheduled(Job::PopularProducts, slot).await.unwrap();
@@ -112,7 +112,7 @@ async fn the_ranking_counts_units_of_paid_orders_over_the_three_whole_days_befor
     assert_eq!((first.name.as_str(), first.price), ("Product 0", 1_000));
 
     // The snapshot holds exactly the default ranking.
-    let snapshots = common::snapshots(&db).await;
+    let snapshots = jobs::snapshots(&db).await;
     assert_eq!(snapshots.len(), 1);
     assert_eq!(snapshots[0].0, today);
     assert_eq!(snapshots[0].2, top);
@@ -138,7 +138,7 @@ async fn the_ranking_counts_units_of_paid_orders_over_the_three_whole_days_befor
     );
 
     // The rollup has one row per product and day with paid sales, none for today.
-    let rows: Vec<(NaiveDate, i64, i64)> = common::rollup(&db)
+    let rows: Vec<(NaiveDate, i64, i64)> = jobs::rollup(&db)
         .await
         .into_iter()
         .map(|(d, p, q, _)| (d, p, q))
@@ -160,22 +160,22 @@ async fn the_ranking_counts_units_of_paid_orders_over_the_three_whole_days_befor
     expected.sort();
     assert_eq!(rows, expected);
 
-    let runs = common::runs_of(&db, "popular-products").await;
+    let runs = jobs::runs_of(&db, "popular-products").await;
     assert_eq!(runs, vec![("SCHEDULE".into(), "SUCCEEDED".into(), slot)]);
 }
 
 #[tokio::test]
 async fn running_the_same_slot_again_changes_nothing() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let today = Utc::now().date_naive();
     fabricate(&db, today).await;
-    let runner = Runner::new(db.clone(), common::config(&url, "test"));
+    let runner = Runner::new(db.clone(), jobs::config(&url, "test"));
     let slot = at(today, 5 * 60);
 
     let first = runner.run_scheduled(Job::PopularProducts, slot).await.unwrap();
     assert!(matches!(first, Outcome::Ran { .. }), "{first:?}");
-    let rollup = common::rollup(&db).await;
-    let snapshots = common::snapshots(&db).await;
+    let rollup = jobs::rollup(&db).await;
+    let snapshots = jobs::snapshots(&db).await;
 
     for job in Job::ALL {
         let again = runner.run_scheduled(job, slot).await.unwrap();
@@ -189,10 +189,10 @@ async fn running_the_same_slot_again_changes_nothing() {
             );
         }
     }
-    assert_eq!(common::rollup(&db).await, rollup, "not even computed_at moved");
-    assert_eq!(common::snapshots(&db).await, snapshots);
+    assert_eq!(jobs::rollup(&db).await, rollup, "not even computed_at moved");
+    assert_eq!(jobs::snapshots(&db).await, snapshots);
     for job in Job::ALL {
-        assert_eq!(common::runs_of(&db, job.name()).await.len(), 1, "{job}");
+        assert_eq!(jobs::runs_of(&db, job.name()).await.len(), 1, "{job}");
     }
 
     // Recomputing the same day on demand writes the same figures; only the time moves.
@@ -200,8 +200,8 @@ async fn running_the_same_slot_again_changes_nothing() {
     let figures = |rows: &[(NaiveDate, i64, i64, chrono::DateTime<Utc>)]| {
         rows.iter().map(|(d, p, q, _)| (*d, *p, *q)).collect::<Vec<_>>()
     };
-    assert_eq!(figures(&common::rollup(&db).await), figures(&rollup));
-    let again = common::snapshots(&db).await;
+    assert_eq!(figures(&jobs::rollup(&db).await), figures(&rollup));
+    let again = jobs::snapshots(&db).await;
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].0, &again[0].2), (snapshots[0].0, &snapshots[0].2));
     assert!(
@@ -213,7 +213,7 @@ async fn running_the_same_slot_again_changes_nothing() {
 
 #[tokio::test]
 async fn a_run_left_unfinished_by_a_dead_process_is_abandoned_and_its_slot_run_again() {
-    let (url, db) = common::fresh_database().await;
+    let (url, db) = jobs::fresh_database().await;
     let today = Utc::now().date_naive();
     fabricate(&db, today).await;
     let slot = at(today, 5 * 60);
@@ -226,24 +226,24 @@ async fn a_run_left_unfinished_by_a_dead_process_is_abandoned_and_its_slot_run_a
     .await
     .unwrap();
 
-    let runner = Runner::new(db.clone(), common::config(&url, "alive"));
+    let runner = Runner::new(db.clone(), jobs::config(&url, "alive"));
     let outcome = runner.run_scheduled(Job::PopularProducts, slot).await.unwrap();
     assert!(matches!(outcome, Outcome::Ran { .. }), "{outcome:?}");
     assert_eq!(
-        common::runs_of(&db, "popular-products").await,
+        jobs::runs_of(&db, "popular-products").await,
         vec![
             ("SCHEDULE".into(), "ABANDONED".into(), slot),
             ("SCHEDULE".into(), "SUCCEEDED".into(), slot)
         ]
     );
-    assert_eq!(common::snapshots(&db).await.len(), 1);
+    assert_eq!(jobs::snapshots(&db).await.len(), 1);
 }
 
 #[tokio::test]
 async fn a_failed_run_is_recorded_and_its_slot_stays_open_for_a_retry() {
-    let (url, db) = common::fresh_database().await;
-    let runner = Runner::new(db.clone(), common::config(&url, "test"));
-    let slot = common::quiet_slot();
+    let (url, db) = jobs::fresh_database().await;
+    let runner = Runner::new(db.clone(), jobs::config(&url, "test"));
+    let slot = jobs::quiet_slot();
     // A schema the job cannot work with: the failure must be recorded, not swallowed.
     sqlx::query("ALTER TABLE daily_product_sales RENAME TO daily_product_sales_gone")
         .execute(&db)
@@ -265,7 +265,7 @@ async fn a_failed_run_is_recorded_and_its_slot_stays_open_for_a_retry() {
         .unwrap();
     let retried = runner.run_scheduled(Job::PopularProducts, slot).await.unwrap();
     assert!(matches!(retried, Outcome::Ran { .. }), "{retried:?}");
-    let outcomes: Vec<String> = common::runs_of(&db, "popular-products")
+    let outcomes: Vec<String> = jobs::runs_of(&db, "popular-products")
         .await
         .into_iter()
         .map(|(_, outcome, _)| outcome)

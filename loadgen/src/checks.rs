@@ -313,15 +313,7 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
 
     let negative = count(db, "SELECT count(*) FROM balances WHERE amount < 0", |q| q).await?;
     checks.expect_none(CheckId::CheckoutNoNegativeBalance, negative);
-    let off_ledger = count(
-        db,
-        "SELECT count(*) FROM balances b
-         LEFT JOIN (SELECT user_id, sum(CASE kind WHEN 'PAYMENT' THEN -amount ELSE amount END) AS total
-                    FROM balance_transactions WHERE user_id = ANY($1) GROUP BY user_id) l USING (user_id)
-         WHERE b.user_id = ANY($1) AND b.amount <> COALESCE(l.total, 0)",
-        |q| q.bind(users.clone()),
-    )
-    .await?;
+    let off_ledger = shared::store::invariants::balances_off_ledger(db, Some(&users)).await?;
     checks.expect_none(CheckId::CheckoutBalanceIsLedger, off_ledger);
     // Charges sent again (no answer, 503, 409 while in flight) with their key: each user's
     // charge is on the ledger exactly once, and only theirs.
@@ -589,13 +581,7 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     );
     checks.expect_none(
         CheckId::WholeSystemBalanceIsLedger,
-        rows(
-            "SELECT count(*) FROM balances b
-             LEFT JOIN (SELECT user_id, sum(CASE kind WHEN 'PAYMENT' THEN -amount ELSE amount END) AS total
-                        FROM balance_transactions GROUP BY user_id) l USING (user_id)
-             WHERE b.amount <> COALESCE(l.total, 0)",
-        )
-        .await?,
+        shared::store::invariants::balances_off_ledger(db, None).await?,
     );
     checks.expect_none(
         CheckId::WholeSystemNoOrderPaidTwice,

@@ -24,6 +24,8 @@ struct TestPeer {
     base: String,
     db: PgPool,
     stop: CancellationToken,
+    /// Dropped with the peer, so the database goes when the test ends.
+    _database: testkit::database::TestDatabase,
 }
 
 impl Drop for TestPeer {
@@ -35,9 +37,9 @@ impl Drop for TestPeer {
 impl TestPeer {
     async fn start() -> Self {
         shared::testing::capture_logs();
-        let url = shared::testing::fresh_database_url().await.unwrap();
+        let database = testkit::database::TestDatabase::create().await;
         // Enough connections that concurrent requests really meet in PostgreSQL.
-        let settings = DatabaseSettings::new(url, 16);
+        let settings = DatabaseSettings::new(database.url(), 16);
         let server = PeerServer::build(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             &settings,
@@ -58,6 +60,7 @@ impl TestPeer {
             base,
             db,
             stop,
+            _database: database,
         }
     }
 

@@ -29,6 +29,8 @@ struct World {
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     topology: shared::messaging::topology::Topology,
     amqp_url: String,
+    /// Dropped with the world, so the database goes when the test ends.
+    _database: testkit::database::TestDatabase,
 }
 
 impl Drop for World {
@@ -44,7 +46,8 @@ impl Drop for World {
 impl World {
     async fn start() -> Self {
         shared::testing::capture_logs();
-        let database_url = shared::testing::fresh_database_url().await.unwrap();
+        let database = testkit::database::TestDatabase::create().await;
+        let database_url = database.url().to_owned();
         let topology = shared::testing::isolated_topology();
         let stop = CancellationToken::new();
         let mut config = api::ApiConfig::from_env().unwrap();
@@ -69,6 +72,7 @@ impl World {
             worker: None,
             topology,
             amqp_url,
+            _database: database,
         }
     }
 

@@ -22,8 +22,8 @@ pub fn capture_logs() {
         .try_init();
 }
 
-/// Creates an empty database with a unique name and returns its URL. Names start with
-/// `t_`, so `scripts/test` can drop what earlier runs left behind.
+/// Creates an empty database with a unique name (`t_<uuid>`) and returns its URL; the
+/// test kit's guard (`testkit::database::TestDatabase`) drops it when the test ends.
 pub async fn fresh_database_url() -> anyhow::Result<String> {
     let server = server_url();
     let name = format!("t_{}", uuid::Uuid::now_v7().simple());

@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::System;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use reqwest::StatusCode;
+use testkit::System;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_before_publishing() {
@@ -60,7 +58,7 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
         .spawn()
         .unwrap();
     let stand_in_queue = format!("{}data-platform.order-paid", system.app.topology.prefix);
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     loop {
         let probe = conn.create_channel().await.unwrap();
         let passive = QueueDeclareOptions {
@@ -122,7 +120,7 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
         .await
         .unwrap();
     let mut events: HashMap<String, serde_json::Value> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     while events.len() < paid_orders.len() {
         let delivery = tokio::time::timeout_at(deadline, deliveries.next())
             .await
@@ -175,7 +173,7 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
     }
 
     // The data-platform stand-in received and deduplicated them too.
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     while system.scalar("SELECT count(*) FROM received_events").await < 12 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -286,7 +284,7 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
         .await
         .unwrap();
     let mut received = HashSet::new();
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     while received.len() < stored.len() {
         let delivery = tokio::time::timeout_at(deadline, deliveries.next())
             .await
@@ -302,7 +300,7 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
     assert_eq!(received, stored.iter().copied().collect::<HashSet<_>>());
 
     // Marked after their confirms; the relay then has nothing left.
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     while system
         .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         .await

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::System;
 use reqwest::StatusCode;
+use testkit::System;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_users_race_for_a_hundred_coupons() {

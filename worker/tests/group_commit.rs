@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::System;
 use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::System;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -232,7 +230,7 @@ async fn a_batch_whose_statement_fails_loses_and_doubles_nothing() {
 
 /// Waits until a batch statement of the api waits for the lock the test holds.
 async fn wait_for_blocked_batch(system: &System) {
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     loop {
         let blocked = system
             .scalar(
@@ -254,7 +252,7 @@ async fn wait_for_blocked_batch(system: &System) {
 
 /// Waits until `count` accepts wait for a writer of the api.
 async fn wait_for_waiting_accepts(system: &System, count: usize) {
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     loop {
         let waiting = metric(system, "api_accepts_waiting").await;
         if waiting as usize == count {

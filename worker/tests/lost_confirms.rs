@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::{socket_of, Proxy, System};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{socket_of, Proxy, System};
 
 /// Found by the fault suite (RabbitMQ restarted under a checkout): the API answered 503 and
 /// released the key of an order a worker had already reserved, the client's retry with the
@@ -39,7 +37,7 @@ async fn an_order_settled_without_its_confirm_is_answered_202_once() {
     proxy.restore().await;
     let again = system
         .app
-        .eventually(StatusCode::ACCEPTED, common::PATIENCE, || {
+        .eventually(StatusCode::ACCEPTED, testkit::PATIENCE, || {
             system.app.post_with_key("/orders", body.clone(), "order-once")
         })
         .await;
@@ -57,7 +55,7 @@ async fn an_order_settled_without_its_confirm_is_answered_202_once() {
     // And the API publishes again (a new connection replaces the one that went silent).
     let next = system
         .app
-        .eventually(StatusCode::ACCEPTED, common::PATIENCE, || {
+        .eventually(StatusCode::ACCEPTED, testkit::PATIENCE, || {
             system.app.post_with_key("/orders", body.clone(), "order-next")
         })
         .await;
@@ -152,7 +150,7 @@ async fn a_sweep_marks_what_it_published_when_another_publish_fails() {
         requests.push(request);
     }
     let [refused, swept] = [&requests[0], &requests[1]];
-    let connection = common::broker_connection().await;
+    let connection = testkit::broker_connection().await;
     let channel = connection.create_channel().await.unwrap();
     let gone = topology.queue(Family::Coupon, partition(refused_coupon));
     channel

@@ -4,15 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::System;
 use futures::future::join_all;
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::System;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_units_two_hundred_buyers_nothing_oversold_and_stock_reconciles() {

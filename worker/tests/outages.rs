@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::{socket_of, Proxy, System};
 use reqwest::StatusCode;
+use testkit::{socket_of, Proxy, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_recovers_from_broker_and_database_outages() {

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
-use common::System;
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::System;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_settled_by_workers_carry_their_codes_and_change_nothing() {

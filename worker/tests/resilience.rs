@@ -3,15 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::System;
 use futures::StreamExt;
 use reqwest::StatusCode;
+use testkit::System;
 
 /// Sends issue requests for `users`, `concurrency` at a time; returns how many were accepted.
 async fn issue_all(system: &System, coupon: i64, users: &[i64], concurrency: usize) -> usize {
@@ -200,7 +198,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     .await
     .unwrap();
 
-    let failed = system.app.settled(&poison.to_string(), common::PATIENCE).await;
+    let failed = system.app.settled(&poison.to_string(), testkit::PATIENCE).await;
     assert_eq!(failed.body["status"], "FAILED", "{failed:?}");
     assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
 
@@ -234,7 +232,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     let (ok, replayed) = system.worker_command(&["dead-letters", "replay", &id]).await;
     assert!(ok.success(), "{replayed}");
     assert!(replayed.contains("nothing was sent"), "{replayed}");
-    let after = system.app.settled(&id, common::PATIENCE).await;
+    let after = system.app.settled(&id, testkit::PATIENCE).await;
     assert_eq!(after.body, failed.body);
     assert_eq!(parked.depth().await, 1);
     let (ok, listed_again) = system.worker_command(&["dead-letters", "list"]).await;
@@ -269,7 +267,7 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     assert_eq!(good.status, StatusCode::ACCEPTED);
     let settled = system
         .app
-        .settled(good.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .settled(good.body["requestId"].as_str().unwrap(), testkit::PATIENCE)
         .await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
 }
@@ -311,7 +309,7 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
     .unwrap();
     tx.commit().await.unwrap();
 
-    let failed = system.app.settled(&poison.to_string(), common::PATIENCE).await;
+    let failed = system.app.settled(&poison.to_string(), testkit::PATIENCE).await;
     assert_eq!(failed.body["status"], "FAILED", "{failed:?}");
     assert_eq!(failed.body["error"]["code"], "ERR_PROCESSING_FAILED");
     // The order is closed, not left PENDING for ever, and it held no stock.
@@ -333,7 +331,7 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
 async fn partition_queues_dead_letter_at_least_once() {
     let system = System::start(0).await;
     let topology = &system.app.topology;
-    let conn = common::broker_connection().await;
+    let conn = testkit::broker_connection().await;
     // RabbitMQ refuses to re-declare a queue with other arguments than it has: a partition
     // queue declared without the at-least-once strategy is refused (406), with it accepted.
     let declare = |strategy: Option<&'static str>| {
@@ -423,7 +421,7 @@ async fn a_parked_command_whose_request_is_still_pending_is_replayed_and_settles
         replayed.contains("sent back to its partition queue") && !replayed.contains("no parked copy"),
         "{replayed}"
     );
-    let settled = system.app.settled(&id.to_string(), common::PATIENCE).await;
+    let settled = system.app.settled(&id.to_string(), testkit::PATIENCE).await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
 
@@ -500,7 +498,7 @@ async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_an
     let user = system.app.create_users(1).await[0];
     let issued = system.issue(coupon, user).await;
     let request = issued.body["requestId"].as_str().unwrap().to_owned();
-    let settled = system.app.settled(&request, common::PATIENCE).await;
+    let settled = system.app.settled(&request, testkit::PATIENCE).await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
 
     // A body no worker can decode, with a NUL in it (PostgreSQL text cannot hold one), on a
@@ -586,7 +584,7 @@ async fn a_message_that_is_not_a_command_of_its_queue_is_parked_as_unreadable_an
     let good = system.issue(coupon, other).await;
     let good = system
         .app
-        .settled(good.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .settled(good.body["requestId"].as_str().unwrap(), testkit::PATIENCE)
         .await;
     assert_eq!(good.body["status"], "SUCCEEDED", "{good:?}");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 2);
@@ -615,7 +613,7 @@ async fn a_lease_held_without_a_consumer_is_handed_on_to_the_partitions_owner() 
         .unwrap()
     };
     // The second replica's partitions come to it over a few heartbeats: wait for this one.
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
     while holder().await != Some(owner) {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -640,7 +638,7 @@ async fn a_lease_held_without_a_consumer_is_handed_on_to_the_partitions_owner() 
     let issued = system.issue(coupon, user).await;
     let settled = system
         .app
-        .settled(issued.body["requestId"].as_str().unwrap(), common::PATIENCE)
+        .settled(issued.body["requestId"].as_str().unwrap(), testkit::PATIENCE)
         .await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
     assert_eq!(holder().await, Some(owner));
@@ -719,7 +717,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
         );
         requests.push((issued.body["requestId"].as_str().unwrap().to_owned(), queue));
     }
-    let connection = common::broker_connection().await;
+    let connection = testkit::broker_connection().await;
     let revivals = |id: String| {
         let db = system.app.db.clone();
         async move {
@@ -737,7 +735,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
     let exhaust = |id: String, queue: String, expected: i32| {
         let (connection, db) = (&connection, system.app.db.clone());
         async move {
-            let deadline = tokio::time::Instant::now() + common::PATIENCE;
+            let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
             // Exactly its deliveries: a copy sent back must not be taken for this one.
             for _ in 0..deliveries {
                 while !return_unread(connection, &queue).await {
@@ -781,7 +779,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
         assert_eq!(revivals(id.clone()).await, round);
     }
     assert_eq!(exhaust(id.clone(), queue.clone(), -1).await, "FAILED");
-    let failed = system.app.settled(&id, common::PATIENCE).await;
+    let failed = system.app.settled(&id, testkit::PATIENCE).await;
     assert_eq!(
         failed.body["error"]["code"], "ERR_PROCESSING_FAILED",
         "{failed:?}"
@@ -799,7 +797,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
         .execute(&system.app.db)
         .await
         .unwrap();
-    let settled = system.app.settled(&id, common::PATIENCE).await;
+    let settled = system.app.settled(&id, testkit::PATIENCE).await;
     assert_eq!(settled.body["status"], "SUCCEEDED", "{settled:?}");
     assert_eq!(system.assert_coupon_invariants(first).await, 1);
     assert_eq!(system.assert_coupon_invariants(second).await, 0);

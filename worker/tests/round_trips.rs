@@ -9,15 +9,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::System;
 use reqwest::StatusCode;
 use shared::domain::command::Family;
 use sqlx::postgres::PgPoolOptions;
+use testkit::System;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use worker::leases::Lease;
@@ -122,7 +120,7 @@ struct Bench {
 impl Bench {
     async fn start() -> Self {
         let system = System::start(0).await;
-        let upstream = common::socket_of(&system.app.database_url);
+        let upstream = testkit::socket_of(&system.app.database_url);
         let (addr, wire) = start_wire(upstream).await;
         let url = system
             .app
@@ -178,7 +176,7 @@ impl Bench {
         }
     }
 
-    fn request_id(answer: &common::Answer) -> Uuid {
+    fn request_id(answer: &testkit::Answer) -> Uuid {
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
         answer.body["requestId"].as_str().unwrap().parse().unwrap()
     }

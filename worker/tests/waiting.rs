@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
-mod common;
-
 use std::time::Duration;
 
-use common::System;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use testkit::System;
 
 const PREFER: (&str, &str) = ("Prefer", "respond-async, wait=20");
 
@@ -108,7 +106,7 @@ async fn a_waiting_client_is_woken_when_its_request_settles_on_this_replica_and_
             .send()
             .await
             .unwrap();
-        common::api::read(answer).await
+        testkit::read(answer).await
     };
     let settle = async {
         // Both are waiting by now (generously); then a worker comes and settles it.

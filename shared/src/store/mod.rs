@@ -3,6 +3,7 @@
 //!
 //! - [`db`]: the pool and the migrations every binary runs at start.
 //! - [`requests`]: request kinds and statuses as `TEXT`, and failing a pending request.
+//! - [`invariants`]: invariants of the stored data that several checkers assert.
 //! - [`connection_budget`]: every process's pool size, added up against `max_connections`.
 //! - [`reservations`]: expiry of overdue stock reservations.
 //! - [`settlements`]: the notice, per settled batch, that wakes clients waiting for answers.
@@ -10,6 +11,7 @@
 
 pub mod connection_budget;
 pub mod db;
+pub mod invariants;
 pub mod popular;
 pub mod requests;
 pub mod reservations;

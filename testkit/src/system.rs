@@ -2,17 +2,13 @@
 //! topology of the test's own, and worker replicas as separate OS processes of the real
 //! `worker` binary, which tests can stop (SIGTERM) or kill (SIGKILL) like an operator or a
 //! crash would.
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
-
-#[path = "../../../api/tests/common/mod.rs"]
-pub mod api;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-pub use api::{socket_of, Answer, Proxy, TestApp};
+use crate::app::{Answer, TestApp};
 
 /// How long a test waits for everything it started to settle before it fails. Generous:
 /// the assertion is that everything settles, not how fast.
@@ -79,8 +75,8 @@ impl System {
     }
 
     /// The API, configured by `adjust`, plus `workers` worker processes.
-    pub async fn start_with(workers: usize, adjust: impl FnOnce(&mut ::api::ApiConfig)) -> Self {
-        let app = api::spawn_app_with(adjust).await;
+    pub async fn start_with(workers: usize, adjust: impl FnOnce(&mut api::ApiConfig)) -> Self {
+        let app = crate::app::spawn_app_with(adjust).await;
         let log_dir = std::env::temp_dir().join("ecommerce-test-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
         let system = Self {
@@ -105,7 +101,7 @@ impl System {
         let name = format!("{}w{index}", self.app.topology.prefix);
         let log = std::fs::File::create(self.log_dir.join(format!("{name}.log"))).unwrap();
         let topology = &self.app.topology;
-        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        let child = Command::new(crate::binary("worker"))
             .env("DATABASE_URL", &self.app.database_url)
             .env("AMQP_PREFIX", &topology.prefix)
             .env("COMMAND_PARTITIONS", topology.partitions.to_string())
@@ -143,7 +139,7 @@ impl System {
     /// and what it printed.
     pub async fn worker_command(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
         let topology = &self.app.topology;
-        let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        let output = Command::new(crate::binary("worker"))
             .args(args)
             .env("DATABASE_URL", &self.app.database_url)
             .env("AMQP_PREFIX", &topology.prefix)
@@ -347,13 +343,9 @@ impl System {
                 .await,
             0
         );
-        let mismatched = self
-            .scalar(
-                "SELECT count(*) FROM balances b
-                 WHERE b.amount <> COALESCE((SELECT sum(CASE WHEN kind = 'PAYMENT' THEN -amount ELSE amount END)
-                                             FROM balance_transactions t WHERE t.user_id = b.user_id), 0)",
-            )
-            .await;
+        let mismatched = shared::store::invariants::balances_off_ledger(&self.app.db, None)
+            .await
+            .unwrap();
         assert_eq!(mismatched, 0, "a balance differs from its ledger");
         let wrong_paid = self
             .scalar(

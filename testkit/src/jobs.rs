@@ -1,6 +1,5 @@
-//! Helpers of the batch's integration tests: a fresh database per test, a configuration
-//! pointing at it, and rows fabricated with SQL to stand for order history.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Helpers of the batch's job tests: a database of the test's own, a configuration pointing
+//! at it, and rows fabricated with SQL to stand for order history.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,16 +12,17 @@ use shared::config::DatabaseSettings;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::database::TestDatabase;
+
 /// A cron that never fires while a test runs (midnight of January 1st), so that only what
 /// the test does (or the catch-up at start) runs jobs.
 pub const QUIET_CRON: &str = "0 0 0 1 1 *";
 
-/// A fresh, migrated database: its URL and a pool on it for the test's own queries.
-pub async fn fresh_database() -> (String, PgPool) {
-    let url = shared::testing::fresh_database_url()
-        .await
-        .expect("fresh database");
-    let settings = DatabaseSettings::new(url.clone(), 5);
+/// A fresh, migrated database (dropped when the returned guard goes), and a pool on it for
+/// the test's own queries.
+pub async fn fresh_database() -> (TestDatabase, PgPool) {
+    let url = TestDatabase::create().await;
+    let settings = DatabaseSettings::new(url.url(), 5);
     let db = shared::store::db::connect_and_migrate(&settings, "batch-test")
         .await
         .expect("migrated database");
