@@ -61,25 +61,33 @@ pub fn delete_topology_blocking(topology: &crate::messaging::topology::Topology,
     const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
     let topology = topology.clone();
     let amqp_url = amqp_url.to_owned();
-    let cleanup = std::thread::spawn(move || {
+    // Best effort: a broker that is down leaves the queues to `x-expires`.
+    block_on_own_thread(CLEANUP_TIMEOUT, async move {
+        let settings = crate::config::BrokerSettings { url: amqp_url };
+        let broker = crate::messaging::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
+        let connection = broker.connection().await?;
+        topology
+            .delete(&connection, &[topology.data_platform_queue()])
+            .await?;
+        broker.close().await;
+        anyhow::Ok(())
+    });
+}
+
+/// Runs `work` for at most `timeout` on a thread with a runtime of its own, and waits for
+/// it: for `Drop` of test harnesses, which may run inside a test's runtime, even while that
+/// runtime is being torn down. What `work` returns is dropped (cleanups are best effort).
+pub fn block_on_own_thread<T>(
+    timeout: std::time::Duration,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) {
+    let running = std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
             return;
         };
         runtime.block_on(async {
-            let work = async {
-                let settings = crate::config::BrokerSettings { url: amqp_url };
-                let broker =
-                    crate::messaging::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
-                let connection = broker.connection().await?;
-                topology
-                    .delete(&connection, &[topology.data_platform_queue()])
-                    .await?;
-                broker.close().await;
-                anyhow::Ok(())
-            };
-            // Best effort: a broker that is down leaves the queues to `x-expires`.
-            let _ = tokio::time::timeout(CLEANUP_TIMEOUT, work).await;
+            let _ = tokio::time::timeout(timeout, work).await;
         });
     });
-    let _ = cleanup.join();
+    let _ = running.join();
 }

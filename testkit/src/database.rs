@@ -45,8 +45,7 @@ impl Drop for TestDatabase {
 }
 
 /// Drops the database at `url` (closing whatever is still connected to it), blocking until
-/// done or [`DROP_TIMEOUT`]. Runs on a thread with a runtime of its own, so it can be
-/// called from `Drop` inside a test's runtime, even while that runtime shuts down.
+/// done or [`DROP_TIMEOUT`]; callable from `Drop` inside a test's runtime.
 fn drop_database_blocking(url: &str) {
     let Some((_, name)) = url.rsplit_once('/') else {
         return;
@@ -54,21 +53,11 @@ fn drop_database_blocking(url: &str) {
     // The database the test server's URL names (`test`), never the one being dropped.
     let admin = shared::testing::server_url();
     let name = name.to_owned();
-    let dropping = std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-            return;
-        };
-        runtime.block_on(async {
-            let work = async {
-                let mut conn = PgConnection::connect(&admin).await?;
-                conn.execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
-                    .await?;
-                conn.close().await
-            };
-            // Best effort: a database left behind is only disk; the next run of
-            // scripts/test does not touch it, an operator's `DROP` does.
-            let _ = tokio::time::timeout(DROP_TIMEOUT, work).await;
-        });
+    // Best effort: a database left behind is only disk, which an operator's `DROP` frees.
+    shared::testing::block_on_own_thread(DROP_TIMEOUT, async move {
+        let mut conn = PgConnection::connect(&admin).await?;
+        conn.execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
+            .await?;
+        conn.close().await
     });
-    let _ = dropping.join();
 }
