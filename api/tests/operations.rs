@@ -269,3 +269,43 @@ async fn migrations_are_safe_when_several_processes_start_at_once() {
             .unwrap();
     assert!(invalid.is_empty(), "invalid indexes: {invalid:?}");
 }
+
+/// During a rolling upgrade an api of the previous version inserts order commands without
+/// `requests.order_id`; the workers of this version lock orders by that column, so it is
+/// filled from the payload on insert, and only when missing.
+#[tokio::test]
+async fn an_order_command_stored_without_its_order_id_gets_it_from_its_payload() {
+    let app = spawn_app().await;
+    let user = app.create_user("Ann").await;
+    let (order, other) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let (old_style, new_style, coupon) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    for (id, kind, order_id) in [
+        (old_style, "ORDER_PAY", None),
+        (new_style, "ORDER_PAY", Some(other)),
+        (coupon, "COUPON_ISSUE", None),
+    ] {
+        sqlx::query(
+            "INSERT INTO requests (id, kind, partition_key, payload, user_id, order_id)
+             VALUES ($1, $2, $3, jsonb_build_object('orderId', $4::text, 'userId', $3), $3, $5)",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(user)
+        .bind(order.to_string())
+        .bind(order_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    let stored: Vec<(uuid::Uuid, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT id, order_id FROM requests WHERE id = ANY($1) ORDER BY id")
+            .bind([old_style, new_style, coupon])
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [(old_style, Some(order)), (new_style, Some(other)), (coupon, None)],
+        "filled from the payload when missing, left alone when written, only for order commands"
+    );
+}

@@ -41,7 +41,9 @@ pub struct IssueState {
 
 /// Why an issue request is refused, if it is: the one rule of the api's check and the
 /// worker's decision, in the contract's order: the user (400), the coupon (404), its
-/// expiry (409), one of a kind per user (409), then the stock (410).
+/// expiry (410), one of a kind per user (409), then the stock (410). (The worker used to
+/// look at the coupon before the user; the api never let both be missing, so no answer
+/// changes.)
 pub fn refusal(facts: IssueFacts) -> Option<ErrorCode> {
     let Some(coupon) = facts.coupon.filter(|_| facts.user_registered) else {
         return Some(if facts.user_registered {

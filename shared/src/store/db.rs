@@ -78,9 +78,10 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .await
         .context("cannot connect to PostgreSQL")?;
     MIGRATOR.run(&pool).await.context("cannot apply migrations")?;
-    crate::store::connection_budget::claim(&pool, app_name, settings.max_connections)
-        .await
-        .context("cannot record the connection pool in process_pools")?;
+    // The budget only informs: a process that cannot record its pool starts all the same.
+    if let Err(e) = crate::store::connection_budget::claim(&pool, app_name, settings.max_connections).await {
+        tracing::warn!(error = %e, "cannot record the connection pool in process_pools");
+    }
     Ok(pool)
 }
 
