@@ -37,7 +37,9 @@ use crate::limits::RateLimits;
 /// Most tokens one process keeps verified at once; the least recently used go first.
 const MAX_CACHED_TOKENS: u64 = 200_000;
 
-/// The user a request acts for, proven by its bearer token.
+/// The user a request acts for, proven by its bearer token: the api's one answer to "is this
+/// user registered" (a token belongs to a registered user, and users are never deleted), so
+/// the checks of the routes that act for a user do not ask PostgreSQL again.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     user: UserId,

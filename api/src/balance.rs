@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::{whole_number_in, UserId, MAX_BALANCE, MAX_CHARGE};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -132,15 +132,13 @@ async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Ch
     )
     .fetch_optional(&mut *conn)
     .await?;
+    // The caller's balance row exists (it is created with the user, whom the token proves
+    // registered): no row updated means the limit.
     let Some(balance) = balance else {
-        return Err(if user_exists(&mut *conn, user).await? {
-            ApiError::new(
-                ErrorCode::BalanceInvalidAmount,
-                "the balance would pass 1,000,000,000 won",
-            )
-        } else {
-            invalid_user()
-        });
+        return Err(ApiError::new(
+            ErrorCode::BalanceInvalidAmount,
+            "the balance would pass 1,000,000,000 won",
+        ));
     };
     let transaction_id = sqlx::query_scalar!(
         "INSERT INTO balance_transactions (user_id, kind, amount, balance_after)
@@ -157,15 +155,6 @@ async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Ch
         charged_amount: amount,
         transaction_id,
     })
-}
-
-async fn user_exists(executor: impl PgExecutor<'_>, user: UserId) -> Result<bool> {
-    Ok(sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS "exists!""#,
-        user.get()
-    )
-    .fetch_one(executor)
-    .await?)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -45,9 +45,8 @@ pub struct CouponChecks(Batched<(i64, i64), FactRow>);
 /// Most issue checks read by one statement.
 const MAX_CHECKS_PER_STATEMENT: usize = 256;
 
-/// Whether the user exists, the coupon exists, is expired, is sold out, and is held by the
-/// user.
-type FactRow = (bool, bool, bool, bool, bool);
+/// Whether the coupon exists, is expired, is sold out, and is held by the user.
+type FactRow = (bool, bool, bool, bool);
 
 impl CouponChecks {
     pub fn start(db: PgPool) -> Self {
@@ -63,8 +62,7 @@ impl CouponChecks {
 async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Vec<FactRow>> {
     let (coupons, users): (Vec<i64>, Vec<i64>) = pairs.into_iter().unzip();
     let rows = sqlx::query!(
-        r#"SELECT EXISTS (SELECT 1 FROM users WHERE id = q.user_id) AS "user_registered!",
-                c.id IS NOT NULL AS "coupon_exists!",
+        r#"SELECT c.id IS NOT NULL AS "coupon_exists!",
                 COALESCE(c.expires_at <= now(), false) AS "expired!",
                 COALESCE(c.issued_quantity >= c.total_quantity, false) AS "sold_out!",
                 EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = q.coupon_id AND user_id = q.user_id)
@@ -79,17 +77,17 @@ async fn read_issue_facts(db: PgPool, pairs: Vec<(i64, i64)>) -> sqlx::Result<Ve
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.user_registered, r.coupon_exists, r.expired, r.sold_out, r.held))
+        .map(|r| (r.coupon_exists, r.expired, r.sold_out, r.held))
         .collect())
 }
 
 /// The checks that need no queue ([`shared::domain::coupon::refusal`], the worker's rule, on what
-/// PostgreSQL says now): the user (400), the coupon (404), then its state (409, 410).
+/// PostgreSQL says now): the coupon (404), then its state (409, 410). The user is the
+/// caller, whose token proves them registered ([`crate::auth`]).
 pub async fn refuse_what_is_known(checks: &CouponChecks, coupon: CouponId, user: UserId) -> Result<()> {
-    let (user_registered, coupon_exists, expired, sold_out, held) =
-        checks.0.read((coupon.get(), user.get())).await?;
+    let (coupon_exists, expired, sold_out, held) = checks.0.read((coupon.get(), user.get())).await?;
     let facts = IssueFacts {
-        user_registered,
+        user_registered: true,
         coupon: coupon_exists.then_some(IssueState { expired, sold_out }),
         held,
     };

@@ -35,10 +35,10 @@ struct QuoteQuery {
     product_ids: Vec<i64>,
 }
 
-/// What a quote found: whether the user exists, their unpaid orders, and the name and price
-/// of each of the order's products that exists.
+/// What a quote found: the user's unpaid orders, and the name and price of each of the
+/// order's products that exists. Whether the user is registered is not asked: the caller's
+/// token proves it ([`crate::auth`]).
 struct QuoteFacts {
-    user_exists: bool,
     unpaid: i64,
     products: HashMap<i64, (String, i64)>,
 }
@@ -58,7 +58,7 @@ impl OrderChecks {
         }
     }
 
-    /// Checks the user, how many unpaid orders they hold (at most `cap`) and the products,
+    /// Checks how many unpaid orders the user holds (at most `cap`) and the products,
     /// and prices the order as it will be stored `PENDING`.
     ///
     /// The cap is read outside any transaction: orders of one user accepted at the same
@@ -74,9 +74,6 @@ impl OrderChecks {
                 product_ids: ids.clone(),
             })
             .await?;
-        if !facts.user_exists {
-            return Err(invalid_user());
-        }
         let mut names = Vec::new();
         let mut prices = Vec::new();
         let mut quantities = Vec::new();
@@ -149,40 +146,36 @@ async fn read_quotes(db: PgPool, queries: Vec<QuoteQuery>) -> sqlx::Result<Vec<Q
         .collect();
     // Every column is NULL in the other half of the union.
     let rows = sqlx::query!(
-        r#"SELECT u.id AS "user_id?", EXISTS (SELECT 1 FROM users WHERE id = u.id) AS "user_exists?",
+        r#"SELECT u.id AS "user_id?",
                 (SELECT count(*) FROM orders WHERE user_id = u.id AND status IN ('PENDING', 'RESERVED'))
                   AS "unpaid?",
                 NULL::bigint AS "product_id?", NULL::text AS "name?", NULL::bigint AS "price?"
          FROM unnest($1::bigint[]) AS u(id)
          UNION ALL
-         SELECT NULL, NULL, NULL, p.id, p.name, p.price FROM products p WHERE p.id = ANY($2)"#,
+         SELECT NULL, NULL, p.id, p.name, p.price FROM products p WHERE p.id = ANY($2)"#,
         &users,
         &products,
     )
     .fetch_all(&db)
     .await?;
-    let mut user_facts: HashMap<i64, (bool, i64)> = HashMap::new();
+    let mut unpaid_orders: HashMap<i64, i64> = HashMap::new();
     let mut product_facts: HashMap<i64, (String, i64)> = HashMap::new();
     for row in rows {
-        if let (Some(user), Some(exists), Some(unpaid)) = (row.user_id, row.user_exists, row.unpaid) {
-            user_facts.insert(user, (exists, unpaid));
+        if let (Some(user), Some(unpaid)) = (row.user_id, row.unpaid) {
+            unpaid_orders.insert(user, unpaid);
         } else if let (Some(id), Some(name), Some(price)) = (row.product_id, row.name, row.price) {
             product_facts.insert(id, (name, price));
         }
     }
     Ok(queries
         .into_iter()
-        .map(|query| {
-            let (user_exists, unpaid) = user_facts.get(&query.user_id).copied().unwrap_or((false, 0));
-            QuoteFacts {
-                user_exists,
-                unpaid,
-                products: query
-                    .product_ids
-                    .iter()
-                    .filter_map(|id| product_facts.get(id).map(|found| (*id, found.clone())))
-                    .collect(),
-            }
+        .map(|query| QuoteFacts {
+            unpaid: unpaid_orders.get(&query.user_id).copied().unwrap_or(0),
+            products: query
+                .product_ids
+                .iter()
+                .filter_map(|id| product_facts.get(id).map(|found| (*id, found.clone())))
+                .collect(),
         })
         .collect())
 }
