@@ -19,20 +19,29 @@ async fn user_and_coupon(app: &TestApp) -> (i64, String) {
     (user, format!("/coupons/{coupon}/issue"))
 }
 
+/// A user and a coupon's issue path, once the api is ready and has accepted a first issue
+/// through its broker connection.
+async fn accepting(app: &TestApp) -> (i64, String) {
+    let (user, path) = user_and_coupon(app).await;
+    app.eventually(StatusCode::OK, PATIENCE, || app.get("/health/ready"))
+        .await;
+    app.eventually(StatusCode::ACCEPTED, PATIENCE, || {
+        app.post(&path, json!({ "userId": user }))
+    })
+    .await;
+    (user, path)
+}
+
+/// How long the api may take to reach the broker again.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() {
     let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
     let proxy = Proxy::start(socket_of(&broker_url)).await;
     let proxied = proxy.url_for(&broker_url);
     let app = spawn_app_with(|config| config.broker.url = proxied).await;
-    let (user, path) = user_and_coupon(&app).await;
-    let patience = std::time::Duration::from_secs(60);
-    app.eventually(StatusCode::OK, patience, || app.get("/health/ready"))
-        .await;
-    app.eventually(StatusCode::ACCEPTED, patience, || {
-        app.post(&path, json!({ "userId": user }))
-    })
-    .await;
+    let (user, path) = accepting(&app).await;
 
     proxy.cut();
     let refused = app
@@ -60,7 +69,7 @@ async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() 
     // Recovery needs no restart: the API reconnects on the next request that needs RabbitMQ.
     // (Each 503 released the key, so the same key is a fresh request every time.)
     let accepted = app
-        .eventually(StatusCode::ACCEPTED, patience, || {
+        .eventually(StatusCode::ACCEPTED, PATIENCE, || {
             app.post_with_key(&path, json!({ "userId": user }), "retry-me")
         })
         .await;
@@ -68,7 +77,7 @@ async fn with_the_broker_down_commands_get_503_and_the_api_recovers_by_itself() 
         accepted.headers.get("idempotent-replayed").is_none(),
         "the 503 was not saved"
     );
-    app.eventually(StatusCode::OK, patience, || app.get("/health/ready"))
+    app.eventually(StatusCode::OK, PATIENCE, || app.get("/health/ready"))
         .await;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM requests WHERE status = 'PENDING'")
         .fetch_one(&app.db)
@@ -155,9 +164,8 @@ async fn a_request_that_cannot_be_withdrawn_is_answered_202_since_it_will_take_e
     pg.restore().await;
     broker.cut();
     broker.restore().await;
-    let patience = std::time::Duration::from_secs(60);
     let in_flight = app
-        .eventually(StatusCode::CONFLICT, patience, || {
+        .eventually(StatusCode::CONFLICT, PATIENCE, || {
             app.post_with_key(&path, json!({ "userId": user }), "kept")
         })
         .await;
@@ -187,14 +195,7 @@ async fn with_a_node_list_the_api_moves_to_another_node_when_its_node_goes_away(
     let second = Proxy::start(socket_of(&broker_url)).await;
     let nodes = format!("{},{}", first.url_for(&broker_url), second.url_for(&broker_url));
     let app = spawn_app_with(|config| config.broker.url = nodes).await;
-    let (user, path) = user_and_coupon(&app).await;
-    let patience = std::time::Duration::from_secs(60);
-    app.eventually(StatusCode::OK, patience, || app.get("/health/ready"))
-        .await;
-    app.eventually(StatusCode::ACCEPTED, patience, || {
-        app.post(&path, json!({ "userId": user }))
-    })
-    .await;
+    let (user, path) = accepting(&app).await;
 
     // The first node answered, so the api is on it; now it goes away for good.
     first.cut();
