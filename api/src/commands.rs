@@ -1,50 +1,28 @@
-//! The command path of the API: a command is stored as a `PENDING` request, published with
-//! the broker's confirm, and answered `202 Accepted` with its status URL.
+//! The command path of the API: a command is stored as a `PENDING` request and answered
+//! `202 Accepted` with its status URL as soon as that commit is durable.
 //!
-//! The database transaction commits before the publish, never around it. If the publish
-//! fails, the request is withdrawn (marked failed before any worker could see it, and its
-//! idempotency key released) and the client gets 503 with `Retry-After`: a 503 means nothing
-//! was accepted. If the API dies between commit and confirm, the worker's sweeper
-//! publishes the request later, so a 202 is never lost.
+//! PostgreSQL is the command log: the commit is the one durable write before the answer.
+//! Publishing to RabbitMQ follows it ([`crate::relay`], fed by [`crate::intake`] in commit
+//! order), so a broker that is down or slow neither fails nor delays the answer, and a 503
+//! means only that PostgreSQL could not be reached (nothing was stored).
 
 use std::time::Duration;
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use shared::domain::command::{RequestKind, RequestStatus};
+use shared::domain::command::RequestKind;
 use shared::domain::error::{ErrorBody, ErrorCode};
 use shared::domain::ids::UserId;
-use sqlx::PgPool;
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
 use crate::idempotency;
 use crate::intake::{Creation, KeyClaim, StoreError, StoredCommand};
+pub use crate::request_status::Accepted;
 use crate::polling::add_polling_headers;
 use crate::waiting::Registration;
 use crate::AppState;
-
-/// The body of a `202 Accepted`.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Accepted {
-    pub request_id: Uuid,
-    /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
-    #[serde(rename = "type")]
-    #[schema(value_type = String)]
-    pub kind: RequestKind,
-    /// Always `PENDING` here.
-    #[schema(value_type = String)]
-    pub status: RequestStatus,
-    /// Where to poll: `/requests/{requestId}`.
-    pub status_url: String,
-    /// The order an `ORDER_CREATE` creates.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub order_id: Option<Uuid>,
-}
 
 /// A command to accept.
 pub struct NewCommand {
@@ -95,7 +73,9 @@ pub async fn submit(
     };
 
     let family = command.kind.family().as_str();
-    if state.backpressure.is_overloaded(command.kind.family()) {
+    let backlog_full = state.relay.unpublished() as u64 > state.config.command_queue_limit
+        && state.config.command_queue_limit > 0;
+    if state.backpressure.is_overloaded(command.kind.family()) || backlog_full {
         // Only a new command is refused: a key that already has an answer (a retry of an
         // accepted request, or a key reused for another body) gets that answer, as it would
         // from a store that found the key taken. The read costs a round trip only here,
@@ -115,12 +95,11 @@ pub async fn submit(
         ));
     }
 
-    // From here the command is stored, then published or withdrawn, whatever happens to
-    // this request meanwhile (its client gone, or its handler's deadline passed): a spawned
-    // task is not cancelled with the request, so a command is never left stored without
-    // the decision about it.
+    // From here the command is stored and handed to the relay, whatever happens to this
+    // request meanwhile (its client gone, or its handler's deadline passed): a spawned task
+    // is not cancelled with the request.
     let request_id = Uuid::now_v7();
-    // A waiter registers before its command is published, so that the request, known to be
+    // A waiter registers before its command is stored, so that the request, known to be
     // pending, is read only once its notice came.
     let registration = wait.0.map(|within| (state.waiters.register(request_id), within));
     let accepting = tokio::spawn(accept(
@@ -171,8 +150,8 @@ enum Acceptance {
     Answered(Response),
 }
 
-/// Stores the command with its key, publishes it with the broker's confirm, and withdraws it
-/// when the publish fails ([`withdraw`]); run to its end as a task of its own.
+/// Stores the command with its key (the intake hands it to the relay, which publishes it
+/// after the commit); run to its end as a task of its own.
 async fn accept(
     state: AppState,
     request_id: Uuid,
@@ -183,14 +162,11 @@ async fn accept(
     command: NewCommand,
 ) -> Result<Acceptance> {
     let family = command.kind.family().as_str();
-    let accepted = Accepted {
+    let accepted = Accepted::new(
         request_id,
-        kind: command.kind,
-        status: RequestStatus::Pending,
-        status_url: format!("/requests/{request_id}"),
-        order_id: command.creates.as_ref().map(Creation::id),
-    };
-    let answer = serde_json::to_value(&accepted).map_err(ApiError::internal)?;
+        command.kind,
+        command.creates.as_ref().map(Creation::id),
+    );
     let started = std::time::Instant::now();
     let stored = state
         .intake
@@ -204,7 +180,6 @@ async fn accept(
                 scope: scope.clone(),
                 key,
                 request: request.clone(),
-                answer,
             }),
             creates: command.creates,
             order_id: command.order_id,
@@ -227,32 +202,6 @@ async fn accept(
                 "request {request_id} was not stored"
             ))),
         };
-    }
-
-    let started = std::time::Instant::now();
-    let published = state
-        .commands
-        .publish(request_id, command.kind, command.partition_key)
-        .await;
-    metrics::histogram!("api_command_publish_seconds", "family" => family)
-        .record(started.elapsed().as_secs_f64());
-    if let Err(e) = published {
-        match withdraw(&state.db, request_id, &key, &scope).await {
-            Withdrawal::Withdrawn => {
-                return Err(ApiError::Unavailable(anyhow::Error::new(e).context("RabbitMQ")));
-            }
-            // The broker took the message and a worker settled it; only the confirm was
-            // lost. The truth is 202, and the key must keep naming this request.
-            Withdrawal::TooLate => {
-                tracing::info!(%request_id, error = %e, "publish unconfirmed but the request was settled; answering 202");
-            }
-            // It stays stored and PENDING, and the sweeper publishes it: it will take
-            // effect, so the truth is 202 (a 503 would have the client send it again), and
-            // its key already holds that 202.
-            Withdrawal::Unknown => {
-                tracing::warn!(%request_id, error = %e, "publish failed and the request could not be withdrawn; answering 202, the sweeper publishes it");
-            }
-        }
     }
     Ok(Acceptance::Accepted(accepted))
 }
@@ -310,61 +259,4 @@ fn accepted_response(accepted: Accepted) -> Response {
     let mut response = (StatusCode::ACCEPTED, axum::Json(accepted)).into_response();
     add_polling_headers(&mut response, &location);
     response
-}
-
-/// What became of a request whose publish failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Withdrawal {
-    /// Failed as `ERR_UNAVAILABLE`, its order rejected and its key released.
-    Withdrawn,
-    /// A worker had settled it already (the broker routed the message and only its confirm
-    /// was lost), or the sweeper had published it: it stands, and so does its key.
-    TooLate,
-    /// PostgreSQL could not be reached: it stays `PENDING` and the sweeper publishes it.
-    Unknown,
-}
-
-/// Takes back a request whose publish failed, so that the 503 the client gets is true:
-/// the request can no longer take effect (a worker that receives it anyway finds it
-/// terminal), and its idempotency key is free for the retry. Nothing is taken back from a
-/// request a worker has settled: releasing its key would let the retry take effect twice.
-async fn withdraw(db: &PgPool, request_id: Uuid, key: &IdempotencyKey, scope: &str) -> Withdrawal {
-    let withdrawn = async {
-        let mut tx = db.begin().await?;
-        let error = ErrorBody::new(
-            ErrorCode::Unavailable,
-            "the request could not be queued; it was not accepted",
-        );
-        // Published already (by the sweeper, when this publish took longer than its
-        // grace): it may take effect, so it cannot be taken back.
-        let published = sqlx::query_scalar!(
-            "SELECT published FROM requests WHERE id = $1 FOR NO KEY UPDATE",
-            request_id
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if published != Some(false)
-            || !shared::store::requests::fail_pending(&mut tx, request_id, &error).await?
-        {
-            return Ok::<_, sqlx::Error>(Withdrawal::TooLate);
-        }
-        if let Some(key) = key.0.as_deref() {
-            sqlx::query!(
-                "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2",
-                scope,
-                key
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Withdrawal::Withdrawn)
-    };
-    match withdrawn.await {
-        Ok(withdrawal) => withdrawal,
-        Err(e) => {
-            tracing::warn!(%request_id, error = %e, "cannot withdraw an unpublished request; it will be published later");
-            Withdrawal::Unknown
-        }
-    }
 }

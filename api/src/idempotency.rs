@@ -11,29 +11,31 @@
 //! claim was taken over meanwhile, rolls its effect back and answers 409 instead of
 //! applying it a second time.
 //!
-//! Asynchronous commands (`crate::commands`, through `crate::intake`) write the key
-//! together with their request and its `202`, or with their refusal, in one statement, so their keys are never half-claimed.
-//! A saved `202` whose command's confirm is not recorded yet may still be withdrawn (its
-//! publish failed and the client got 503): a replay waits up to two seconds for the confirm
-//! to be recorded, so a client that sends its key again right after its `202` gets that
-//! `202`, on any replica; 409 only if the first request is still unanswered by then. A
-//! command refused for backpressure (or from memory) writes nothing, but first reads whether
-//! its key already has an answer, which then stands ([`recorded_answer`]). Command keys are
-//! read many per statement ([`KeyAnswers`]).
-
-use std::time::Duration;
+//! Asynchronous commands (`crate::commands`, through `crate::intake`) store their key in
+//! their request's own row, or with their refusal in `idempotency_keys`, in one statement,
+//! so their keys are never half-claimed. A request is accepted for good once it commits, so
+//! a key sent again right after its `202` gets that `202`, on any replica, built from the
+//! request (its id, type and order). A command refused for backpressure (or from memory)
+//! writes nothing, but first reads whether its key already has an answer, which then stands
+//! ([`recorded_answer`]). Command keys are read many per statement ([`KeyAnswers`]).
+//!
+//! A refusal and an acceptance that bring one new key at the same instant each check the
+//! other's table in their own snapshot, so both can be stored: a later replay then gets the
+//! acceptance (the request stands), which is what took effect.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use shared::domain::command::RequestKind;
 use shared::domain::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use crate::batched::Batched;
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
+use crate::request_status::Accepted;
 
 /// After this long an unfinished claim is presumed abandoned by a crashed process.
 const STALE_CLAIM_SECS: f64 = 60.0;
@@ -175,7 +177,7 @@ async fn claim(pool: &PgPool, scope: &str, key: &str, request: &serde_json::Valu
             return Ok(Claim::Held(claimed));
         }
 
-        match earlier_answer(|| read_key(pool, scope, key, request)).await? {
+        match earlier_of(read_key(pool, scope, key, request).await?) {
             Earlier::Gone => continue,
             Earlier::Answer(answer) => return answer.map(Claim::Answered),
         }
@@ -198,33 +200,6 @@ enum Earlier {
     Answer(Result<Response>),
 }
 
-/// How long a replay waits for the first request's answer when that request's `202` is
-/// saved but its command's confirm is not recorded yet. The first request is answered
-/// within milliseconds of its confirm, which is recorded a moment later, so a client that
-/// sends its key again right after its `202` gets that `202`, not a 409; only a first
-/// request that is really still unanswered (its api stuck or dead) makes the replay 409.
-const FIRST_ANSWER_PATIENCE: Duration = Duration::from_secs(2);
-
-/// How often a waiting replay looks again.
-const FIRST_ANSWER_POLL: Duration = Duration::from_millis(20);
-
-async fn earlier_answer<F, Fut>(read: F) -> Result<Earlier>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<KeyRow>>>,
-{
-    let deadline = tokio::time::Instant::now() + FIRST_ANSWER_PATIENCE;
-    loop {
-        match earlier_of(read().await?) {
-            Some(earlier) => return Ok(earlier),
-            None if tokio::time::Instant::now() + FIRST_ANSWER_POLL > deadline => {
-                return Ok(Earlier::Answer(Err(in_use())));
-            }
-            None => tokio::time::sleep(FIRST_ANSWER_POLL).await,
-        }
-    }
-}
-
 /// The answers saved under command keys, read many per statement ([`Batched`]): in a
 /// sold-out flash sale every refusal from memory reads its key, and those of the moment
 /// share one statement.
@@ -240,9 +215,9 @@ pub struct KeyQuery {
     request: serde_json::Value,
 }
 
-/// What a key holds: whether it was sent with the same request, its saved answer (status and
-/// body), and whether that answer is a `202` whose command's confirm is not recorded yet.
-type KeyRow = (bool, Option<i16>, Option<serde_json::Value>, bool);
+/// What a key holds: whether it was sent with the same request, and its answer (status and
+/// body; none while a synchronous request holding it is still being handled).
+type KeyRow = (bool, Option<i16>, Option<serde_json::Value>);
 
 impl KeyAnswers {
     pub fn start(db: PgPool) -> Self {
@@ -290,17 +265,15 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
         keys.push(query.key);
         requests.push(query.request);
     }
-    // A saved 202 counts as still being handled until the broker confirmed its command:
-    // until then the request may yet be withdrawn.
-    // `same` is NULL where no key was found.
+    // A command's key is in its request's row (its answer the request's `202`), a refusal's
+    // or a synchronous request's in idempotency_keys; `same` is NULL where neither has it.
     let rows = sqlx::query!(
-        r#"SELECT k.request = q.request AS "same?", k.response_status AS "status?",
-                k.response_body AS "body?",
-                COALESCE(r.status = 'PENDING' AND NOT r.published, false) AS "unconfirmed!"
+        r#"SELECT COALESCE(r.key_request = q.request, k.request = q.request) AS "same?",
+                k.response_status AS "status?", k.response_body AS "body?",
+                r.id AS "request_id?", r.kind AS "kind?", r.order_id AS "order_id?"
          FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS q(scope, key, request, n)
-         LEFT JOIN idempotency_keys k ON k.scope = q.scope AND k.key = q.key
-         LEFT JOIN requests r
-           ON k.response_status = 202 AND r.id = (k.response_body->>'requestId')::uuid
+         LEFT JOIN requests r ON r.idempotency_scope = q.scope AND r.idempotency_key = q.key
+         LEFT JOIN idempotency_keys k ON r.id IS NULL AND k.scope = q.scope AND k.key = q.key
          ORDER BY q.n"#,
         &scopes,
         &keys,
@@ -310,23 +283,35 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
     .await?;
     Ok(rows
         .into_iter()
-        .map(|row| row.same.map(|same| (same, row.status, row.body, row.unconfirmed)))
+        .map(|row| {
+            let same = row.same?;
+            let accepted = row
+                .request_id
+                .zip(row.kind.as_deref().and_then(RequestKind::parse))
+                .map(|(id, kind)| Accepted::new(id, kind, row.order_id));
+            Some(match accepted {
+                Some(accepted) => (
+                    same,
+                    Some(202),
+                    serde_json::to_value(accepted).ok(),
+                ),
+                None => (same, row.status, row.body),
+            })
+        })
         .collect())
 }
 
-/// What a key's row says to a later request; `None` for a command's saved `202` whose
-/// confirm is not recorded yet (it may still be withdrawn).
-fn earlier_of(row: Option<KeyRow>) -> Option<Earlier> {
-    Some(match row {
+/// What a key's row says to a later request.
+fn earlier_of(row: Option<KeyRow>) -> Earlier {
+    match row {
         None => Earlier::Gone,
-        Some((false, _, _, _)) => Earlier::Answer(Err(ApiError::new(
+        Some((false, _, _)) => Earlier::Answer(Err(ApiError::new(
             ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was used with a different request",
         ))),
-        Some((true, Some(status), Some(body), false)) => Earlier::Answer(Ok(replay(status, body))),
-        Some((true, Some(_), Some(_), true)) => return None,
-        Some((true, _, _, _)) => Earlier::Answer(Err(in_use())),
-    })
+        Some((true, Some(status), Some(body))) => Earlier::Answer(Ok(replay(status, body))),
+        Some((true, _, _)) => Earlier::Answer(Err(in_use())),
+    }
 }
 
 /// The answer to a key that was used before (asynchronous commands): the replay of the
@@ -337,8 +322,9 @@ pub async fn answer_again(
     key: &str,
     request: &serde_json::Value,
 ) -> Result<Response> {
-    match earlier_answer(|| answers.read(scope, key, request)).await? {
-        // Freed a moment ago (a withdrawn request): the client's retry will find it free.
+    match earlier_of(answers.read(scope, key, request).await?) {
+        // Freed a moment ago (a synchronous request that failed released it): the client's
+        // retry will find it free.
         Earlier::Gone => Err(in_use()),
         Earlier::Answer(answer) => answer,
     }
@@ -354,7 +340,7 @@ pub async fn recorded_answer(
     key: &str,
     request: &serde_json::Value,
 ) -> Result<Option<Response>> {
-    match earlier_answer(|| answers.read(scope, key, request)).await? {
+    match earlier_of(answers.read(scope, key, request).await?) {
         Earlier::Gone => Ok(None),
         Earlier::Answer(answer) => answer.map(Some),
     }
@@ -381,6 +367,8 @@ pub async fn save_refusal(
         r#"WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
          INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
          SELECT $1, $2, $3, $4, $5 FROM relaxed
+         WHERE NOT EXISTS (SELECT 1 FROM requests r
+                           WHERE r.idempotency_scope = $1 AND r.idempotency_key = $2)
          ON CONFLICT (scope, key) DO NOTHING
          RETURNING true AS "saved!""#,
         scope,

@@ -13,6 +13,9 @@
 //! statement), so when it fails for a reason other than an unreachable database, each
 //! command is written again on its own; the one that broke the batch gets its own error and
 //! the others are stored once, as if they had never been batched.
+//!
+//! The commands a batch stored are handed to the [`crate::relay`] in the batch's order,
+//! after the commit and before any of their clients is answered.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
+
+use crate::relay::{CommandRelay, StoredCommandRef};
 
 /// How accepts are batched (`ACCEPT_*`).
 #[derive(Debug, Clone, Copy)]
@@ -47,8 +52,8 @@ impl Default for IntakeSettings {
     }
 }
 
-/// An idempotency key claimed together with the request it names: the request is written
-/// only when the key was free, and the key holds the `202` from the start.
+/// An idempotency key stored with the request it names (the request's own columns): the
+/// request is written only when the key was free, and a replay's `202` is the request's.
 #[derive(Debug, Clone)]
 pub struct KeyClaim {
     /// The key's owner and route ([`crate::idempotency::user_scope`]).
@@ -56,8 +61,6 @@ pub struct KeyClaim {
     pub key: String,
     /// The body the key was first sent with, to tell a replay from a reuse.
     pub request: serde_json::Value,
-    /// The `202` body saved under the key.
-    pub answer: serde_json::Value,
 }
 
 /// An order stored `PENDING` with the request that creates it, readable at once with the
@@ -135,9 +138,16 @@ pub struct Intake {
 
 impl Intake {
     /// Starts the collector; it ends once the intake is dropped and its last batch written.
-    pub fn start(db: PgPool, settings: IntakeSettings) -> (Arc<Self>, JoinHandle<()>) {
+    /// Every request stored is handed to `relay` in commit order, before its client is
+    /// answered, and names the relay's api process (`requests.accepted_by`), so that the
+    /// sweeper knows whose requests to publish should this process die.
+    pub fn start(
+        db: PgPool,
+        settings: IntakeSettings,
+        relay: Arc<CommandRelay>,
+    ) -> (Arc<Self>, JoinHandle<()>) {
         let (entries, receiver) = mpsc::unbounded_channel();
-        let collector = tokio::spawn(collect(db, receiver, settings));
+        let collector = tokio::spawn(collect(db, receiver, settings, relay));
         (Arc::new(Self { entries }), collector)
     }
 
@@ -155,7 +165,12 @@ impl Intake {
     }
 }
 
-async fn collect(db: PgPool, mut entries: mpsc::UnboundedReceiver<Entry>, settings: IntakeSettings) {
+async fn collect(
+    db: PgPool,
+    mut entries: mpsc::UnboundedReceiver<Entry>,
+    settings: IntakeSettings,
+    relay: Arc<CommandRelay>,
+) {
     let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
     let batch_max = settings.batch_max.max(1);
     let mut busy = false;
@@ -186,9 +201,9 @@ async fn collect(db: PgPool, mut entries: mpsc::UnboundedReceiver<Entry>, settin
         }
         busy = batch.len() > 1;
         metrics::gauge!("api_accepts_waiting").decrement(batch.len() as f64);
-        let db = db.clone();
+        let (db, relay) = (db.clone(), Arc::clone(&relay));
         tokio::spawn(async move {
-            write_batch(&db, batch).await;
+            write_batch(&db, batch, &relay).await;
             drop(writer);
         });
     }
@@ -196,11 +211,18 @@ async fn collect(db: PgPool, mut entries: mpsc::UnboundedReceiver<Entry>, settin
     let _ = writers.acquire_many(settings.writers.max(1) as u32).await;
 }
 
-async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
+async fn write_batch(db: &PgPool, batch: Vec<Entry>, relay: &CommandRelay) {
     metrics::histogram!("api_accept_batch_size").record(batch.len() as f64);
+    let accepted_by = relay.instance();
     let commands: Vec<&StoredCommand> = batch.iter().map(|e| &e.command).collect();
-    match insert(db, &commands).await {
+    match insert(db, &commands, accepted_by).await {
         Ok(stored) => {
+            relay.hand_over(
+                commands
+                    .iter()
+                    .filter(|c| stored.contains(&c.request_id))
+                    .map(|c| c.to_publish()),
+            );
             for entry in batch {
                 let _ = entry.answer.send(Ok(stored.contains(&entry.command.request_id)));
             }
@@ -211,9 +233,15 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
             tracing::warn!(commands = batch.len(), error = %e, "an accept batch failed; storing its commands one by one");
             metrics::counter!("api_accept_batch_fallbacks_total").increment(1);
             for entry in batch {
-                let alone = insert(db, &[&entry.command]).await;
+                let alone = insert(db, &[&entry.command], accepted_by).await;
                 let answer = match alone {
-                    Ok(stored) => Ok(stored.contains(&entry.command.request_id)),
+                    Ok(stored) => {
+                        let was_stored = stored.contains(&entry.command.request_id);
+                        if was_stored {
+                            relay.hand_over([entry.command.to_publish()]);
+                        }
+                        Ok(was_stored)
+                    }
                     Err(e) => Err(StoreError::from(&e)),
                 };
                 let _ = entry.answer.send(answer);
@@ -224,6 +252,17 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>) {
             for entry in batch {
                 let _ = entry.answer.send(Err(error.clone()));
             }
+        }
+    }
+}
+
+impl StoredCommand {
+    /// What the relay needs to publish it.
+    fn to_publish(&self) -> StoredCommandRef {
+        StoredCommandRef {
+            request_id: self.request_id,
+            kind: self.kind,
+            partition_key: self.partition_key,
         }
     }
 }
@@ -239,7 +278,6 @@ struct Columns {
     scopes: Vec<Option<String>>,
     keys: Vec<Option<String>>,
     key_requests: Vec<Option<serde_json::Value>>,
-    key_answers: Vec<Option<serde_json::Value>>,
     order_ids: Vec<Option<Uuid>>,
     orders: OrderColumns,
 }
@@ -270,7 +308,6 @@ impl Columns {
             columns.scopes.push(key.map(|k| k.scope.clone()));
             columns.keys.push(key.map(|k| k.key.clone()));
             columns.key_requests.push(key.map(|k| k.request.clone()));
-            columns.key_answers.push(key.map(|k| k.answer.clone()));
             columns.order_ids.push(command.order_id);
             match &command.creates {
                 None => {}
@@ -300,23 +337,27 @@ impl OrderColumns {
     }
 }
 
-/// Writes a batch: keys, requests, pending orders and their lines, in one statement (and
-/// so one commit). Returns the ids of the requests written.
+/// Writes a batch: requests with their keys, pending orders and their lines, in one
+/// statement (and so one commit). Returns the ids of the requests written.
 ///
 /// Data-modifying CTEs see the same snapshot and run together; each insert is gated on
 /// the one before through its RETURNING rows, and the foreign keys of the order lines are
-/// checked at the end of the statement, once their order exists. A request is written when
-/// it has no key or when the key it claimed was inserted: the `202` saved under a key names
-/// its request, so when two commands of one batch bring the same key, the statement
-/// inserts the first claim, skips the second, and writes only the request the key names.
+/// checked at the end of the statement, once their order exists. A request with a key is
+/// written only when the key is free: no request holds it (the unique index, so when two
+/// commands of one batch bring the same key only the first is written) and no refusal was
+/// saved under it (`idempotency_keys`).
 ///
-/// Keys are inserted in one order, `(scope, key)` and then the batch's own order (so the
-/// first of two commands with one key claims it), by every batch: a key sent again while
-/// its first request is in another batch's uncommitted insert waits for that batch, and
-/// with two batches claiming two such keys in opposite orders each would wait for the
+/// Keyed rows are inserted in one order, `(scope, key)` and then the batch's own order (so
+/// the first of two commands with one key claims it), by every batch: a key sent again
+/// while its first request is in another batch's uncommitted insert waits for that batch,
+/// and with two batches claiming two such keys in opposite orders each would wait for the
 /// other until PostgreSQL broke the deadlock a second later (seen in the flash sale, whose
 /// clients send a share of their requests twice).
-async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid>, sqlx::Error> {
+async fn insert(
+    db: &PgPool,
+    commands: &[&StoredCommand],
+    accepted_by: Uuid,
+) -> Result<HashSet<Uuid>, sqlx::Error> {
     let c = Columns::of(commands);
     // `as _`: arrays of our text enum, and text, jsonb and uuid arrays that hold NULLs
     // (commands without a key, or about no order), which the macro's check (`&[String]`,
@@ -324,31 +365,31 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
     let stored: Vec<Uuid> = sqlx::query_scalar!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::bigint[],
-                                 $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], $20::uuid[])
+                                 $6::text[], $7::text[], $8::jsonb[], $19::uuid[])
                 WITH ORDINALITY
-                AS i(id, kind, partition_key, payload, user_id, scope, key, request, answer, order_id, n)),
-         claim AS (
-            INSERT INTO idempotency_keys (scope, key, request, response_status, response_body)
-            SELECT scope, key, request, 202, answer FROM input WHERE key IS NOT NULL
-            ORDER BY scope, key, n
-            ON CONFLICT (scope, key) DO NOTHING
-            RETURNING (response_body->>'requestId')::uuid AS id),
+                AS i(id, kind, partition_key, payload, user_id, scope, key, request, order_id, n)),
          request AS (
-            INSERT INTO requests (id, kind, partition_key, payload, user_id, order_id)
-            SELECT i.id, i.kind, i.partition_key, i.payload, i.user_id, i.order_id FROM input i
-            WHERE i.key IS NULL OR i.id IN (SELECT id FROM claim)
+            INSERT INTO requests (id, kind, partition_key, payload, user_id, order_id, accepted_by,
+                                  idempotency_scope, idempotency_key, key_request)
+            SELECT i.id, i.kind, i.partition_key, i.payload, i.user_id, i.order_id, $20,
+                   i.scope, i.key, i.request
+            FROM input i
+            WHERE i.key IS NULL
+               OR NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.scope = i.scope AND k.key = i.key)
+            ORDER BY i.scope, i.key, i.n
+            ON CONFLICT (idempotency_scope, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id),
          pending_order AS (
             INSERT INTO orders (id, user_id, status, create_request_id, total_amount)
-            SELECT o.id, o.user_id, $19, o.request_id, o.total
-            FROM UNNEST($10::uuid[], $11::uuid[], $12::bigint[], $13::bigint[])
+            SELECT o.id, o.user_id, $18, o.request_id, o.total
+            FROM UNNEST($9::uuid[], $10::uuid[], $11::bigint[], $12::bigint[])
                  AS o(request_id, id, user_id, total)
             WHERE o.request_id IN (SELECT id FROM request)
             RETURNING id),
          lines AS (
             INSERT INTO order_items (order_id, product_id, name, unit_price, quantity)
             SELECT l.order_id, l.product_id, l.name, l.unit_price, l.quantity
-            FROM UNNEST($14::uuid[], $15::bigint[], $16::text[], $17::bigint[], $18::bigint[])
+            FROM UNNEST($13::uuid[], $14::bigint[], $15::text[], $16::bigint[], $17::bigint[])
                  AS l(order_id, product_id, name, unit_price, quantity)
             WHERE l.order_id IN (SELECT id FROM pending_order))
          SELECT id FROM request",
@@ -360,7 +401,6 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
         &c.scopes as _,
         &c.keys as _,
         &c.key_requests as _,
-        &c.key_answers as _,
         &c.orders.request_ids,
         &c.orders.ids,
         &c.orders.users,
@@ -372,6 +412,7 @@ async fn insert(db: &PgPool, commands: &[&StoredCommand]) -> Result<HashSet<Uuid
         &c.orders.line_quantities,
         OrderStatus::Pending.as_str(),
         &c.order_ids as _,
+        accepted_by,
     )
     .fetch_all(db)
     .await?;

@@ -8,11 +8,11 @@
 //! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
 //!   [`popular`], [`admin`]: one router per part of the contract.
 //! - [`config`]: the api's settings; [`state`]: what every handler can reach.
-//! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
-//! - [`dispatcher`]: publishing with the broker's confirm, and marking confirmed requests
-//!   published.
+//! - [`commands`]: the asynchronous path: store the request (the one durable write), 202.
 //! - [`intake`]: group commit: the commands accepted at the same moment written by one
-//!   statement.
+//!   statement, then handed to the relay.
+//! - [`relay`]: publishes the stored commands after their commit, in acceptance order, with
+//!   the broker's confirms, again until confirmed; this api's heartbeat for the sweeper.
 //! - [`coupon_checks`], [`order_checks`]: what a coupon issue, an order or a payment is
 //!   checked for before it is accepted, read for many requests at once.
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
@@ -41,7 +41,6 @@ pub mod commands;
 pub mod config;
 pub mod coupon_checks;
 pub mod coupons;
-pub mod dispatcher;
 pub mod docs;
 pub mod error;
 pub mod extract;
@@ -57,6 +56,7 @@ pub mod pagination;
 pub mod polling;
 pub mod popular;
 pub mod products;
+pub mod relay;
 pub mod request_status;
 pub mod requests;
 pub mod server;
@@ -86,11 +86,11 @@ pub use state::AppState;
 
 use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
-use crate::dispatcher::Dispatcher;
 use crate::error::ApiError;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
+use crate::relay::{CommandRelay, RelayTasks};
 
 /// A built API bound to its address, ready to serve.
 pub struct Application {
@@ -99,8 +99,8 @@ pub struct Application {
     metrics_listener: TcpListener,
     router: Router,
     state: AppState,
-    /// Records publish confirmations; drained at shutdown.
-    confirmations: tokio::task::JoinHandle<()>,
+    /// Publishes stored commands and heartbeats; drained at shutdown.
+    relaying: RelayTasks,
     /// Samples the command queues for backpressure; stopped at shutdown.
     sampler: (CancellationToken, tokio::task::JoinHandle<()>),
     /// Forgets idle rate-limit keys; stopped at shutdown.
@@ -116,13 +116,20 @@ impl Application {
         config.check_admin_token()?;
         let db = shared::store::db::connect_and_migrate(&config.database, "api").await?;
         let broker = Arc::new(Broker::new(&config.broker, "api"));
-        let (commands, confirmations) =
-            Dispatcher::start(Arc::clone(&broker), config.topology.clone(), db.clone());
-        if let Err(e) = commands.declare_topology().await {
+        let (relay, relaying) = CommandRelay::start(
+            Arc::clone(&broker),
+            config.topology.clone(),
+            db.clone(),
+            &instance_name(),
+        )
+        .await
+        .context("cannot register this api in api_instances")?;
+        if let Err(e) = relay.declare_topology().await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "cannot declare the command topology: RabbitMQ is not reachable yet (commands \
-                 answer 503 until it is), or it holds these queues with other arguments"
+                 are accepted and published once it is), or it holds these queues with other \
+                 arguments"
             );
         }
         let listener = server::bind(config.http_addr).await?;
@@ -160,14 +167,14 @@ impl Application {
             Arc::clone(&limits),
             &config.admin_token,
         ));
-        let (intake, _writing) = Intake::start(db.clone(), config.intake);
+        let (intake, _writing) = Intake::start(db.clone(), config.intake, Arc::clone(&relay));
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let state = AppState {
             db,
             broker,
-            commands,
+            relay,
             intake,
             sold_out: Arc::default(),
             backpressure,
@@ -186,7 +193,7 @@ impl Application {
             metrics_listener,
             router,
             state,
-            confirmations,
+            relaying,
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
@@ -214,7 +221,7 @@ impl Application {
             metrics_listener,
             router,
             state,
-            confirmations,
+            relaying,
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
@@ -243,24 +250,28 @@ impl Application {
         // Its connection goes back to the pool before the pool closes.
         let _ = listening.await;
         let _ = metrics.await;
-        // The server has finished every request: nothing publishes any more.
-        state.commands.close().await;
+        // The server has finished every request: nothing is accepted any more. The relay
+        // publishes what it still holds, then leaves.
+        relaying.stop().await;
         let broker = Arc::clone(&state.broker);
         let db = state.db.clone();
-        // The router (and its copies of the state) is gone; dropping the last copy closes the
-        // confirmation channel, and the recorder writes what it holds.
         drop(state);
-        if tokio::time::timeout(std::time::Duration::from_secs(5), confirmations)
-            .await
-            .is_err()
-        {
-            tracing::warn!("publish confirmations not all recorded; the sweeper re-publishes those requests");
-        }
         broker.close().await;
         db.close().await;
         tracing::info!("api stopped");
         Ok(())
     }
+}
+
+/// This process in `api_instances`: `API_NAME`, else the host and the process id (the host
+/// tells containers apart, where every process id is 1).
+fn instance_name() -> String {
+    std::env::var("API_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        format!("api-{host}-{}", std::process::id())
+    })
 }
 
 /// The whole API: every route of the contract, `/openapi.json` and `/docs`, and the layers

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use shared::domain::command::{RequestKind, RequestStatus as Status};
 use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use utoipa::ToSchema;
@@ -10,6 +11,39 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::openapi::ErrorSchema;
+
+/// The body of a `202 Accepted`, and of its replays: built from the request alone (its id,
+/// type and the order it creates), so a replay needs no saved copy of it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    pub request_id: Uuid,
+    /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: RequestKind,
+    /// Always `PENDING` here.
+    #[schema(value_type = String)]
+    pub status: Status,
+    /// Where to poll: `/requests/{requestId}`.
+    pub status_url: String,
+    /// The order an `ORDER_CREATE` creates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+}
+
+impl Accepted {
+    /// The `202` of a stored request; `creates` is the order an `ORDER_CREATE` creates.
+    pub fn new(request_id: Uuid, kind: RequestKind, creates: Option<Uuid>) -> Self {
+        Self {
+            request_id,
+            kind,
+            status: Status::Pending,
+            status_url: format!("/requests/{request_id}"),
+            order_id: creates.filter(|_| kind == RequestKind::OrderCreate),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

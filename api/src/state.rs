@@ -10,11 +10,11 @@ use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::config::ApiConfig;
 use crate::coupon_checks::{CouponChecks, SoldOut};
-use crate::dispatcher::Dispatcher;
 use crate::idempotency::KeyAnswers;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
+use crate::relay::CommandRelay;
 use crate::waiting::Waiters;
 
 /// Extractors take the parts they need through `FromRef`, so that the modules defining
@@ -23,8 +23,8 @@ use crate::waiting::Waiters;
 pub struct AppState {
     pub db: PgPool,
     pub broker: Arc<Broker>,
-    /// Publishes commands with confirms.
-    pub commands: Arc<Dispatcher>,
+    /// Publishes the stored commands after their commit, in order, with confirms.
+    pub relay: Arc<CommandRelay>,
     /// Writes accepted commands together (group commit).
     pub intake: Arc<Intake>,
     /// Coupons this replica has seen sold out: refused from memory from then on.

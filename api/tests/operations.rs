@@ -17,7 +17,7 @@ async fn liveness_and_readiness_answer_200_when_dependencies_are_up() {
 }
 
 #[tokio::test]
-async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
+async fn readiness_is_200_with_rabbitmq_unreachable_and_names_it_down() {
     let database = testkit::database::TestDatabase::create().await;
     let mut config = api::ApiConfig::from_env().unwrap();
     config.http_addr = ([127, 0, 0, 1], 0).into();
@@ -35,14 +35,13 @@ async fn readiness_is_503_when_rabbitmq_cannot_be_reached() {
 
     let live = reqwest::get(format!("http://{addr}/health/live")).await.unwrap();
     assert_eq!(live.status(), StatusCode::OK);
+    // Commands are accepted into PostgreSQL while the broker is away, so the api is ready;
+    // the body says what is down. (Readiness without PostgreSQL: tests/broker_outage.rs.)
     let ready = testkit::read(reqwest::get(format!("http://{addr}/health/ready")).await.unwrap()).await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
     assert_eq!(ready.body["postgres"], "UP");
     assert_eq!(ready.body["rabbitmq"], "DOWN");
-    // The contract's error body and Retry-After, like every other 503.
-    assert_eq!(ready.code(), "ERR_UNAVAILABLE", "{ready:?}");
-    assert!(ready.body["message"].is_string(), "{ready:?}");
-    assert_eq!(ready.headers["retry-after"], "1");
+    assert!(ready.body.get("code").is_none(), "{ready:?}");
     shutdown.cancel();
 }
 

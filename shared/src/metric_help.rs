@@ -117,7 +117,17 @@ pub fn describe_metrics() {
     describe_histogram!(
         "api_command_publish_seconds",
         Unit::Seconds,
-        "Time to publish an accepted command to RabbitMQ until its confirm, by family."
+        "Time for the command relay to publish one slice of stored commands until their confirms."
+    );
+    describe_histogram!(
+        "api_command_publish_batch_size",
+        Unit::Count,
+        "Stored commands the command relay published in one slice (one confirm wait)."
+    );
+    describe_gauge!(
+        "api_commands_unpublished",
+        Unit::Count,
+        "Commands this api stored (accepted) that RabbitMQ has not confirmed yet: queued in the relay while the broker is down."
     );
 
     // The worker: settling commands.
@@ -348,8 +358,10 @@ mod tests {
         (
             Kind::Histogram,
             "api_command_publish_seconds",
-            &[("family", "coupon")],
+            &[],
         ),
+        (Kind::Histogram, "api_command_publish_batch_size", &[]),
+        (Kind::Gauge, "api_commands_unpublished", &[]),
         (
             Kind::Histogram,
             "api_command_store_seconds",

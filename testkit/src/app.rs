@@ -244,6 +244,15 @@ impl TestApp {
     /// replica, as another process. Killed when dropped.
     /// `binary` is the api's executable (`env!("CARGO_BIN_EXE_api")` in the api's tests).
     pub async fn second_replica(&self, binary: &str) -> (tokio::process::Child, SocketAddr) {
+        self.second_replica_with(binary, &[]).await
+    }
+
+    /// [`Self::second_replica`] with some variables overridden (`AMQP_URL`, say).
+    pub async fn second_replica_with(
+        &self,
+        binary: &str,
+        overrides: &[(&str, String)],
+    ) -> (tokio::process::Child, SocketAddr) {
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
@@ -262,6 +271,7 @@ impl TestApp {
                 self.topology.queue_expires_ms.unwrap_or(0).to_string(),
             )
             .env("RUST_LOG", "warn")
+            .envs(overrides.iter().map(|(k, v)| (*k, v.as_str())))
             .kill_on_drop(true)
             .spawn()
             .expect("the api binary starts");

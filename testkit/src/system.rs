@@ -116,6 +116,7 @@ impl System {
             .env("WORKER_REPLICA_TTL_MS", "1500")
             .env("WORKER_LEASE_TTL_MS", "2000")
             .env("WORKER_SWEEP_INTERVAL_MS", "300")
+            .env("API_DEAD_AFTER_MS", "2000")
             .env("DATABASE_MAX_CONNECTIONS", "4")
             .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
             .stdout(Stdio::from(log.try_clone().unwrap()))
@@ -523,58 +524,50 @@ impl ParkedQueue {
 }
 
 impl System {
-    /// Leaves request `id` as an api that died before the broker's confirm does: its one
-    /// message taken out of the partition queue of `key` in `family` (no worker may run
-    /// yet), the request stored and unpublished, due for the sweeper `due` from now (an SQL
-    /// interval). Returns the partition.
+    /// Leaves request `id` as an api that died before publishing it does: its one message
+    /// taken out of the partition queue of `key` in `family` once the api's relay has put it
+    /// there (no worker may run yet), and the request handed to an api process of
+    /// `api_instances` that is dead (`swept: true`, so the sweeper publishes it at its next
+    /// pass) or that looks alive for ever (`swept: false`: nobody sends it). Returns the
+    /// partition.
     pub async fn lose_publish(
         &self,
         family: shared::domain::command::Family,
         key: i64,
         id: &str,
-        due: &str,
+        swept: bool,
     ) -> u16 {
         let topology = &self.app.topology;
         let partition = shared::domain::partition::partition_of(key, topology.partitions);
         let queue = topology.queue(family, partition);
         let connection = broker_connection().await;
         let channel = connection.create_channel().await.unwrap();
+        poll_until(|| async {
+            match shared::messaging::broker::queue_depth(&channel, &queue).await {
+                Ok(1) => Ok(()),
+                depth => Err(format!("{queue} holds {depth:?} messages, not the command's one")),
+            }
+        })
+        .await;
         let purged = channel
             .queue_purge(queue.as_str().into(), Default::default())
             .await
             .unwrap();
         assert_eq!(purged, 1, "the command's message was in {queue}");
+        let heartbeat = if swept { "-infinity" } else { "infinity" };
         sqlx::query(
-            "UPDATE requests SET published = false, publish_after = now() + $2::interval WHERE id = $1::uuid",
+            "WITH api AS (
+                INSERT INTO api_instances (id, name, heartbeat_at)
+                VALUES (gen_random_uuid(), 'a test''s api', $2::timestamptz) RETURNING id)
+             UPDATE requests SET accepted_by = (SELECT id FROM api) WHERE id = $1::uuid",
         )
         .bind(id)
-        .bind(due)
+        .bind(heartbeat)
         .execute(&self.app.db)
         .await
         .unwrap();
+        let _ = connection.close(200, "done".into()).await;
         partition
-    }
-
-    /// Whether the broker's confirm of request `id` is recorded.
-    pub async fn is_published(&self, id: &str) -> bool {
-        sqlx::query_scalar("SELECT published FROM requests WHERE id = $1::uuid")
-            .bind(id)
-            .fetch_one(&self.app.db)
-            .await
-            .unwrap()
-    }
-
-    /// Waits until the api has recorded the broker's confirm of request `id` (it does so
-    /// after answering), so that it cannot undo what the test does next.
-    pub async fn wait_until_published(&self, id: &str) {
-        poll_until(|| async move {
-            if self.is_published(id).await {
-                Ok(())
-            } else {
-                Err(format!("the confirm of {id} was never recorded"))
-            }
-        })
-        .await;
     }
 
     /// A worker replica's context inside the test process, on this system's database and

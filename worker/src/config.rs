@@ -52,8 +52,12 @@ pub struct WorkerConfig {
     pub outbox_relay_interval: Duration,
     /// `OUTBOX_BACKLOG_REPORT_MS`: how often the relay counts its backlog for the gauges.
     pub outbox_backlog_interval: Duration,
-    /// `WORKER_SWEEP_INTERVAL_MS`: how often unpublished requests are looked for.
+    /// `WORKER_SWEEP_INTERVAL_MS`: how often dead apis' unpublished commands are looked for.
     pub sweep_interval: Duration,
+    /// `API_DEAD_AFTER_MS`: an api process whose heartbeat is older than this is dead, and
+    /// the sweeper publishes the commands it stored. Well above the api's heartbeat (1 s),
+    /// so that a busy api is not swept (which would only send duplicates).
+    pub api_dead_after: Duration,
     pub database: DatabaseSettings,
     pub broker: BrokerSettings,
     pub topology: Topology,
@@ -88,6 +92,7 @@ impl WorkerConfig {
             outbox_relay_interval: Duration::from_millis(var("OUTBOX_RELAY_INTERVAL_MS", 100)?),
             outbox_backlog_interval: Duration::from_millis(var("OUTBOX_BACKLOG_REPORT_MS", 5_000)?.max(100)),
             sweep_interval: Duration::from_millis(var("WORKER_SWEEP_INTERVAL_MS", 2_000)?),
+            api_dead_after: Duration::from_millis(var("API_DEAD_AFTER_MS", 10_000)?.max(2_000)),
             database: DatabaseSettings::from_env()?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,

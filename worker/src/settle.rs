@@ -481,7 +481,7 @@ pub fn write_statement(family_ctes: &str) -> String {
         "WITH {family_ctes},
          written AS (
             UPDATE requests r
-            SET status = o.status, result = o.result, error = o.error, completed_at = now(), published = true
+            SET status = o.status, result = o.result, error = o.error, completed_at = now()
             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS o(id, status, result, error)
             WHERE r.id = ANY($1) AND r.id = o.id
             RETURNING r.id)

@@ -103,9 +103,11 @@ async fn five_hundred_concurrent_commands_are_each_stored_once_and_settled_once(
         "500 commands were written by {transactions} transactions"
     );
     let keys = system
-        .scalar("SELECT count(DISTINCT response_body->>'requestId') FROM idempotency_keys WHERE response_status = 202")
+        .scalar("SELECT count(DISTINCT (idempotency_scope, idempotency_key)) FROM requests")
         .await;
-    assert_eq!(keys, 500, "each key names its own request");
+    assert_eq!(keys, 500, "each key lives with its own request");
+    let key_rows = system.scalar("SELECT count(*) FROM idempotency_keys").await;
+    assert_eq!(key_rows, 0, "one insert per command: no key row beside the request");
 
     system.spawn_worker().await;
     system.spawn_worker().await;
@@ -216,7 +218,8 @@ async fn a_batch_whose_statement_fails_loses_and_doubles_nothing() {
     );
     let poisoned_key = system
         .scalar(&format!(
-            "SELECT count(*) FROM idempotency_keys WHERE key = 'k-{poisoned}'"
+            "SELECT (SELECT count(*) FROM idempotency_keys WHERE key = 'k-{poisoned}')
+                  + (SELECT count(*) FROM requests WHERE idempotency_key = 'k-{poisoned}')"
         ))
         .await;
     assert_eq!(poisoned_key, 0, "the failed command's key is free for its retry");
@@ -241,7 +244,7 @@ async fn wait_for_blocked_batch(system: &System) {
             .scalar(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%INSERT INTO idempotency_keys%'",
+                   AND query LIKE '%INSERT INTO requests%accepted_by%'",
             )
             .await;
         if blocked == 1 {

@@ -332,10 +332,10 @@ async fn a_payment_whose_orders_creation_comes_later_settles_the_creation_first(
     let order = created.body["orderId"].as_str().unwrap().to_owned();
 
     // No worker yet: the creation's message is still in its partition queue. Take it out,
-    // and leave its request as an api that died before the confirm does: unpublished, with
-    // the sweeper not due for an hour.
+    // and leave its request as if its api had not published it yet (and the sweeper will
+    // not send it).
     let partition = system
-        .lose_publish(shared::domain::command::Family::Order, user, &create, "1 hour")
+        .lose_publish(shared::domain::command::Family::Order, user, &create, false)
         .await;
 
     let paid = system.pay(&order, user, None).await;

@@ -31,3 +31,21 @@ pub async fn publish(
         )
         .await
 }
+
+/// The message that carries a stored request's command to its partition queue, for
+/// [`Publisher::publish_in_order`](crate::messaging::broker::Publisher::publish_in_order).
+pub fn message(
+    topology: &Topology,
+    request_id: Uuid,
+    kind: RequestKind,
+    partition_key: i64,
+) -> crate::messaging::broker::OutgoingMessage {
+    let partition = crate::domain::partition::partition_of(partition_key, topology.partitions);
+    let message = CommandMessage { request_id, kind };
+    crate::messaging::broker::OutgoingMessage {
+        routing_key: topology.queue(kind.family(), partition),
+        message_id: request_id.to_string(),
+        // Serializing two plain fields cannot fail; an empty body would be dead-lettered.
+        body: serde_json::to_vec(&message).unwrap_or_default(),
+    }
+}

@@ -240,7 +240,7 @@ impl Topology {
                 AMQPValue::LongString(family.as_str().into()),
             );
             // A quorum queue dead-letters at most once by default: a dead letter lost in
-            // transit would leave its request PENDING for ever (it is marked published, so
+            // transit would leave its request PENDING for ever (its api published it, so
             // the sweeper never sends it again). At least once keeps the message in its
             // partition queue until the dead-letter queue confirms it; the strategy only
             // takes effect with `reject-publish` overflow, and no length limit is set, so
