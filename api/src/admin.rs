@@ -3,12 +3,15 @@
 //! `stock` here means the same as in every read: units that can still be ordered. Setting
 //! it moves the on-hand count to `reserved + stock`, so units held by unpaid orders are
 //! never taken away from them.
+//!
+//! `maxPerCustomer` is a product's per-person limit. Lowering it below what a customer
+//! already holds takes nothing away from them: it only refuses their next order of it.
 
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::{parse_name, whole_number_in, MAX_PRICE, MAX_STOCK};
 use utoipa::ToSchema;
@@ -58,7 +61,24 @@ fn parse_stock(raw: &serde_json::Number) -> Result<i64> {
         .ok_or_else(|| invalid("stock must be a whole number from 0 to 1,000,000,000"))
 }
 
+/// A per-customer limit: no more units than any stock can hold.
+fn parse_max_per_customer(raw: &serde_json::Number) -> Result<i64> {
+    whole_number_in(raw, 1, MAX_STOCK)
+        .ok_or_else(|| invalid("maxPerCustomer must be a whole number from 1 to 1,000,000,000, or null"))
+}
+
+/// A field that may be absent, `null` or a value, told apart (`Some(None)` is `null`); with
+/// `#[serde(default)]`, absent is `None`.
+fn present<'de, D, T>(deserializer: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct NewProduct {
     /// 1 to 200 characters.
     name: String,
@@ -68,13 +88,22 @@ pub struct NewProduct {
     /// Units on hand, 0 to 1,000,000,000.
     #[schema(value_type = i64, minimum = 0)]
     stock: serde_json::Number,
+    /// At most this many units per customer, in their reserved and paid orders together
+    /// (1 to 1,000,000,000); absent or null: no limit.
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    max_per_customer: Option<serde_json::Number>,
 }
 
+/// What an idempotent replay compares: the body as validated.
 #[derive(Debug, Serialize)]
 struct ValidNewProduct {
     name: String,
     price: i64,
     stock: i64,
+    /// Left out when there is none, so that the key of a request made before the field
+    /// existed still matches its retry.
+    #[serde(rename = "maxPerCustomer", skip_serializing_if = "Option::is_none")]
+    max_per_customer: Option<i64>,
 }
 
 /// Adds a product to the catalogue.
@@ -99,6 +128,11 @@ async fn create_product(
             .ok_or_else(|| invalid("name must be 1 to 200 characters"))?,
         price: parse_price(&body.price)?,
         stock: parse_stock(&body.stock)?,
+        max_per_customer: body
+            .max_per_customer
+            .as_ref()
+            .map(parse_max_per_customer)
+            .transpose()?,
     };
     let request = serde_json::to_value(&product).map_err(ApiError::internal)?;
     let outcome = idempotency::run(
@@ -110,11 +144,12 @@ async fn create_product(
         async |conn| {
             let created = sqlx::query_as!(
                 Product,
-                r#"INSERT INTO products (name, price, stock) VALUES ($1, $2, $3)
-                   RETURNING id AS product_id, name, price, stock - reserved AS "stock!""#,
+                r#"INSERT INTO products (name, price, stock, max_per_customer) VALUES ($1, $2, $3, $4)
+                   RETURNING id AS product_id, name, price, stock - reserved AS "stock!", max_per_customer"#,
                 product.name,
                 product.price,
                 product.stock,
+                product.max_per_customer,
             )
             .fetch_one(&mut *conn)
             .await?;
@@ -126,6 +161,7 @@ async fn create_product(
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ProductChange {
     /// New price in whole won.
     #[schema(value_type = Option<i64>, minimum = 1)]
@@ -133,9 +169,14 @@ pub struct ProductChange {
     /// Units that can still be ordered from now on; units reserved by unpaid orders stay held.
     #[schema(value_type = Option<i64>, minimum = 0)]
     stock: Option<serde_json::Number>,
+    /// A new per-customer limit (1 to 1,000,000,000); `null` removes the limit, absent
+    /// leaves it as it is.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, minimum = 1, nullable)]
+    max_per_customer: Option<Option<serde_json::Number>>,
 }
 
-/// Changes a product's price or orderable stock.
+/// Changes a product's price, orderable stock or per-customer limit.
 #[utoipa::path(
     patch, path = "/admin/products/{productId}", tag = "admin",
     params(("productId" = i64, Path, minimum = 1)),
@@ -156,21 +197,31 @@ async fn update_product(
     let product = parse_product_id(&product)?;
     let price = body.price.as_ref().map(parse_price).transpose()?;
     let stock = body.stock.as_ref().map(parse_stock).transpose()?;
-    if price.is_none() && stock.is_none() {
-        return Err(invalid("give price, stock or both"));
+    // `Some(None)`: remove the limit.
+    let max_per_customer = match &body.max_per_customer {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(raw)) => Some(Some(parse_max_per_customer(raw)?)),
+    };
+    if price.is_none() && stock.is_none() && max_per_customer.is_none() {
+        return Err(invalid("give price, stock, maxPerCustomer or several of them"));
     }
     // `$3::bigint`: PostgreSQL types the parameters of the WHERE clause first, where
     // `COALESCE($3, 0)` alone would make `$3` an `int` like the literal.
     let updated = sqlx::query_as!(
         Product,
         r#"UPDATE products
-         SET price = COALESCE($2, price), stock = COALESCE(reserved + $3, stock), updated_at = now()
+         SET price = COALESCE($2, price), stock = COALESCE(reserved + $3, stock),
+             max_per_customer = CASE WHEN $5 THEN $6 ELSE max_per_customer END,
+             updated_at = now()
          WHERE id = $1 AND reserved + COALESCE($3::bigint, 0) <= $4
-         RETURNING id AS product_id, name, price, stock - reserved AS "stock!""#,
+         RETURNING id AS product_id, name, price, stock - reserved AS "stock!", max_per_customer"#,
         product.get(),
         price,
         stock,
         MAX_STOCK,
+        max_per_customer.is_some(),
+        max_per_customer.flatten(),
     )
     .fetch_optional(&state.db)
     .await?;

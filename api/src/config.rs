@@ -44,7 +44,8 @@ pub struct ApiConfig {
     pub command_queue_sample: Duration,
     /// `MAX_RESERVED_ORDERS_PER_USER`: unpaid orders (pending or reserved) one user may hold
     /// at once; one more is refused `409 ERR_ORDER_TOO_MANY_RESERVED`, so nobody can keep a
-    /// product's stock out of everyone else's reach.
+    /// product's stock out of everyone else's reach. The api's refusal is the early one; the
+    /// worker enforces the same setting (its own variable of that name) where orders settle.
     pub max_reserved_orders_per_user: i64,
     pub http: HttpTimeouts,
     pub limits: RateLimitSettings,

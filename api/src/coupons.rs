@@ -267,7 +267,7 @@ async fn applicable_products(
     }
     let rows = sqlx::query_as!(
         Product,
-        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!" FROM products
+        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!", max_per_customer FROM products
          WHERE ($1 OR id IN (SELECT product_id FROM coupon_products WHERE coupon_id = $2))
            AND ($3::bigint IS NULL OR id > $3)
          ORDER BY id LIMIT $4"#,

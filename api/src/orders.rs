@@ -202,7 +202,7 @@ fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
         (status = 202, body = Accepted, description = "accepted with orderId; the order reads PENDING at once"),
         (status = 400, body = ErrorSchema, description = "ERR_ORDER_INVALID_USER, ERR_ORDER_INVALID_ITEMS, ERR_INVALID_REQUEST"),
         (status = 404, body = ErrorSchema, description = "ERR_PRODUCT_NOT_FOUND"),
-        (status = 409, body = ErrorSchema, description = "ERR_ORDER_TOO_MANY_RESERVED, ERR_IDEMPOTENCY_KEY_IN_USE"),
+        (status = 409, body = ErrorSchema, description = "ERR_ORDER_TOO_MANY_RESERVED, ERR_ORDER_LIMIT_EXCEEDED (past a product's maxPerCustomer), ERR_IDEMPOTENCY_KEY_IN_USE; both limits are also settled by the worker, as the request's error"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
     )
 )]

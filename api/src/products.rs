@@ -23,8 +23,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 // Every query that returns one selects `id AS product_id, name, price, stock - reserved AS
-// "stock!"` (the difference of two NOT NULL columns is never NULL), written out in each
-// because the query macros take a literal. Not a doc comment: it would enter the schema.
+// "stock!", max_per_customer` (the difference of two NOT NULL columns is never NULL),
+// written out in each because the query macros take a literal. Not a doc comment: it would
+// enter the schema.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
@@ -33,6 +34,11 @@ pub struct Product {
     pub price: i64,
     /// Units that can still be ordered: on hand minus reserved.
     pub stock: i64,
+    /// At most this many units per customer, in their reserved and paid orders together
+    /// (a flash sale's per-person limit); absent: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_per_customer: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -59,7 +65,7 @@ async fn list_products(
     let page = query.parse()?;
     let rows = sqlx::query_as!(
         Product,
-        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!" FROM products
+        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!", max_per_customer FROM products
          WHERE ($1::bigint IS NULL OR id > $1) ORDER BY id LIMIT $2"#,
         page.after,
         page.limit + 1,
@@ -101,7 +107,7 @@ pub fn product_not_found() -> ApiError {
 pub async fn fetch_product(executor: impl PgExecutor<'_>, product: ProductId) -> Result<Option<Product>> {
     Ok(sqlx::query_as!(
         Product,
-        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!" FROM products WHERE id = $1"#,
+        r#"SELECT id AS product_id, name, price, stock - reserved AS "stock!", max_per_customer FROM products WHERE id = $1"#,
         product.get(),
     )
     .fetch_optional(executor)

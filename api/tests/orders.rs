@@ -310,3 +310,62 @@ async fn order_reads_page_newest_first_and_guard_other_users_orders() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn an_order_past_a_products_per_customer_limit_is_refused_at_once() {
+    let app = spawn_app().await;
+    let user = app.create_user("Flash").await;
+    let other = app.create_user("Other").await;
+    let sneakers = app
+        .admin(
+            reqwest::Method::POST,
+            "/admin/products",
+            json!({"name": "Sneakers", "price": 100_000, "stock": 100, "maxPerCustomer": 2}),
+        )
+        .await;
+    let sneakers = sneakers.body["productId"].as_i64().unwrap();
+    let socks = app.create_product("Socks", 5_000, 100).await;
+    let line = |product: i64, quantity: i64| json!({"productId": product, "quantity": quantity});
+    let refused = |answer: &testkit::Answer| {
+        assert_eq!(answer.status, StatusCode::CONFLICT, "{answer:?}");
+        assert_eq!(answer.code(), "ERR_ORDER_LIMIT_EXCEEDED", "{answer:?}");
+    };
+
+    // The order alone passes the limit: refused whatever the user holds, storing nothing.
+    let before = app.row_counts().await;
+    refused(
+        &order(
+            &app,
+            json!({"userId": user, "items": [line(socks, 1), line(sneakers, 3)]}),
+        )
+        .await,
+    );
+    assert_eq!(app.row_counts().await, before, "a refused order stored something");
+
+    // Up to the limit is accepted; an unlimited product takes any quantity.
+    let first = order(
+        &app,
+        json!({"userId": user, "items": [line(socks, 50), line(sneakers, 2)]}),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{first:?}");
+    let first = first.body["orderId"].as_str().unwrap().to_owned();
+
+    // Held units count once the order is reserved, and still once it is paid.
+    set_status(&app, &first, "RESERVED").await;
+    refused(&order(&app, json!({"userId": user, "items": [line(sneakers, 1)]})).await);
+    set_status(&app, &first, "PAID").await;
+    refused(&order(&app, json!({"userId": user, "items": [line(sneakers, 1)]})).await);
+    // The limit is per customer.
+    let theirs = order(&app, json!({"userId": other, "items": [line(sneakers, 2)]})).await;
+    assert_eq!(theirs.status, StatusCode::ACCEPTED, "{theirs:?}");
+
+    // Units of a cancelled (or expired, or rejected) order are free again.
+    for freed in ["CANCELLED", "EXPIRED", "REJECTED"] {
+        set_status(&app, &first, freed).await;
+        let again = order(&app, json!({"userId": user, "items": [line(sneakers, 2)]})).await;
+        assert_eq!(again.status, StatusCode::ACCEPTED, "{freed}: {again:?}");
+        // Still PENDING, so it holds nothing yet: withdraw it for the next round.
+        set_status(&app, again.body["orderId"].as_str().unwrap(), "REJECTED").await;
+    }
+}

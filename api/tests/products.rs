@@ -149,3 +149,98 @@ async fn admin_routes_need_the_admin_token() {
         .unwrap();
     assert_eq!(products, 0);
 }
+
+#[tokio::test]
+async fn a_per_customer_limit_is_set_at_creation_changed_removed_and_shown_in_reads() {
+    let app = spawn_app().await;
+    let created = app
+        .admin(
+            Method::POST,
+            "/admin/products",
+            json!({ "name": "Sneakers", "price": 129_000, "stock": 100, "maxPerCustomer": 2 }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let id = created.body["productId"].as_i64().unwrap();
+    assert_eq!(created.body["maxPerCustomer"], 2);
+    let read = app.get(&format!("/products/{id}")).await;
+    assert_eq!(read.body, created.body);
+    let listed = app.get("/products").await;
+    assert_eq!(listed.body["items"][0]["maxPerCustomer"], 2);
+
+    let path = format!("/admin/products/{id}");
+    // Absent leaves the limit as it is.
+    let repriced = app.admin(Method::PATCH, &path, json!({ "price": 99_000 })).await;
+    assert_eq!(repriced.status, StatusCode::OK, "{repriced:?}");
+    assert_eq!(repriced.body["maxPerCustomer"], 2);
+    let raised = app
+        .admin(Method::PATCH, &path, json!({ "maxPerCustomer": 5 }))
+        .await;
+    assert_eq!(raised.status, StatusCode::OK, "{raised:?}");
+    assert_eq!(raised.body["maxPerCustomer"], 5);
+    assert_eq!(raised.body["price"], 99_000);
+    // Null removes it: the field is then absent, as for a product that never had one.
+    let removed = app
+        .admin(Method::PATCH, &path, json!({ "maxPerCustomer": null }))
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{removed:?}");
+    assert!(removed.body.get("maxPerCustomer").is_none(), "{removed:?}");
+    let stored: Option<i64> = sqlx::query_scalar("SELECT max_per_customer FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, None);
+    let read = app.get(&format!("/products/{id}")).await;
+    assert!(read.body.get("maxPerCustomer").is_none(), "{read:?}");
+
+    // A product created without one has none; null at creation is the same.
+    let plain = app
+        .admin(
+            Method::POST,
+            "/admin/products",
+            json!({ "name": "Socks", "price": 9_000, "stock": 1, "maxPerCustomer": null }),
+        )
+        .await;
+    assert_eq!(plain.status, StatusCode::CREATED, "{plain:?}");
+    assert!(plain.body.get("maxPerCustomer").is_none(), "{plain:?}");
+}
+
+#[tokio::test]
+async fn a_per_customer_limit_that_is_not_a_positive_whole_number_is_400_and_changes_nothing() {
+    let app = spawn_app().await;
+    let id = app.create_product("Watch", 300_000, 10).await;
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!(1.5),
+        json!("2"),
+        json!(true),
+        json!(1e12),
+    ] {
+        let created = app
+            .admin(
+                Method::POST,
+                "/admin/products",
+                json!({ "name": "Limited", "price": 1_000, "stock": 1, "maxPerCustomer": bad }),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::BAD_REQUEST, "{bad}: {created:?}");
+        assert_eq!(created.code(), "ERR_INVALID_REQUEST");
+        let patched = app
+            .admin(
+                Method::PATCH,
+                &format!("/admin/products/{id}"),
+                json!({ "maxPerCustomer": bad, "price": 1 }),
+            )
+            .await;
+        assert_eq!(patched.status, StatusCode::BAD_REQUEST, "{bad}: {patched:?}");
+        assert_eq!(patched.code(), "ERR_INVALID_REQUEST");
+    }
+    let stored: (i64, i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*) OVER (), price, max_per_customer FROM products")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(stored, (1, 300_000, None));
+}

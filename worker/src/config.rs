@@ -43,6 +43,11 @@ pub struct WorkerConfig {
     pub settle_attempts: u32,
     /// `RESERVATION_TTL_SECS`: how long reserved stock is held for an unpaid order.
     pub reservation_ttl: Duration,
+    /// `MAX_RESERVED_ORDERS_PER_USER`: `RESERVED` orders one user may hold; a creation past
+    /// it is refused `ERR_ORDER_TOO_MANY_RESERVED`. The api refuses what it can at once with
+    /// the same setting; this is where the cap holds, under the settling locks, so set both
+    /// alike.
+    pub max_reserved_orders_per_user: i64,
     /// `OUTBOX_RELAY_ENABLED`: publish outbox events from this replica (on by default; off
     /// for a replica that should only settle, e.g. when relays run elsewhere).
     pub outbox_relay: bool,
@@ -88,6 +93,7 @@ impl WorkerConfig {
             lease_ttl: Duration::from_millis(var("WORKER_LEASE_TTL_MS", 6_000)?),
             settle_attempts: var("WORKER_SETTLE_ATTEMPTS", 3_u32)?.max(1),
             reservation_ttl: Duration::from_secs(var("RESERVATION_TTL_SECS", 600)?),
+            max_reserved_orders_per_user: var("MAX_RESERVED_ORDERS_PER_USER", 10)?,
             outbox_relay: flag("OUTBOX_RELAY_ENABLED", true)?,
             outbox_relay_interval: Duration::from_millis(var("OUTBOX_RELAY_INTERVAL_MS", 100)?),
             outbox_backlog_interval: Duration::from_millis(var("OUTBOX_BACKLOG_REPORT_MS", 5_000)?.max(100)),

@@ -78,6 +78,7 @@ impl Context {
                 Family::Order,
                 Arc::new(orders::OrderCommands {
                     reservation_ttl: config.reservation_ttl,
+                    max_reserved_orders: config.max_reserved_orders_per_user,
                 }),
                 settle::write_statement,
             );

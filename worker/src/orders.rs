@@ -2,14 +2,29 @@
 //!
 //! A batch holds one user partition's commands in broker order, so a user's create and pay
 //! are settled in that order. Every row a batch may touch is locked up front, in the
-//! batch's lock round trip, in one global order (orders by id, then products by id, then
-//! balances by user id, then held coupons by id), the order that cancellation and expiry
-//! also follow, so concurrent batches, cancels and expiries never deadlock. The batch is
-//! then decided in memory, command after command, each seeing what the earlier ones did
-//! (stock reserved, balance debited, coupon used), and the final state of every row is
+//! batch's lock round trip, in one global order: orders by id, then the users of those
+//! orders by id, then products by id, then balances by user id, then held coupons by id.
+//! Cancellation and expiry lock orders then products, a part of the same order, and
+//! nothing else locks a `users` row (foreign-key checks take key-share locks, which
+//! `NO KEY UPDATE` does not conflict with), so concurrent batches, cancels and expiries
+//! never deadlock. Users come before products so that a batch never holds a (hot)
+//! product's row while it waits for a user. The batch is then decided in memory, command
+//! after command, each seeing what the earlier ones did (stock reserved, balance debited,
+//! coupon used, orders and units the user holds), and the final state of every row is
 //! written in the batch's one write statement. Each command either applies all its
 //! effects or, refused, none: a refusal is a decision, not an error, and does not roll the
 //! batch back.
+//!
+//! The per-user limits (the unpaid-order cap, a product's `maxPerCustomer`) are counted
+//! here, under the lock of the user's `users` row, because only a count taken under a lock
+//! that every settlement of the user's orders takes holds under concurrency. Today a user's
+//! orders share one partition, whose lease the batch holds, so they settle one batch at a
+//! time anyway; the user's row lock keeps the counts right if orders are ever routed
+//! otherwise (by hot product, say), when two batches of one user could settle at once.
+//! The counts are statements of their own after that lock: under `READ COMMITTED` each
+//! statement reads a snapshot taken when it starts, so they see every order that the
+//! user's previous lock holder committed; a count inside the locking statement would read
+//! the snapshot from before the wait.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -20,6 +35,7 @@ use shared::domain::command::{
 };
 use shared::domain::error::{ErrorBody, ErrorCode};
 use shared::domain::events::{OrderPaid as OrderPaidEvent, OrderPaidType, PaidItem};
+use shared::domain::limits::{refuse_past_limit, refuse_past_unpaid_cap, LimitedLine, HOLDING_STATUSES};
 use shared::domain::money::{order_total, Discount};
 use shared::domain::order::{OrderEvent, OrderStatus};
 use sqlx::Arguments;
@@ -33,6 +49,9 @@ use crate::pipeline::{
 pub struct OrderCommands {
     /// How long a reservation holds its stock.
     pub reservation_ttl: Duration,
+    /// Most `RESERVED` orders one user may hold: a creation past it is refused
+    /// `ERR_ORDER_TOO_MANY_RESERVED`.
+    pub max_reserved_orders: i64,
 }
 
 enum OrderCommand {
@@ -103,6 +122,15 @@ impl CommandFamily for OrderCommands {
         let user = payload_bigint("userId");
         let coupon = payload_bigint("couponId");
         let pay = text(RequestKind::OrderPay.as_str());
+        let reserved = text(OrderStatus::Reserved.as_str());
+        let holding = HOLDING_STATUSES
+            .iter()
+            .map(|status| text(status.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // The owners of the batch's orders: creators and payers alike, so that every order
+        // batch of a user takes the user's lock.
+        let users = format!("SELECT o.user_id FROM orders o WHERE o.id IN ({orders})");
         // `NO KEY UPDATE`, here and wherever rows are locked: settlements never change keys,
         // and this lock does not conflict with the key-share locks that foreign-key checks
         // take. With `FOR UPDATE`, the API inserting order lines (locking their products in
@@ -114,10 +142,43 @@ impl CommandFamily for OrderCommands {
                 "SELECT o.id, o.user_id, o.status, o.total_amount FROM orders o
                  WHERE o.id IN ({orders}) ORDER BY o.id FOR NO KEY UPDATE"
             ),
+            // The users' rows, the lock the per-user limits are counted under (see the
+            // module's comment). Nothing is read from them.
             format!(
-                "SELECT p.id, p.name, p.price, p.stock - p.reserved AS available FROM products p
+                "SELECT u.id FROM users u WHERE u.id IN ({users})
+                 ORDER BY u.id FOR NO KEY UPDATE"
+            ),
+            // Each user's `RESERVED` orders, for the unpaid-order cap (on
+            // `orders_unpaid_by_user`, which holds no paid history).
+            format!(
+                "SELECT o.user_id, count(*) AS reserved FROM orders o
+                 WHERE o.user_id IN ({users}) AND o.status = {reserved}
+                 GROUP BY o.user_id"
+            ),
+            format!(
+                "SELECT p.id, p.name, p.price, p.stock - p.reserved AS available, p.max_per_customer
+                 FROM products p
                  WHERE p.id IN (SELECT oi.product_id FROM order_items oi WHERE oi.order_id IN ({orders}))
                  ORDER BY p.id FOR NO KEY UPDATE"
+            ),
+            // The units each user holds of each limited product the user orders in the
+            // batch, in `RESERVED` and `PAID` orders. After the products' lock, so the
+            // limits it selects by are the ones just read. Without a limited product the
+            // pairs are none and nothing is walked; with one, the user's orders
+            // (`orders_by_user`, paid history included: it counts), each probed for the
+            // product on `order_items`' key. No index of its own: one would cost a write at
+            // every reservation and payment, for the rare batch with a limit.
+            format!(
+                "SELECT pair.user_id, pair.product_id,
+                        (SELECT COALESCE(sum(oi.quantity), 0)::bigint
+                         FROM orders o
+                         JOIN order_items oi ON oi.order_id = o.id AND oi.product_id = pair.product_id
+                         WHERE o.user_id = pair.user_id AND o.status IN ({holding})) AS held
+                 FROM (SELECT DISTINCT o.user_id, line.product_id
+                       FROM orders o
+                       JOIN order_items line ON line.order_id = o.id
+                       JOIN products p ON p.id = line.product_id
+                       WHERE o.id IN ({orders}) AND p.max_per_customer IS NOT NULL) pair"
             ),
             format!(
                 "SELECT oi.order_id, oi.product_id, oi.quantity, oi.name, oi.unit_price
@@ -187,7 +248,7 @@ impl CommandFamily for OrderCommands {
                 id: requests.first().map(|r| r.id).unwrap_or_default(),
                 reason: format!("the reservation time is out of range: {e}"),
             })?;
-        let mut book = Book::read(state)?;
+        let mut book = Book::read(state, self.max_reserved_orders)?;
         let decisions = requests
             .iter()
             .zip(&commands)
@@ -334,6 +395,8 @@ struct ProductRow {
     price: i64,
     /// On hand minus reserved: what can still be reserved.
     available: i64,
+    /// Most units one user may hold in `RESERVED` and `PAID` orders; `None`: no limit.
+    max_per_customer: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -375,6 +438,13 @@ struct Book {
     held: HashMap<(i64, i64), HeldCoupon>,
     /// `(coupon, product)`: the products of the batch a restricted coupon applies to.
     applicable: HashSet<(i64, i64)>,
+    /// `RESERVED` orders by user, as the batch has changed them so far.
+    reserved_orders: HashMap<i64, i64>,
+    /// The most a user may hold.
+    max_reserved_orders: i64,
+    /// Units held in `RESERVED` and `PAID` orders by `(user, product)`, as the batch has
+    /// changed them so far; read for limited products only (no entry: none held).
+    units_held: HashMap<(i64, i64), i64>,
     /// Every change, keyed so that each row is written once, with its final state.
     changed_orders: BTreeMap<Uuid, OrderChange>,
     snapshots: BTreeMap<(Uuid, i64), (String, i64)>,
@@ -399,12 +469,20 @@ struct PaymentRow {
 
 impl Book {
     /// Reads the result sets of [`OrderCommands::lock_state`], in its order.
-    fn read(mut state: LockedState) -> Result<Self, SettleError> {
+    fn read(mut state: LockedState, max_reserved_orders: i64) -> Result<Self, SettleError> {
         let orders = state.rows::<OrderRow>()?.into_iter().map(|o| (o.id, o)).collect();
+        // The users' lock: its rows say nothing the orders do not.
+        state.rows::<(i64,)>()?;
+        let reserved_orders = state.rows::<(i64, i64)>()?.into_iter().collect();
         let products = state
             .rows::<ProductRow>()?
             .into_iter()
             .map(|p| (p.id, p))
+            .collect();
+        let units_held = state
+            .rows::<(i64, i64, i64)>()?
+            .into_iter()
+            .map(|(user, product, held)| ((user, product), held))
             .collect();
         let mut lines: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
         for line in state.rows::<LineRow>()? {
@@ -424,6 +502,9 @@ impl Book {
             balances,
             held,
             applicable,
+            reserved_orders,
+            max_reserved_orders,
+            units_held,
             changed_orders: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             stock: BTreeMap::new(),
@@ -436,6 +517,9 @@ impl Book {
     }
 
     /// Reserves every line of a `PENDING` order or none, snapshotting names and prices.
+    /// Refused when it would take its user past a product's per-customer limit or past the
+    /// unpaid-order cap (in that order, before stock: they are the user's limits, whatever
+    /// is left), or when a product is short.
     fn reserve_stock(&mut self, create: &OrderCreate, reserved_until: DateTime<Utc>) -> Decision {
         let Some(order) = self.orders.get(&create.order_id) else {
             return refuse(ErrorCode::OrderNotFound, "the order does not exist");
@@ -446,7 +530,25 @@ impl Book {
                 "the order was cancelled before its stock could be reserved",
             );
         }
+        let user = order.user_id;
         let lines = self.lines.get(&create.order_id).cloned().unwrap_or_default();
+        let past_limits = refuse_past_limit(lines.iter().filter_map(|line| {
+            let product = self.products.get(&line.product_id)?;
+            Some(LimitedLine {
+                product_id: line.product_id,
+                quantity: line.quantity,
+                max_per_customer: product.max_per_customer,
+                held: self
+                    .units_held
+                    .get(&(user, line.product_id))
+                    .copied()
+                    .unwrap_or(0),
+            })
+        }))
+        .or_else(|| {
+            let reserved = self.reserved_orders.get(&user).copied().unwrap_or(0);
+            refuse_past_unpaid_cap(reserved, self.max_reserved_orders)
+        });
         let mut short = None;
         let mut priced = Vec::with_capacity(lines.len());
         for line in &lines {
@@ -459,20 +561,22 @@ impl Book {
             priced.push((line, product.name.clone(), product.price));
         }
         let total = order_total(priced.iter().map(|(line, _, price)| (*price, line.quantity)));
-        let refusal = match (short, total) {
-            (Some((product, available)), _) => Some(refuse(
-                ErrorCode::OrderOutOfStock,
-                format!("product {product} has {} left", available.max(0)),
-            )),
-            (None, None) => Some(refuse(
-                ErrorCode::OrderInvalidItems,
-                "the order total is too large",
-            )),
-            (None, Some(_)) if priced.is_empty() => {
-                Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
-            }
-            (None, Some(_)) => None,
-        };
+        let refusal = past_limits
+            .map(Decision::Failed)
+            .or_else(|| match (short, total) {
+                (Some((product, available)), _) => Some(refuse(
+                    ErrorCode::OrderOutOfStock,
+                    format!("product {product} has {} left", available.max(0)),
+                )),
+                (None, None) => Some(refuse(
+                    ErrorCode::OrderInvalidItems,
+                    "the order total is too large",
+                )),
+                (None, Some(_)) if priced.is_empty() => {
+                    Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
+                }
+                (None, Some(_)) => None,
+            });
         if let Some(refusal) = refusal {
             self.move_order(create.order_id, OrderEvent::Reject);
             self.changed_orders.entry(create.order_id).or_default().closed = true;
@@ -480,10 +584,12 @@ impl Book {
             return refusal;
         }
         let total = total.unwrap_or_default();
+        *self.reserved_orders.entry(user).or_default() += 1;
         for (line, name, price) in priced {
             if let Some(product) = self.products.get_mut(&line.product_id) {
                 product.available -= line.quantity;
             }
+            *self.units_held.entry((user, line.product_id)).or_default() += line.quantity;
             self.stock.entry(line.product_id).or_default().0 += line.quantity;
             self.snapshots
                 .insert((create.order_id, line.product_id), (name.clone(), price));
@@ -575,6 +681,10 @@ impl Book {
             user_coupon_id: user_coupon,
         });
         self.move_order(pay.order_id, OrderEvent::Pay);
+        // Paid, it is no longer unpaid; its units stay held (`PAID` counts as `RESERVED` did).
+        if let Some(reserved) = self.reserved_orders.get_mut(&pay.user_id) {
+            *reserved -= 1;
+        }
         self.changed_orders.entry(pay.order_id).or_default().paid = Some(PaidFields {
             at: now,
             discount,

@@ -90,6 +90,8 @@ error_codes! {
     OrderInvalidStatus => ("ERR_ORDER_INVALID_STATUS", 409),
     // Added to the contract: a user already holds as many unpaid reservations as allowed.
     OrderTooManyReserved => ("ERR_ORDER_TOO_MANY_RESERVED", 409),
+    // The order would take the user's units of a product past its `maxPerCustomer`.
+    OrderLimitExceeded => ("ERR_ORDER_LIMIT_EXCEEDED", 409),
     // Payment
     PaymentInsufficientBalance => ("ERR_PAYMENT_INSUFFICIENT_BALANCE", 402),
     PaymentInvalidCoupon => ("ERR_PAYMENT_INVALID_COUPON", 400),

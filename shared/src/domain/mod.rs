@@ -4,6 +4,7 @@
 //! - [`ids`]: ids, names and the bounds of numbers in requests.
 //! - [`money`]: order totals and coupon discounts.
 //! - [`order`]: the life of an order: which status follows which event.
+//! - [`limits`]: what one customer may hold at once: unpaid orders, units of a product.
 //! - [`coupon`]: who gets a coupon from a batch of issue requests, and why one is refused.
 //! - [`partition`]: which partition a key goes to, which replica owns a partition.
 //! - [`command`]: asynchronous requests, their results and the messages that carry them.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod identity;
 pub mod ids;
+pub mod limits;
 pub mod money;
 pub mod order;
 pub mod partition;
