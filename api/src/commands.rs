@@ -19,8 +19,8 @@ use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
 use crate::idempotency;
 use crate::intake::{Creation, KeyClaim, StoreError, StoredCommand};
-pub use crate::request_status::Accepted;
 use crate::polling::add_polling_headers;
+pub use crate::request_status::Accepted;
 use crate::waiting::Registration;
 use crate::AppState;
 

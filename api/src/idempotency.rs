@@ -290,11 +290,7 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
                 .zip(row.kind.as_deref().and_then(RequestKind::parse))
                 .map(|(id, kind)| Accepted::new(id, kind, row.order_id));
             Some(match accepted {
-                Some(accepted) => (
-                    same,
-                    Some(202),
-                    serde_json::to_value(accepted).ok(),
-                ),
+                Some(accepted) => (same, Some(202), serde_json::to_value(accepted).ok()),
                 None => (same, row.status, row.body),
             })
         })

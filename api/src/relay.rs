@@ -298,12 +298,9 @@ impl RelayTasks {
             );
             return;
         }
-        let removed = sqlx::query!(
-            "DELETE FROM api_instances WHERE id = $1",
-            self.relay.instance
-        )
-        .execute(&self.db)
-        .await;
+        let removed = sqlx::query!("DELETE FROM api_instances WHERE id = $1", self.relay.instance)
+            .execute(&self.db)
+            .await;
         if let Err(e) = removed {
             tracing::warn!(error = %e, "cannot remove this api from api_instances; the sweeper will, once it looks dead");
         }

@@ -79,9 +79,7 @@ async fn with_the_broker_down_commands_are_accepted_and_queued_in_order_when_it_
 
     proxy.cut();
     for &user in &users[1..] {
-        let answer = app
-            .post_with_key(&path, json!({ "userId": user }), "once")
-            .await;
+        let answer = app.post_with_key(&path, json!({ "userId": user }), "once").await;
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
         accepted.push(answer.body["requestId"].as_str().unwrap().to_owned());
     }

@@ -137,6 +137,11 @@ pub fn describe_metrics() {
         "Commands settled by this worker, by family and outcome (succeeded or failed)."
     );
     describe_counter!(
+        "worker_batches_settled_again_locked_total",
+        Unit::Count,
+        "Batches whose shared rows (a product's stock, read unlocked) moved before their commit, or that would refuse for stock: settled again at once with those rows locked, by family."
+    );
+    describe_counter!(
         "worker_commands_duplicate_total",
         Unit::Count,
         "Deliveries of commands already settled (redelivered after a crash or a handover), acked without effect."
@@ -316,6 +321,11 @@ mod tests {
         ),
         (
             Kind::Counter,
+            "worker_batches_settled_again_locked_total",
+            &[("family", "order")],
+        ),
+        (
+            Kind::Counter,
             "worker_commands_revived_total",
             &[("family", "order")],
         ),
@@ -355,11 +365,7 @@ mod tests {
         (Kind::Gauge, "outbox_backlog", &[]),
         (Kind::Gauge, "outbox_oldest_unpublished_seconds", &[]),
         (Kind::Gauge, "worker_partitions_owned", &[("family", "order")]),
-        (
-            Kind::Histogram,
-            "api_command_publish_seconds",
-            &[],
-        ),
+        (Kind::Histogram, "api_command_publish_seconds", &[]),
         (Kind::Histogram, "api_command_publish_batch_size", &[]),
         (Kind::Gauge, "api_commands_unpublished", &[]),
         (

@@ -570,6 +570,25 @@ impl System {
         partition
     }
 
+    /// Waits until the partition queue of `key` in `family` holds `count` messages: the
+    /// api's relay publishes after the `202`, so a test that takes messages out of a queue
+    /// (no worker running) waits for them first.
+    pub async fn wait_until_queued(&self, family: shared::domain::command::Family, key: i64, count: u32) {
+        let topology = &self.app.topology;
+        let partition = shared::domain::partition::partition_of(key, topology.partitions);
+        let queue = topology.queue(family, partition);
+        let connection = broker_connection().await;
+        let channel = connection.create_channel().await.unwrap();
+        poll_until(|| async {
+            match shared::messaging::broker::queue_depth(&channel, &queue).await {
+                Ok(depth) if depth == count => Ok(()),
+                depth => Err(format!("{queue} holds {depth:?} messages, not {count}")),
+            }
+        })
+        .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     /// A worker replica's context inside the test process, on this system's database and
     /// topology, for driving one of its tasks (a sweep, say) step by step.
     pub fn worker_context(&self) -> worker::Context {

@@ -15,7 +15,7 @@ use sqlx::Arguments;
 use uuid::Uuid;
 
 use crate::pipeline::{
-    payload_bigint, CommandFamily, Decided, Decision, LockedState, PendingRequest, SettleError,
+    payload_bigint, CommandFamily, Decided, Decision, LockedState, PendingRequest, SettleError, SharedRows,
 };
 
 /// Coupon issues, partitioned by coupon.
@@ -29,7 +29,9 @@ struct CouponRow {
 }
 
 impl CommandFamily for CouponIssues {
-    fn lock_state(&self, ids: &str) -> Vec<String> {
+    /// A coupon's row is locked up front: its partition is its only settler, so no other
+    /// partition shares it.
+    fn lock_state(&self, ids: &str, _shared: SharedRows) -> Vec<String> {
         let coupon = payload_bigint("couponId");
         let user = payload_bigint("userId");
         // dynamic: sent with `BEGIN` and the fence as one message, which the macros cannot build.
@@ -64,6 +66,7 @@ impl CommandFamily for CouponIssues {
         requests: &[PendingRequest],
         mut state: LockedState,
         _now: DateTime<Utc>,
+        _shared: SharedRows,
     ) -> Result<Decided, SettleError> {
         let issues: Vec<CouponIssue> = requests
             .iter()
@@ -130,6 +133,7 @@ impl CommandFamily for CouponIssues {
                 Ok(())
             }),
             wrote_events: false,
+            at_commit: Vec::new(),
         })
     }
 

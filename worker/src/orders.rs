@@ -1,14 +1,20 @@
 //! The order family: stock reservation and payment, a whole batch at a time.
 //!
 //! A batch holds one user partition's commands in broker order, so a user's create and pay
-//! are settled in that order. Every row a batch may touch is locked up front, in the
-//! batch's lock round trip, in one global order: orders by id, then the users of those
-//! orders by id, then products by id, then balances by user id, then held coupons by id.
-//! Cancellation and expiry lock orders then products, a part of the same order, and
-//! nothing else locks a `users` row (foreign-key checks take key-share locks, which
-//! `NO KEY UPDATE` does not conflict with), so concurrent batches, cancels and expiries
-//! never deadlock. Users come before products so that a batch never holds a (hot)
-//! product's row while it waits for a user. The batch is then decided in memory, command
+//! are settled in that order. Every row of the batch's users is locked up front, in the
+//! batch's lock round trip: orders by id, then the users of those orders by id, then
+//! balances by user id, then held coupons by id. Products are what partitions share (a
+//! crowd buys a few of them): they are read without a lock there, and locked by id and
+//! changed relatively (`reserved = reserved + n`) in the message that commits
+//! ([`crate::pipeline::SharedRows`]), so a batch holds a hot product's row for a statement
+//! and its commit's flush, never while it waits on anything else. A batch that found the
+//! stock moved (its relative change no longer fits, or a reservation it would refuse for
+//! stock) is settled again with the products locked up front, after the users and before
+//! the balances. Cancellation and expiry lock orders then products; nothing else locks a
+//! `users` row (foreign-key checks take key-share locks, which `NO KEY UPDATE` does not
+//! conflict with), and products are either the last rows a batch locks or come after
+//! every row that a batch of another user could hold, so concurrent batches, cancels and
+//! expiries never deadlock. The batch is then decided in memory, command
 //! after command, each seeing what the earlier ones did (stock reserved, balance debited,
 //! coupon used, orders and units the user holds), and the final state of every row is
 //! written in the batch's one write statement. Each command either applies all its
@@ -43,6 +49,7 @@ use uuid::Uuid;
 
 use crate::pipeline::{
     payload_bigint, text, CommandFamily, Decided, Decision, LockedState, PendingRequest, SettleError,
+    SharedRows,
 };
 
 /// Order creations and payments, partitioned by user.
@@ -115,8 +122,12 @@ impl CommandFamily for OrderCommands {
         )
     }
 
-    fn lock_state(&self, ids: &str) -> Vec<String> {
+    fn lock_state(&self, ids: &str, shared: SharedRows) -> Vec<String> {
         let orders = named_orders(ids);
+        let product_lock = match shared {
+            SharedRows::AtCommit => "",
+            SharedRows::Locked => "FOR NO KEY UPDATE",
+        };
         let payers = named_by_payments(ids, "userId");
         let coupons = named_by_payments(ids, "couponId");
         let user = payload_bigint("userId");
@@ -159,7 +170,7 @@ impl CommandFamily for OrderCommands {
                 "SELECT p.id, p.name, p.price, p.stock - p.reserved AS available, p.max_per_customer
                  FROM products p
                  WHERE p.id IN (SELECT oi.product_id FROM order_items oi WHERE oi.order_id IN ({orders}))
-                 ORDER BY p.id FOR NO KEY UPDATE"
+                 ORDER BY p.id {product_lock}"
             ),
             // The units each user holds of each limited product the user orders in the
             // batch, in `RESERVED` and `PAID` orders. After the products' lock, so the
@@ -221,6 +232,7 @@ impl CommandFamily for OrderCommands {
         requests: &[PendingRequest],
         state: LockedState,
         now: DateTime<Utc>,
+        shared: SharedRows,
     ) -> Result<Decided, SettleError> {
         let commands: Vec<OrderCommand> = requests
             .iter()
@@ -256,13 +268,25 @@ impl CommandFamily for OrderCommands {
                 OrderCommand::Create(create) => book.reserve_stock(create, now + ttl),
                 OrderCommand::Pay(pay) => book.settle_payment(pay, request.id, now),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Stock read unlocked is no ground for a refusal: the units may have come back
+        // since (a cancel, an expiry). Settled again with the products locked, the refusal
+        // is true of the moment it is decided.
+        if shared == SharedRows::AtCommit
+            && decisions
+                .iter()
+                .any(|d| matches!(d, Decision::Failed(e) if e.code == ErrorCode::OrderOutOfStock))
+        {
+            return Err(SettleError::SharedRowsMoved);
+        }
+        let at_commit = stock_changes(&book.stock);
         let writes = book.into_writes();
         let wrote_events = !writes.events.is_empty();
         Ok(Decided {
             decisions,
             writes: Box::new(move |args| writes.bind(args)),
             wrote_events,
+            at_commit,
         })
     }
 
@@ -292,32 +316,26 @@ impl CommandFamily for OrderCommands {
             FROM UNNEST($14::uuid[], $15::bigint[], $16::text[], $17::bigint[])
                  AS s(order_id, product_id, name, price)
             WHERE oi.order_id = ANY($14) AND oi.order_id = s.order_id AND oi.product_id = s.product_id),
-         stocked AS (
-            UPDATE products p
-            SET reserved = p.reserved + d.reserve - d.sell, stock = p.stock - d.sell,
-                sold = p.sold + d.sell, updated_at = now()
-            FROM UNNEST($18::bigint[], $19::bigint[], $20::bigint[]) AS d(id, reserve, sell)
-            WHERE p.id = ANY($18) AND p.id = d.id),
          debited AS (
             UPDATE balances b SET amount = d.amount, updated_at = now()
-            FROM UNNEST($21::bigint[], $22::bigint[]) AS d(user_id, amount)
-            WHERE b.user_id = ANY($21) AND b.user_id = d.user_id),
+            FROM UNNEST($18::bigint[], $19::bigint[]) AS d(user_id, amount)
+            WHERE b.user_id = ANY($18) AND b.user_id = d.user_id),
          ledger AS (
             INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
             SELECT l.user_id, 'PAYMENT', l.amount, l.balance_after, l.order_id
-            FROM UNNEST($23::bigint[], $24::bigint[], $25::bigint[], $26::uuid[])
+            FROM UNNEST($20::bigint[], $21::bigint[], $22::bigint[], $23::uuid[])
                  AS l(user_id, amount, balance_after, order_id)),
          used AS (
             UPDATE user_coupons uc SET used_at = now(), order_id = u.order_id
-            FROM UNNEST($27::uuid[], $28::uuid[]) AS u(id, order_id)
-            WHERE uc.id = ANY($27) AND uc.id = u.id),
+            FROM UNNEST($24::uuid[], $25::uuid[]) AS u(id, order_id)
+            WHERE uc.id = ANY($24) AND uc.id = u.id),
          payment AS (
             INSERT INTO payments (id, order_id, user_id, request_id, amount, discount_amount, user_coupon_id)
-            SELECT * FROM UNNEST($29::uuid[], $30::uuid[], $31::bigint[], $32::uuid[],
-                                 $33::bigint[], $34::bigint[], $35::uuid[])),
+            SELECT * FROM UNNEST($26::uuid[], $27::uuid[], $28::bigint[], $29::uuid[],
+                                 $30::bigint[], $31::bigint[], $32::uuid[])),
          event AS (
             INSERT INTO outbox (id, routing_key, payload)
-            SELECT e.id, 'order.paid', e.payload FROM UNNEST($36::uuid[], $37::jsonb[]) AS e(id, payload))"
+            SELECT e.id, 'order.paid', e.payload FROM UNNEST($33::uuid[], $34::jsonb[]) AS e(id, payload))"
     }
 }
 
@@ -794,11 +812,6 @@ impl Book {
             writes.snapshot_names.push(name);
             writes.snapshot_prices.push(price);
         }
-        for (product, (reserve, sell)) in self.stock {
-            writes.stock_products.push(product);
-            writes.stock_reserve.push(reserve);
-            writes.stock_sell.push(sell);
-        }
         (writes.balance_users, writes.balance_amounts) = self.debited.into_iter().unzip();
         for (user, amount, after, order) in self.ledger {
             writes.ledger_users.push(user);
@@ -825,6 +838,36 @@ impl Book {
     }
 }
 
+/// The batch's stock changes, per product (units reserved, units sold), as the statements
+/// sent with its `COMMIT`: the products locked in id order (a second batch changing the same
+/// products waits at the first, never holding one the first needs), then changed relatively,
+/// so that batches of other partitions that changed them meanwhile are added to, not
+/// overwritten. `product_reserved_within_stock` and `product_stock_not_negative` fail the
+/// commit when the change no longer fits (then the batch is settled again with the products
+/// locked). Only integers are spliced: no input reaches the text.
+fn stock_changes(stock: &BTreeMap<i64, (i64, i64)>) -> Vec<String> {
+    if stock.is_empty() {
+        return Vec::new();
+    }
+    let ids = stock.keys().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let changes = stock
+        .iter()
+        .map(|(id, (reserve, sell))| format!("({id},{reserve},{sell})"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // dynamic: sent with `COMMIT` in one simple-protocol message, which takes no parameters.
+    vec![
+        format!("SELECT 1 FROM products WHERE id IN ({ids}) ORDER BY id FOR NO KEY UPDATE"),
+        format!(
+            "UPDATE products p
+             SET reserved = p.reserved + d.reserve - d.sell, stock = p.stock - d.sell,
+                 sold = p.sold + d.sell, updated_at = now()
+             FROM (VALUES {changes}) AS d(id, reserve, sell)
+             WHERE p.id = d.id"
+        ),
+    ]
+}
+
 /// The parameters of [`OrderCommands::write_ctes`], column by column.
 #[derive(Default)]
 struct Writes {
@@ -841,9 +884,6 @@ struct Writes {
     snapshot_products: Vec<i64>,
     snapshot_names: Vec<String>,
     snapshot_prices: Vec<i64>,
-    stock_products: Vec<i64>,
-    stock_reserve: Vec<i64>,
-    stock_sell: Vec<i64>,
     balance_users: Vec<i64>,
     balance_amounts: Vec<i64>,
     ledger_users: Vec<i64>,
@@ -879,9 +919,6 @@ impl Writes {
         args.add(self.snapshot_products)?;
         args.add(self.snapshot_names)?;
         args.add(self.snapshot_prices)?;
-        args.add(self.stock_products)?;
-        args.add(self.stock_reserve)?;
-        args.add(self.stock_sell)?;
         args.add(self.balance_users)?;
         args.add(self.balance_amounts)?;
         args.add(self.ledger_users)?;

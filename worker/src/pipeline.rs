@@ -7,8 +7,21 @@
 //!    and locks and reads what the family's rules need ([`CommandFamily::lock_state`]).
 //! 2. **Decide and write**: the family decides the batch in memory
 //!    ([`CommandFamily::decide`]); one statement then writes its effects (its
-//!    [`CommandFamily::write_ctes`]), every request's outcome and the settled-batch notice.
-//! 3. **Commit**.
+//!    [`CommandFamily::write_ctes`]) and every request's outcome.
+//! 3. **Commit**: the changes to rows that many partitions share (a product a crowd
+//!    orders: [`Decided::at_commit`]) and `COMMIT`, in one message, then the settled-batch
+//!    notice.
+//!
+//! Rows that many partitions share are read without a lock in the first round trip
+//! ([`SharedRows::AtCommit`]) and changed relatively (`reserved = reserved + n`) in the
+//! message that commits, so a batch holds such a row only from that statement to the end
+//! of its commit, never across a round trip: batches of other partitions queue on it for a
+//! statement and a WAL flush, not for a whole settlement. What was decided from the unlocked
+//! read stands only if it is still true at commit: the family refuses nothing for a reason
+//! the shared rows gave (it asks to be settled again with them locked:
+//! [`SettleError::SharedRowsMoved`]), and the schema's constraints fail a commit whose
+//! relative change no longer fits (then the same). A batch settled again takes the shared
+//! rows locked in its first round trip ([`SharedRows::Locked`]), as every other row.
 //!
 //! A family is one implementation of [`CommandFamily`]; the settlement core never names
 //! one. This module imports neither family, so they import it without a circle.
@@ -36,6 +49,20 @@ pub enum SettleError {
     Unsettleable { id: Uuid, reason: String },
     #[error("no settlement is known for the {0} family")]
     UnknownFamily(&'static str),
+    /// Read unlocked, a shared row (a product's stock) no longer allows what was decided, or
+    /// a refusal rests on it: settle the batch again with the shared rows locked.
+    #[error("a row shared by many partitions changed since it was read; settling again with it locked")]
+    SharedRowsMoved,
+}
+
+/// How a batch takes the rows that many partitions share (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedRows {
+    /// Read without a lock, changed relatively in the message that commits.
+    AtCommit,
+    /// Locked in the first round trip, like every other row: after
+    /// [`SettleError::SharedRowsMoved`].
+    Locked,
 }
 
 /// A request that is still `PENDING`, as read under its row lock.
@@ -96,6 +123,10 @@ pub struct Decided {
     pub writes: BindWrites,
     /// Whether the writes put events in the outbox (the relay is then woken after commit).
     pub wrote_events: bool,
+    /// Simple-protocol statements sent with `COMMIT`, before it: the relative changes to
+    /// the shared rows, each row locked in id order first. Only integers of this code are
+    /// spliced into them.
+    pub at_commit: Vec<String>,
 }
 
 /// The number of the first parameter a family's write CTEs may use: the ones before it
@@ -143,8 +174,9 @@ pub trait CommandFamily: Send + Sync {
 
     /// Statements run right after [`Self::lock_requests`], in the same round trip, that
     /// lock (in the global lock order) and read what the decisions need. They may select
-    /// the batch's request rows by `ids` again; they are locked already.
-    fn lock_state(&self, ids: &str) -> Vec<String>;
+    /// the batch's request rows by `ids` again; they are locked already. With
+    /// [`SharedRows::AtCommit`] the rows many partitions share are read without a lock.
+    fn lock_state(&self, ids: &str, shared: SharedRows) -> Vec<String>;
 
     /// The requests in the order they must be settled: `pending` is the batch's in broker
     /// order, `beside` those [`Self::lock_requests`] locked beside the batch, still pending.
@@ -157,12 +189,15 @@ pub trait CommandFamily: Send + Sync {
     }
 
     /// Decides `requests` in order from what [`Self::lock_state`] read, without I/O.
-    /// `now` is the transaction's `now()`, for whatever the decisions stamp.
+    /// `now` is the transaction's `now()`, for whatever the decisions stamp. With
+    /// [`SharedRows::AtCommit`], a refusal that rests on a shared row read unlocked is
+    /// [`SettleError::SharedRowsMoved`] instead.
     fn decide(
         &self,
         requests: &[PendingRequest],
         state: LockedState,
         now: DateTime<Utc>,
+        shared: SharedRows,
     ) -> Result<Decided, SettleError>;
 
     /// The data-modifying CTEs of the write statement (`name AS (...)`, comma-separated),

@@ -2,9 +2,11 @@
 //!
 //! The transaction checks the partition lease (fencing), locks the request rows, skips
 //! those already terminal (redeliveries and re-published duplicates), lets the family's
-//! rules decide the rest in broker order, and writes the family's effects with every
-//! terminal status, its result or error, in one statement ([`crate::pipeline`] says what a
-//! family provides). Only after commit are the messages acked, all at once.
+//! rules decide the rest in broker order, writes the family's effects with every terminal
+//! status, its result or error, in one statement, and changes the rows many partitions
+//! share in the message that commits ([`crate::pipeline`] says what a family provides and
+//! why). Only after commit are the messages acked, all at once. A batch whose shared rows
+//! moved under it is settled again at once with them locked up front.
 //!
 //! A batch that fails for a reason other than an unreachable database is settled again one
 //! command at a time, in order, so one bad command cannot hold back the others. A command
@@ -29,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::leases::Lease;
-use crate::pipeline::{self, CommandFamily, RequestRow};
+use crate::pipeline::{self, CommandFamily, RequestRow, SharedRows};
 pub use crate::pipeline::{Decision, PendingRequest, SettleError};
 use crate::Context;
 
@@ -65,6 +67,8 @@ struct Settled {
     ids: Vec<Uuid>,
     /// Whether the family wrote outbox events.
     wrote_events: bool,
+    /// Statements sent with the `COMMIT` ([`pipeline::Decided::at_commit`]).
+    at_commit: Vec<String>,
 }
 
 enum Attempt {
@@ -206,9 +210,10 @@ async fn settle_with_retries(
 ) -> Attempt {
     let mut failures = 0;
     let mut backoff = Duration::from_millis(100);
+    let mut shared = SharedRows::AtCommit;
     loop {
         let started = Instant::now();
-        let outcome = AssertUnwindSafe(settle_once(ctx, lease, ids))
+        let outcome = AssertUnwindSafe(settle_once(ctx, lease, ids, shared))
             .catch_unwind()
             .await;
         let error = match outcome {
@@ -216,6 +221,13 @@ async fn settle_with_retries(
                 metrics::histogram!("worker_settle_duration_seconds", "family" => lease.family.as_str())
                     .record(started.elapsed().as_secs_f64());
                 return Attempt::Settled(settled);
+            }
+            Ok(Err(SettleError::SharedRowsMoved)) if shared == SharedRows::AtCommit => {
+                // Not a failure: the stock moved under an unlocked read. At once, locked.
+                metrics::counter!("worker_batches_settled_again_locked_total", "family" => lease.family.as_str())
+                    .increment(1);
+                shared = SharedRows::Locked;
+                continue;
             }
             Ok(Err(SettleError::LeaseLost)) => {
                 tracing::info!(
@@ -249,7 +261,11 @@ async fn settle_with_retries(
 /// Settles the requests `ids` (a batch, in broker order) in one transaction, without
 /// retrying; for tests that look at what one settlement costs.
 pub async fn settle_batch(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<(), SettleError> {
-    settle_once(ctx, lease, ids).await.map(|_| ())
+    match settle_once(ctx, lease, ids, SharedRows::AtCommit).await {
+        Err(SettleError::SharedRowsMoved) => settle_once(ctx, lease, ids, SharedRows::Locked).await,
+        settled => settled,
+    }
+    .map(|_| ())
 }
 
 /// A transaction opened by the lock statement's own message rather than by sqlx's
@@ -263,28 +279,44 @@ struct OpenTransaction {
 }
 
 impl OpenTransaction {
-    /// Commits, and announces the settled `ids` in the same message
-    /// ([`shared::store::settlements::announcement`]): the batch's third and last round trip. A
-    /// failure after the `COMMIT` succeeded (the notices only) is logged, not returned: the
-    /// batch is settled, and its waiters find it at their next poll.
-    async fn commit_and_announce(mut self, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-        let message = format!("COMMIT; {}", shared::store::settlements::announcement(ids));
-        // dynamic: the COMMIT and the notice go as one message, which the macros cannot build.
+    /// Runs `at_commit` and commits, and announces the settled `ids` in the same message
+    /// ([`shared::store::settlements::announcement`]): the batch's third and last round trip.
+    /// A failure after the `COMMIT` succeeded (the notices only) is logged, not returned: the
+    /// batch is settled, and its waiters find it at their next poll. A failure before it
+    /// (a statement of `at_commit`) leaves nothing committed: the transaction is rolled back.
+    async fn commit_and_announce(mut self, at_commit: &[String], ids: &[Uuid]) -> Result<(), sqlx::Error> {
+        let mut message = String::new();
+        for statement in at_commit {
+            message.push_str(statement);
+            message.push_str(";\n");
+        }
+        message.push_str("COMMIT; ");
+        message.push_str(&shared::store::settlements::announcement(ids));
+        // The `COMMIT`'s result is the one after those of `at_commit`'s statements.
+        let commit_result = at_commit.len() + 1;
+        // dynamic: the changes, the COMMIT and the notice go as one message, which the macros cannot build.
         let mut results = self.conn.fetch_many(sqlx::raw_sql(&message));
-        let mut committed = false;
+        let mut finished = 0;
+        let mut failed = None;
         while let Some(result) = results.next().await {
             match result {
-                // The first statement's result is the `COMMIT`'s.
-                Ok(Either::Left(_)) => committed = true,
+                Ok(Either::Left(_)) => finished += 1,
                 Ok(Either::Right(_)) => {}
-                Err(e) if committed => {
+                Err(e) if finished >= commit_result => {
                     tracing::debug!(error = %e, "cannot announce settled requests; waiters will poll");
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
         drop(results);
+        if let Some(e) = failed {
+            self.rollback().await;
+            return Err(e);
+        }
         self.open = false;
         Ok(())
     }
@@ -314,6 +346,7 @@ async fn lock_and_fence(
     lease: &Lease,
     family: &dyn CommandFamily,
     ids: &[Uuid],
+    shared: SharedRows,
 ) -> Result<Vec<Vec<PgRow>>, sqlx::Error> {
     let ids = pipeline::uuid_array(ids);
     // The fence: the lease row stays share-locked until commit, so the lease cannot change
@@ -330,7 +363,7 @@ async fn lock_and_fence(
         lease.epoch,
         family.lock_requests(&ids),
     );
-    for statement in family.lock_state(&ids) {
+    for statement in family.lock_state(&ids, shared) {
         message.push_str(&statement);
         message.push(';');
     }
@@ -356,15 +389,31 @@ async fn lock_and_fence(
     Ok(sets)
 }
 
-async fn settle_once(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<Settled, SettleError> {
+async fn settle_once(
+    ctx: &Context,
+    lease: &Lease,
+    ids: &[Uuid],
+    shared: SharedRows,
+) -> Result<Settled, SettleError> {
     let (family, write_statement) = ctx.families.of(lease.family)?;
     let mut tx = OpenTransaction {
         conn: ctx.db.acquire().await?,
         open: true,
     };
-    match settle_in(&mut tx, family.as_ref(), &write_statement, lease, ids).await {
+    match settle_in(&mut tx, family.as_ref(), &write_statement, lease, ids, shared).await {
         Ok(Some(settled)) => {
-            tx.commit_and_announce(&settled.ids).await?;
+            tx.commit_and_announce(&settled.at_commit, &settled.ids)
+                .await
+                .map_err(|e| match e {
+                    // A change to a shared row no longer fits (another partition's batch took
+                    // the stock): the schema's constraint said so, and nothing committed.
+                    sqlx::Error::Database(db)
+                        if shared == SharedRows::AtCommit && db.code().as_deref() == Some("23514") =>
+                    {
+                        SettleError::SharedRowsMoved
+                    }
+                    e => SettleError::Database(e),
+                })?;
             if settled.wrote_events {
                 // Let the outbox relay publish them now.
                 ctx.outbox_written.notify_one();
@@ -389,8 +438,9 @@ async fn settle_in(
     write_statement: &str,
     lease: &Lease,
     ids: &[Uuid],
+    shared: SharedRows,
 ) -> Result<Option<Settled>, SettleError> {
-    let mut sets = lock_and_fence(&mut tx.conn, lease, family, ids)
+    let mut sets = lock_and_fence(&mut tx.conn, lease, family, ids, shared)
         .await?
         .into_iter();
     let fence = sets.next().unwrap_or_default();
@@ -436,11 +486,12 @@ async fn settle_in(
             accepted_at: Vec::new(),
             ids: Vec::new(),
             wrote_events: false,
+            at_commit: Vec::new(),
         }));
     }
 
     let pending = family.settling_order(pending, beside);
-    let decided = family.decide(&pending, pipeline::LockedState::new(sets.collect()), now)?;
+    let decided = family.decide(&pending, pipeline::LockedState::new(sets.collect()), now, shared)?;
     write(
         &mut tx.conn,
         write_statement,
@@ -462,6 +513,7 @@ async fn settle_in(
         accepted_at: pending.iter().map(|p| p.created_at).collect(),
         ids: pending.iter().map(|p| p.id).collect(),
         wrote_events: decided.wrote_events,
+        at_commit: decided.at_commit,
     }))
 }
 

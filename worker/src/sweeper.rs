@@ -32,7 +32,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         match sweep_once(&ctx).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(requests = n, "published the stored commands of a dead api"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "sweeping the commands of a dead api failed"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "sweeping the commands of a dead api failed"
+            ),
         }
     }
 }

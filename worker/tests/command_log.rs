@@ -45,9 +45,7 @@ async fn with_rabbitmq_down_commands_are_accepted_and_settle_first_come_first_se
         let proxied = proxied.clone();
         System::start_with(0, move |config| config.broker.url = proxied).await
     };
-    system
-        .spawn_worker_with(&[("AMQP_URL", proxied.clone())])
-        .await;
+    system.spawn_worker_with(&[("AMQP_URL", proxied.clone())]).await;
     system.wait_for_owners(1).await;
     let coupon = system.coupon(3).await;
     let product = system.product(1_000, 5).await;
@@ -107,7 +105,10 @@ async fn with_rabbitmq_down_commands_are_accepted_and_settle_first_come_first_se
             "ERR_COUPON_OUT_OF_STOCK"
         ]
     );
-    assert_eq!(system.outcome(paid.body["requestId"].as_str().unwrap()).await, "SUCCEEDED");
+    assert_eq!(
+        system.outcome(paid.body["requestId"].as_str().unwrap()).await,
+        "SUCCEEDED"
+    );
     assert_eq!(system.assert_coupon_invariants(coupon).await, 3);
     assert_eq!(system.assert_stock_reconciles(product, 5).await, (3, 0, 2));
     system.assert_money_invariants().await;
@@ -243,12 +244,7 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
     // No worker yet: take the message out of its partition queue and leave the request as
     // a dead api's, stored and unpublished.
     system
-        .lose_publish(
-            shared::domain::command::Family::Coupon,
-            coupon,
-            &request,
-            true,
-        )
+        .lose_publish(shared::domain::command::Family::Coupon, coupon, &request, true)
         .await;
     let meanwhile = system
         .app

@@ -107,7 +107,10 @@ async fn five_hundred_concurrent_commands_are_each_stored_once_and_settled_once(
         .await;
     assert_eq!(keys, 500, "each key lives with its own request");
     let key_rows = system.scalar("SELECT count(*) FROM idempotency_keys").await;
-    assert_eq!(key_rows, 0, "one insert per command: no key row beside the request");
+    assert_eq!(
+        key_rows, 0,
+        "one insert per command: no key row beside the request"
+    );
 
     system.spawn_worker().await;
     system.spawn_worker().await;

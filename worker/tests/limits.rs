@@ -146,10 +146,9 @@ async fn the_cap_holds_when_one_users_orders_settle_in_several_partitions_at_onc
     let mut requests = Vec::new();
     for answer in &answers {
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
-        let request = answer.body["requestId"].as_str().unwrap().to_owned();
-        system.wait_until_published(&request).await;
-        requests.push(request);
+        requests.push(answer.body["requestId"].as_str().unwrap().to_owned());
     }
+    system.wait_until_queued(Family::Order, user, 30).await;
     // Out of the user's partition, then round the partitions.
     let topology = &system.app.topology;
     let home = shared::domain::partition::partition_of(user, topology.partitions);

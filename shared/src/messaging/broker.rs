@@ -362,13 +362,16 @@ impl Publisher {
             };
             results.push(result);
         }
-        results.extend(messages.iter().skip(results.len()).map(|_| Err(PublishError::NotSent)));
-        if results.iter().any(|r| {
-            matches!(
-                r,
-                Err(PublishError::Broker(_) | PublishError::ConfirmTimeout(_))
-            )
-        }) {
+        results.extend(
+            messages
+                .iter()
+                .skip(results.len())
+                .map(|_| Err(PublishError::NotSent)),
+        );
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(PublishError::Broker(_) | PublishError::ConfirmTimeout(_))))
+        {
             self.forget_channel().await;
         }
         results
