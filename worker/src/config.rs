@@ -48,6 +48,10 @@ pub struct WorkerConfig {
     /// the same setting; this is where the cap holds, under the settling locks, so set both
     /// alike.
     pub max_reserved_orders_per_user: i64,
+    /// `SHARED_ROWS_AT_COMMIT`: an order batch reads product rows unlocked and changes them
+    /// in the message that commits (on by default, see `crate::pipeline`); off, it locks
+    /// them up front like every other row (the design before, kept to measure against).
+    pub shared_rows_at_commit: bool,
     /// `OUTBOX_RELAY_ENABLED`: publish outbox events from this replica (on by default; off
     /// for a replica that should only settle, e.g. when relays run elsewhere).
     pub outbox_relay: bool,
@@ -94,6 +98,7 @@ impl WorkerConfig {
             settle_attempts: var("WORKER_SETTLE_ATTEMPTS", 3_u32)?.max(1),
             reservation_ttl: Duration::from_secs(var("RESERVATION_TTL_SECS", 600)?),
             max_reserved_orders_per_user: var("MAX_RESERVED_ORDERS_PER_USER", 10)?,
+            shared_rows_at_commit: flag("SHARED_ROWS_AT_COMMIT", true)?,
             outbox_relay: flag("OUTBOX_RELAY_ENABLED", true)?,
             outbox_relay_interval: Duration::from_millis(var("OUTBOX_RELAY_INTERVAL_MS", 100)?),
             outbox_backlog_interval: Duration::from_millis(var("OUTBOX_BACKLOG_REPORT_MS", 5_000)?.max(100)),

@@ -210,7 +210,7 @@ async fn settle_with_retries(
 ) -> Attempt {
     let mut failures = 0;
     let mut backoff = Duration::from_millis(100);
-    let mut shared = SharedRows::AtCommit;
+    let mut shared = first_try(ctx);
     loop {
         let started = Instant::now();
         let outcome = AssertUnwindSafe(settle_once(ctx, lease, ids, shared))
@@ -258,10 +258,19 @@ async fn settle_with_retries(
     }
 }
 
+/// How a batch takes its shared rows at its first try (`SHARED_ROWS_AT_COMMIT`).
+fn first_try(ctx: &Context) -> SharedRows {
+    if ctx.config.shared_rows_at_commit {
+        SharedRows::AtCommit
+    } else {
+        SharedRows::Locked
+    }
+}
+
 /// Settles the requests `ids` (a batch, in broker order) in one transaction, without
 /// retrying; for tests that look at what one settlement costs.
 pub async fn settle_batch(ctx: &Context, lease: &Lease, ids: &[Uuid]) -> Result<(), SettleError> {
-    match settle_once(ctx, lease, ids, SharedRows::AtCommit).await {
+    match settle_once(ctx, lease, ids, first_try(ctx)).await {
         Err(SettleError::SharedRowsMoved) => settle_once(ctx, lease, ids, SharedRows::Locked).await,
         settled => settled,
     }
