@@ -181,6 +181,30 @@ pub struct CheckoutArgs {
     /// with an `Idempotency-Key`), so that charges and their keys are exercised too.
     #[arg(long, default_value_t = 0.0)]
     pub charge_share: f64,
+    /// Where the check of one `order.paid` per paid order finds the events the relay
+    /// published (it deletes them from the outbox): `tap`, a queue of the run's own bound to
+    /// the events exchange before the load; `data-platform`, the `received_events` of the
+    /// data-platform stand-in (`worker data-platform`), which must then run. Ignored with
+    /// `--commands-url`: nothing publishes the peer's events.
+    #[arg(long, value_enum, default_value_t = EventsSeenBy::Tap)]
+    pub events_seen_by: EventsSeenBy,
+    /// RabbitMQ, for the tap.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The `AMQP_PREFIX` the api and workers run with, for the tap.
+    #[arg(long, env = "AMQP_PREFIX", default_value = "")]
+    pub amqp_prefix: String,
+}
+
+/// See [`CheckoutArgs::events_seen_by`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventsSeenBy {
+    Tap,
+    DataPlatform,
 }
 
 #[derive(Debug, Clone, Args)]

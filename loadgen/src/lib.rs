@@ -17,6 +17,8 @@
 //! - [`setup`]: users, balances, products and coupons for a scenario.
 //! - [`scenarios`]: `flash-sale`, `checkout`, `browse`.
 //! - [`checks`]: the correctness checks run at the end of every scenario.
+//! - [`event_tap`]: a queue of a run's own on the events exchange, where the checkout's
+//!   checks count the `order.paid` events the relay published (and deleted from the outbox).
 //! - [`peer`]: the synchronous HTTP peer (`loadgen peer`): the three commands, each in one
 //!   short transaction per request, answered with their final result.
 //! - [`baseline`]: the synchronous baseline, run with `pgbench` on scratch tables.
@@ -40,6 +42,7 @@ pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod db_activity;
+pub mod event_tap;
 pub mod faults;
 pub mod figure_map;
 pub mod figures;

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use loadgen::checks::{self, CheckId};
+use loadgen::checks::{self, CheckId, PublishedEvents};
 use loadgen::client::{Answer, Api};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -27,6 +27,9 @@ struct World {
     database_url: String,
     stop: CancellationToken,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// The data-platform stand-in: the relay deletes what it published, and the checks
+    /// count what the stand-in received.
+    data_platform: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     topology: shared::messaging::topology::Topology,
     amqp_url: String,
     /// Dropped with the world, so the database goes when the test ends.
@@ -36,7 +39,7 @@ struct World {
 impl Drop for World {
     fn drop(&mut self) {
         self.stop.cancel();
-        if let Some((stop, _)) = &self.worker {
+        for (stop, _) in self.worker.iter().chain(self.data_platform.iter()) {
             stop.cancel();
         }
         shared::testing::delete_topology_blocking(&self.topology, &self.amqp_url);
@@ -70,22 +73,64 @@ impl World {
             database_url,
             stop,
             worker: None,
+            data_platform: None,
             topology,
             amqp_url,
             _database: database,
         }
     }
 
-    fn start_worker(&mut self) {
+    fn worker_config(&self) -> worker::WorkerConfig {
         let mut config = worker::WorkerConfig::from_env().unwrap();
         config.name = format!("{}checks", self.topology.prefix);
         config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.database.url = self.database_url.clone();
         config.database.max_connections = 5;
         config.topology = self.topology.clone();
+        config
+    }
+
+    fn start_worker(&mut self) {
         let stop = CancellationToken::new();
-        let running = tokio::spawn(worker::run(config, stop.clone()));
+        let running = tokio::spawn(worker::run(self.worker_config(), stop.clone()));
         self.worker = Some((stop, running));
+    }
+
+    /// Starts the data-platform stand-in and waits until its queue is declared, so that
+    /// nothing published afterwards passes it by.
+    async fn start_data_platform(&mut self) {
+        let config = self.worker_config();
+        let queue = worker::dataplatform::queue_name(&config);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(worker::dataplatform::run(config, stop.clone()));
+        self.data_platform = Some((stop, running));
+        let connection = lapin::Connection::connect(&self.amqp_url, Default::default())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            // A passive declare of a missing queue closes its channel: a new one each time.
+            let channel = connection.create_channel().await.unwrap();
+            if shared::messaging::broker::queue_depth(&channel, &queue)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stand-in never declared its queue"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// Stops the stand-in and waits until it has.
+    async fn stop_data_platform(&mut self) {
+        let (stop, running) = self.data_platform.take().expect("a running stand-in");
+        stop.cancel();
+        running.await.unwrap().unwrap();
     }
 
     /// Stops the worker and waits until it has: nothing settles or relays after this.
@@ -181,6 +226,7 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
     let fay_create = world.accepted(fay_order).await;
     let cancelled = api.cancel_order(fay_order_id, fay).await.unwrap();
     assert_eq!(cancelled.status, 200, "{cancelled:?}");
+    world.start_data_platform().await;
     world.start_worker();
     // Dan and Eve are in partitions of their own, so either may settle first.
     let mut last_unit = vec![
@@ -236,26 +282,29 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
         .unwrap();
     assert_eq!(free, 0, "Bob's coupon paid it all");
 
-    // Once the relay has published both events, the worker stops, so nothing it does can
-    // repair a damage before the checks look. The data platform's receiving end is a
-    // stand-in: what the relay published is what it received.
+    // Once the relay has published and deleted both events and the stand-in received
+    // them, the worker and the stand-in stop, so nothing they do can repair a damage
+    // before the checks look.
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        .fetch_one(&world.db)
-        .await
-        .unwrap()
-        > 0
+    while sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM outbox) OR (SELECT count(*) FROM received_events) < 2",
+    )
+    .fetch_one(&world.db)
+    .await
+    .unwrap()
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the outbox was never relayed"
+            "the outbox was never relayed to the stand-in"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     world.stop_worker().await;
-    let received = "INSERT INTO received_events (event_id, routing_key, payload)
-                    SELECT (payload->>'eventId')::uuid, routing_key, payload FROM outbox";
-    world.execute(received).await;
+    world.stop_data_platform().await;
+    world
+        .execute("CREATE TABLE saved_events AS SELECT * FROM received_events")
+        .await;
+    let received = "INSERT INTO received_events SELECT * FROM saved_events";
 
     assert_eq!(world.violated().await, Vec::<CheckId>::new(), "a sound world");
 
@@ -358,14 +407,48 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
             "DELETE FROM dead_letters".into(),
         ),
         (
+            // Events lost on the way: neither in the outbox nor received.
             "DELETE FROM received_events".into(),
-            &[CheckId::WholeSystemEventsReceived],
+            &[
+                CheckId::WholeSystemEventsReceived,
+                CheckId::WholeSystemEventPerPaidOrder,
+            ],
             received.into(),
         ),
         (
-            "UPDATE outbox SET published_at = NULL".into(),
-            &[CheckId::WholeSystemEventsPublished],
-            "UPDATE outbox SET published_at = now()".into(),
+            // An event left unpublished.
+            "DELETE FROM received_events WHERE event_id = (SELECT min(event_id::text)::uuid FROM saved_events);
+             INSERT INTO outbox (id, routing_key, payload)
+             SELECT event_id, routing_key, payload FROM saved_events
+             WHERE event_id = (SELECT min(event_id::text)::uuid FROM saved_events)"
+                .into(),
+            &[
+                CheckId::WholeSystemEventsPublished,
+                CheckId::WholeSystemEventsReceived,
+            ],
+            format!("DELETE FROM outbox; {received} ON CONFLICT DO NOTHING"),
+        ),
+        (
+            // A second event for a paid order, still in the outbox.
+            "INSERT INTO outbox (id, routing_key, payload)
+             SELECT gen_random_uuid(), routing_key, payload FROM saved_events LIMIT 1"
+                .into(),
+            &[
+                CheckId::WholeSystemEventsPublished,
+                CheckId::WholeSystemEventPerPaidOrder,
+            ],
+            "DELETE FROM outbox".into(),
+        ),
+        (
+            // A second event for a paid order, received.
+            "INSERT INTO received_events (event_id, routing_key, payload)
+             SELECT gen_random_uuid(), routing_key, payload FROM saved_events LIMIT 1"
+                .into(),
+            &[
+                CheckId::WholeSystemEventPerPaidOrder,
+                CheckId::WholeSystemEventsReceived,
+            ],
+            "DELETE FROM received_events WHERE event_id NOT IN (SELECT event_id FROM saved_events)".into(),
         ),
     ];
     for (damage, tripped, repair) in &damages {
@@ -384,6 +467,16 @@ async fn the_whole_system_checks_pass_on_a_sound_world_and_each_fails_on_its_dam
             "after repairing {damage:?}"
         );
     }
+
+    // An event published and received but not yet deleted (a relay that crashed between
+    // the confirm and the delete) is one event, not two: only the outbox is off.
+    world
+        .execute(
+            "INSERT INTO outbox (id, routing_key, payload)
+             SELECT event_id, routing_key, payload FROM saved_events LIMIT 1",
+        )
+        .await;
+    assert_eq!(world.violated().await, vec![CheckId::WholeSystemEventsPublished]);
 }
 
 /// The checkout's charge check can fail: a charge sent again with its key is on the ledger
@@ -417,6 +510,7 @@ async fn the_checkout_charge_check_counts_each_charge_once() {
         unexpected_answers: 0,
         failed_journeys: 0,
         settler: loadgen::scenarios::Settler::Pipeline,
+        events: checks::PublishedEvents::NotPublished,
     };
     let holds = || async {
         checks::checkout(&world.db, &api, &facts)
@@ -448,4 +542,102 @@ async fn the_checkout_charge_check_counts_each_charge_once() {
     let charged = api.charge(bob, CHARGE, None).await.unwrap();
     assert_eq!(charged.status, 200, "{charged:?}");
     assert!(!holds().await, "a charge nobody sent");
+}
+
+/// The checkout's event check counts what the relay published through a tap of its own
+/// (the relay deletes it from the outbox, and no stand-in runs in a benchmark): it passes on
+/// one event per paid order, also when the event is both published and still in the
+/// outbox, and fails on a second event or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checkout_event_check_counts_published_events_through_its_tap() {
+    let mut world = World::start().await;
+    let api = world.api.clone();
+    let tap = loadgen::event_tap::EventTap::bind(&world.amqp_url, &world.topology.prefix)
+        .await
+        .unwrap();
+    let ann = api.create_user("Ann").await.unwrap();
+    let charged = api.charge(ann, 100_000, None).await.unwrap();
+    assert_eq!(charged.status, 200, "{charged:?}");
+    let lamp = api.create_product("Lamp", 30_000, 10).await.unwrap();
+    let coupon = api.create_coupon("Unused", 1_000, 1).await.unwrap();
+    world.start_worker();
+    let ordered = api.create_order(ann, lamp, 1, "order-ann").await;
+    let order = order_id(&ordered);
+    assert_eq!(world.outcome(&world.accepted(ordered).await).await, "SUCCEEDED");
+    let paid = api.pay_order(order, ann, None, "pay-ann").await;
+    assert_eq!(world.outcome(&world.accepted(paid).await).await, "SUCCEEDED");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM outbox)")
+        .fetch_one(&world.db)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox was never relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    world.stop_worker().await;
+
+    let mut facts = checks::CheckoutFacts {
+        users: vec![ann],
+        products: Vec::new(),
+        coupon,
+        charged: Vec::new(),
+        charge: 0,
+        paid: Vec::new(),
+        expected_paid: 1,
+        unexpected_answers: 0,
+        failed_journeys: 0,
+        settler: loadgen::scenarios::Settler::Pipeline,
+        events: checks::PublishedEvents::Tap(Box::new(tap)),
+    };
+    async fn holds(world: &World, facts: &checks::CheckoutFacts) -> bool {
+        checks::checkout(&world.db, &world.api, facts)
+            .await
+            .unwrap()
+            .into_vec()
+            .into_iter()
+            .find(|c| c.id == CheckId::CheckoutEventPerPaidOrder)
+            .expect("the check runs")
+            .passed
+    }
+    assert!(
+        holds(&world, &facts).await,
+        "the published event, seen by the tap"
+    );
+
+    let event = Uuid::now_v7();
+    let second = format!(
+        "INSERT INTO outbox (id, routing_key, payload)
+         VALUES ('{event}', 'order.paid', jsonb_build_object('eventId', '{event}', 'orderId', '{order}'))"
+    );
+    world.execute(&second).await;
+    assert!(!holds(&world, &facts).await, "a second event for the order");
+    world.execute("DELETE FROM outbox").await;
+    assert!(holds(&world, &facts).await);
+
+    // Published, and still in the outbox (a relay that died before its delete): one event.
+    let PublishedEvents::Tap(tap) = &facts.events else {
+        unreachable!()
+    };
+    let (published, _) = tap.seen().await.unwrap().into_iter().next().unwrap();
+    world
+        .execute(&format!(
+            "INSERT INTO outbox (id, routing_key, payload)
+             VALUES ('{published}', 'order.paid', jsonb_build_object('eventId', '{published}', 'orderId', '{order}'))"
+        ))
+        .await;
+    assert!(
+        holds(&world, &facts).await,
+        "published and not yet deleted is one event"
+    );
+    world.execute("DELETE FROM outbox").await;
+
+    // Without the tap the published event is nowhere: missing.
+    if let PublishedEvents::Tap(tap) = std::mem::replace(&mut facts.events, PublishedEvents::NotPublished) {
+        tap.close().await;
+    }
+    assert!(!holds(&world, &facts).await, "an order paid without an event");
 }

@@ -56,7 +56,7 @@ pub struct WorkerConfig {
     /// for a replica that should only settle, e.g. when relays run elsewhere).
     pub outbox_relay: bool,
     /// `OUTBOX_RELAY_INTERVAL_MS`: the shortest time between two passes of the outbox relay
-    /// while events keep coming, so that one pass (a claim and a mark) carries the events of
+    /// while events keep coming, so that one pass (a select and a delete) carries the events of
     /// many batches. The first event after a quiet spell goes out at once.
     pub outbox_relay_interval: Duration,
     /// `OUTBOX_BACKLOG_REPORT_MS`: how often the relay counts its backlog for the gauges.

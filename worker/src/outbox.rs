@@ -1,23 +1,30 @@
 //! The outbox relay: events written by settling transactions are published after commit to
 //! the durable topic exchange `ecommerce.events`, persistent and confirmed, with
-//! `message_id` = the event id, and marked published only after the broker's confirm.
+//! `message_id` = the event id, and deleted only after the broker's confirm.
 //!
 //! The relay wakes when a batch with a payment commits and every second otherwise, so whatever a crash
-//! left unpublished goes out within a second of any replica running. Events are claimed
-//! with `FOR NO KEY UPDATE SKIP LOCKED` and a claim that expires, so replicas never publish the
-//! same event at the same time, and one that died holding a claim is taken over. Delivery
-//! is at least once: a crash between the confirm and the mark publishes an event again, and
-//! consumers deduplicate on `eventId`.
+//! left unpublished goes out within a second of any replica running. An event costs one row
+//! write after its insert, the delete: nothing claims or marks it. Instead one relay at a
+//! time passes, holding a session-level advisory lock ([`RelayLock`]) while it selects due
+//! events (no row lock, no write), publishes them and deletes the confirmed ones. A replica
+//! that finds the lock taken skips its pass: the holder drains until it finds less than a
+//! full batch, and what it missed (committed after its last select) goes out on the next
+//! wake-up or sweep of any replica, within a second. Delivery is at least once: a crash
+//! between the confirm and the delete publishes an event again, and consumers deduplicate
+//! on `eventId`.
 //!
-//! A pass costs two statements whatever it carries (the claim, and one mark for every event
-//! it confirmed), so under load passes are paced (`OUTBOX_RELAY_INTERVAL_MS`): the events of
-//! many settled batches go out together instead of a pass per batch. The first event after a
-//! quiet spell goes out at once. The backlog is counted on a timer of its own, not per pass.
+//! A pass costs four statements whatever it carries (lock, select, one delete for every
+//! event it confirmed, unlock), so under load passes are paced (`OUTBOX_RELAY_INTERVAL_MS`):
+//! the events of many settled batches go out together instead of a pass per batch. The
+//! first event after a quiet spell goes out at once. The backlog is counted on a timer of
+//! its own, not per pass.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +34,13 @@ use crate::Context;
 pub const BATCH: i64 = 200;
 
 /// How often the relay looks for events nobody woke it for (a crashed replica's, a relay
-/// that was off): the bound on how late such an event goes out.
+/// that was off, a pass skipped while another replica held the lock): the bound on how
+/// late such an event goes out.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The relay's advisory lock (namespace, key), in the two-key form: "outb", apart from the
+/// batch's job locks ("jobs") and the popular-products refresh ("popu").
+const RELAY_LOCK: (i32, i32) = (0x6f75_7462, 0);
 
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     if !ctx.config.outbox_relay {
@@ -60,42 +72,61 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = sweep.tick() => {}
         }
         last_pass = Instant::now();
-        relay_until_drained(&ctx).await;
-        // A sweep is for a quiet relay: one that just passed has nothing left over.
-        sweep.reset();
+        if relay_until_drained(&ctx).await {
+            // A sweep is for a quiet relay: one that just passed has nothing left over. One
+            // that skipped (another replica held the lock) keeps its sweep, which catches
+            // what the holder's last select was too early for.
+            sweep.reset();
+        }
     }
 }
 
-/// Passes until one finds fewer events than a full batch.
-async fn relay_until_drained(ctx: &Context) {
+/// Under the relay lock, passes until one finds fewer events than a full batch. False when
+/// it did not pass: another replica holds the lock, or PostgreSQL could not be asked.
+async fn relay_until_drained(ctx: &Context) -> bool {
+    let mut lock = match RelayLock::try_acquire(&ctx.db).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            tracing::debug!("another replica is relaying outbox events; skipping this pass");
+            return false;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the outbox relay lock; retrying");
+            return false;
+        }
+    };
     loop {
-        match relay_once(ctx).await {
+        match relay_once(ctx, lock.conn()).await {
             Ok(n) if n as i64 == BATCH => continue,
-            Ok(_) => return,
+            Ok(_) => break,
             Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "relaying outbox events failed; retrying"
                 );
-                return;
+                break;
             }
         }
     }
+    lock.release().await;
+    true
 }
 
-/// One pass: claims due events, publishes them, marks the confirmed ones published.
-pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
+/// One pass on `conn`, which holds the relay lock: selects due events, publishes them,
+/// deletes the confirmed ones. How many events it selected.
+pub async fn relay_once(ctx: &Context, conn: &mut PgConnection) -> anyhow::Result<usize> {
+    // No row lock and no claim: the advisory lock keeps other relays of this version out.
+    // A relay of the previous version (rolling upgrade) still claims with `claimed_until`
+    // and marks with `published_at`; skipping what it claimed or marked spares most double
+    // publishes, and any left are deduplicated on `eventId`. `outbox_unpublished` (on
+    // `created_at`, where `published_at IS NULL`) serves the order and the limit.
     let due = sqlx::query!(
-        "UPDATE outbox SET claimed_until = now() + interval '30 seconds'
-         WHERE id IN (
-           SELECT id FROM outbox
-           WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < now())
-           ORDER BY created_at LIMIT $1
-           FOR NO KEY UPDATE SKIP LOCKED)
-         RETURNING id, routing_key, payload",
+        "SELECT id, routing_key, payload FROM outbox
+         WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until < now())
+         ORDER BY created_at LIMIT $1",
         BATCH,
     )
-    .fetch_all(&ctx.db)
+    .fetch_all(&mut *conn)
     .await?;
     if due.is_empty() {
         return Ok(0);
@@ -121,18 +152,68 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
         }
     }
     if !confirmed.is_empty() {
-        // One statement for the whole pass. `published_at IS NULL`: an event whose claim ran
-        // out while it was published here, and that another relay published and marked
-        // meanwhile, keeps its first mark.
-        sqlx::query!(
-            "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
-            &confirmed,
-        )
-        .execute(&ctx.db)
-        .await?;
+        // One statement for the whole pass, and the one write an event costs after its
+        // insert. A crash before it publishes these events again on the next pass.
+        sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", &confirmed)
+            .execute(&mut *conn)
+            .await?;
     }
     metrics::counter!("outbox_events_published_total").increment(confirmed.len() as u64);
     Ok(due.len())
+}
+
+/// The relay's session-level advisory lock, held by a pool connection taken for the pass.
+pub struct RelayLock {
+    conn: PoolConnection<Postgres>,
+    /// Set once unlocked; a lock dropped without it closes its session instead.
+    released: bool,
+}
+
+impl RelayLock {
+    /// The lock, or `None` when another session holds it (no waiting: see the module docs).
+    pub async fn try_acquire(db: &PgPool) -> sqlx::Result<Option<Self>> {
+        let mut conn = db.acquire().await?;
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock($1, $2) AS "locked!""#,
+            RELAY_LOCK.0,
+            RELAY_LOCK.1,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(locked.then_some(Self {
+            conn,
+            released: false,
+        }))
+    }
+
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    pub async fn release(mut self) {
+        let unlocked = sqlx::query_scalar!("SELECT pg_advisory_unlock($1, $2)", RELAY_LOCK.0, RELAY_LOCK.1)
+            .fetch_one(&mut *self.conn)
+            .await;
+        match unlocked {
+            Ok(_) => self.released = true,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot release the outbox relay lock; closing its connection"
+            ),
+        }
+    }
+}
+
+impl Drop for RelayLock {
+    fn drop(&mut self) {
+        // Not unlocked (the unlock failed, or the pass's future was cancelled at shutdown):
+        // back in the pool the connection would hold the lock, and every relay would skip
+        // every pass, for as long as the pool kept it; its session ends instead, which is
+        // what releases a session-level lock for sure.
+        if !self.released {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Work waiting, as one statement counts it.

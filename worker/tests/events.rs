@@ -183,39 +183,43 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
     }
     assert_eq!(system.scalar("SELECT count(*) FROM received_events").await, 12);
     assert_eq!(
-        system
-            .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            .await,
-        0
+        system.scalar("SELECT count(*) FROM outbox").await,
+        0,
+        "published events are deleted"
     );
     drop(data_platform);
 }
 
-/// Counts the statements that change outbox rows, and what each changed: a statement-level
-/// trigger sees every row a statement updated, so a statement per event would show as
-/// many rows of one event each.
-const COUNT_OUTBOX_UPDATES: &str = "
-CREATE TABLE outbox_updates (id bigserial PRIMARY KEY, touched bigint, marked bigint, marked_again bigint);
+/// Counts the statements that change outbox rows, and the rows each changed: a
+/// statement-level trigger sees every row a statement touched, so a statement per event
+/// would show as many rows of one event each, and any claim or mark as an update.
+const COUNT_OUTBOX_WRITES: &str = "
+CREATE TABLE outbox_writes (id bigserial PRIMARY KEY, op text, rows bigint);
+CREATE TABLE outbox_deleted (event_id uuid);
 CREATE FUNCTION count_outbox_updates() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  INSERT INTO outbox_updates (touched, marked, marked_again)
-  SELECT count(*),
-         count(*) FILTER (WHERE o.published_at IS NULL AND n.published_at IS NOT NULL),
-         count(*) FILTER (WHERE o.published_at IS NOT NULL)
-  FROM old_rows o JOIN new_rows n USING (id)
-  HAVING count(*) > 0;
+  INSERT INTO outbox_writes (op, rows) SELECT 'UPDATE', count(*) FROM new_rows;
+  RETURN NULL;
+END $$;
+CREATE FUNCTION count_outbox_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO outbox_writes (op, rows) SELECT 'DELETE', count(*) FROM old_rows;
+  INSERT INTO outbox_deleted (event_id) SELECT id FROM old_rows;
   RETURN NULL;
 END $$;
 CREATE TRIGGER count_outbox_updates AFTER UPDATE ON outbox
-  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION count_outbox_updates();
+CREATE TRIGGER count_outbox_deletes AFTER DELETE ON outbox
+  REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION count_outbox_deletes();
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_time() {
+async fn a_backlog_of_many_events_is_published_once_each_and_deleted_a_pass_at_a_time() {
     const EVENTS: i64 = 450;
     let system = System::start(0).await;
-    sqlx::raw_sql(COUNT_OUTBOX_UPDATES)
+    sqlx::raw_sql(COUNT_OUTBOX_WRITES)
         .execute(&system.app.db)
         .await
         .unwrap();
@@ -250,7 +254,7 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
         .await
         .unwrap();
 
-    // A backlog such as a relay outage leaves: events a minute old, none claimed.
+    // A backlog such as a relay outage leaves: events a minute old.
     let stored: Vec<uuid::Uuid> = sqlx::query_scalar(
         "INSERT INTO outbox (id, routing_key, payload, created_at)
          SELECT id, 'order.paid', jsonb_build_object('eventId', id, 'type', 'order.paid'),
@@ -270,10 +274,28 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
         "the oldest event waited a minute: {backlog:?}"
     );
 
+    // Another replica's relay holds the lock: this one skips its passes, sweeps included,
+    // and publishes nothing.
+    let held = worker::outbox::RelayLock::try_acquire(&system.app.db)
+        .await
+        .unwrap()
+        .expect("nobody else relays");
     let stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(worker::outbox::run(std::sync::Arc::clone(&ctx), stop.clone()));
+    ctx.outbox_written.notify_one();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        system.scalar("SELECT count(*) FROM outbox").await,
+        EVENTS,
+        "a relay without the lock deleted events"
+    );
+    let idle = shared::messaging::broker::queue_depth(&channel, &queue)
+        .await
+        .unwrap();
+    assert_eq!(idle, 0, "a relay without the lock published events");
+    held.release().await;
 
-    // Every event arrives, as itself.
+    // Once the lock is free, every event arrives, as itself.
     let mut deliveries = channel
         .basic_consume(
             queue.as_str().into(),
@@ -299,16 +321,12 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
     }
     assert_eq!(received, stored.iter().copied().collect::<HashSet<_>>());
 
-    // Marked after their confirms; the relay then has nothing left.
+    // Deleted after their confirms; the relay then has nothing left.
     let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
-    while system
-        .scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        .await
-        > 0
-    {
+    while system.scalar("SELECT count(*) FROM outbox").await > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "every confirmed event is marked"
+            "every confirmed event is deleted"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -317,26 +335,32 @@ async fn a_backlog_of_many_events_is_published_once_each_and_marked_a_pass_at_a_
     let backlog = worker::outbox::backlog(&ctx).await.unwrap();
     assert_eq!((backlog.unpublished, backlog.oldest_age_secs), (0, 0.0));
 
-    // Each event marked once, by statements that each carried a whole pass: at most one
-    // claim and one mark per full batch of events.
+    // Nothing claimed or marked: no statement updated an outbox row. Each event deleted
+    // once, by statements that each carried a whole pass: at most one per full batch.
     let passes = (EVENTS + worker::outbox::BATCH - 1) / worker::outbox::BATCH;
-    let (marks, marked, marked_again, claims): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE marked > 0), COALESCE(sum(marked), 0)::bigint,
-                COALESCE(sum(marked_again), 0)::bigint, count(*) FILTER (WHERE marked = 0)
-         FROM outbox_updates",
+    let (updates, deletes, deleted): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE op = 'UPDATE' AND rows > 0),
+                count(*) FILTER (WHERE op = 'DELETE' AND rows > 0),
+                COALESCE(sum(rows) FILTER (WHERE op = 'DELETE'), 0)::bigint
+         FROM outbox_writes",
     )
     .fetch_one(&system.app.db)
     .await
     .unwrap();
-    assert_eq!(marked, EVENTS, "every event marked published");
-    assert_eq!(marked_again, 0, "no event marked twice");
-    assert!(
-        marks <= passes,
-        "{marks} statements marked {EVENTS} events; at most {passes} expected"
+    assert_eq!(updates, 0, "{updates} statements updated outbox rows");
+    assert_eq!(deleted, EVENTS, "every event deleted once");
+    let deleted_ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox_deleted")
+        .fetch_all(&system.app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted_ids.into_iter().collect::<HashSet<_>>(),
+        received,
+        "the events deleted are the events delivered"
     );
     assert!(
-        claims <= passes,
-        "{claims} statements claimed {EVENTS} events; at most {passes} expected"
+        deletes <= passes,
+        "{deletes} statements deleted {EVENTS} events; at most {passes} expected"
     );
 
     ctx.publisher.close().await;

@@ -29,9 +29,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{base_params, db_latency, dispatch_lag, Harness, Outcomes, Settler};
-use crate::checks::{self, CheckoutFacts};
-use crate::cli::CheckoutArgs;
+use crate::checks::{self, CheckoutFacts, PublishedEvents};
+use crate::cli::{CheckoutArgs, EventsSeenBy};
 use crate::client::{Answer, Api};
+use crate::event_tap::EventTap;
 use crate::figures::{CheckoutFigures, Figures};
 use crate::histogram::Recorder;
 use crate::results::ScenarioResult;
@@ -379,6 +380,15 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
     );
 
     let charged: Vec<i64> = plan.iter().filter(|j| j.charge).map(|j| j.user).collect();
+    let events = match (harness.settler, args.events_seen_by) {
+        (Settler::Peer, _) => PublishedEvents::NotPublished,
+        (Settler::Pipeline, EventsSeenBy::DataPlatform) => PublishedEvents::ReceivedByDataPlatform,
+        // Bound before the first of the run's orders exists, so no event of theirs passes
+        // it by.
+        (Settler::Pipeline, EventsSeenBy::Tap) => {
+            PublishedEvents::Tap(Box::new(EventTap::bind(&args.amqp_url, &args.amqp_prefix).await?))
+        }
+    };
     let shop = Arc::new(Shop::new(&harness, args));
     let window = harness.begin().await;
     let load = Arc::clone(&shop);
@@ -452,8 +462,12 @@ pub async fn run(args: &CheckoutArgs) -> anyhow::Result<()> {
         unexpected_answers: shop.outcomes.unexpected(),
         failed_journeys: shop.failed.load(Ordering::Relaxed),
         settler: harness.settler,
+        events,
     };
     let checks = checks::checkout(&harness.db, &harness.api, &facts).await?;
+    if let PublishedEvents::Tap(tap) = facts.events {
+        tap.close().await;
+    }
     let mut notes = Vec::new();
     if drained.is_none() {
         notes.push(format!(
