@@ -185,11 +185,14 @@ async fn a_command_that_cannot_be_settled_is_dead_lettered_and_its_request_fails
     let coupon = system.coupon(10).await;
     let sender = system.app.create_users(1).await[0];
     // A stored request whose payload no worker can read, left for the sweeper to publish,
-    // exactly as if the API had crashed between commit and publish.
+    // exactly as if its api had crashed between commit and publish.
     let poison = uuid::Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO requests (id, kind, partition_key, payload, publish_after, user_id)
-         VALUES ($1, 'COUPON_ISSUE', $2, '{\"garbage\": true}', now(), $3)",
+        "WITH dead_api AS (
+            INSERT INTO api_instances (id, name, heartbeat_at)
+            VALUES (gen_random_uuid(), 'crashed', '-infinity') RETURNING id)
+         INSERT INTO requests (id, kind, partition_key, payload, accepted_by, user_id)
+         SELECT $1, 'COUPON_ISSUE', $2, '{\"garbage\": true}', id, $3 FROM dead_api",
     )
     .bind(poison)
     .bind(coupon)
@@ -299,8 +302,11 @@ async fn a_dead_lettered_order_creation_rejects_its_order() {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO requests (id, kind, partition_key, payload, publish_after, user_id)
-         VALUES ($1, 'ORDER_CREATE', $2, '{\"garbage\": true}', now(), $2)",
+        "WITH dead_api AS (
+            INSERT INTO api_instances (id, name, heartbeat_at)
+            VALUES (gen_random_uuid(), 'crashed', '-infinity') RETURNING id)
+         INSERT INTO requests (id, kind, partition_key, payload, accepted_by, user_id)
+         SELECT $1, 'ORDER_CREATE', $2, '{\"garbage\": true}', id, $2 FROM dead_api",
     )
     .bind(poison)
     .bind(user)
