@@ -56,6 +56,8 @@ pub struct ApiConfig {
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
     /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
     pub token_cache_ttl: Duration,
+    /// How long tokens live and how many a user may hold.
+    pub tokens: TokenPolicy,
     /// How concurrent accepts are written together (`ACCEPT_BATCH_MAX`, `ACCEPT_GATHER_US`,
     /// `ACCEPT_WRITERS`).
     pub intake: IntakeSettings,
@@ -78,6 +80,21 @@ pub struct HttpTimeouts {
     /// `HTTP_HANDLER_TIMEOUT_MS`: the most the API works on one request once it has read
     /// it; past it the answer is `503 ERR_UNAVAILABLE`.
     pub handler: Duration,
+}
+
+/// The lifecycle of customer tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPolicy {
+    /// `TOKEN_TTL_DAYS`: how long a new token is accepted (0: forever). A stolen token stops
+    /// working at the latest this long after it was issued.
+    pub ttl: Option<Duration>,
+    /// `TOKEN_LAST_USED_WRITE_MS`: how often the uses of tokens seen by this process are
+    /// written (one statement for all of them), so `lastUsedAt` is exact to about this.
+    pub record_uses_every: Duration,
+    /// `MAX_TOKENS_PER_USER`: live (unrevoked, unexpired) tokens one user may hold; one more
+    /// is refused `409 ERR_TOO_MANY_TOKENS`, so that a stolen token cannot mint siblings
+    /// without end.
+    pub max_per_user: i64,
 }
 
 /// Per-user and per-client-address rate limits (`429 ERR_RATE_LIMITED` with `Retry-After`).
@@ -137,6 +154,17 @@ impl ApiConfig {
                 trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
             },
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
+            tokens: TokenPolicy {
+                // At most a century: a date past chrono's range would fail every issue.
+                ttl: match var::<u64>("TOKEN_TTL_DAYS", 90)?.min(36_500) {
+                    0 => None,
+                    days => Some(Duration::from_secs(days * 86_400)),
+                },
+                record_uses_every: Duration::from_millis(
+                    var::<u64>("TOKEN_LAST_USED_WRITE_MS", 60_000)?.max(100),
+                ),
+                max_per_user: var::<i64>("MAX_TOKENS_PER_USER", 20)?.max(1),
+            },
             request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
             intake: IntakeSettings {

@@ -5,7 +5,7 @@
 //! `202 Accepted` with a status URL.
 //!
 //! # Layout
-//! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
+//! - [`users`], [`tokens`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
 //!   [`popular`], [`admin`]: one router per part of the contract.
 //! - [`config`]: the api's settings; [`state`]: what every handler can reach.
 //! - [`commands`]: the asynchronous path: store the request, publish with confirms, 202.
@@ -61,6 +61,7 @@ pub mod request_status;
 pub mod requests;
 pub mod server;
 pub mod state;
+pub mod tokens;
 pub mod users;
 pub mod waiting;
 
@@ -107,6 +108,9 @@ pub struct Application {
     forgetter: tokio::task::JoinHandle<()>,
     /// Listens for settled requests (it holds a connection); stopped at shutdown.
     listening: tokio::task::JoinHandle<()>,
+    /// Writes when tokens were last used, once a minute; stopped (after a last write) at
+    /// shutdown.
+    recording_uses: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -160,6 +164,7 @@ impl Application {
             Arc::clone(&limits),
             &config.admin_token,
         ));
+        let recording_uses = auth.record_uses(config.tokens.record_uses_every, sampler_stop.clone());
         let (intake, _writing) = Intake::start(db.clone(), config.intake);
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
@@ -190,6 +195,7 @@ impl Application {
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
+            recording_uses,
         })
     }
 
@@ -218,6 +224,7 @@ impl Application {
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
+            recording_uses,
         } = self;
         // Clients waiting for their requests get their answer (202, or PENDING) as soon as
         // shutdown starts, rather than be cut off when the server stops waiting for them.
@@ -242,6 +249,7 @@ impl Application {
         let _ = forgetter.await;
         // Its connection goes back to the pool before the pool closes.
         let _ = listening.await;
+        let _ = recording_uses.await;
         let _ = metrics.await;
         // The server has finished every request: nothing publishes any more.
         state.commands.close().await;
@@ -268,6 +276,7 @@ impl Application {
 pub fn router(state: AppState) -> Router {
     let (routes, mut api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(users::router())
+        .merge(tokens::router())
         .merge(balance::router())
         .merge(popular::router())
         .merge(products::router())
