@@ -115,11 +115,15 @@ pub struct RateLimitSettings {
     pub auth_failures_per_min: u32,
     /// `RATE_LIMIT_AUTH_FAILURES_BURST`.
     pub auth_failures_burst: u32,
-    /// `TRUSTED_CLIENT_IP_HEADER`: behind a reverse proxy, the header in which the proxy
-    /// puts the client's address (e.g. `x-forwarded-for`; its last entry is taken, the one
-    /// the proxy added). Unset: the peer address of the connection. Set it only behind a
-    /// proxy that overwrites or appends this header, or clients choose their own address.
+    /// `TRUSTED_CLIENT_IP_HEADER`: the header in which trusted proxies append the address
+    /// of their peer (`X-Forwarded-For` style); unset: `x-forwarded-for`. Read only from
+    /// the peers of `TRUSTED_PROXIES`.
     pub trusted_client_ip_header: Option<HeaderName>,
+    /// `TRUSTED_PROXIES`: the networks of the reverse proxies in front of the api
+    /// (`10.0.0.0/8,192.0.2.10`). Only a connection from one of them has its forwarded
+    /// header believed, read from the right past every trusted hop; empty (the default):
+    /// the client is the connection's peer, whatever the header says.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ApiConfig {
@@ -152,6 +156,7 @@ impl ApiConfig {
                 auth_failures_per_min: var("RATE_LIMIT_AUTH_FAILURES_PER_MIN", 60)?,
                 auth_failures_burst: var("RATE_LIMIT_AUTH_FAILURES_BURST", 30)?,
                 trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
+                trusted_proxies: networks("TRUSTED_PROXIES")?,
             },
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
             tokens: TokenPolicy {
@@ -236,4 +241,13 @@ fn optional_header(name: &str) -> Result<Option<HeaderName>, ConfigError> {
             value: raw,
             reason: e.to_string(),
         })
+}
+
+fn networks(name: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let raw: String = var(name, String::new())?;
+    crate::forwarded::parse_networks(&raw).map_err(|reason| ConfigError {
+        name: name.to_owned(),
+        value: raw,
+        reason,
+    })
 }

@@ -18,7 +18,8 @@
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
 //!   a user, and the admin token.
-//! - [`limits`]: per-user and per-client-address rate limits.
+//! - [`limits`]: per-user and per-client-address rate limits; [`forwarded`]: the client's
+//!   address behind trusted proxies.
 //! - [`server`]: hyper with header, body and handler timeouts.
 //! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
 //!   served on its own address, never the public one.
@@ -45,6 +46,7 @@ pub mod dispatcher;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod forwarded;
 pub mod health;
 pub mod idempotency;
 pub mod intake;

@@ -342,60 +342,65 @@ async fn registrations_and_invalid_tokens_are_limited_per_client_address() {
     assert_eq!(unverified.status, StatusCode::TOO_MANY_REQUESTS, "{unverified:?}");
 }
 
+/// Registers a user from the test's address (127.0.0.1) with `X-Forwarded-For: forwarded`.
+async fn register_forwarded(app: &TestApp, forwarded: &str) -> Answer {
+    app.send(
+        Method::POST,
+        "/users",
+        Some(json!({ "name": "someone" })),
+        &[("X-Forwarded-For", forwarded)],
+    )
+    .await
+}
+
 #[tokio::test]
-async fn a_proxy_header_names_the_client_only_when_configured() {
-    // Behind a proxy, each client address has its own allowance; without the setting, the
-    // header is the client's own word and is ignored.
+async fn a_forwarded_address_is_believed_only_from_trusted_proxies_and_only_as_far_as_them() {
+    // The test's connections come from 127.0.0.1, a trusted proxy here, as is 10.0.0.0/8
+    // (a second, inner hop). One registration per client address.
     let trusting = spawn_app_with(|config| {
+        config.limits.signups_per_min = 1;
+        config.limits.signups_burst = 1;
+        config.limits.trusted_proxies = api::forwarded::parse_networks("127.0.0.0/8, 10.0.0.0/8").unwrap();
+    })
+    .await;
+    // Two trusted hops (10.0.0.9 and the peer): each client is who the outer hop saw, and
+    // what the client wrote itself before that (198.51.100.66) is not believed.
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let forwarded = format!("198.51.100.66, {client}, 10.0.0.9");
+        let answer = register_forwarded(&trusting, &forwarded).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{client}: {answer:?}");
+    }
+    // The same client with a different made-up prefix is the same client.
+    let again = register_forwarded(&trusting, "198.51.100.77, 203.0.113.1, 10.0.0.9").await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS, "{again:?}");
+
+    // Trusting proxies elsewhere, the test's address is an ordinary client: its header is
+    // its own word, ignored, and both registrations count against 127.0.0.1.
+    let elsewhere = spawn_app_with(|config| {
+        config.limits.signups_per_min = 1;
+        config.limits.signups_burst = 1;
+        config.limits.trusted_proxies = api::forwarded::parse_networks("10.0.0.0/8").unwrap();
+    })
+    .await;
+    assert_eq!(
+        register_forwarded(&elsewhere, "203.0.113.1").await.status,
+        StatusCode::CREATED
+    );
+    let spoofed = register_forwarded(&elsewhere, "203.0.113.2").await;
+    assert_eq!(spoofed.status, StatusCode::TOO_MANY_REQUESTS, "{spoofed:?}");
+
+    // With no trusted proxy at all, a configured header is ignored as well.
+    let direct = spawn_app_with(|config| {
         config.limits.signups_per_min = 1;
         config.limits.signups_burst = 1;
         config.limits.trusted_client_ip_header = Some("x-forwarded-for".parse().unwrap());
     })
     .await;
-    for client in ["203.0.113.1", "203.0.113.2"] {
-        let forwarded = format!("10.0.0.9, {client}");
-        let answer = trusting
-            .send(
-                Method::POST,
-                "/users",
-                Some(json!({ "name": client })),
-                &[("X-Forwarded-For", &forwarded)],
-            )
-            .await;
-        assert_eq!(answer.status, StatusCode::CREATED, "{client}: {answer:?}");
-    }
-    let again = trusting
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "again" })),
-            &[("X-Forwarded-For", "203.0.113.1")],
-        )
-        .await;
-    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
-
-    let direct = spawn_app_with(|config| {
-        config.limits.signups_per_min = 1;
-        config.limits.signups_burst = 1;
-    })
-    .await;
-    let first = direct
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "a" })),
-            &[("X-Forwarded-For", "203.0.113.1")],
-        )
-        .await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let spoofed = direct
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "b" })),
-            &[("X-Forwarded-For", "203.0.113.2")],
-        )
-        .await;
+    assert_eq!(
+        register_forwarded(&direct, "203.0.113.1").await.status,
+        StatusCode::CREATED
+    );
+    let spoofed = register_forwarded(&direct, "203.0.113.2").await;
     assert_eq!(spoofed.status, StatusCode::TOO_MANY_REQUESTS, "{spoofed:?}");
 }
 
