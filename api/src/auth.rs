@@ -321,8 +321,31 @@ impl Authenticator {
         );
     }
 
+    /// Checks the admin token of `headers`, sent from `client`: a wrong one counts against
+    /// the address's invalid-token allowance like a customer's, so the admin token cannot
+    /// be guessed faster than any other; once over it, the address is refused 429 without
+    /// a comparison (right or wrong) until it may try again.
+    pub fn check_admin(&self, headers: &HeaderMap, client: IpAddr) -> Result<()> {
+        if let Some(wait) = self
+            .blocked
+            .get(&client)
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+        {
+            return Err(ApiError::RateLimited(wait));
+        }
+        if self.is_admin(headers) {
+            return Ok(());
+        }
+        match self.refuse(client) {
+            ApiError::Client(_) => Err(unauthorized(
+                "this route needs Authorization: Bearer <admin token>",
+            )),
+            other => Err(other),
+        }
+    }
+
     /// Whether `headers` carry the admin token.
-    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+    fn is_admin(&self, headers: &HeaderMap) -> bool {
         let presented = bearer_token(headers).unwrap_or("");
         // Digests of equal length, compared in constant time: the time taken says nothing
         // of the token's bytes or its length.

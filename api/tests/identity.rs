@@ -342,6 +342,49 @@ async fn registrations_and_invalid_tokens_are_limited_per_client_address() {
     assert_eq!(unverified.status, StatusCode::TOO_MANY_REQUESTS, "{unverified:?}");
 }
 
+#[tokio::test]
+async fn wrong_admin_tokens_count_against_the_address_like_invalid_customer_tokens() {
+    let app = spawn_app_with(|config| {
+        config.limits.auth_failures_per_min = 1;
+        config.limits.auth_failures_burst = 3;
+    })
+    .await;
+    let admin_with = |token: String| {
+        let app = &app;
+        async move {
+            app.send(
+                Method::POST,
+                "/admin/products",
+                Some(json!({ "name": "Lamp", "price": 100, "stock": 1 })),
+                &[("Authorization", &bearer(&token))],
+            )
+            .await
+        }
+    };
+    let guess = || "x".repeat(testkit::ADMIN_TOKEN.len());
+    assert_eq!(admin_with(guess()).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(admin_with(guess()).await.status, StatusCode::UNAUTHORIZED);
+    // Customer and admin failures share the allowance of the address.
+    let user = app.create_user("Ann").await;
+    let forged = shared::domain::identity::new_token().unwrap().token;
+    let customer = app
+        .send(
+            Method::GET,
+            &format!("/users/{user}/balance"),
+            None,
+            &[("Authorization", &bearer(&forged))],
+        )
+        .await;
+    assert_eq!(customer.status, StatusCode::UNAUTHORIZED);
+    let blocked = admin_with(guess()).await;
+    assert_eq!(blocked.status, StatusCode::TOO_MANY_REQUESTS, "{blocked:?}");
+    assert_eq!(blocked.code(), "ERR_RATE_LIMITED");
+    assert!(blocked.headers.contains_key("retry-after"));
+    // While blocked, not even the right token is compared: a guess learns nothing.
+    let right = admin_with(testkit::ADMIN_TOKEN.to_owned()).await;
+    assert_eq!(right.status, StatusCode::TOO_MANY_REQUESTS, "{right:?}");
+}
+
 /// Registers a user from the test's address (127.0.0.1) with `X-Forwarded-For: forwarded`.
 async fn register_forwarded(app: &TestApp, forwarded: &str) -> Answer {
     app.send(
