@@ -51,6 +51,9 @@ pub struct ApiConfig {
     /// `REQUEST_WAIT_POLL_MS`: how often a client that waits for its request reads it again
     /// without being woken (a notice can be lost while a listener reconnects).
     pub request_wait_poll: Duration,
+    /// `MAX_WAITS_PER_USER`: waits (`Prefer: wait`, `?wait=`) one user may hold at once in
+    /// one api process; one more is `429 ERR_RATE_LIMITED` (0: no bound).
+    pub max_waits_per_user: usize,
     /// `MAX_WAIT_SECS`: the longest a client may wait (`Prefer: wait`, `?wait=`), 1 to 30.
     pub max_wait: Duration,
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
@@ -171,6 +174,7 @@ impl ApiConfig {
                 max_per_user: var::<i64>("MAX_TOKENS_PER_USER", 20)?.max(1),
             },
             request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
+            max_waits_per_user: var("MAX_WAITS_PER_USER", 20)?,
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
             intake: IntakeSettings {
                 batch_max: var("ACCEPT_BATCH_MAX", IntakeSettings::default().batch_max)?.clamp(1, 10_000),

@@ -158,8 +158,12 @@ impl Application {
         }
         let limits = Arc::new(RateLimits::new(&config.limits));
         let forgetter = limits.start_forgetting(sampler_stop.clone());
-        let (waiters, listening) =
-            waiting::Waiters::start(db.clone(), config.request_wait_poll, sampler_stop.clone());
+        let (waiters, listening) = waiting::Waiters::start(
+            db.clone(),
+            config.request_wait_poll,
+            config.max_waits_per_user,
+            sampler_stop.clone(),
+        );
         let auth = Arc::new(Authenticator::new(
             db.clone(),
             config.token_cache_ttl,
