@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::messaging::topology::Topology;
 
+use crate::connections::ConnectionSettings;
 use crate::intake::IntakeSettings;
 
 /// The admin token used when `ADMIN_TOKEN` is unset, accepted only in development mode.
@@ -47,6 +48,8 @@ pub struct ApiConfig {
     /// product's stock out of everyone else's reach.
     pub max_reserved_orders_per_user: i64,
     pub http: HttpTimeouts,
+    /// How many connections are admitted, and TCP keepalive.
+    pub connections: ConnectionSettings,
     pub limits: RateLimitSettings,
     /// `REQUEST_WAIT_POLL_MS`: how often a client that waits for its request reads it again
     /// without being woken (a notice can be lost while a listener reconnects).
@@ -80,6 +83,9 @@ pub struct HttpTimeouts {
     /// `HTTP_BODY_TIMEOUT_MS`: from the end of the headers to the end of the body. Past it
     /// the answer is `408 ERR_REQUEST_TIMEOUT` and the connection is closed.
     pub body: Duration,
+    /// `HTTP_WRITE_TIMEOUT_MS`: the longest an answer may make no progress (the client does
+    /// not read it); past it the connection is closed.
+    pub write: Duration,
     /// `HTTP_HANDLER_TIMEOUT_MS`: the most the API works on one request once it has read
     /// it; past it the answer is `503 ERR_UNAVAILABLE`.
     pub handler: Duration,
@@ -149,7 +155,13 @@ impl ApiConfig {
             http: HttpTimeouts {
                 header: Duration::from_millis(var("HTTP_HEADER_TIMEOUT_MS", 10_000)?),
                 body: Duration::from_millis(var("HTTP_BODY_TIMEOUT_MS", 10_000)?),
+                write: Duration::from_millis(var("HTTP_WRITE_TIMEOUT_MS", 10_000)?),
                 handler: Duration::from_millis(var("HTTP_HANDLER_TIMEOUT_MS", 60_000)?),
+            },
+            connections: ConnectionSettings {
+                max_total: var("MAX_CONNECTIONS", 0)?,
+                max_per_client: var("MAX_CONNECTIONS_PER_CLIENT", 256)?,
+                keepalive: Duration::from_secs(var("TCP_KEEPALIVE_SECS", 60)?),
             },
             limits: RateLimitSettings {
                 user_writes_per_sec: var("RATE_LIMIT_USER_WRITES_PER_SEC", 10)?,

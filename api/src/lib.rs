@@ -20,7 +20,8 @@
 //!   a user, and the admin token.
 //! - [`limits`]: per-user and per-client-address rate limits; [`forwarded`]: the client's
 //!   address behind trusted proxies.
-//! - [`server`]: hyper with header, body and handler timeouts.
+//! - [`server`]: hyper with header, body, write and handler timeouts; [`connections`]: the
+//!   open-files limit, connections bounded per client and in total, TCP keepalive.
 //! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
 //!   served on its own address, never the public one.
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
@@ -40,6 +41,7 @@ pub mod balance;
 pub mod batched;
 pub mod commands;
 pub mod config;
+pub mod connections;
 pub mod coupon_checks;
 pub mod coupons;
 pub mod dispatcher;
@@ -113,6 +115,8 @@ pub struct Application {
     /// Writes when tokens were last used, once a minute; stopped (after a last write) at
     /// shutdown.
     recording_uses: tokio::task::JoinHandle<()>,
+    /// Admits connections within the per-client and total bounds.
+    gate: Arc<connections::ConnectionGate>,
 }
 
 impl Application {
@@ -120,6 +124,15 @@ impl Application {
     /// RabbitMQ may be down at this point: the API starts anyway and reports not ready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
         config.check_admin_token()?;
+        // Before anything opens a descriptor: the bounds below are chosen from the result.
+        let open_files = connections::raise_open_files_limit().map(|(soft, _hard)| soft);
+        let max_connections = config.connections.total_for(open_files);
+        tracing::info!(
+            max_connections,
+            max_per_client = config.connections.max_per_client,
+            "connection bounds"
+        );
+        let gate = connections::ConnectionGate::new(max_connections, config.connections.max_per_client);
         let db = shared::store::db::connect_and_migrate(&config.database, "api").await?;
         let broker = Arc::new(Broker::new(&config.broker, "api"));
         let (commands, confirmations) =
@@ -202,6 +215,7 @@ impl Application {
             forgetter,
             listening,
             recording_uses,
+            gate,
         })
     }
 
@@ -231,6 +245,7 @@ impl Application {
             forgetter,
             listening,
             recording_uses,
+            gate,
         } = self;
         // Clients waiting for their requests get their answer (202, or PENDING) as soon as
         // shutdown starts, rather than be cut off when the server stops waiting for them.
@@ -246,7 +261,12 @@ impl Application {
             state.metrics.clone(),
             shutdown.clone(),
         ));
-        server::serve(listener, router, state.config.http, shutdown)
+        let admittance = server::Admittance {
+            gate: Arc::clone(&gate),
+            limits: Arc::clone(&state.limits),
+            keepalive: state.config.connections.keepalive,
+        };
+        server::serve(listener, router, state.config.http, admittance, shutdown)
             .await
             .context("the HTTP server failed")?;
         closing.abort();

@@ -38,7 +38,7 @@ pub struct RateLimits {
 /// An IPv6 client counts by its /64: one subscriber usually holds a whole /64 and could
 /// otherwise pick a fresh address for every request, both to dodge the limits and to grow
 /// their tables. IPv4 (and IPv4-mapped) addresses count one by one.
-fn per_network(address: IpAddr) -> IpAddr {
+pub(crate) fn per_network(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),

@@ -244,11 +244,34 @@ impl TestApp {
     /// replica, as another process. Killed when dropped.
     /// `binary` is the api's executable (`env!("CARGO_BIN_EXE_api")` in the api's tests).
     pub async fn second_replica(&self, binary: &str) -> (tokio::process::Child, SocketAddr) {
+        self.replica_with(binary, &[], None).await
+    }
+
+    /// [`TestApp::second_replica`] with more environment, and started with a soft limit of
+    /// `soft_open_files` descriptors (the hard limit untouched), as a default system would.
+    pub async fn replica_with(
+        &self,
+        binary: &str,
+        env: &[(&str, &str)],
+        soft_open_files: Option<u64>,
+    ) -> (tokio::process::Child, SocketAddr) {
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
         };
-        let child = tokio::process::Command::new(binary)
+        let mut command = match soft_open_files {
+            // The shell's `ulimit -S` lowers the soft limit only, then the api replaces it.
+            Some(soft) => {
+                let mut shell = tokio::process::Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -Sn {soft} && exec \"$0\""))
+                    .arg(binary);
+                shell
+            }
+            None => tokio::process::Command::new(binary),
+        };
+        command
             .env("DATABASE_URL", &self.database_url)
             .env("DATABASE_MAX_CONNECTIONS", "3")
             .env("HTTP_ADDR", addr.to_string())
@@ -262,9 +285,9 @@ impl TestApp {
                 self.topology.queue_expires_ms.unwrap_or(0).to_string(),
             )
             .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the api binary starts");
+            .envs(env.iter().copied())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("the api binary starts");
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
