@@ -54,6 +54,9 @@ pub struct ApiConfig {
     /// `REQUEST_WAIT_POLL_MS`: how often a client that waits for its request reads it again
     /// without being woken (a notice can be lost while a listener reconnects).
     pub request_wait_poll: Duration,
+    /// `MAX_READS_IN_FLIGHT`: reads (`GET`) run at once; one more is answered `503
+    /// ERR_UNAVAILABLE` at once (0: four per database connection of the pool).
+    pub max_reads_in_flight: usize,
     /// `MAX_WAITS_PER_USER`: waits (`Prefer: wait`, `?wait=`) one user may hold at once in
     /// one api process; one more is `429 ERR_RATE_LIMITED` (0: no bound).
     pub max_waits_per_user: usize,
@@ -187,6 +190,7 @@ impl ApiConfig {
             },
             request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
             max_waits_per_user: var("MAX_WAITS_PER_USER", 20)?,
+            max_reads_in_flight: var("MAX_READS_IN_FLIGHT", 0)?,
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
             intake: IntakeSettings {
                 batch_max: var("ACCEPT_BATCH_MAX", IntakeSettings::default().batch_max)?.clamp(1, 10_000),
@@ -217,6 +221,15 @@ impl ApiConfig {
             });
         }
         Ok(config)
+    }
+
+    /// The reads that may run at once: as configured, or four per pooled connection (a
+    /// read holds one for a statement or two, so a few queue briefly and no more).
+    pub fn max_reads_in_flight(&self) -> usize {
+        match self.max_reads_in_flight {
+            0 => (self.database.max_connections as usize).saturating_mul(4).max(1),
+            n => n,
+        }
     }
 
     /// Refuses an empty, default or short admin token, unless in development mode. Checked

@@ -22,6 +22,7 @@
 //!   address behind trusted proxies.
 //! - [`server`]: hyper with header, body, write and handler timeouts; [`connections`]: the
 //!   open-files limit, connections bounded per client and in total, TCP keepalive.
+//! - [`shedding`]: reads past their bound answered 503 at once.
 //! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
 //!   served on its own address, never the public one.
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
@@ -64,6 +65,7 @@ pub mod products;
 pub mod request_status;
 pub mod requests;
 pub mod server;
+pub mod shedding;
 pub mod state;
 pub mod tokens;
 pub mod users;
@@ -188,6 +190,8 @@ impl Application {
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
+        let readiness = Arc::new(health::Readiness::new(db.clone(), Arc::clone(&broker)));
+        let config_reads = config.max_reads_in_flight();
         let state = AppState {
             db,
             broker,
@@ -202,6 +206,8 @@ impl Application {
             order_checks,
             limits,
             waiters,
+            readiness,
+            reads: Arc::new(shedding::ReadShedding::new(config_reads)),
             metrics: shared::telemetry::metrics_recorder()?,
         };
         let router = router(state.clone());
@@ -339,6 +345,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             (state.config.http, state.config.max_body_bytes),
             server::within_deadlines,
+        ))
+        // Outside the deadlines (a shed read costs no timer) and inside the request metrics,
+        // which count its 503.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.reads),
+            shedding::shed_reads,
         ))
         .layer(axum::middleware::from_fn(observability::track_requests))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
