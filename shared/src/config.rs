@@ -81,13 +81,16 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-/// `url` with any password replaced by `***`: `postgres://app:***@db:5432/shop`.
+/// `url` with any password replaced by `***`: `postgres://app:***@db:5432/shop`, and
+/// `postgres://db/shop?user=app&password=***` (libpq and lapin take credentials from the
+/// query string too).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".to_owned();
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
+    let path = redact_query(path);
     match authority.rsplit_once('@') {
         Some((credentials, host)) => {
             let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
@@ -97,8 +100,40 @@ pub fn redact_url(url: &str) -> String {
                 format!("{scheme}://{user}@{host}{path}")
             }
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{authority}{path}"),
     }
+}
+
+/// `path` (with its query and fragment) with the values of secret-looking query
+/// parameters (`password`, `sslpassword`, `token`, `secret`, ...) replaced by `***`.
+fn redact_query(path: &str) -> String {
+    let Some((before, query_and_fragment)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let (query, fragment) = match query_and_fragment.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query_and_fragment, None),
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{before}?{}", redacted.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 impl DatabaseSettings {
@@ -228,6 +263,26 @@ mod tests {
             "postgres://postgres@127.0.0.1/x"
         );
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn passwords_in_the_query_string_are_redacted_too() {
+        assert_eq!(
+            redact_url("postgres://db:5432/shop?user=app&password=s3cret&sslmode=require"),
+            "postgres://db:5432/shop?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db/shop?sslpassword=k3y#frag"),
+            "postgres://app:***@db/shop?sslpassword=***#frag"
+        );
+        assert_eq!(
+            redact_url("amqp://mq:5672/%2f?auth_token=t0ken&heartbeat=10"),
+            "amqp://mq:5672/%2f?auth_token=***&heartbeat=10"
+        );
+        assert_eq!(
+            redact_url("postgres://db/shop?sslmode=require"),
+            "postgres://db/shop?sslmode=require"
+        );
     }
 
     #[test]
