@@ -65,12 +65,19 @@ pub struct DatabaseSettings {
     /// transaction open without using it this long, so a stuck process cannot hold row
     /// locks for ever (0: no limit).
     pub idle_in_transaction_timeout_ms: u64,
+    /// `MIGRATION_DATABASE_URL`: the owner of the schema, who creates the database when it
+    /// is missing and applies the migrations at start over one short-lived connection;
+    /// `DATABASE_URL` is then a role that only reads and writes rows (see
+    /// deploy/postgres/runtime-grants.sql). Unset: `DATABASE_URL` does both, as on a
+    /// developer's machine.
+    pub migration_url: Option<String>,
 }
 
 impl std::fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(&self.url))
+            .field("migration_url", &self.migration_url.as_deref().map(redact_url))
             .field("max_connections", &self.max_connections)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field(
@@ -146,6 +153,7 @@ impl DatabaseSettings {
             max_connections,
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 60_000,
+            migration_url: None,
         }
     }
 
@@ -161,6 +169,7 @@ impl DatabaseSettings {
             max_connections: var("DATABASE_MAX_CONNECTIONS", pool)?,
             statement_timeout_ms: var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)?,
             idle_in_transaction_timeout_ms: var("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)?,
+            migration_url: Some(var("MIGRATION_DATABASE_URL", String::new())?).filter(|url| !url.is_empty()),
         })
     }
 }
@@ -250,12 +259,16 @@ mod tests {
             max_connections: 10,
             statement_timeout_ms: 0,
             idle_in_transaction_timeout_ms: 0,
+            migration_url: Some("postgres://owner:0wn3r@db:5432/shop".to_owned()),
         };
         let broker = BrokerSettings {
             url: "amqp://app:s3cret@mq:5672/%2f".to_owned(),
         };
         let printed = format!("{database:?} {broker:?}");
-        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            !printed.contains("s3cret") && !printed.contains("0wn3r"),
+            "{printed}"
+        );
         assert!(printed.contains("postgres://app:***@db:5432/shop"), "{printed}");
         assert!(printed.contains("amqp://app:***@mq:5672/%2f"), "{printed}");
         assert_eq!(
