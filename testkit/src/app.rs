@@ -73,6 +73,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     config.limits.user_writes_per_sec = 0;
     config.limits.signups_per_min = 0;
     config.limits.auth_failures_per_min = 0;
+    // Likewise connections: a test may hold hundreds at once from 127.0.0.1 (the crowd test
+    // starts a process of its own with the default bound).
+    config.connections.max_per_client = 0;
+    // And reads in flight: some tests send hundreds at once (the shedding test sets it).
+    config.max_reads_in_flight = 100_000;
     let amqp_url = config.broker.url.clone();
     adjust(&mut config);
     let app = Application::build(config).await.expect("the api starts");

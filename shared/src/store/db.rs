@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use sqlx::{Connection, PgPool, Postgres};
 
 use crate::config::DatabaseSettings;
 
@@ -81,16 +81,16 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .context("cannot connect to PostgreSQL")?;
     match &settings.migration_url {
         Some(owner_url) => {
-            let mut owner = PgConnection::connect(owner_url)
+            // A pool of one rather than a bare connection: `Migrator::run` over a
+            // `&mut PgConnection` makes a future that is not `Send` for every lifetime,
+            // and the worker runs this inside `tokio::spawn`.
+            let owner = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(owner_url)
                 .await
                 .context("cannot connect to PostgreSQL as MIGRATION_DATABASE_URL")?;
-            MIGRATOR
-                .run(&mut owner)
-                .await
-                .context("cannot apply migrations")?;
-            if let Err(e) = owner.close().await {
-                tracing::debug!(error = %e, "the migrating connection did not close cleanly");
-            }
+            MIGRATOR.run(&owner).await.context("cannot apply migrations")?;
+            owner.close().await;
         }
         None => MIGRATOR.run(&pool).await.context("cannot apply migrations")?,
     }
