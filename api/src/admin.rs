@@ -36,15 +36,13 @@ pub fn router(state: AppState) -> OpenApiRouter<AppState> {
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 
-/// Lets the request through only with `Authorization: Bearer $ADMIN_TOKEN`.
+/// Lets the request through only with `Authorization: Bearer $ADMIN_TOKEN`; wrong tokens
+/// count against the client address's invalid-token allowance.
 pub async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Result<Response> {
-    if !state.auth.is_admin(request.headers()) {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "this route needs Authorization: Bearer <admin token>",
-        ));
-    }
-    Ok(next.run(request).await)
+    let (parts, body) = request.into_parts();
+    let client = state.limits.client_address(&parts);
+    state.auth.check_admin(&parts.headers, client)?;
+    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 fn invalid(message: &str) -> ApiError {

@@ -10,17 +10,23 @@
 //! sale every customer's first request is such a miss, and one lookup each would add a
 //! round trip to every request of the burst.
 //!
+//! Tokens expire (`TOKEN_TTL_DAYS`): an expired token is looked up as an unknown one. When
+//! each token was last used is kept in memory and written in bulk once a minute
+//! ([`Authenticator::record_uses`]): one statement per minute per process, never a write per
+//! request.
+//!
 //! The admin token is compared as SHA-256 digests in constant time: neither its bytes nor
 //! its length can be learned from response times.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
+use chrono::{DateTime, Utc};
 use moka::sync::Cache;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
@@ -29,8 +35,10 @@ use shared::domain::identity::{self, TokenHash};
 use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 
 use crate::batched::Batched;
+use crate::config::TokenPolicy;
 use crate::error::{ApiError, Result};
 use crate::limits::RateLimits;
 
@@ -122,6 +130,10 @@ pub struct Authenticator {
     blocked: Cache<IpAddr, Instant>,
     limits: Arc<RateLimits>,
     admin_digest: [u8; 32],
+    /// When each token verified here was last used, since the last write of them: written
+    /// in bulk by [`Authenticator::record_uses`], so that a request costs no write.
+    uses: Mutex<HashMap<TokenHash, DateTime<Utc>>>,
+    db: PgPool,
 }
 
 /// A token's verification: its user (`None`: unknown or revoked), and when it was read.
@@ -141,11 +153,14 @@ impl Authenticator {
         limits: Arc<RateLimits>,
         admin_token: &secrecy::SecretString,
     ) -> Self {
-        let lookups = Batched::start(
-            MAX_LOOKUPS_PER_STATEMENT,
-            "api_token_lookup_batch_size",
-            move |hashes| look_up(db.clone(), hashes),
-        );
+        let lookups = {
+            let db = db.clone();
+            Batched::start(
+                MAX_LOOKUPS_PER_STATEMENT,
+                "api_token_lookup_batch_size",
+                move |hashes| look_up(db.clone(), hashes),
+            )
+        };
         Self {
             lookups,
             verified: Cache::builder()
@@ -159,7 +174,74 @@ impl Authenticator {
                 .build(),
             limits,
             admin_digest: Sha256::digest(admin_token.expose_secret().as_bytes()).into(),
+            uses: Mutex::default(),
+            db,
         }
+    }
+
+    /// Notes that `token` was used now, for the next bulk write.
+    fn note_use(&self, token: TokenHash) {
+        let mut uses = self.uses.lock().unwrap_or_else(PoisonError::into_inner);
+        uses.insert(token, Utc::now());
+    }
+
+    /// When `token` was last used here since the last write, if it was.
+    pub fn unrecorded_use(&self, token: &TokenHash) -> Option<DateTime<Utc>> {
+        let uses = self.uses.lock().unwrap_or_else(PoisonError::into_inner);
+        uses.get(token).copied()
+    }
+
+    /// Writes the uses of tokens noted since the last time, in one statement, `every`
+    /// (`TOKEN_LAST_USED_WRITE_MS`, a minute) until `stop`, and once more then.
+    pub fn record_uses(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let auth = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = every.tick() => false,
+                    () = stop.cancelled() => true,
+                };
+                if let Err(e) = auth.write_uses().await {
+                    // Kept for the next attempt: a lost minute of uses is no harm.
+                    tracing::debug!(error = %e, "cannot record when tokens were last used");
+                }
+                if stopping {
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn write_uses(&self) -> sqlx::Result<()> {
+        let taken = std::mem::take(&mut *self.uses.lock().unwrap_or_else(PoisonError::into_inner));
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let (hashes, times): (Vec<Vec<u8>>, Vec<DateTime<Utc>>) =
+            taken.iter().map(|(hash, at)| (hash.to_vec(), *at)).unzip();
+        let written = sqlx::query!(
+            "UPDATE user_tokens t SET last_used_at = GREATEST(t.last_used_at, u.at)
+               FROM UNNEST($1::bytea[], $2::timestamptz[]) AS u(hash, at)
+              WHERE t.token_hash = u.hash",
+            &hashes,
+            &times,
+        )
+        .execute(&self.db)
+        .await;
+        if written.is_err() {
+            // Put back, unless a newer use was noted meanwhile.
+            let mut uses = self.uses.lock().unwrap_or_else(PoisonError::into_inner);
+            for (hash, at) in taken {
+                uses.entry(hash).or_insert(at);
+            }
+        }
+        written.map(|_| ())
     }
 
     /// The caller behind `token`, sent from `client`.
@@ -172,7 +254,10 @@ impl Authenticator {
         match known {
             Some(Verified { user, at }) if at.elapsed() < self.fresh_for => {
                 return match user {
-                    Some(user) => Ok(Caller { user, token: hash }),
+                    Some(user) => {
+                        self.note_use(hash);
+                        Ok(Caller { user, token: hash })
+                    }
                     None => Err(self.refuse(client)),
                 };
             }
@@ -195,7 +280,10 @@ impl Authenticator {
             _ => moka::ops::compute::Op::Put(read),
         });
         match user {
-            Some(user) => Ok(Caller { user, token: hash }),
+            Some(user) => {
+                self.note_use(hash);
+                Ok(Caller { user, token: hash })
+            }
             None => Err(self.refuse(client)),
         }
     }
@@ -233,8 +321,31 @@ impl Authenticator {
         );
     }
 
+    /// Checks the admin token of `headers`, sent from `client`: a wrong one counts against
+    /// the address's invalid-token allowance like a customer's, so the admin token cannot
+    /// be guessed faster than any other; once over it, the address is refused 429 without
+    /// a comparison (right or wrong) until it may try again.
+    pub fn check_admin(&self, headers: &HeaderMap, client: IpAddr) -> Result<()> {
+        if let Some(wait) = self
+            .blocked
+            .get(&client)
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+        {
+            return Err(ApiError::RateLimited(wait));
+        }
+        if self.is_admin(headers) {
+            return Ok(());
+        }
+        match self.refuse(client) {
+            ApiError::Client(_) => Err(unauthorized(
+                "this route needs Authorization: Bearer <admin token>",
+            )),
+            other => Err(other),
+        }
+    }
+
     /// Whether `headers` carry the admin token.
-    pub fn is_admin(&self, headers: &HeaderMap) -> bool {
+    fn is_admin(&self, headers: &HeaderMap) -> bool {
         let presented = bearer_token(headers).unwrap_or("");
         // Digests of equal length, compared in constant time: the time taken says nothing
         // of the token's bytes or its length.
@@ -253,7 +364,8 @@ async fn look_up(db: PgPool, hashes: Vec<TokenHash>) -> sqlx::Result<Vec<(Option
     // `as _`: the macro checks a `bytea[]` against `&[Vec<u8>]` only; borrowed slices encode
     // the same, without a copy of every hash.
     let rows = sqlx::query!(
-        "SELECT token_hash, user_id FROM user_tokens WHERE token_hash = ANY($1) AND revoked_at IS NULL",
+        "SELECT token_hash, user_id FROM user_tokens
+          WHERE token_hash = ANY($1) AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
         &keys as _,
     )
     .fetch_all(&db)
@@ -271,27 +383,67 @@ async fn look_up(db: PgPool, hashes: Vec<TokenHash>) -> sqlx::Result<Vec<(Option
 /// Makes a token for `user` and stores its hash; the token, to be shown once. With
 /// `vouched_by`, only while that token (the caller's) is still valid in the database: the
 /// cache may believe a token revoked a moment ago elsewhere, and a revoked token must not
-/// mint one that outlives it.
+/// mint one that outlives it. Refused `409 ERR_TOO_MANY_TOKENS` when the user already holds
+/// `policy.max_per_user` live tokens.
 pub async fn issue_token(
     conn: &mut sqlx::PgConnection,
     user: UserId,
     vouched_by: Option<TokenHash>,
+    policy: TokenPolicy,
 ) -> Result<String> {
+    // Concurrent issues for one user count one after the other, so that a burst of them
+    // cannot pass the cap together: the user's row is locked first, and the tokens counted
+    // by a statement of their own, whose snapshot (read committed) sees what the previous
+    // holder of the lock committed. `NO KEY UPDATE`: the rows that reference the user
+    // (orders, requests) take `KEY SHARE` on it, and are not held up by this.
+    let exists = sqlx::query_scalar!("SELECT id FROM users WHERE id = $1 FOR NO KEY UPDATE", user.get())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_none() {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "a token for a user that does not exist"
+        )));
+    }
+    let standing = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > now()) AS "live!",
+                  coalesce(bool_or(token_hash = $2 AND (expires_at IS NULL OR expires_at > now())), false) AS "vouched!"
+             FROM user_tokens
+            WHERE user_id = $1 AND revoked_at IS NULL"#,
+        user.get(),
+        vouched_by.as_ref().map(|h| h.as_slice()),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if vouched_by.is_some() && !standing.vouched {
+        return Err(unauthorized("the token is not valid"));
+    }
+    if standing.live >= policy.max_per_user {
+        return Err(ApiError::new(
+            ErrorCode::TooManyTokens,
+            format!(
+                "this user already holds {} live tokens, the most allowed; revoke one first",
+                policy.max_per_user
+            ),
+        ));
+    }
     let new = identity::new_token()
         .map_err(|e| ApiError::internal(anyhow::anyhow!("the OS random source failed: {e}")))?;
-    let inserted = sqlx::query!(
-        "INSERT INTO user_tokens (user_id, token_hash)
-         SELECT $1, $2
-         WHERE $3::bytea IS NULL
-            OR EXISTS (SELECT 1 FROM user_tokens WHERE token_hash = $3 AND user_id = $1 AND revoked_at IS NULL)",
+    let expires_at = match policy.ttl {
+        None => None,
+        Some(ttl) => Some(
+            chrono::Duration::from_std(ttl)
+                .ok()
+                .and_then(|ttl| Utc::now().checked_add_signed(ttl))
+                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("TOKEN_TTL_DAYS is out of range")))?,
+        ),
+    };
+    sqlx::query!(
+        "INSERT INTO user_tokens (user_id, token_hash, expires_at) VALUES ($1, $2, $3)",
         user.get(),
         new.hash.as_slice(),
-        vouched_by.as_ref().map(|h| h.as_slice()),
+        expires_at,
     )
     .execute(&mut *conn)
     .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(unauthorized("the token is not valid"));
-    }
     Ok(new.token)
 }

@@ -101,7 +101,11 @@ pub async fn submit(
     let request_id = Uuid::now_v7();
     // A waiter registers before its command is stored, so that the request, known to be
     // pending, is read only once its notice came.
-    let registration = wait.0.map(|within| (state.waiters.register(request_id), within));
+    // Refused (429) here when the user holds too many waits: before anything is stored.
+    let registration = match wait.0 {
+        Some(within) => Some((state.waiters.register(request_id, user)?, within)),
+        None => None,
+    };
     let accepting = tokio::spawn(accept(
         state.clone(),
         request_id,

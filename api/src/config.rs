@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::messaging::topology::Topology;
 
+use crate::connections::ConnectionSettings;
 use crate::intake::IntakeSettings;
 
 /// The admin token used when `ADMIN_TOKEN` is unset, accepted only in development mode.
@@ -48,15 +49,25 @@ pub struct ApiConfig {
     /// worker enforces the same setting (its own variable of that name) where orders settle.
     pub max_reserved_orders_per_user: i64,
     pub http: HttpTimeouts,
+    /// How many connections are admitted, and TCP keepalive.
+    pub connections: ConnectionSettings,
     pub limits: RateLimitSettings,
     /// `REQUEST_WAIT_POLL_MS`: how often a client that waits for its request reads it again
     /// without being woken (a notice can be lost while a listener reconnects).
     pub request_wait_poll: Duration,
+    /// `MAX_READS_IN_FLIGHT`: reads (`GET`) run at once; one more is answered `503
+    /// ERR_UNAVAILABLE` at once (0: 32 per database connection of the pool).
+    pub max_reads_in_flight: usize,
+    /// `MAX_WAITS_PER_USER`: waits (`Prefer: wait`, `?wait=`) one user may hold at once in
+    /// one api process; one more is `429 ERR_RATE_LIMITED` (0: no bound).
+    pub max_waits_per_user: usize,
     /// `MAX_WAIT_SECS`: the longest a client may wait (`Prefer: wait`, `?wait=`), 1 to 30.
     pub max_wait: Duration,
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
     /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
     pub token_cache_ttl: Duration,
+    /// How long tokens live and how many a user may hold.
+    pub tokens: TokenPolicy,
     /// How concurrent accepts are written together (`ACCEPT_BATCH_MAX`, `ACCEPT_GATHER_US`,
     /// `ACCEPT_WRITERS`).
     pub intake: IntakeSettings,
@@ -76,9 +87,27 @@ pub struct HttpTimeouts {
     /// `HTTP_BODY_TIMEOUT_MS`: from the end of the headers to the end of the body. Past it
     /// the answer is `408 ERR_REQUEST_TIMEOUT` and the connection is closed.
     pub body: Duration,
+    /// `HTTP_WRITE_TIMEOUT_MS`: the longest an answer may make no progress (the client does
+    /// not read it); past it the connection is closed.
+    pub write: Duration,
     /// `HTTP_HANDLER_TIMEOUT_MS`: the most the API works on one request once it has read
     /// it; past it the answer is `503 ERR_UNAVAILABLE`.
     pub handler: Duration,
+}
+
+/// The lifecycle of customer tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPolicy {
+    /// `TOKEN_TTL_DAYS`: how long a new token is accepted (0: forever). A stolen token stops
+    /// working at the latest this long after it was issued.
+    pub ttl: Option<Duration>,
+    /// `TOKEN_LAST_USED_WRITE_MS`: how often the uses of tokens seen by this process are
+    /// written (one statement for all of them), so `lastUsedAt` is exact to about this.
+    pub record_uses_every: Duration,
+    /// `MAX_TOKENS_PER_USER`: live (unrevoked, unexpired) tokens one user may hold; one more
+    /// is refused `409 ERR_TOO_MANY_TOKENS`, so that a stolen token cannot mint siblings
+    /// without end.
+    pub max_per_user: i64,
 }
 
 /// Per-user and per-client-address rate limits (`429 ERR_RATE_LIMITED` with `Retry-After`).
@@ -99,11 +128,15 @@ pub struct RateLimitSettings {
     pub auth_failures_per_min: u32,
     /// `RATE_LIMIT_AUTH_FAILURES_BURST`.
     pub auth_failures_burst: u32,
-    /// `TRUSTED_CLIENT_IP_HEADER`: behind a reverse proxy, the header in which the proxy
-    /// puts the client's address (e.g. `x-forwarded-for`; its last entry is taken, the one
-    /// the proxy added). Unset: the peer address of the connection. Set it only behind a
-    /// proxy that overwrites or appends this header, or clients choose their own address.
+    /// `TRUSTED_CLIENT_IP_HEADER`: the header in which trusted proxies append the address
+    /// of their peer (`X-Forwarded-For` style); unset: `x-forwarded-for`. Read only from
+    /// the peers of `TRUSTED_PROXIES`.
     pub trusted_client_ip_header: Option<HeaderName>,
+    /// `TRUSTED_PROXIES`: the networks of the reverse proxies in front of the api
+    /// (`10.0.0.0/8,192.0.2.10`). Only a connection from one of them has its forwarded
+    /// header believed, read from the right past every trusted hop; empty (the default):
+    /// the client is the connection's peer, whatever the header says.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ApiConfig {
@@ -126,7 +159,13 @@ impl ApiConfig {
             http: HttpTimeouts {
                 header: Duration::from_millis(var("HTTP_HEADER_TIMEOUT_MS", 10_000)?),
                 body: Duration::from_millis(var("HTTP_BODY_TIMEOUT_MS", 10_000)?),
+                write: Duration::from_millis(var("HTTP_WRITE_TIMEOUT_MS", 10_000)?),
                 handler: Duration::from_millis(var("HTTP_HANDLER_TIMEOUT_MS", 60_000)?),
+            },
+            connections: ConnectionSettings {
+                max_total: var("MAX_CONNECTIONS", 0)?,
+                max_per_client: var("MAX_CONNECTIONS_PER_CLIENT", 256)?,
+                keepalive: Duration::from_secs(var("TCP_KEEPALIVE_SECS", 60)?),
             },
             limits: RateLimitSettings {
                 user_writes_per_sec: var("RATE_LIMIT_USER_WRITES_PER_SEC", 10)?,
@@ -136,9 +175,23 @@ impl ApiConfig {
                 auth_failures_per_min: var("RATE_LIMIT_AUTH_FAILURES_PER_MIN", 60)?,
                 auth_failures_burst: var("RATE_LIMIT_AUTH_FAILURES_BURST", 30)?,
                 trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
+                trusted_proxies: networks("TRUSTED_PROXIES")?,
             },
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
+            tokens: TokenPolicy {
+                // At most a century: a date past chrono's range would fail every issue.
+                ttl: match var::<u64>("TOKEN_TTL_DAYS", 90)?.min(36_500) {
+                    0 => None,
+                    days => Some(Duration::from_secs(days * 86_400)),
+                },
+                record_uses_every: Duration::from_millis(
+                    var::<u64>("TOKEN_LAST_USED_WRITE_MS", 60_000)?.max(100),
+                ),
+                max_per_user: var::<i64>("MAX_TOKENS_PER_USER", 20)?.max(1),
+            },
             request_wait_poll: Duration::from_millis(var("REQUEST_WAIT_POLL_MS", 1_000)?),
+            max_waits_per_user: var("MAX_WAITS_PER_USER", 20)?,
+            max_reads_in_flight: var("MAX_READS_IN_FLIGHT", 0)?,
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
             intake: IntakeSettings {
                 batch_max: var("ACCEPT_BATCH_MAX", IntakeSettings::default().batch_max)?.clamp(1, 10_000),
@@ -169,6 +222,20 @@ impl ApiConfig {
             });
         }
         Ok(config)
+    }
+
+    /// The reads that may run at once: as configured, or 32 per pooled connection, at least
+    /// 256. A read holds a connection for a statement or two (about a millisecond), so 32
+    /// queued per connection wait tens of milliseconds, far below the pool's 5 s acquire
+    /// timeout; a flash sale's burst of reads gets through, a pile-up does not. (Four per
+    /// connection shed 300 first requests at once in the identity tests.)
+    pub fn max_reads_in_flight(&self) -> usize {
+        match self.max_reads_in_flight {
+            0 => (self.database.max_connections as usize)
+                .saturating_mul(32)
+                .max(256),
+            n => n,
+        }
     }
 
     /// Refuses an empty, default or short admin token, unless in development mode. Checked
@@ -209,4 +276,13 @@ fn optional_header(name: &str) -> Result<Option<HeaderName>, ConfigError> {
             value: raw,
             reason: e.to_string(),
         })
+}
+
+fn networks(name: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let raw: String = var(name, String::new())?;
+    crate::forwarded::parse_networks(&raw).map_err(|reason| ConfigError {
+        name: name.to_owned(),
+        value: raw,
+        reason,
+    })
 }

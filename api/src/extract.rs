@@ -56,8 +56,8 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-/// The address of the client: the connection's peer, or the trusted proxy header's last
-/// entry when one is configured (`TRUSTED_CLIENT_IP_HEADER`).
+/// The address of the client: the connection's peer, or behind trusted proxies
+/// (`TRUSTED_PROXIES`) the client they forwarded ([`crate::forwarded`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddress(pub std::net::IpAddr);
 

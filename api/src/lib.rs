@@ -5,7 +5,7 @@
 //! `202 Accepted` with a status URL.
 //!
 //! # Layout
-//! - [`users`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
+//! - [`users`], [`tokens`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
 //!   [`popular`], [`admin`]: one router per part of the contract.
 //! - [`config`]: the api's settings; [`state`]: what every handler can reach.
 //! - [`commands`]: the asynchronous path: store the request (the one durable write), 202.
@@ -18,8 +18,11 @@
 //! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
 //! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
 //!   a user, and the admin token.
-//! - [`limits`]: per-user and per-client-address rate limits.
-//! - [`server`]: hyper with header, body and handler timeouts.
+//! - [`limits`]: per-user and per-client-address rate limits; [`forwarded`]: the client's
+//!   address behind trusted proxies.
+//! - [`server`]: hyper with header, body, write and handler timeouts; [`connections`]: the
+//!   open-files limit, connections bounded per client and in total, TCP keepalive.
+//! - [`shedding`]: reads past their bound answered 503 at once.
 //! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
 //!   served on its own address, never the public one.
 //! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
@@ -39,11 +42,13 @@ pub mod balance;
 pub mod batched;
 pub mod commands;
 pub mod config;
+pub mod connections;
 pub mod coupon_checks;
 pub mod coupons;
 pub mod docs;
 pub mod error;
 pub mod extract;
+pub mod forwarded;
 pub mod health;
 pub mod idempotency;
 pub mod intake;
@@ -60,7 +65,9 @@ pub mod relay;
 pub mod request_status;
 pub mod requests;
 pub mod server;
+pub mod shedding;
 pub mod state;
+pub mod tokens;
 pub mod users;
 pub mod waiting;
 
@@ -107,6 +114,11 @@ pub struct Application {
     forgetter: tokio::task::JoinHandle<()>,
     /// Listens for settled requests (it holds a connection); stopped at shutdown.
     listening: tokio::task::JoinHandle<()>,
+    /// Writes when tokens were last used, once a minute; stopped (after a last write) at
+    /// shutdown.
+    recording_uses: tokio::task::JoinHandle<()>,
+    /// Admits connections within the per-client and total bounds.
+    gate: Arc<connections::ConnectionGate>,
 }
 
 impl Application {
@@ -114,6 +126,15 @@ impl Application {
     /// RabbitMQ may be down at this point: the API starts anyway and reports not ready.
     pub async fn build(config: ApiConfig) -> anyhow::Result<Self> {
         config.check_admin_token()?;
+        // Before anything opens a descriptor: the bounds below are chosen from the result.
+        let open_files = connections::raise_open_files_limit().map(|(soft, _hard)| soft);
+        let max_connections = config.connections.total_for(open_files);
+        tracing::info!(
+            max_connections,
+            max_per_client = config.connections.max_per_client,
+            "connection bounds"
+        );
+        let gate = connections::ConnectionGate::new(max_connections, config.connections.max_per_client);
         let db = shared::store::db::connect_and_migrate(&config.database, "api").await?;
         let broker = Arc::new(Broker::new(&config.broker, "api"));
         let (relay, relaying) = CommandRelay::start(
@@ -159,18 +180,25 @@ impl Application {
         }
         let limits = Arc::new(RateLimits::new(&config.limits));
         let forgetter = limits.start_forgetting(sampler_stop.clone());
-        let (waiters, listening) =
-            waiting::Waiters::start(db.clone(), config.request_wait_poll, sampler_stop.clone());
+        let (waiters, listening) = waiting::Waiters::start(
+            db.clone(),
+            config.request_wait_poll,
+            config.max_waits_per_user,
+            sampler_stop.clone(),
+        );
         let auth = Arc::new(Authenticator::new(
             db.clone(),
             config.token_cache_ttl,
             Arc::clone(&limits),
             &config.admin_token,
         ));
+        let recording_uses = auth.record_uses(config.tokens.record_uses_every, sampler_stop.clone());
         let (intake, _writing) = Intake::start(db.clone(), config.intake, Arc::clone(&relay));
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
+        let readiness = Arc::new(health::Readiness::new(db.clone(), Arc::clone(&broker)));
+        let config_reads = config.max_reads_in_flight();
         let state = AppState {
             db,
             broker,
@@ -185,6 +213,8 @@ impl Application {
             order_checks,
             limits,
             waiters,
+            readiness,
+            reads: Arc::new(shedding::ReadShedding::new(config_reads)),
             metrics: shared::telemetry::metrics_recorder()?,
         };
         let router = router(state.clone());
@@ -197,6 +227,8 @@ impl Application {
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
+            recording_uses,
+            gate,
         })
     }
 
@@ -225,6 +257,8 @@ impl Application {
             sampler: (sampler_stop, sampler),
             forgetter,
             listening,
+            recording_uses,
+            gate,
         } = self;
         // Clients waiting for their requests get their answer (202, or PENDING) as soon as
         // shutdown starts, rather than be cut off when the server stops waiting for them.
@@ -240,7 +274,12 @@ impl Application {
             state.metrics.clone(),
             shutdown.clone(),
         ));
-        server::serve(listener, router, state.config.http, shutdown)
+        let admittance = server::Admittance {
+            gate: Arc::clone(&gate),
+            limits: Arc::clone(&state.limits),
+            keepalive: state.config.connections.keepalive,
+        };
+        server::serve(listener, router, state.config.http, admittance, shutdown)
             .await
             .context("the HTTP server failed")?;
         closing.abort();
@@ -249,6 +288,7 @@ impl Application {
         let _ = forgetter.await;
         // Its connection goes back to the pool before the pool closes.
         let _ = listening.await;
+        let _ = recording_uses.await;
         let _ = metrics.await;
         // The server has finished every request: nothing is accepted any more. The relay
         // publishes what it still holds, then leaves.
@@ -279,6 +319,7 @@ fn instance_name() -> String {
 pub fn router(state: AppState) -> Router {
     let (routes, mut api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(users::router())
+        .merge(tokens::router())
         .merge(balance::router())
         .merge(popular::router())
         .merge(products::router())
@@ -315,6 +356,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             (state.config.http, state.config.max_body_bytes),
             server::within_deadlines,
+        ))
+        // Outside the deadlines (a shed read costs no timer) and inside the request metrics,
+        // which count its 503.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.reads),
+            shedding::shed_reads,
         ))
         .layer(axum::middleware::from_fn(observability::track_requests))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))

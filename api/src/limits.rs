@@ -1,6 +1,6 @@
 //! Rate limits that keep one caller from starving the rest: per user on what writes
 //! (commands, charges, cancellations, new tokens), and per client address on registrations
-//! and on invalid tokens. Each is a GCRA limiter of the `governor` crate, keyed by user or
+//! and on invalid tokens (customers' and the admin's). Each is a GCRA limiter of the `governor` crate, keyed by user or
 //! address; a refusal is `429 ERR_RATE_LIMITED` with `Retry-After`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,13 +29,16 @@ pub struct RateLimits {
     /// Invalid tokens presented from one client address.
     auth_failures: Option<DefaultKeyedRateLimiter<IpAddr>>,
     clock: DefaultClock,
-    trusted_client_ip_header: Option<axum::http::HeaderName>,
+    /// The header trusted proxies put the client's address in.
+    client_ip_header: axum::http::HeaderName,
+    /// The proxies whose forwarded header is believed (none: the peer is the client).
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// An IPv6 client counts by its /64: one subscriber usually holds a whole /64 and could
 /// otherwise pick a fresh address for every request, both to dodge the limits and to grow
 /// their tables. IPv4 (and IPv4-mapped) addresses count one by one.
-fn per_network(address: IpAddr) -> IpAddr {
+pub(crate) fn per_network(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -67,7 +70,11 @@ impl RateLimits {
             signups: per_minute(settings.signups_per_min, settings.signups_burst),
             auth_failures: per_minute(settings.auth_failures_per_min, settings.auth_failures_burst),
             clock: DefaultClock::default(),
-            trusted_client_ip_header: settings.trusted_client_ip_header.clone(),
+            client_ip_header: settings
+                .trusted_client_ip_header
+                .clone()
+                .unwrap_or(axum::http::HeaderName::from_static("x-forwarded-for")),
+            trusted_proxies: settings.trusted_proxies.clone(),
         }
     }
 
@@ -105,19 +112,29 @@ impl RateLimits {
         per_network(self.peer_or_proxied(parts))
     }
 
-    /// The last entry of the trusted header when one is configured and present (the one the
-    /// proxy added), else the peer.
+    /// The peer, or behind trusted proxies the client they forwarded
+    /// ([`crate::forwarded`]).
     fn peer_or_proxied(&self, parts: &Parts) -> IpAddr {
-        let from_proxy = self.trusted_client_ip_header.as_ref().and_then(|name| {
-            let value = parts.headers.get_all(name).iter().next_back()?.to_str().ok()?;
-            value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
-        });
-        from_proxy.unwrap_or_else(|| {
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(peer)| peer.ip())
-        })
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(peer)| peer.ip());
+        if self.trusted_proxies.is_empty() {
+            return peer;
+        }
+        let entries: Vec<&str> = parts
+            .headers
+            .get_all(&self.client_ip_header)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .collect();
+        crate::forwarded::client_behind(peer, entries.into_iter(), &self.trusted_proxies)
+    }
+
+    /// Whether `peer` is one of the trusted proxies (whose connections carry many clients).
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
     }
 
     /// Forgets idle keys every minute until `stop`.

@@ -52,6 +52,7 @@ pub struct WaitQuery {
         )),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
         (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND: unknown, or another user's"),
+        (status = 429, body = ErrorSchema, description = "ERR_RATE_LIMITED: with ?wait=, the user already holds MAX_WAITS_PER_USER waits"),
     )
 )]
 async fn get_request(
@@ -74,7 +75,10 @@ async fn get_request(
     };
     let user = caller.user();
     // Registered before the read, so that a notice between the read and the wait is kept.
-    let registration = wait.map(|within| (state.waiters.register(id), within));
+    let registration = match wait {
+        Some(within) => Some((state.waiters.register(id, user)?, within)),
+        None => None,
+    };
     let found = fetch_request(&state.db, id, user)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;

@@ -10,8 +10,13 @@
 //!   ERR_REQUEST_TIMEOUT` and the connection is closed; and the work done for one request
 //!   is bounded, past which the answer is `503 ERR_UNAVAILABLE` (a dependency that hangs
 //!   must not pile requests up).
+//!
+//! Before hyper sees a connection, [`crate::connections`] admits it within the per-client
+//! and total bounds (or closes it at once), turns on TCP keepalive, and bounds how long an
+//! answer may make no progress.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,7 +35,17 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::config::HttpTimeouts;
+use crate::connections::{self, ConnectionGate, WriteDeadline};
 use crate::error::ApiError;
+use crate::limits::{per_network, RateLimits};
+
+/// Who may connect: the bounds, and the limits that know the trusted proxies.
+pub struct Admittance {
+    pub gate: Arc<ConnectionGate>,
+    pub limits: Arc<RateLimits>,
+    /// TCP keepalive's idle time (zero: off).
+    pub keepalive: Duration,
+}
 
 /// How long shutdown waits for connections to finish their request in flight.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
@@ -40,6 +55,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     timeouts: HttpTimeouts,
+    admittance: Admittance,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -61,9 +77,22 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        // A trusted proxy carries many clients: it counts only in the total.
+        let client = (!admittance.limits.is_trusted_proxy(peer.ip())).then(|| per_network(peer.ip()));
+        let admission = match admittance.gate.admit(client) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                // Closed at once: a crowd of sockets from one address costs a descriptor
+                // for a moment, never a slot that others need.
+                metrics::counter!("api_connections_refused_total", "reason" => refusal.as_str()).increment(1);
+                drop(stream);
+                continue;
+            }
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        connections::keep_alive(&stream, admittance.keepalive);
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             // What `into_make_service_with_connect_info` would do: the peer address, for
@@ -71,8 +100,11 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().oneshot(request.map(Body::new))
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(WriteDeadline::new(stream, timeouts.write));
+        let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
+            // The connection's place is given back when it ends, however it ends.
+            let _admission = admission;
             if let Err(e) = connection.await {
                 // Timeouts and clients that go away: their business, logged for debugging.
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -10,11 +10,13 @@ use crate::auth::Authenticator;
 use crate::backpressure::Backpressure;
 use crate::config::ApiConfig;
 use crate::coupon_checks::{CouponChecks, SoldOut};
+use crate::health::Readiness;
 use crate::idempotency::KeyAnswers;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
 use crate::relay::CommandRelay;
+use crate::shedding::ReadShedding;
 use crate::waiting::Waiters;
 
 /// Extractors take the parts they need through `FromRef`, so that the modules defining
@@ -44,6 +46,10 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     /// Clients waiting for their requests to settle.
     pub waiters: Arc<Waiters>,
+    /// The dependencies' last check, shared by `/health/ready`.
+    pub readiness: Arc<Readiness>,
+    /// Bounds the reads in flight.
+    pub reads: Arc<ReadShedding>,
     /// Renders `/metrics`; the recorder behind it is process-wide.
     pub metrics: PrometheusHandle,
 }

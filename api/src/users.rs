@@ -1,13 +1,14 @@
-//! Users: registration and their bearer tokens. A user's balance row is created with the
-//! user, so every later balance change is a single-row UPDATE.
+//! Users: registration, which also issues the user's first bearer token (the others are
+//! [`crate::tokens`]'). A user's balance row is created with the user, so every later
+//! balance change is a single-row UPDATE.
 //!
-//! A token is shown once, in the answer that creates it, and stored only as its hash; a
-//! replay of that answer (the same `Idempotency-Key`) repeats it without the token, since
-//! the token was never kept.
+//! A token is shown once, in the answer that creates it (with `Cache-Control: no-store`, so
+//! no cache keeps it), and stored only as its hash; a replay of that answer (the same
+//! `Idempotency-Key`) repeats it without the token, since the token was never kept.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::{parse_name, UserId};
@@ -16,7 +17,8 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::{issue_token, Caller};
+use crate::auth::issue_token;
+use crate::config::TokenPolicy;
 use crate::error::{ApiError, Result};
 use crate::extract::{ClientAddress, IdempotencyKey, Json};
 use crate::openapi::{ErrorSchema, IdempotencyKeyHeader};
@@ -25,10 +27,16 @@ use crate::{idempotency, AppState};
 const MAX_NAME_CHARS: usize = 100;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_user))
-        .routes(routes!(create_token))
-        .routes(routes!(revoke_current_token))
+    OpenApiRouter::new().routes(routes!(create_user))
+}
+
+/// `Cache-Control: no-store` on `response`: it carries a token, which no cache may keep.
+pub fn not_to_be_stored(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// A malformed `userId` in a path: the balance routes' 400, as before identity existed.
@@ -59,7 +67,7 @@ pub struct User {
     params(IdempotencyKeyHeader),
     request_body = NewUser,
     responses(
-        (status = 201, body = User),
+        (status = 201, body = User, headers(("Cache-Control" = String, description = "`no-store`: the answer carries a token"))),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
         (status = 409, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_IN_USE"),
         (status = 422, body = ErrorSchema, description = "ERR_IDEMPOTENCY_KEY_REUSED"),
@@ -87,10 +95,10 @@ async fn create_user(
         &request,
         StatusCode::CREATED,
         without_token,
-        async |conn| insert_user(conn, &name).await,
+        async |conn| insert_user(conn, &name, state.config.tokens).await,
     )
     .await?;
-    Ok(outcome.into_response(StatusCode::CREATED))
+    Ok(not_to_be_stored(outcome.into_response(StatusCode::CREATED)))
 }
 
 /// What a replay of a registration answers: the user, not the token.
@@ -102,7 +110,7 @@ fn without_token(user: &User) -> serde_json::Result<serde_json::Value> {
     })
 }
 
-async fn insert_user(conn: &mut PgConnection, name: &str) -> Result<User> {
+async fn insert_user(conn: &mut PgConnection, name: &str, policy: TokenPolicy) -> Result<User> {
     let user_id: i64 = sqlx::query_scalar!(
         "WITH u AS (INSERT INTO users (name) VALUES ($1) RETURNING id),
               b AS (INSERT INTO balances (user_id) SELECT id FROM u)
@@ -113,82 +121,10 @@ async fn insert_user(conn: &mut PgConnection, name: &str) -> Result<User> {
     .await?;
     let user =
         UserId::new(user_id).ok_or_else(|| ApiError::internal(anyhow::anyhow!("non-positive user id")))?;
-    let token = issue_token(conn, user, None).await?;
+    let token = issue_token(conn, user, None, policy).await?;
     Ok(User {
         user_id,
         name: name.to_owned(),
         token: Some(token),
     })
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct NewTokenAnswer {
-    /// A new bearer token of the same user, shown only here. Absent when this answer is
-    /// replayed for an `Idempotency-Key`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
-}
-
-/// Issues another bearer token for the calling user (e.g. for a second device).
-#[utoipa::path(
-    post, path = "/users/{userId}/tokens", tag = "users",
-    params(("userId" = i64, Path, minimum = 1), IdempotencyKeyHeader),
-    security(("user_token" = [])),
-    responses(
-        (status = 201, body = NewTokenAnswer),
-        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
-    )
-)]
-async fn create_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(user): Path<String>,
-    key: IdempotencyKey,
-) -> Result<Response> {
-    let user = caller.own_path_user(&user, invalid_user)?;
-    state.limits.user_write(user)?;
-    let scope = format!("POST /users/{user}/tokens");
-    let outcome = idempotency::run_saving(
-        &state.db,
-        &key,
-        &scope,
-        &serde_json::json!({}),
-        StatusCode::CREATED,
-        |_| serde_json::to_value(NewTokenAnswer { token: None }),
-        async |conn| {
-            Ok(NewTokenAnswer {
-                token: Some(issue_token(conn, user, Some(caller.token())).await?),
-            })
-        },
-    )
-    .await?;
-    Ok(outcome.into_response(StatusCode::CREATED))
-}
-
-/// Revokes the token this request is sent with. Every API replica refuses it within 5 s
-/// (this one at once).
-#[utoipa::path(
-    delete, path = "/users/{userId}/tokens/current", tag = "users",
-    params(("userId" = i64, Path, minimum = 1)),
-    security(("user_token" = [])),
-    responses(
-        (status = 204, description = "revoked"),
-        (status = 400, body = ErrorSchema, description = "ERR_BALANCE_INVALID_USER"),
-    )
-)]
-async fn revoke_current_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(user): Path<String>,
-) -> Result<Response> {
-    caller.own_path_user(&user, invalid_user)?;
-    let token = caller.token();
-    sqlx::query!(
-        "UPDATE user_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
-        token.as_slice(),
-    )
-    .execute(&state.db)
-    .await?;
-    state.auth.forget(token);
-    Ok(StatusCode::NO_CONTENT.into_response())
 }

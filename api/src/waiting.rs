@@ -12,11 +12,17 @@
 //! statement for every request waited on, which of them are settled, and hands them over:
 //! a lost notice costs at most one poll interval, and the polling costs one statement per
 //! interval per api process, not one per waiter.
+//!
+//! A user holds at most `MAX_WAITS_PER_USER` waits at once in this process, whatever kind
+//! (`Prefer: wait`, `?wait=`): a wait is a parked request with its connection, and one user
+//! must not park hundreds of them. One more is refused `429 ERR_RATE_LIMITED` before
+//! anything is read or stored; the waits already held are untouched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use shared::domain::ids::UserId;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
@@ -24,7 +30,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::error::ApiError;
 use crate::request_status::{fetch_settled, RequestStatus};
+
+/// What a user refused another wait is told to wait before asking again: waits last
+/// seconds, so one of theirs has likely ended by then.
+const RETRY_WAIT_AFTER: Duration = Duration::from_secs(1);
 
 /// How long the listener waits before connecting again after a failure.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -34,6 +45,10 @@ pub struct Waiters {
     db: PgPool,
     /// Request id → a place for each of its waiters.
     waiting: Mutex<HashMap<Uuid, Vec<Arc<Place>>>>,
+    /// Waits each user holds now (users without any are not kept).
+    held: Mutex<HashMap<UserId, usize>>,
+    /// `MAX_WAITS_PER_USER`: the most waits one user may hold at once (0: no bound).
+    max_per_user: usize,
     /// Cancelled when the api starts shutting down: waiters answer at once (their `202`, or
     /// the request still `PENDING`) rather than be cut off with their connection.
     closing: CancellationToken,
@@ -49,10 +64,17 @@ struct Place {
 impl Waiters {
     /// Starts listening for settled requests (and sweeping for the ones whose notice was
     /// lost every `poll_every`) until `stop`.
-    pub fn start(db: PgPool, poll_every: Duration, stop: CancellationToken) -> (Arc<Self>, JoinHandle<()>) {
+    pub fn start(
+        db: PgPool,
+        poll_every: Duration,
+        max_per_user: usize,
+        stop: CancellationToken,
+    ) -> (Arc<Self>, JoinHandle<()>) {
         let waiters = Arc::new(Self {
             db,
             waiting: Mutex::default(),
+            held: Mutex::default(),
+            max_per_user,
             closing: CancellationToken::new(),
         });
         let listening = tokio::spawn(listen(Arc::clone(&waiters), poll_every, stop));
@@ -64,17 +86,30 @@ impl Waiters {
         self.closing.cancel();
     }
 
-    /// Takes a place among the waiters of `request`, before the caller reads it as its own
-    /// or publishes it: what settles it from then on is kept for [`Registration::settled`].
-    pub fn register(&self, request: Uuid) -> Registration<'_> {
+    /// Takes a place among the waiters of `request` for `user`, before the caller reads it
+    /// as its own or publishes it: what settles it from then on is kept for
+    /// [`Registration::settled`]. `429 ERR_RATE_LIMITED` when `user` already holds
+    /// `MAX_WAITS_PER_USER` waits.
+    pub fn register(&self, request: Uuid, user: UserId) -> Result<Registration<'_>, ApiError> {
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = held.entry(user).or_default();
+            if self.max_per_user > 0 && *count >= self.max_per_user {
+                metrics::counter!("api_waits_refused_total").increment(1);
+                return Err(ApiError::RateLimited(RETRY_WAIT_AFTER));
+            }
+            *count += 1;
+        }
+        metrics::gauge!("api_waits_open").increment(1);
         let place = Arc::new(Place::default());
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         waiting.entry(request).or_default().push(Arc::clone(&place));
-        Registration {
+        Ok(Registration {
             waiters: self,
             request,
+            user,
             place,
-        }
+        })
     }
 
     /// Reads, in one statement, those of `candidates` that someone here waits for and that
@@ -111,6 +146,8 @@ impl Waiters {
 pub struct Registration<'a> {
     waiters: &'a Waiters,
     request: Uuid,
+    /// Whose wait it is, given back to their allowance when it ends.
+    user: UserId,
     place: Arc<Place>,
 }
 
@@ -145,6 +182,15 @@ impl Drop for Registration<'_> {
                 waiting.remove(&self.request);
             }
         }
+        drop(waiting);
+        let mut held = self.waiters.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.user);
+            }
+        }
+        metrics::gauge!("api_waits_open").decrement(1);
     }
 }
 
@@ -252,17 +298,41 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_forgotten_with_its_last_waiter() {
-        let waiters = Waiters {
-            db: PgPool::connect_lazy("postgres://localhost/unused").expect("a valid URL"),
-            waiting: Mutex::default(),
-            closing: CancellationToken::new(),
-        };
+        let waiters = unstarted(0);
         let request = Uuid::now_v7();
-        let first = waiters.register(request);
-        let second = waiters.register(request);
+        let user = UserId::new(1).expect("a user id");
+        let first = waiters.register(request, user).expect("no bound");
+        let second = waiters.register(request, user).expect("no bound");
         drop(first);
         assert_eq!(waiters.waited_on(), vec![request]);
         drop(second);
         assert!(waiters.waited_on().is_empty());
+    }
+
+    fn unstarted(max_per_user: usize) -> Waiters {
+        Waiters {
+            db: PgPool::connect_lazy("postgres://localhost/unused").expect("a valid URL"),
+            waiting: Mutex::default(),
+            held: Mutex::default(),
+            max_per_user,
+            closing: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_past_the_bound_is_refused_and_gets_the_wait_back_when_one_ends() {
+        let waiters = unstarted(2);
+        let (ann, bob) = (UserId::new(1).expect("id"), UserId::new(2).expect("id"));
+        let first = waiters.register(Uuid::now_v7(), ann).expect("room");
+        let _second = waiters.register(Uuid::now_v7(), ann).expect("room");
+        assert!(matches!(
+            waiters.register(Uuid::now_v7(), ann),
+            Err(ApiError::RateLimited(_))
+        ));
+        let _others = waiters
+            .register(Uuid::now_v7(), bob)
+            .expect("another user's own bound");
+        drop(first);
+        assert!(waiters.register(Uuid::now_v7(), ann).is_ok());
     }
 }

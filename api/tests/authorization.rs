@@ -29,6 +29,8 @@ struct Victim {
     request: String,
     coupon: i64,
     product: i64,
+    /// One of the victim's tokens, by its `tokenId`.
+    token: i64,
 }
 
 /// The body an operation is sent with, acting as `user`; `None` for operations without one.
@@ -54,6 +56,7 @@ fn concrete(path: &str, user: i64, victim: &Victim) -> String {
         .replace("{requestId}", &victim.request)
         .replace("{couponId}", &victim.coupon.to_string())
         .replace("{productId}", &victim.product.to_string())
+        .replace("{tokenId}", &victim.token.to_string())
 }
 
 /// Everything of `user` that an attacker could change.
@@ -125,6 +128,11 @@ async fn every_operation_is_public_administrative_or_refuses_anyone_but_its_user
         request: placed.body["requestId"].as_str().unwrap().to_owned(),
         coupon,
         product,
+        token: sqlx::query_scalar("SELECT id FROM user_tokens WHERE user_id = $1")
+            .bind(victim_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap(),
     };
     let victim_token = app.token_of(victim.user).unwrap();
     let attacker_token = app.token_of(attacker).unwrap();
@@ -250,8 +258,8 @@ async fn every_operation_is_public_administrative_or_refuses_anyone_but_its_user
         }
     }
     // Balance, ledger, charge, coupons, orders (list, one, create, pay, cancel), issue,
-    // requests (one, list), tokens (issue, revoke).
-    assert!(guarded >= 14, "only {guarded} operations act for a user");
+    // requests (one, list), tokens (issue, list, revoke the current one, one, all).
+    assert!(guarded >= 17, "only {guarded} operations act for a user");
 
     // Nothing of the victim changed, and the victim's own token still works.
     assert_eq!(holdings(&app, victim.user).await, before);

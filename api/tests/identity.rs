@@ -343,59 +343,107 @@ async fn registrations_and_invalid_tokens_are_limited_per_client_address() {
 }
 
 #[tokio::test]
-async fn a_proxy_header_names_the_client_only_when_configured() {
-    // Behind a proxy, each client address has its own allowance; without the setting, the
-    // header is the client's own word and is ignored.
+async fn wrong_admin_tokens_count_against_the_address_like_invalid_customer_tokens() {
+    let app = spawn_app_with(|config| {
+        config.limits.auth_failures_per_min = 1;
+        config.limits.auth_failures_burst = 3;
+    })
+    .await;
+    let admin_with = |token: String| {
+        let app = &app;
+        async move {
+            app.send(
+                Method::POST,
+                "/admin/products",
+                Some(json!({ "name": "Lamp", "price": 100, "stock": 1 })),
+                &[("Authorization", &bearer(&token))],
+            )
+            .await
+        }
+    };
+    let guess = || "x".repeat(testkit::ADMIN_TOKEN.len());
+    assert_eq!(admin_with(guess()).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(admin_with(guess()).await.status, StatusCode::UNAUTHORIZED);
+    // Customer and admin failures share the allowance of the address.
+    let user = app.create_user("Ann").await;
+    let forged = shared::domain::identity::new_token().unwrap().token;
+    let customer = app
+        .send(
+            Method::GET,
+            &format!("/users/{user}/balance"),
+            None,
+            &[("Authorization", &bearer(&forged))],
+        )
+        .await;
+    assert_eq!(customer.status, StatusCode::UNAUTHORIZED);
+    let blocked = admin_with(guess()).await;
+    assert_eq!(blocked.status, StatusCode::TOO_MANY_REQUESTS, "{blocked:?}");
+    assert_eq!(blocked.code(), "ERR_RATE_LIMITED");
+    assert!(blocked.headers.contains_key("retry-after"));
+    // While blocked, not even the right token is compared: a guess learns nothing.
+    let right = admin_with(testkit::ADMIN_TOKEN.to_owned()).await;
+    assert_eq!(right.status, StatusCode::TOO_MANY_REQUESTS, "{right:?}");
+}
+
+/// Registers a user from the test's address (127.0.0.1) with `X-Forwarded-For: forwarded`.
+async fn register_forwarded(app: &TestApp, forwarded: &str) -> Answer {
+    app.send(
+        Method::POST,
+        "/users",
+        Some(json!({ "name": "someone" })),
+        &[("X-Forwarded-For", forwarded)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_forwarded_address_is_believed_only_from_trusted_proxies_and_only_as_far_as_them() {
+    // The test's connections come from 127.0.0.1, a trusted proxy here, as is 10.0.0.0/8
+    // (a second, inner hop). One registration per client address.
     let trusting = spawn_app_with(|config| {
+        config.limits.signups_per_min = 1;
+        config.limits.signups_burst = 1;
+        config.limits.trusted_proxies = api::forwarded::parse_networks("127.0.0.0/8, 10.0.0.0/8").unwrap();
+    })
+    .await;
+    // Two trusted hops (10.0.0.9 and the peer): each client is who the outer hop saw, and
+    // what the client wrote itself before that (198.51.100.66) is not believed.
+    for client in ["203.0.113.1", "203.0.113.2"] {
+        let forwarded = format!("198.51.100.66, {client}, 10.0.0.9");
+        let answer = register_forwarded(&trusting, &forwarded).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{client}: {answer:?}");
+    }
+    // The same client with a different made-up prefix is the same client.
+    let again = register_forwarded(&trusting, "198.51.100.77, 203.0.113.1, 10.0.0.9").await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS, "{again:?}");
+
+    // Trusting proxies elsewhere, the test's address is an ordinary client: its header is
+    // its own word, ignored, and both registrations count against 127.0.0.1.
+    let elsewhere = spawn_app_with(|config| {
+        config.limits.signups_per_min = 1;
+        config.limits.signups_burst = 1;
+        config.limits.trusted_proxies = api::forwarded::parse_networks("10.0.0.0/8").unwrap();
+    })
+    .await;
+    assert_eq!(
+        register_forwarded(&elsewhere, "203.0.113.1").await.status,
+        StatusCode::CREATED
+    );
+    let spoofed = register_forwarded(&elsewhere, "203.0.113.2").await;
+    assert_eq!(spoofed.status, StatusCode::TOO_MANY_REQUESTS, "{spoofed:?}");
+
+    // With no trusted proxy at all, a configured header is ignored as well.
+    let direct = spawn_app_with(|config| {
         config.limits.signups_per_min = 1;
         config.limits.signups_burst = 1;
         config.limits.trusted_client_ip_header = Some("x-forwarded-for".parse().unwrap());
     })
     .await;
-    for client in ["203.0.113.1", "203.0.113.2"] {
-        let forwarded = format!("10.0.0.9, {client}");
-        let answer = trusting
-            .send(
-                Method::POST,
-                "/users",
-                Some(json!({ "name": client })),
-                &[("X-Forwarded-For", &forwarded)],
-            )
-            .await;
-        assert_eq!(answer.status, StatusCode::CREATED, "{client}: {answer:?}");
-    }
-    let again = trusting
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "again" })),
-            &[("X-Forwarded-For", "203.0.113.1")],
-        )
-        .await;
-    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
-
-    let direct = spawn_app_with(|config| {
-        config.limits.signups_per_min = 1;
-        config.limits.signups_burst = 1;
-    })
-    .await;
-    let first = direct
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "a" })),
-            &[("X-Forwarded-For", "203.0.113.1")],
-        )
-        .await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let spoofed = direct
-        .send(
-            Method::POST,
-            "/users",
-            Some(json!({ "name": "b" })),
-            &[("X-Forwarded-For", "203.0.113.2")],
-        )
-        .await;
+    assert_eq!(
+        register_forwarded(&direct, "203.0.113.1").await.status,
+        StatusCode::CREATED
+    );
+    let spoofed = register_forwarded(&direct, "203.0.113.2").await;
     assert_eq!(spoofed.status, StatusCode::TOO_MANY_REQUESTS, "{spoofed:?}");
 }
 

@@ -65,12 +65,19 @@ pub struct DatabaseSettings {
     /// transaction open without using it this long, so a stuck process cannot hold row
     /// locks for ever (0: no limit).
     pub idle_in_transaction_timeout_ms: u64,
+    /// `MIGRATION_DATABASE_URL`: the owner of the schema, who creates the database when it
+    /// is missing and applies the migrations at start over one short-lived connection;
+    /// `DATABASE_URL` is then a role that only reads and writes rows (see
+    /// deploy/postgres/runtime-grants.sql). Unset: `DATABASE_URL` does both, as on a
+    /// developer's machine.
+    pub migration_url: Option<String>,
 }
 
 impl std::fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseSettings")
             .field("url", &redact_url(&self.url))
+            .field("migration_url", &self.migration_url.as_deref().map(redact_url))
             .field("max_connections", &self.max_connections)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field(
@@ -81,13 +88,16 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-/// `url` with any password replaced by `***`: `postgres://app:***@db:5432/shop`.
+/// `url` with any password replaced by `***`: `postgres://app:***@db:5432/shop`, and
+/// `postgres://db/shop?user=app&password=***` (libpq and lapin take credentials from the
+/// query string too).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".to_owned();
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
+    let path = redact_query(path);
     match authority.rsplit_once('@') {
         Some((credentials, host)) => {
             let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
@@ -97,8 +107,40 @@ pub fn redact_url(url: &str) -> String {
                 format!("{scheme}://{user}@{host}{path}")
             }
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{authority}{path}"),
     }
+}
+
+/// `path` (with its query and fragment) with the values of secret-looking query
+/// parameters (`password`, `sslpassword`, `token`, `secret`, ...) replaced by `***`.
+fn redact_query(path: &str) -> String {
+    let Some((before, query_and_fragment)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let (query, fragment) = match query_and_fragment.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (query_and_fragment, None),
+    };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let mut out = format!("{before}?{}", redacted.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 impl DatabaseSettings {
@@ -111,6 +153,7 @@ impl DatabaseSettings {
             max_connections,
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 60_000,
+            migration_url: None,
         }
     }
 
@@ -126,6 +169,7 @@ impl DatabaseSettings {
             max_connections: var("DATABASE_MAX_CONNECTIONS", pool)?,
             statement_timeout_ms: var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)?,
             idle_in_transaction_timeout_ms: var("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)?,
+            migration_url: Some(var("MIGRATION_DATABASE_URL", String::new())?).filter(|url| !url.is_empty()),
         })
     }
 }
@@ -215,12 +259,16 @@ mod tests {
             max_connections: 10,
             statement_timeout_ms: 0,
             idle_in_transaction_timeout_ms: 0,
+            migration_url: Some("postgres://owner:0wn3r@db:5432/shop".to_owned()),
         };
         let broker = BrokerSettings {
             url: "amqp://app:s3cret@mq:5672/%2f".to_owned(),
         };
         let printed = format!("{database:?} {broker:?}");
-        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            !printed.contains("s3cret") && !printed.contains("0wn3r"),
+            "{printed}"
+        );
         assert!(printed.contains("postgres://app:***@db:5432/shop"), "{printed}");
         assert!(printed.contains("amqp://app:***@mq:5672/%2f"), "{printed}");
         assert_eq!(
@@ -228,6 +276,26 @@ mod tests {
             "postgres://postgres@127.0.0.1/x"
         );
         assert_eq!(redact_url("not a url"), "***");
+    }
+
+    #[test]
+    fn passwords_in_the_query_string_are_redacted_too() {
+        assert_eq!(
+            redact_url("postgres://db:5432/shop?user=app&password=s3cret&sslmode=require"),
+            "postgres://db:5432/shop?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db/shop?sslpassword=k3y#frag"),
+            "postgres://app:***@db/shop?sslpassword=***#frag"
+        );
+        assert_eq!(
+            redact_url("amqp://mq:5672/%2f?auth_token=t0ken&heartbeat=10"),
+            "amqp://mq:5672/%2f?auth_token=***&heartbeat=10"
+        );
+        assert_eq!(
+            redact_url("postgres://db/shop?sslmode=require"),
+            "postgres://db/shop?sslmode=require"
+        );
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     config.limits.user_writes_per_sec = 0;
     config.limits.signups_per_min = 0;
     config.limits.auth_failures_per_min = 0;
+    // Likewise connections: a test may hold hundreds at once from 127.0.0.1 (the crowd test
+    // starts a process of its own with the default bound).
+    config.connections.max_per_client = 0;
+    // And reads in flight: some tests send hundreds at once (the shedding test sets it).
+    config.max_reads_in_flight = 100_000;
     let amqp_url = config.broker.url.clone();
     adjust(&mut config);
     let app = Application::build(config).await.expect("the api starts");
@@ -244,20 +249,34 @@ impl TestApp {
     /// replica, as another process. Killed when dropped.
     /// `binary` is the api's executable (`env!("CARGO_BIN_EXE_api")` in the api's tests).
     pub async fn second_replica(&self, binary: &str) -> (tokio::process::Child, SocketAddr) {
-        self.second_replica_with(binary, &[]).await
+        self.replica_with(binary, &[], None).await
     }
 
-    /// [`Self::second_replica`] with some variables overridden (`AMQP_URL`, say).
-    pub async fn second_replica_with(
+    /// [`TestApp::second_replica`] with more environment, and started with a soft limit of
+    /// `soft_open_files` descriptors (the hard limit untouched), as a default system would.
+    pub async fn replica_with(
         &self,
         binary: &str,
-        overrides: &[(&str, String)],
+        env: &[(&str, &str)],
+        soft_open_files: Option<u64>,
     ) -> (tokio::process::Child, SocketAddr) {
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
         };
-        let child = tokio::process::Command::new(binary)
+        let mut command = match soft_open_files {
+            // The shell's `ulimit -S` lowers the soft limit only, then the api replaces it.
+            Some(soft) => {
+                let mut shell = tokio::process::Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -Sn {soft} && exec \"$0\""))
+                    .arg(binary);
+                shell
+            }
+            None => tokio::process::Command::new(binary),
+        };
+        command
             .env("DATABASE_URL", &self.database_url)
             .env("DATABASE_MAX_CONNECTIONS", "3")
             .env("HTTP_ADDR", addr.to_string())
@@ -271,10 +290,9 @@ impl TestApp {
                 self.topology.queue_expires_ms.unwrap_or(0).to_string(),
             )
             .env("RUST_LOG", "warn")
-            .envs(overrides.iter().map(|(k, v)| (*k, v.as_str())))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the api binary starts");
+            .envs(env.iter().copied())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("the api binary starts");
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {

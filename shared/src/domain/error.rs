@@ -64,6 +64,9 @@ error_codes! {
     RateLimited => ("ERR_RATE_LIMITED", 429),
     Internal => ("ERR_INTERNAL", 500),
     Unavailable => ("ERR_UNAVAILABLE", 503),
+    // Identity
+    // Added to the contract: a user already holds as many live tokens as allowed.
+    TooManyTokens => ("ERR_TOO_MANY_TOKENS", 409),
     // Requests
     RequestNotFound => ("ERR_REQUEST_NOT_FOUND", 404),
     ProcessingFailed => ("ERR_PROCESSING_FAILED", 500),

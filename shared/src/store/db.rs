@@ -43,7 +43,9 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
 const TRUSTED_IDLE: Duration = Duration::from_secs(1);
 
 async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
-    create_database_if_missing(&settings.url).await?;
+    // The owner creates and migrates; the pool may be a role that cannot (least privilege).
+    let owner_url = settings.migration_url.as_deref().unwrap_or(&settings.url);
+    create_database_if_missing(owner_url).await?;
     let options: PgConnectOptions = settings
         .url
         .parse()
@@ -77,7 +79,21 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .connect_with(options)
         .await
         .context("cannot connect to PostgreSQL")?;
-    MIGRATOR.run(&pool).await.context("cannot apply migrations")?;
+    match &settings.migration_url {
+        Some(owner_url) => {
+            // A pool of one rather than a bare connection: `Migrator::run` over a
+            // `&mut PgConnection` makes a future that is not `Send` for every lifetime,
+            // and the worker runs this inside `tokio::spawn`.
+            let owner = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(owner_url)
+                .await
+                .context("cannot connect to PostgreSQL as MIGRATION_DATABASE_URL")?;
+            MIGRATOR.run(&owner).await.context("cannot apply migrations")?;
+            owner.close().await;
+        }
+        None => MIGRATOR.run(&pool).await.context("cannot apply migrations")?,
+    }
     // The budget only informs: a process that cannot record its pool starts all the same.
     if let Err(e) = crate::store::connection_budget::claim(&pool, app_name, settings.max_connections).await {
         tracing::warn!(error = %e, "cannot record the connection pool in process_pools");
