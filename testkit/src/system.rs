@@ -537,18 +537,12 @@ impl System {
         id: &str,
         swept: bool,
     ) -> u16 {
+        self.wait_until_queued(family, key, 1).await;
         let topology = &self.app.topology;
         let partition = shared::domain::partition::partition_of(key, topology.partitions);
         let queue = topology.queue(family, partition);
         let connection = broker_connection().await;
         let channel = connection.create_channel().await.unwrap();
-        poll_until(|| async {
-            match shared::messaging::broker::queue_depth(&channel, &queue).await {
-                Ok(1) => Ok(()),
-                depth => Err(format!("{queue} holds {depth:?} messages, not the command's one")),
-            }
-        })
-        .await;
         let purged = channel
             .queue_purge(queue.as_str().into(), Default::default())
             .await
