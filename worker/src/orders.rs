@@ -609,8 +609,13 @@ impl Book {
             }
             *self.units_held.entry((user, line.product_id)).or_default() += line.quantity;
             self.stock.entry(line.product_id).or_default().0 += line.quantity;
-            self.snapshots
-                .insert((create.order_id, line.product_id), (name.clone(), price));
+            // The api stored the line with the name and price it quoted; only a product
+            // renamed or repriced since needs its line written again (most orders: none, a
+            // row update less per line).
+            if line.name != name || line.unit_price != price {
+                self.snapshots
+                    .insert((create.order_id, line.product_id), (name.clone(), price));
+            }
             if let Some(stored) = self
                 .lines
                 .get_mut(&create.order_id)

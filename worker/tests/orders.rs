@@ -453,3 +453,55 @@ async fn expiry_racing_payment_lets_exactly_one_win_per_order() {
     assert_eq!((reserved, sold, stock), (0, 2 * paid, 100 - 2 * paid));
     system.assert_money_invariants().await;
 }
+
+/// Prices are taken at reservation: a product repriced between the api's quote and the
+/// reservation is written to the order's line at its new price, and a line whose quote still
+/// holds is not written again (a row update less per line, for nearly every order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_line_is_written_again_at_reservation_only_when_its_product_was_repriced() {
+    let system = System::start(0).await;
+    let kept = system.product(1_000, 5).await;
+    let repriced = system.product(2_000, 5).await;
+    let user = system.app.create_users(1).await[0];
+    let placed = system.order(user, &[(kept, 1), (repriced, 1)]).await;
+    assert_eq!(placed.status, StatusCode::ACCEPTED, "{placed:?}");
+    let order: uuid::Uuid = placed.body["orderId"].as_str().unwrap().parse().unwrap();
+    let lines = || async {
+        sqlx::query_as::<_, (i64, String, i64)>(
+            "SELECT product_id, xmin::text, unit_price FROM order_items
+             WHERE order_id = $1 ORDER BY product_id",
+        )
+        .bind(order)
+        .fetch_all(&system.app.db)
+        .await
+        .unwrap()
+    };
+    let quoted = lines().await;
+    let patched = system
+        .app
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/products/{repriced}"),
+            serde_json::json!({ "price": 2_500 }),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{patched:?}");
+
+    system.spawn_worker().await;
+    assert_eq!(
+        system.outcome(placed.body["requestId"].as_str().unwrap()).await,
+        "SUCCEEDED"
+    );
+    let reserved = lines().await;
+    assert_eq!(
+        reserved[0], quoted[0],
+        "the kept line is the api's row, untouched"
+    );
+    assert_eq!(reserved[1].0, repriced);
+    assert_ne!(reserved[1].1, quoted[1].1, "the repriced line was written again");
+    assert_eq!(reserved[1].2, 2_500);
+    let total: i64 = system
+        .scalar(&format!("SELECT total_amount FROM orders WHERE id = '{order}'"))
+        .await;
+    assert_eq!(total, 3_500);
+}
