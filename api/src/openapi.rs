@@ -120,8 +120,8 @@ pub fn document_shared_errors(api: &mut utoipa::openapi::OpenApi) {
                 shared.push(("413", "ERR_PAYLOAD_TOO_LARGE"));
                 shared.push(("415", "ERR_UNSUPPORTED_MEDIA_TYPE: the body must be JSON"));
             }
-            // A command (answered 202) is refused while its queues are too deep, and when
-            // RabbitMQ cannot be reached.
+            // A command (answered 202) is refused while its backlog is too deep (queues, or
+            // commands waiting for RabbitMQ), and when PostgreSQL cannot be reached.
             if operation.responses.responses.contains_key("202") {
                 shared.push(("429", "ERR_OVERLOADED or ERR_RATE_LIMITED, with Retry-After"));
                 shared.push(("503", "ERR_UNAVAILABLE, with Retry-After"));
