@@ -1,5 +1,6 @@
-//! The asynchronous commands' requests: one by its id (`GET /requests/{requestId}`), and a
-//! user's, newest first (`GET /users/{userId}/requests`). Each reads only the caller's own.
+//! The asynchronous commands' requests: one by its id (`GET /requests/{requestId}`), a
+//! user's, newest first (`GET /users/{userId}/requests`), and cancelling one still pending
+//! (`DELETE /requests/{requestId}`). Each reaches only the caller's own.
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use shared::domain::command::RequestKind;
-use shared::domain::error::ErrorCode;
+use shared::domain::error::{ErrorBody, ErrorCode};
 use shared::domain::ids::UserId;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -24,7 +25,7 @@ use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(get_request))
+        .routes(routes!(get_request, cancel_request))
         .routes(routes!(list_requests))
 }
 
@@ -89,6 +90,54 @@ async fn get_request(
         _ => found,
     };
     Ok(request_answer(found))
+}
+
+/// Cancels one of the caller's requests while it is still `PENDING`: it fails with
+/// `ERR_REQUEST_CANCELLED` and its command never takes effect (an order it was creating is
+/// `REJECTED`; a `PENDING` order holds no stock). Atomic with the workers: the request's row
+/// is updated only while `PENDING`, under the row lock a settling batch takes first, so a
+/// request a worker settles meanwhile answers `409 ERR_REQUEST_ALREADY_SETTLED`, and a
+/// worker that receives a cancelled command finds it terminal and applies nothing.
+#[utoipa::path(
+    delete, path = "/requests/{requestId}", tag = "requests",
+    params(("requestId" = Uuid, Path)),
+    security(("user_token" = [])),
+    responses(
+        (status = 200, body = RequestStatus, description = "cancelled: FAILED with ERR_REQUEST_CANCELLED"),
+        (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
+        (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND: unknown, or another user's"),
+        (status = 409, body = ErrorSchema, description = "ERR_REQUEST_ALREADY_SETTLED: it was SUCCEEDED or FAILED already"),
+    )
+)]
+async fn cancel_request(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "requestId must be a UUID"))?;
+    let user = caller.user();
+    let not_found = || ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId");
+    // Whose it is never changes: read before the transaction, which then only fails it.
+    fetch_request(&state.db, id, user).await?.ok_or_else(not_found)?;
+    state.limits.user_write(user)?;
+    let error = ErrorBody::new(
+        ErrorCode::RequestCancelled,
+        "cancelled by its client before it was settled",
+    );
+    let mut tx = state.db.begin().await?;
+    let cancelled = shared::store::requests::fail_pending(&mut tx, id, &error).await?;
+    tx.commit().await?;
+    if !cancelled {
+        return Err(ApiError::new(
+            ErrorCode::RequestAlreadySettled,
+            "the request was settled before it could be cancelled",
+        ));
+    }
+    // Whoever waits for it (on any replica) is answered now.
+    shared::store::settlements::announce(&state.db, &[id]).await;
+    let cancelled = fetch_request(&state.db, id, user).await?.ok_or_else(not_found)?;
+    Ok(request_answer(cancelled))
 }
 
 /// `200` with the request, and `Retry-After` while it is pending.

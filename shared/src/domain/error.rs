@@ -69,6 +69,10 @@ error_codes! {
     TooManyTokens => ("ERR_TOO_MANY_TOKENS", 409),
     // Requests
     RequestNotFound => ("ERR_REQUEST_NOT_FOUND", 404),
+    // The error of a request its client cancelled while it was `PENDING` (the status is
+    // the one a command of a settled request would get: it never reaches a client alone).
+    RequestCancelled => ("ERR_REQUEST_CANCELLED", 409),
+    RequestAlreadySettled => ("ERR_REQUEST_ALREADY_SETTLED", 409),
     ProcessingFailed => ("ERR_PROCESSING_FAILED", 500),
     // Balance
     BalanceInvalidUser => ("ERR_BALANCE_INVALID_USER", 400),

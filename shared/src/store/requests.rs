@@ -61,8 +61,8 @@ stored_as_text!(OrderStatus);
 /// the row lock of a worker settling the request right now: if that worker commits first,
 /// the request is no longer `PENDING` and nothing changes. True when it was failed here.
 ///
-/// Both ways a request fails without being settled go through here: the api withdrawing
-/// one it could not publish, and a worker parking a dead letter.
+/// Both ways a request fails without being settled go through here: its client cancelling
+/// it (`DELETE /requests/{requestId}`), and a worker parking a dead letter.
 pub async fn fail_pending(
     conn: &mut sqlx::PgConnection,
     request_id: Uuid,
