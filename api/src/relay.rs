@@ -272,12 +272,12 @@ impl CommandRelay {
                 tracing::warn!(error = format!("{e:#}"), "cannot declare the command topology");
             }
         }
-        let confirmed_and_kept = unconfirmed.len();
-        let confirmed = messages.len() - confirmed_and_kept;
+        let kept = unconfirmed.len();
+        let confirmed = messages.len() - kept;
         self.unpublished.fetch_sub(confirmed, Ordering::Relaxed);
         metrics::gauge!("api_commands_unpublished").set(self.unpublished() as f64);
         self.put_back(unconfirmed);
-        confirmed_and_kept
+        kept
     }
 }
 

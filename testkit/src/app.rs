@@ -139,6 +139,21 @@ impl TestApp {
     }
 
     /// `GET /metrics` on the app's metrics address.
+    /// `/health/ready` once it reports RabbitMQ down (its check is at most a second old),
+    /// asserting that the api stays ready meanwhile: commands are accepted into PostgreSQL
+    /// while the broker is away.
+    pub async fn ready_with_broker_down(&self) -> Answer {
+        let deadline = tokio::time::Instant::now() + crate::PATIENCE;
+        loop {
+            let ready = self.get("/health/ready").await;
+            assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+            if ready.body["rabbitmq"] == "DOWN" || tokio::time::Instant::now() > deadline {
+                return ready;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> reqwest::Response {
         self.client
             .get(format!("http://{}/metrics", self.metrics_addr))

@@ -83,17 +83,7 @@ async fn with_rabbitmq_down_commands_are_accepted_and_settle_first_come_first_se
     let paid = system.pay(&order, users[0], None).await;
     assert_eq!(paid.status, StatusCode::ACCEPTED, "{paid:?}");
 
-    // Ready all along; RabbitMQ shows down once the readiness check (at most a second
-    // old) has seen it.
-    let deadline = tokio::time::Instant::now() + testkit::PATIENCE;
-    let ready = loop {
-        let ready = system.app.get("/health/ready").await;
-        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
-        if ready.body["rabbitmq"] == "DOWN" || tokio::time::Instant::now() > deadline {
-            break ready;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let ready = system.app.ready_with_broker_down().await;
     assert_eq!(ready.body["rabbitmq"], "DOWN", "{ready:?}");
     let pending = system
         .scalar("SELECT count(*) FROM requests WHERE status = 'PENDING'")
