@@ -14,12 +14,12 @@
 //! `users` row (foreign-key checks take key-share locks, which `NO KEY UPDATE` does not
 //! conflict with), and products are either the last rows a batch locks or come after
 //! every row that a batch of another user could hold, so concurrent batches, cancels and
-//! expiries never deadlock. The batch is then decided in memory, command
-//! after command, each seeing what the earlier ones did (stock reserved, balance debited,
-//! coupon used, orders and units the user holds), and the final state of every row is
-//! written in the batch's one write statement. Each command either applies all its
-//! effects or, refused, none: a refusal is a decision, not an error, and does not roll the
-//! batch back.
+//! expiries never deadlock. The batch is then decided in memory by the
+//! order rules ([`shared::domain::order_book`]), command after command, each seeing what
+//! the earlier ones did (stock reserved, balance debited, coupon used, orders and units the
+//! user holds), and the final state of every row is written in the batch's one write
+//! statement. Each command either applies all its effects or, refused, none: a refusal is
+//! a decision, not an error, and does not roll the batch back.
 //!
 //! The per-user limits (the unpaid-order cap, a product's `maxPerCustomer`) are counted
 //! here, under the lock of the user's `users` row, because only a count taken under a lock
@@ -36,14 +36,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use shared::domain::command::{
-    OrderCreate, OrderPaid, OrderPay, OrderReserved, RequestKind, RequestResult, RequestStatus,
+use shared::domain::command::{OrderCreate, OrderPay, RequestKind, RequestResult, RequestStatus};
+use shared::domain::error::ErrorCode;
+use shared::domain::events::OrderPaid as OrderPaidEvent;
+use shared::domain::limits::HOLDING_STATUSES;
+use shared::domain::money::Discount;
+use shared::domain::order::OrderStatus;
+use shared::domain::order_book::{
+    rejects_order, Changes, HeldCoupon, Line, Order, OrderBook, PaymentContext, Product, Rows, StockChange,
 };
-use shared::domain::error::{ErrorBody, ErrorCode};
-use shared::domain::events::{OrderPaid as OrderPaidEvent, OrderPaidType, PaidItem};
-use shared::domain::limits::{refuse_past_limit, refuse_past_unpaid_cap, LimitedLine, HOLDING_STATUSES};
-use shared::domain::money::{order_total, Discount};
-use shared::domain::order::{OrderEvent, OrderStatus};
 use sqlx::Arguments;
 use uuid::Uuid;
 
@@ -64,10 +65,6 @@ pub struct OrderCommands {
 enum OrderCommand {
     Create(OrderCreate),
     Pay(OrderPay),
-}
-
-fn refuse(code: ErrorCode, message: impl Into<String>) -> Decision {
-    Decision::Failed(ErrorBody::new(code, message))
 }
 
 /// The orders the batch's requests are about (`ids`: the batch's request ids, a literal):
@@ -260,13 +257,13 @@ impl CommandFamily for OrderCommands {
                 id: requests.first().map(|r| r.id).unwrap_or_default(),
                 reason: format!("the reservation time is out of range: {e}"),
             })?;
-        let mut book = Book::read(state, self.max_reserved_orders)?;
+        let mut book = read_book(state, self.max_reserved_orders)?;
         let decisions = requests
             .iter()
             .zip(&commands)
             .map(|(request, command)| match command {
-                OrderCommand::Create(create) => book.reserve_stock(create, now + ttl),
-                OrderCommand::Pay(pay) => book.settle_payment(pay, request.id, now),
+                OrderCommand::Create(create) => reserve(&mut book, create, now + ttl),
+                OrderCommand::Pay(pay) => settle_payment(&mut book, pay, request.id, now),
             })
             .collect::<Vec<_>>();
         // Stock read unlocked is no ground for a refusal: the units may have come back
@@ -279,8 +276,8 @@ impl CommandFamily for OrderCommands {
         {
             return Err(SettleError::SharedRowsMoved);
         }
-        let at_commit = stock_changes(&book.stock);
-        let writes = book.into_writes();
+        let at_commit = stock_changes(book.stock());
+        let writes = Writes::from(book.into_changes());
         let wrote_events = !writes.events.is_empty();
         Ok(Decided {
             decisions,
@@ -387,38 +384,105 @@ pub fn with_creations_first(
     ordered
 }
 
-/// An order as locked by the batch, and as the batch has changed it so far.
-#[derive(sqlx::FromRow)]
-struct OrderRow {
-    id: Uuid,
-    user_id: i64,
-    status: OrderStatus,
-    total_amount: i64,
+/// Reserves an order's stock, counted.
+fn reserve(book: &mut OrderBook, create: &OrderCreate, reserved_until: DateTime<Utc>) -> Decision {
+    match book.reserve(create.order_id, reserved_until) {
+        Ok(reserved) => {
+            metrics::counter!("orders_reserved_total").increment(1);
+            Decision::Succeeded(RequestResult::OrderReserved(reserved))
+        }
+        Err(refusal) => {
+            if rejects_order(refusal.code) {
+                metrics::counter!("orders_rejected_total").increment(1);
+            }
+            Decision::Failed(refusal)
+        }
+    }
 }
 
-/// One line of an order: what the api stored, then the snapshot a reservation takes.
-#[derive(sqlx::FromRow, Clone)]
-struct LineRow {
-    order_id: Uuid,
-    product_id: i64,
-    quantity: i64,
-    name: String,
-    unit_price: i64,
+/// Pays an order, counted; the payment and its event get their ids here.
+fn settle_payment(book: &mut OrderBook, pay: &OrderPay, request_id: Uuid, now: DateTime<Utc>) -> Decision {
+    let context = PaymentContext {
+        request_id,
+        now,
+        payment_id: Uuid::now_v7(),
+        event_id: Uuid::now_v7(),
+    };
+    match book.pay(pay, context) {
+        Ok(paid) => {
+            metrics::counter!("payments_total", "outcome" => "paid").increment(1);
+            Decision::Succeeded(RequestResult::OrderPaid(paid))
+        }
+        Err(refusal) => {
+            if refusal.code == ErrorCode::PaymentInsufficientBalance {
+                metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
+            }
+            Decision::Failed(refusal)
+        }
+    }
+}
+
+/// Reads the result sets of [`OrderCommands::lock_state`], in its order, as the book the
+/// batch is decided on.
+fn read_book(mut state: LockedState, max_reserved_orders: i64) -> Result<OrderBook, SettleError> {
+    let orders = state
+        .rows::<(Uuid, i64, OrderStatus, i64)>()?
+        .into_iter()
+        .map(|(id, user_id, status, total_amount)| Order {
+            id,
+            user_id,
+            status,
+            total_amount,
+        })
+        .collect();
+    // The users' lock: its rows say nothing the orders do not.
+    state.rows::<(i64,)>()?;
+    let reserved_orders = state.rows::<(i64, i64)>()?;
+    let products = state
+        .rows::<(i64, String, i64, i64, Option<i64>)>()?
+        .into_iter()
+        .map(|(id, name, price, available, max_per_customer)| Product {
+            id,
+            name,
+            price,
+            available,
+            max_per_customer,
+        })
+        .collect();
+    let units_held = state.rows::<(i64, i64, i64)>()?;
+    let lines = state
+        .rows::<(Uuid, i64, i64, String, i64)>()?
+        .into_iter()
+        .map(|(order_id, product_id, quantity, name, unit_price)| Line {
+            order_id,
+            product_id,
+            quantity,
+            name,
+            unit_price,
+        })
+        .collect();
+    let balances = state.rows::<(i64, i64)>()?;
+    let held = state
+        .rows::<HeldCouponRow>()?
+        .into_iter()
+        .map(HeldCoupon::from)
+        .collect();
+    let applicable = state.rows::<(i64, i64)>()?;
+    Ok(OrderBook::new(Rows {
+        orders,
+        lines,
+        products,
+        balances,
+        held,
+        applicable,
+        reserved_orders,
+        units_held,
+        max_reserved_orders,
+    }))
 }
 
 #[derive(sqlx::FromRow)]
-struct ProductRow {
-    id: i64,
-    name: String,
-    price: i64,
-    /// On hand minus reserved: what can still be reserved.
-    available: i64,
-    /// Most units one user may hold in `RESERVED` and `PAID` orders; `None`: no limit.
-    max_per_customer: Option<i64>,
-}
-
-#[derive(sqlx::FromRow)]
-struct HeldCoupon {
+struct HeldCouponRow {
     id: Uuid,
     user_id: i64,
     coupon_id: i64,
@@ -429,417 +493,17 @@ struct HeldCoupon {
     all_products: bool,
 }
 
-/// What a batch changes in an order, beyond its status.
-#[derive(Default)]
-struct OrderChange {
-    reserved: Option<(i64, DateTime<Utc>)>,
-    closed: bool,
-    paid: Option<PaidFields>,
-}
-
-struct PaidFields {
-    at: DateTime<Utc>,
-    discount: i64,
-    amount: i64,
-    coupon_id: Option<i64>,
-}
-
-/// The rows a batch locked, changed in memory command after command, and what that writes.
-struct Book {
-    orders: HashMap<Uuid, OrderRow>,
-    /// Lines by order, by product id.
-    lines: HashMap<Uuid, Vec<LineRow>>,
-    products: HashMap<i64, ProductRow>,
-    /// Balances of the batch's payers; a payer without a row has nothing to spend.
-    balances: HashMap<i64, i64>,
-    /// Coupons held, by `(user, coupon)`.
-    held: HashMap<(i64, i64), HeldCoupon>,
-    /// `(coupon, product)`: the products of the batch a restricted coupon applies to.
-    applicable: HashSet<(i64, i64)>,
-    /// `RESERVED` orders by user, as the batch has changed them so far.
-    reserved_orders: HashMap<i64, i64>,
-    /// The most a user may hold.
-    max_reserved_orders: i64,
-    /// Units held in `RESERVED` and `PAID` orders by `(user, product)`, as the batch has
-    /// changed them so far; read for limited products only (no entry: none held).
-    units_held: HashMap<(i64, i64), i64>,
-    /// Every change, keyed so that each row is written once, with its final state.
-    changed_orders: BTreeMap<Uuid, OrderChange>,
-    snapshots: BTreeMap<(Uuid, i64), (String, i64)>,
-    /// Per product: units reserved, units sold.
-    stock: BTreeMap<i64, (i64, i64)>,
-    debited: BTreeMap<i64, i64>,
-    ledger: Vec<(i64, i64, i64, Uuid)>,
-    used: Vec<(Uuid, Uuid)>,
-    payments: Vec<PaymentRow>,
-    events: Vec<OrderPaidEvent>,
-}
-
-struct PaymentRow {
-    id: Uuid,
-    order_id: Uuid,
-    user_id: i64,
-    request_id: Uuid,
-    amount: i64,
-    discount: i64,
-    user_coupon_id: Option<Uuid>,
-}
-
-impl Book {
-    /// Reads the result sets of [`OrderCommands::lock_state`], in its order.
-    fn read(mut state: LockedState, max_reserved_orders: i64) -> Result<Self, SettleError> {
-        let orders = state.rows::<OrderRow>()?.into_iter().map(|o| (o.id, o)).collect();
-        // The users' lock: its rows say nothing the orders do not.
-        state.rows::<(i64,)>()?;
-        let reserved_orders = state.rows::<(i64, i64)>()?.into_iter().collect();
-        let products = state
-            .rows::<ProductRow>()?
-            .into_iter()
-            .map(|p| (p.id, p))
-            .collect();
-        let units_held = state
-            .rows::<(i64, i64, i64)>()?
-            .into_iter()
-            .map(|(user, product, held)| ((user, product), held))
-            .collect();
-        let mut lines: HashMap<Uuid, Vec<LineRow>> = HashMap::new();
-        for line in state.rows::<LineRow>()? {
-            lines.entry(line.order_id).or_default().push(line);
+impl From<HeldCouponRow> for HeldCoupon {
+    fn from(row: HeldCouponRow) -> Self {
+        HeldCoupon {
+            id: row.id,
+            user_id: row.user_id,
+            coupon_id: row.coupon_id,
+            used: row.used,
+            discount: Discount::parse(&row.discount_type, row.discount_value),
+            expired: row.expired,
+            all_products: row.all_products,
         }
-        let balances = state.rows::<(i64, i64)>()?.into_iter().collect();
-        let held = state
-            .rows::<HeldCoupon>()?
-            .into_iter()
-            .map(|h| ((h.user_id, h.coupon_id), h))
-            .collect();
-        let applicable = state.rows::<(i64, i64)>()?.into_iter().collect();
-        Ok(Self {
-            orders,
-            lines,
-            products,
-            balances,
-            held,
-            applicable,
-            reserved_orders,
-            max_reserved_orders,
-            units_held,
-            changed_orders: BTreeMap::new(),
-            snapshots: BTreeMap::new(),
-            stock: BTreeMap::new(),
-            debited: BTreeMap::new(),
-            ledger: Vec::new(),
-            used: Vec::new(),
-            payments: Vec::new(),
-            events: Vec::new(),
-        })
-    }
-
-    /// Reserves every line of a `PENDING` order or none, snapshotting names and prices.
-    /// Refused when it would take its user past a product's per-customer limit or past the
-    /// unpaid-order cap (in that order, before stock: they are the user's limits, whatever
-    /// is left), or when a product is short.
-    fn reserve_stock(&mut self, create: &OrderCreate, reserved_until: DateTime<Utc>) -> Decision {
-        let Some(order) = self.orders.get(&create.order_id) else {
-            return refuse(ErrorCode::OrderNotFound, "the order does not exist");
-        };
-        if order.status.after(OrderEvent::Reserve).is_none() {
-            return refuse(
-                ErrorCode::OrderConcurrencyConflict,
-                "the order was cancelled before its stock could be reserved",
-            );
-        }
-        let user = order.user_id;
-        let lines = self.lines.get(&create.order_id).cloned().unwrap_or_default();
-        let past_limits = refuse_past_limit(lines.iter().filter_map(|line| {
-            let product = self.products.get(&line.product_id)?;
-            Some(LimitedLine {
-                product_id: line.product_id,
-                quantity: line.quantity,
-                max_per_customer: product.max_per_customer,
-                held: self
-                    .units_held
-                    .get(&(user, line.product_id))
-                    .copied()
-                    .unwrap_or(0),
-            })
-        }))
-        .or_else(|| {
-            let reserved = self.reserved_orders.get(&user).copied().unwrap_or(0);
-            refuse_past_unpaid_cap(reserved, self.max_reserved_orders)
-        });
-        let mut short = None;
-        let mut priced = Vec::with_capacity(lines.len());
-        for line in &lines {
-            let Some(product) = self.products.get(&line.product_id) else {
-                continue;
-            };
-            if product.available < line.quantity && short.is_none() {
-                short = Some((product.id, product.available));
-            }
-            priced.push((line, product.name.clone(), product.price));
-        }
-        let total = order_total(priced.iter().map(|(line, _, price)| (*price, line.quantity)));
-        let refusal = past_limits
-            .map(Decision::Failed)
-            .or_else(|| match (short, total) {
-                (Some((product, available)), _) => Some(refuse(
-                    ErrorCode::OrderOutOfStock,
-                    format!("product {product} has {} left", available.max(0)),
-                )),
-                (None, None) => Some(refuse(
-                    ErrorCode::OrderInvalidItems,
-                    "the order total is too large",
-                )),
-                (None, Some(_)) if priced.is_empty() => {
-                    Some(refuse(ErrorCode::OrderInvalidItems, "the order has no lines"))
-                }
-                (None, Some(_)) => None,
-            });
-        if let Some(refusal) = refusal {
-            self.move_order(create.order_id, OrderEvent::Reject);
-            self.changed_orders.entry(create.order_id).or_default().closed = true;
-            metrics::counter!("orders_rejected_total").increment(1);
-            return refusal;
-        }
-        let total = total.unwrap_or_default();
-        *self.reserved_orders.entry(user).or_default() += 1;
-        for (line, name, price) in priced {
-            if let Some(product) = self.products.get_mut(&line.product_id) {
-                product.available -= line.quantity;
-            }
-            *self.units_held.entry((user, line.product_id)).or_default() += line.quantity;
-            self.stock.entry(line.product_id).or_default().0 += line.quantity;
-            // The api stored the line with the name and price it quoted; only a product
-            // renamed or repriced since needs its line written again (most orders: none, a
-            // row update less per line).
-            if line.name != name || line.unit_price != price {
-                self.snapshots
-                    .insert((create.order_id, line.product_id), (name.clone(), price));
-            }
-            if let Some(stored) = self
-                .lines
-                .get_mut(&create.order_id)
-                .and_then(|lines| lines.iter_mut().find(|l| l.product_id == line.product_id))
-            {
-                stored.name = name;
-                stored.unit_price = price;
-            }
-        }
-        let status = self.move_order(create.order_id, OrderEvent::Reserve);
-        if let Some(order) = self.orders.get_mut(&create.order_id) {
-            order.total_amount = total;
-        }
-        self.changed_orders.entry(create.order_id).or_default().reserved = Some((total, reserved_until));
-        metrics::counter!("orders_reserved_total").increment(1);
-        Decision::Succeeded(RequestResult::OrderReserved(OrderReserved {
-            order_id: create.order_id,
-            status: status.unwrap_or(OrderStatus::Reserved),
-            total_amount: total,
-            reserved_until,
-        }))
-    }
-
-    /// Pays a `RESERVED` order: balance debited with its ledger entry, reserved units sold,
-    /// the coupon used, the payment written, the order `PAID`, and an `order.paid` event in
-    /// the outbox. Any refusal leaves everything as it was (a failed payment keeps the
-    /// order `RESERVED`, so the user can charge and pay again).
-    fn settle_payment(&mut self, pay: &OrderPay, request_id: Uuid, now: DateTime<Utc>) -> Decision {
-        let lines = self.lines.get(&pay.order_id).cloned().unwrap_or_default();
-        let Some(order) = self.orders.get(&pay.order_id).filter(|_| !lines.is_empty()) else {
-            return refuse(ErrorCode::PaymentOrderNotFound, "no order with this orderId");
-        };
-        if order.user_id != pay.user_id {
-            return refuse(ErrorCode::OrderUnauthorized, "this order belongs to another user");
-        }
-        if order.status.after(OrderEvent::Pay).is_none() {
-            return refuse(
-                ErrorCode::PaymentInvalidOrderStatus,
-                format!("an order that is {} cannot be paid", order.status.as_str()),
-            );
-        }
-        let total = order.total_amount;
-        let (discount, user_coupon) = match pay.coupon_id {
-            None => (0, None),
-            Some(coupon_id) => match self.coupon_discount(pay.user_id, coupon_id, total, &lines) {
-                Ok(applied) => applied,
-                Err(refusal) => return refusal,
-            },
-        };
-        let amount = total - discount;
-        let balance = self.balances.get(&pay.user_id).copied();
-        let balance_after = match balance {
-            _ if amount == 0 => None,
-            Some(balance) if balance >= amount && amount > 0 => Some(balance - amount),
-            _ => {
-                metrics::counter!("payments_total", "outcome" => "insufficient_balance").increment(1);
-                return refuse(
-                    ErrorCode::PaymentInsufficientBalance,
-                    format!("the balance does not cover {amount} won"),
-                );
-            }
-        };
-        if let Some(after) = balance_after {
-            self.balances.insert(pay.user_id, after);
-            self.debited.insert(pay.user_id, after);
-            self.ledger.push((pay.user_id, amount, after, pay.order_id));
-        }
-        for line in &lines {
-            self.stock.entry(line.product_id).or_default().1 += line.quantity;
-        }
-        let coupon_used = pay.coupon_id.filter(|_| user_coupon.is_some());
-        if let Some((user_coupon, coupon_id)) = user_coupon.zip(pay.coupon_id) {
-            self.used.push((user_coupon, pay.order_id));
-            if let Some(held) = self.held.get_mut(&(pay.user_id, coupon_id)) {
-                held.used = true;
-            }
-        }
-        let payment_id = Uuid::now_v7();
-        self.payments.push(PaymentRow {
-            id: payment_id,
-            order_id: pay.order_id,
-            user_id: pay.user_id,
-            request_id,
-            amount,
-            discount,
-            user_coupon_id: user_coupon,
-        });
-        self.move_order(pay.order_id, OrderEvent::Pay);
-        // Paid, it is no longer unpaid; its units stay held (`PAID` counts as `RESERVED` did).
-        if let Some(reserved) = self.reserved_orders.get_mut(&pay.user_id) {
-            *reserved -= 1;
-        }
-        self.changed_orders.entry(pay.order_id).or_default().paid = Some(PaidFields {
-            at: now,
-            discount,
-            amount,
-            coupon_id: coupon_used,
-        });
-        self.events.push(OrderPaidEvent {
-            event_id: Uuid::now_v7(),
-            kind: OrderPaidType::OrderPaid,
-            occurred_at: now,
-            order_id: pay.order_id,
-            user_id: pay.user_id,
-            items: lines
-                .iter()
-                .map(|l| PaidItem {
-                    product_id: l.product_id,
-                    name: l.name.clone(),
-                    unit_price: l.unit_price,
-                    quantity: l.quantity,
-                })
-                .collect(),
-            total_amount: total,
-            discount_amount: discount,
-            paid_amount: amount,
-            coupon_id: coupon_used,
-        });
-        metrics::counter!("payments_total", "outcome" => "paid").increment(1);
-        Decision::Succeeded(RequestResult::OrderPaid(OrderPaid {
-            order_id: pay.order_id,
-            payment_id,
-            paid_amount: amount,
-            discount_amount: discount,
-        }))
-    }
-
-    /// The discount of a coupon on this order and the held coupon to mark used, or the
-    /// refusal.
-    fn coupon_discount(
-        &self,
-        user_id: i64,
-        coupon_id: i64,
-        total: i64,
-        lines: &[LineRow],
-    ) -> Result<(i64, Option<Uuid>), Decision> {
-        let invalid = |message: &str| Err(refuse(ErrorCode::PaymentInvalidCoupon, message));
-        let Some(held) = self.held.get(&(user_id, coupon_id)) else {
-            return invalid("the user does not hold this coupon");
-        };
-        if held.used {
-            return invalid("this coupon has already been used");
-        }
-        if held.expired {
-            return invalid("this coupon has expired");
-        }
-        let base = if held.all_products {
-            total
-        } else {
-            // The coupon discounts the lines it applies to.
-            lines
-                .iter()
-                .filter(|l| self.applicable.contains(&(coupon_id, l.product_id)))
-                .map(|l| l.unit_price * l.quantity)
-                .sum()
-        };
-        if base == 0 {
-            return invalid("this coupon applies to no product of this order");
-        }
-        let Some(discount) = Discount::parse(&held.discount_type, held.discount_value) else {
-            return invalid("this coupon's discount is not valid");
-        };
-        Ok((discount.on(base), Some(held.id)))
-    }
-
-    /// Moves a locked order by `event` (the caller checked that it may happen); its new
-    /// status.
-    fn move_order(&mut self, order_id: Uuid, event: OrderEvent) -> Option<OrderStatus> {
-        let order = self.orders.get_mut(&order_id)?;
-        let next = order.status.after(event)?;
-        order.status = next;
-        self.changed_orders.entry(order_id).or_default();
-        Some(next)
-    }
-
-    fn into_writes(self) -> Writes {
-        let mut writes = Writes::default();
-        for (id, change) in self.changed_orders {
-            let Some(order) = self.orders.get(&id) else {
-                continue;
-            };
-            writes.order_ids.push(id);
-            writes.order_statuses.push(order.status);
-            writes.order_totals.push(change.reserved.map(|(total, _)| total));
-            writes
-                .reserved_until
-                .push(change.reserved.map(|(_, until)| until));
-            writes.closed.push(change.closed);
-            writes.paid_at.push(change.paid.as_ref().map(|p| p.at));
-            writes.discounts.push(change.paid.as_ref().map(|p| p.discount));
-            writes.paid_amounts.push(change.paid.as_ref().map(|p| p.amount));
-            writes
-                .coupon_ids
-                .push(change.paid.as_ref().and_then(|p| p.coupon_id));
-        }
-        for ((order_id, product_id), (name, price)) in self.snapshots {
-            writes.snapshot_orders.push(order_id);
-            writes.snapshot_products.push(product_id);
-            writes.snapshot_names.push(name);
-            writes.snapshot_prices.push(price);
-        }
-        (writes.balance_users, writes.balance_amounts) = self.debited.into_iter().unzip();
-        for (user, amount, after, order) in self.ledger {
-            writes.ledger_users.push(user);
-            writes.ledger_amounts.push(amount);
-            writes.ledger_after.push(after);
-            writes.ledger_orders.push(order);
-        }
-        (writes.used_coupons, writes.used_orders) = self.used.into_iter().unzip();
-        for p in self.payments {
-            writes.payment_ids.push(p.id);
-            writes.payment_orders.push(p.order_id);
-            writes.payment_users.push(p.user_id);
-            writes.payment_requests.push(p.request_id);
-            writes.payment_amounts.push(p.amount);
-            writes.payment_discounts.push(p.discount);
-            writes.payment_coupons.push(p.user_coupon_id);
-        }
-        (writes.event_ids, writes.events) = self
-            .events
-            .into_iter()
-            .map(|event| (event.event_id, sqlx::types::Json(event)))
-            .unzip();
-        writes
     }
 }
 
@@ -850,14 +514,14 @@ impl Book {
 /// overwritten. `product_reserved_within_stock` and `product_stock_not_negative` fail the
 /// commit when the change no longer fits (then the batch is settled again with the products
 /// locked). Only integers are spliced: no input reaches the text.
-fn stock_changes(stock: &BTreeMap<i64, (i64, i64)>) -> Vec<String> {
+fn stock_changes(stock: &BTreeMap<i64, StockChange>) -> Vec<String> {
     if stock.is_empty() {
         return Vec::new();
     }
     let ids = stock.keys().map(i64::to_string).collect::<Vec<_>>().join(",");
     let changes = stock
         .iter()
-        .map(|(id, (reserve, sell))| format!("({id},{reserve},{sell})"))
+        .map(|(id, change)| format!("({id},{},{})", change.reserved, change.sold))
         .collect::<Vec<_>>()
         .join(",");
     // dynamic: sent with `COMMIT` in one simple-protocol message, which takes no parameters.
@@ -907,6 +571,54 @@ struct Writes {
     event_ids: Vec<Uuid>,
     /// `order.paid` events, each written to the outbox as the one JSON value it serializes to.
     events: Vec<sqlx::types::Json<OrderPaidEvent>>,
+}
+
+impl From<Changes> for Writes {
+    fn from(changes: Changes) -> Self {
+        let mut writes = Writes::default();
+        for change in changes.orders {
+            writes.order_ids.push(change.order_id);
+            writes.order_statuses.push(change.status);
+            writes.order_totals.push(change.reserved.map(|(total, _)| total));
+            writes
+                .reserved_until
+                .push(change.reserved.map(|(_, until)| until));
+            writes.closed.push(change.closed);
+            writes.paid_at.push(change.paid.map(|p| p.at));
+            writes.discounts.push(change.paid.map(|p| p.discount));
+            writes.paid_amounts.push(change.paid.map(|p| p.amount));
+            writes.coupon_ids.push(change.paid.and_then(|p| p.coupon_id));
+        }
+        for snapshot in changes.snapshots {
+            writes.snapshot_orders.push(snapshot.order_id);
+            writes.snapshot_products.push(snapshot.product_id);
+            writes.snapshot_names.push(snapshot.name);
+            writes.snapshot_prices.push(snapshot.unit_price);
+        }
+        (writes.balance_users, writes.balance_amounts) = changes.balances.into_iter().unzip();
+        for entry in changes.ledger {
+            writes.ledger_users.push(entry.user_id);
+            writes.ledger_amounts.push(entry.amount);
+            writes.ledger_after.push(entry.balance_after);
+            writes.ledger_orders.push(entry.order_id);
+        }
+        (writes.used_coupons, writes.used_orders) = changes.used_coupons.into_iter().unzip();
+        for p in changes.payments {
+            writes.payment_ids.push(p.id);
+            writes.payment_orders.push(p.order_id);
+            writes.payment_users.push(p.user_id);
+            writes.payment_requests.push(p.request_id);
+            writes.payment_amounts.push(p.amount);
+            writes.payment_discounts.push(p.discount);
+            writes.payment_coupons.push(p.user_coupon_id);
+        }
+        (writes.event_ids, writes.events) = changes
+            .events
+            .into_iter()
+            .map(|event| (event.event_id, sqlx::types::Json(event)))
+            .unzip();
+        writes
+    }
 }
 
 impl Writes {

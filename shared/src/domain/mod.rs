@@ -4,6 +4,7 @@
 //! - [`ids`]: ids, names and the bounds of numbers in requests.
 //! - [`money`]: order totals and coupon discounts.
 //! - [`order`]: the life of an order: which status follows which event.
+//! - [`order_book`]: reserving and paying orders over the rows a settlement locked.
 //! - [`limits`]: what one customer may hold at once: unpaid orders, units of a product.
 //! - [`coupon`]: who gets a coupon from a batch of issue requests, and why one is refused.
 //! - [`partition`]: which partition a key goes to, which replica owns a partition.
@@ -22,5 +23,6 @@ pub mod ids;
 pub mod limits;
 pub mod money;
 pub mod order;
+pub mod order_book;
 pub mod partition;
 pub mod popular;
