@@ -88,7 +88,9 @@ impl Position {
             return None;
         }
         let (xid, id) = raw.split_at(16);
-        let xid = u64::from_str_radix(xid, 16).ok().and_then(|x| i64::try_from(x).ok())?;
+        let xid = u64::from_str_radix(xid, 16)
+            .ok()
+            .and_then(|x| i64::try_from(x).ok())?;
         let id = u128::from_str_radix(id, 16).ok()?;
         Some(Self {
             xid,

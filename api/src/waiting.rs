@@ -194,9 +194,14 @@ impl Waiters {
     }
 
     /// Wakes the streams of the users with requests settled since the previous sweep (one
-    /// statement): the ones whose notice was lost are among them.
+    /// statement, none while no stream is open): the ones whose notice was lost are among
+    /// them. The first sweep after none was open wakes every stream, as it knows no "since".
     async fn sweep_streams(&self) -> sqlx::Result<()> {
         let streaming = self.streaming();
+        if streaming.is_empty() {
+            *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            return Ok(());
+        }
         let since = *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner);
         let swept = sqlx::query!(
             r#"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "horizon!",
@@ -208,7 +213,10 @@ impl Waiters {
         .fetch_one(&self.db)
         .await?;
         *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner) = Some(swept.horizon);
-        self.wake_streams_of(swept.users);
+        match since {
+            Some(_) => self.wake_streams_of(swept.users),
+            None => self.wake_streams_of(streaming),
+        }
         Ok(())
     }
 
@@ -312,7 +320,11 @@ impl StreamRegistration {
 
 impl Drop for StreamRegistration {
     fn drop(&mut self) {
-        let mut streams = self.waiters.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut streams = self
+            .waiters
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(places) = streams.get_mut(&self.user) {
             places.retain(|woken| !Arc::ptr_eq(woken, &self.woken));
             if places.is_empty() {

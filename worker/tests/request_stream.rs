@@ -42,7 +42,12 @@ struct EventStream {
 
 impl EventStream {
     /// Opens `user`'s stream with `token`, or returns the refusal.
-    async fn open(app: &TestApp, user: i64, token: &str, last_event_id: Option<&str>) -> Result<Self, Answer> {
+    async fn open(
+        app: &TestApp,
+        user: i64,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Self, Answer> {
         let mut request = app
             .client
             .get(app.url(&format!("/users/{user}/requests/stream")))
@@ -193,7 +198,12 @@ async fn settled_commands_arrive_as_events_and_a_reconnection_gets_exactly_the_m
     let mut again = EventStream::of(&system.app, user, Some(&from_middle)).await;
     let mut rest = Vec::new();
     for _ in 0..3 {
-        rest.push(again.next_event().await.request()["requestId"].as_str().unwrap().to_owned());
+        rest.push(
+            again.next_event().await.request()["requestId"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     assert_eq!(rest, vec![missed[1].clone(), missed[2].clone(), live.clone()]);
 }
@@ -205,7 +215,10 @@ async fn another_users_stream_and_malformed_positions_are_refused() {
     let (ann, bob) = (users[0], users[1]);
     let ann_token = system.app.token_of(ann).unwrap();
 
-    let refused = EventStream::open(&system.app, bob, &ann_token, None).await.err().unwrap();
+    let refused = EventStream::open(&system.app, bob, &ann_token, None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
     assert_eq!(refused.code(), "ERR_FORBIDDEN");
 
@@ -216,8 +229,16 @@ async fn another_users_stream_and_malformed_positions_are_refused() {
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     assert_eq!(anonymous.code(), "ERR_UNAUTHORIZED");
 
-    for bad in ["42", "not-a-position", "0193a3c8-1b2c-7d4e-8f00-123456789abc", &"g".repeat(48)] {
-        let refused = EventStream::open(&system.app, ann, &ann_token, Some(bad)).await.err().unwrap();
+    for bad in [
+        "42",
+        "not-a-position",
+        "0193a3c8-1b2c-7d4e-8f00-123456789abc",
+        &"g".repeat(48),
+    ] {
+        let refused = EventStream::open(&system.app, ann, &ann_token, Some(bad))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{bad}: {refused:?}");
         assert_eq!(refused.code(), "ERR_INVALID_REQUEST");
     }
@@ -294,7 +315,10 @@ async fn a_stream_ends_when_its_token_is_revoked() {
     let system = System::start(0).await;
     let user = system.app.create_users(1).await[0];
     // A second token (a second device), streaming; the first revokes it.
-    let minted = system.app.post(&format!("/users/{user}/tokens"), serde_json::json!({})).await;
+    let minted = system
+        .app
+        .post(&format!("/users/{user}/tokens"), serde_json::json!({}))
+        .await;
     assert_eq!(minted.status, StatusCode::CREATED, "{minted:?}");
     let device = minted.body["token"].as_str().unwrap().to_owned();
     let mut stream = EventStream::open(&system.app, user, &device, None).await.unwrap();
@@ -317,7 +341,10 @@ async fn a_stream_ends_when_its_token_is_revoked() {
             Some(block) => assert!(block.data.is_none(), "{block:?}"),
         }
     }
-    let refused = EventStream::open(&system.app, user, &device, None).await.err().unwrap();
+    let refused = EventStream::open(&system.app, user, &device, None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -357,11 +384,13 @@ async fn a_request_settled_without_a_notice_is_sent_by_the_sweep() {
     let request = accepted(&system.issue(coupon, user).await);
     let mut stream = EventStream::of(&system.app, user, None).await;
     stream.next_block(PATIENCE).await.unwrap();
-    sqlx::query("UPDATE requests SET status = 'SUCCEEDED', result = '{}', completed_at = now() WHERE id = $1::uuid")
-        .bind(&request)
-        .execute(&system.app.db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE requests SET status = 'SUCCEEDED', result = '{}', completed_at = now() WHERE id = $1::uuid",
+    )
+    .bind(&request)
+    .execute(&system.app.db)
+    .await
+    .unwrap();
     assert_eq!(stream.next_event().await.request()["requestId"], request.as_str());
 }
 
@@ -379,10 +408,19 @@ async fn a_request_whose_settlement_commits_late_is_not_passed_over() {
     let mut stream = EventStream::of(&system.app, user, None).await;
     stream.next_block(PATIENCE).await.unwrap();
 
-    let settle = "UPDATE requests SET status = 'SUCCEEDED', result = '{}', completed_at = now() WHERE id = $1::uuid";
+    let settle =
+        "UPDATE requests SET status = 'SUCCEEDED', result = '{}', completed_at = now() WHERE id = $1::uuid";
     let mut slow = system.app.db.begin().await.unwrap();
-    sqlx::query(settle).bind(&early).execute(&mut *slow).await.unwrap();
-    sqlx::query(settle).bind(&late).execute(&system.app.db).await.unwrap();
+    sqlx::query(settle)
+        .bind(&early)
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    sqlx::query(settle)
+        .bind(&late)
+        .execute(&system.app.db)
+        .await
+        .unwrap();
     shared::store::settlements::announce(&system.app.db, &[late.parse().unwrap()]).await;
     stream.assert_quiet(Duration::from_secs(2)).await;
 
