@@ -270,6 +270,32 @@ impl Authenticator {
                 return Err(ApiError::RateLimited(wait));
             }
         }
+        let user = self.look_up_and_remember(hash).await?;
+        match user {
+            Some(user) => {
+                self.note_use(hash);
+                Ok(Caller { user, token: hash })
+            }
+            None => Err(self.refuse(client)),
+        }
+    }
+
+    /// Whether the token `hash`, valid when a request was sent with it, still is: what a
+    /// long answer (a request stream) asks now and then, so that it ends once its token is
+    /// revoked or expires. Believed from the cache like any request's token (so a
+    /// revocation on another replica is seen within `TOKEN_CACHE_TTL_MS`, on this one at
+    /// once); else looked up, with the other lookups of the moment.
+    pub async fn still_valid(&self, hash: TokenHash) -> Result<bool> {
+        if let Some(Verified { user, at }) = self.verified.get(&hash) {
+            if at.elapsed() < self.fresh_for {
+                return Ok(user.is_some());
+            }
+        }
+        Ok(self.look_up_and_remember(hash).await?.is_some())
+    }
+
+    /// Looks `hash` up and keeps the answer in the cache: its user, if it is valid.
+    async fn look_up_and_remember(&self, hash: TokenHash) -> Result<Option<UserId>> {
         let (user, read_at) = self.look_up(hash).await?;
         // Believed from when it was read, not from when the answer came back (a slow
         // statement must not stretch the time a revoked token is accepted), and never over
@@ -279,13 +305,7 @@ impl Authenticator {
             Some(entry) if entry.value().at >= read_at => moka::ops::compute::Op::Nop,
             _ => moka::ops::compute::Op::Put(read),
         });
-        match user {
-            Some(user) => {
-                self.note_use(hash);
-                Ok(Caller { user, token: hash })
-            }
-            None => Err(self.refuse(client)),
-        }
+        Ok(user)
     }
 
     /// The user of the valid token `hash`, from PostgreSQL (with other lookups of the

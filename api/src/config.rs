@@ -63,6 +63,10 @@ pub struct ApiConfig {
     pub max_waits_per_user: usize,
     /// `MAX_WAIT_SECS`: the longest a client may wait (`Prefer: wait`, `?wait=`), 1 to 30.
     pub max_wait: Duration,
+    /// `REQUEST_STREAM_KEEPALIVE_MS`: how long a request stream stays silent before it sends
+    /// a comment line, at most 15 s (the contract's bound), so that proxies and clients
+    /// see it alive.
+    pub request_stream_keepalive: Duration,
     /// `TOKEN_CACHE_TTL_MS`: how long a verified (or refused) token is believed without
     /// asking PostgreSQL; a revoked token is refused by every replica after at most this.
     pub token_cache_ttl: Duration,
@@ -177,6 +181,9 @@ impl ApiConfig {
                 trusted_client_ip_header: optional_header("TRUSTED_CLIENT_IP_HEADER")?,
                 trusted_proxies: networks("TRUSTED_PROXIES")?,
             },
+            request_stream_keepalive: Duration::from_millis(
+                var::<u64>("REQUEST_STREAM_KEEPALIVE_MS", 15_000)?.clamp(100, 15_000),
+            ),
             token_cache_ttl: Duration::from_millis(var("TOKEN_CACHE_TTL_MS", 3_000)?),
             tokens: TokenPolicy {
                 // At most a century: a date past chrono's range would fail every issue.

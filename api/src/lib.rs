@@ -32,6 +32,7 @@
 //! - [`batched`]: reads that concurrent requests share, many per statement.
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
+//! - [`request_stream`]: a user's requests as they settle, as server-sent events, resumable.
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 //! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
 
@@ -63,6 +64,7 @@ pub mod popular;
 pub mod products;
 pub mod relay;
 pub mod request_status;
+pub mod request_stream;
 pub mod requests;
 pub mod server;
 pub mod shedding;
@@ -326,6 +328,7 @@ pub fn router(state: AppState) -> Router {
         .merge(coupons::router())
         .merge(orders::router())
         .merge(requests::router())
+        .merge(request_stream::router())
         .merge(admin::router(state.clone()))
         .merge(health::router())
         .split_for_parts();

@@ -13,10 +13,17 @@
 //! a lost notice costs at most one poll interval, and the polling costs one statement per
 //! interval per api process, not one per waiter.
 //!
+//! A stream of a user's settled requests (`GET /users/{userId}/requests/stream`,
+//! [`crate::request_stream`]) is woken by the same notices: when streams are open, the
+//! listener reads, in one statement per read of notices, which streaming users the notice's
+//! requests belong to, and wakes their streams, which read what settled from their position.
+//! Lost notices are covered as for waiters: every poll interval one statement names the
+//! streaming users with requests settled since the previous sweep, and wakes their streams.
+//!
 //! A user holds at most `MAX_WAITS_PER_USER` waits at once in this process, whatever kind
-//! (`Prefer: wait`, `?wait=`): a wait is a parked request with its connection, and one user
-//! must not park hundreds of them. One more is refused `429 ERR_RATE_LIMITED` before
-//! anything is read or stored; the waits already held are untouched.
+//! (`Prefer: wait`, `?wait=`, request streams): a wait is a parked request with its
+//! connection, and one user must not park hundreds of them. One more is refused `429
+//! ERR_RATE_LIMITED` before anything is read or stored; the waits already held are untouched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -45,6 +52,11 @@ pub struct Waiters {
     db: PgPool,
     /// Request id → a place for each of its waiters.
     waiting: Mutex<HashMap<Uuid, Vec<Arc<Place>>>>,
+    /// User → the wake-up of each of their open request streams.
+    streams: Mutex<HashMap<UserId, Vec<Arc<Notify>>>>,
+    /// The oldest transaction still running at the previous sweep (`pg_snapshot_xmin`):
+    /// every request settled since has a settling transaction at least this old.
+    swept_from: Mutex<Option<i64>>,
     /// Waits each user holds now (users without any are not kept).
     held: Mutex<HashMap<UserId, usize>>,
     /// `MAX_WAITS_PER_USER`: the most waits one user may hold at once (0: no bound).
@@ -73,6 +85,8 @@ impl Waiters {
         let waiters = Arc::new(Self {
             db,
             waiting: Mutex::default(),
+            streams: Mutex::default(),
+            swept_from: Mutex::default(),
             held: Mutex::default(),
             max_per_user,
             closing: CancellationToken::new(),
@@ -91,16 +105,7 @@ impl Waiters {
     /// [`Registration::settled`]. `429 ERR_RATE_LIMITED` when `user` already holds
     /// `MAX_WAITS_PER_USER` waits.
     pub fn register(&self, request: Uuid, user: UserId) -> Result<Registration<'_>, ApiError> {
-        {
-            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-            let count = held.entry(user).or_default();
-            if self.max_per_user > 0 && *count >= self.max_per_user {
-                metrics::counter!("api_waits_refused_total").increment(1);
-                return Err(ApiError::RateLimited(RETRY_WAIT_AFTER));
-            }
-            *count += 1;
-        }
-        metrics::gauge!("api_waits_open").increment(1);
+        self.hold(user)?;
         let place = Arc::new(Place::default());
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         waiting.entry(request).or_default().push(Arc::clone(&place));
@@ -110,6 +115,109 @@ impl Waiters {
             user,
             place,
         })
+    }
+
+    /// Opens a stream of `user`'s settled requests: woken when one of theirs may have
+    /// settled, until it is dropped. It counts as one of the user's waits: `429
+    /// ERR_RATE_LIMITED` when they already hold `MAX_WAITS_PER_USER`.
+    pub fn open_stream(self: &Arc<Self>, user: UserId) -> Result<StreamRegistration, ApiError> {
+        self.hold(user)?;
+        let woken = Arc::new(Notify::new());
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.entry(user).or_default().push(Arc::clone(&woken));
+        metrics::gauge!("api_request_streams_open").increment(1);
+        Ok(StreamRegistration {
+            waiters: Arc::clone(self),
+            user,
+            woken,
+        })
+    }
+
+    /// Counts one more wait of `user`, or refuses it past the bound.
+    fn hold(&self, user: UserId) -> Result<(), ApiError> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = held.entry(user).or_default();
+        if self.max_per_user > 0 && *count >= self.max_per_user {
+            metrics::counter!("api_waits_refused_total").increment(1);
+            return Err(ApiError::RateLimited(RETRY_WAIT_AFTER));
+        }
+        *count += 1;
+        metrics::gauge!("api_waits_open").increment(1);
+        Ok(())
+    }
+
+    /// Gives a wait of `user` back to their allowance.
+    fn release(&self, user: UserId) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&user);
+            }
+        }
+        metrics::gauge!("api_waits_open").decrement(1);
+    }
+
+    /// The users with a stream open now.
+    fn streaming(&self) -> Vec<i64> {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.keys().map(|user| user.get()).collect()
+    }
+
+    /// Wakes every stream of `users`.
+    fn wake_streams_of(&self, users: impl IntoIterator<Item = i64>) {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        for user in users.into_iter().filter_map(UserId::new) {
+            for woken in streams.get(&user).into_iter().flatten() {
+                // A permit: kept if the stream is reading this instant, so it reads again.
+                woken.notify_one();
+            }
+        }
+    }
+
+    /// Wakes the streams of the users whose requests are among `settled` (one statement,
+    /// none when no stream is open).
+    async fn wake_streams(&self, settled: &[Uuid]) -> sqlx::Result<()> {
+        let streaming = self.streaming();
+        if streaming.is_empty() || settled.is_empty() {
+            return Ok(());
+        }
+        let users = sqlx::query_scalar!(
+            r#"SELECT DISTINCT user_id AS "user_id!" FROM requests WHERE id = ANY($1) AND user_id = ANY($2)"#,
+            settled,
+            &streaming,
+        )
+        .fetch_all(&self.db)
+        .await?;
+        self.wake_streams_of(users);
+        Ok(())
+    }
+
+    /// Wakes the streams of the users with requests settled since the previous sweep (one
+    /// statement, none while no stream is open): the ones whose notice was lost are among
+    /// them. The first sweep after none was open wakes every stream, as it knows no "since".
+    async fn sweep_streams(&self) -> sqlx::Result<()> {
+        let streaming = self.streaming();
+        if streaming.is_empty() {
+            *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            return Ok(());
+        }
+        let since = *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner);
+        let swept = sqlx::query!(
+            r#"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "horizon!",
+                      ARRAY(SELECT DISTINCT user_id FROM requests
+                             WHERE user_id = ANY($1) AND settled_xid >= $2) AS "users!""#,
+            &streaming,
+            since.unwrap_or(i64::MAX),
+        )
+        .fetch_one(&self.db)
+        .await?;
+        *self.swept_from.lock().unwrap_or_else(PoisonError::into_inner) = Some(swept.horizon);
+        match since {
+            Some(_) => self.wake_streams_of(swept.users),
+            None => self.wake_streams_of(streaming),
+        }
+        Ok(())
     }
 
     /// Reads, in one statement, those of `candidates` that someone here waits for and that
@@ -183,14 +291,49 @@ impl Drop for Registration<'_> {
             }
         }
         drop(waiting);
-        let mut held = self.waiters.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = held.get_mut(&self.user) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                held.remove(&self.user);
+        self.waiters.release(self.user);
+    }
+}
+
+/// An open stream's place among the waiters: its wake-up, and one of its user's waits;
+/// both given back when it is dropped (the stream ended, or its client went away).
+pub struct StreamRegistration {
+    waiters: Arc<Waiters>,
+    user: UserId,
+    woken: Arc<Notify>,
+}
+
+impl StreamRegistration {
+    /// Returns once one of the user's requests may have settled since the last call (at
+    /// once if that happened meanwhile).
+    pub async fn woken(&self) {
+        self.woken.notified().await;
+        metrics::counter!("api_request_streams_woken_total").increment(1);
+    }
+
+    /// Returns once the api starts shutting down: the stream ends, and its client resumes
+    /// from its last event on another replica or after the restart.
+    pub async fn closing(&self) {
+        self.waiters.closing.cancelled().await;
+    }
+}
+
+impl Drop for StreamRegistration {
+    fn drop(&mut self) {
+        let mut streams = self
+            .waiters
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(places) = streams.get_mut(&self.user) {
+            places.retain(|woken| !Arc::ptr_eq(woken, &self.woken));
+            if places.is_empty() {
+                streams.remove(&self.user);
             }
         }
-        metrics::gauge!("api_waits_open").decrement(1);
+        drop(streams);
+        self.waiters.release(self.user);
+        metrics::gauge!("api_request_streams_open").decrement(1);
     }
 }
 
@@ -206,6 +349,8 @@ async fn listen(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationT
         let listened = async {
             let mut listener = PgListener::connect_with(&waiters.db).await?;
             listener.listen(shared::store::settlements::CHANNEL).await?;
+            // Notices sent while nobody here listened are lost: the streams read again.
+            waiters.wake_streams_of(waiters.streaming());
             loop {
                 let notice = listener.recv().await?;
                 let _ =
@@ -237,9 +382,12 @@ async fn deliver_notices(waiters: Arc<Waiters>, mut received: mpsc::UnboundedRec
     const MAX_NOTICES_PER_READ: usize = 64;
     let mut notices = Vec::with_capacity(MAX_NOTICES_PER_READ);
     while received.recv_many(&mut notices, MAX_NOTICES_PER_READ).await > 0 {
-        let settled = notices.drain(..).flatten();
-        if let Err(e) = waiters.deliver(settled).await {
+        let settled: Vec<Uuid> = notices.drain(..).flatten().collect();
+        if let Err(e) = waiters.deliver(settled.iter().copied()).await {
             tracing::debug!(error = %e, "cannot read settled requests; the sweep finds them");
+        }
+        if let Err(e) = waiters.wake_streams(&settled).await {
+            tracing::debug!(error = %e, "cannot read whose requests settled; the sweep finds them");
         }
     }
 }
@@ -257,6 +405,9 @@ async fn sweep(waiters: Arc<Waiters>, poll_every: Duration, stop: CancellationTo
         let waited = waiters.waited_on();
         if let Err(e) = waiters.deliver(waited.into_iter()).await {
             tracing::debug!(error = %e, "cannot sweep for settled requests");
+        }
+        if let Err(e) = waiters.sweep_streams().await {
+            tracing::debug!(error = %e, "cannot sweep for the streams' settled requests");
         }
     }
 }
@@ -313,6 +464,8 @@ mod tests {
         Waiters {
             db: PgPool::connect_lazy("postgres://localhost/unused").expect("a valid URL"),
             waiting: Mutex::default(),
+            streams: Mutex::default(),
+            swept_from: Mutex::default(),
             held: Mutex::default(),
             max_per_user,
             closing: CancellationToken::new(),
