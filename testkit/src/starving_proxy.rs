@@ -206,7 +206,11 @@ impl Frames {
             let size = u32::from_be_bytes([frame[3], frame[4], frame[5], frame[6]]) as usize;
             let end = at + FRAME_HEAD + size + 1;
             let Some(whole) = pending.get(at..end) else { break };
-            assert_eq!(whole[end - at - 1], FRAME_END, "the broker's frames are out of step");
+            assert_eq!(
+                whole[end - at - 1],
+                FRAME_END,
+                "the broker's frames are out of step"
+            );
             if self.keeps(kind, channel, &whole[FRAME_HEAD..FRAME_HEAD + size]) {
                 passed.extend_from_slice(whole);
             }
@@ -300,7 +304,9 @@ mod tests {
         assert_eq!(frames.pass(&delivery(1)), delivery(1));
 
         switch.generation.fetch_add(1, Ordering::SeqCst);
-        switch.starving.store(Starving::CurrentConsumers as u8, Ordering::SeqCst);
+        switch
+            .starving
+            .store(Starving::CurrentConsumers as u8, Ordering::SeqCst);
         let heartbeat = frame(8, 0, b"");
         let bytes = [delivery(1), heartbeat.clone(), method(1, (60, 80))].concat();
         // Split anywhere, as TCP may.

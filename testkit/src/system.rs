@@ -146,7 +146,11 @@ impl System {
                 .filter(|line| line.contains("worker ready"))
                 .find_map(|line| {
                     let (_, after) = line.split_once("metrics_addr=")?;
-                    after.split_whitespace().next()?.parse::<std::net::SocketAddr>().ok()
+                    after
+                        .split_whitespace()
+                        .next()?
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
                 });
             let found = addr.map(|_| ()).ok_or(format!("worker {index} is not ready"));
             async move { found }

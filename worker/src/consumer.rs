@@ -75,10 +75,7 @@ async fn consume(
     };
     let slots = ctx.settle_slots.of(lease.family);
     let outcome = loop {
-        let (batch, slot) = match gathering
-            .next_batch(&mut subscription, &slots, watch, stop)
-            .await
-        {
+        let (batch, slot) = match gathering.next_batch(&mut subscription, &slots, watch, stop).await {
             Ok(Taken::Batch(batch, slot)) => (batch, slot),
             Ok(Taken::Nothing) => break Ok(()),
             Ok(Taken::Starved(starved)) => {

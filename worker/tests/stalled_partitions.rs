@@ -88,7 +88,15 @@ async fn a_consumer_the_broker_feeds_nothing_is_subscribed_again_and_its_command
     let users = system.app.create_users(40).await;
 
     // Fed at first: each coupon's partition has its consumer.
-    issue_all(&system, &[(coupons[0], users[0]), (coupons[1], users[1]), (coupons[2], users[2])]).await;
+    issue_all(
+        &system,
+        &[
+            (coupons[0], users[0]),
+            (coupons[1], users[1]),
+            (coupons[2], users[2]),
+        ],
+    )
+    .await;
     system.wait_until_settled().await;
     let metrics = system.worker_metrics(0).await;
     assert_eq!(resubscribed(&metrics, "coupon"), 0.0);
@@ -168,7 +176,8 @@ async fn a_consumer_that_is_fed_is_never_subscribed_again() {
                 .enumerate()
                 .map(|(i, &user)| system.issue(coupons[i % 2], user)),
         );
-        let orders = join_all(wave[..20].iter().map(|&user| system.order(user, &[(product, 1)])));
+        let line = [(product, 1)];
+        let orders = join_all(wave[..20].iter().map(|&user| system.order(user, &line)));
         let (issued, ordered) = tokio::join!(coupon_issues, orders);
         for answer in issued.into_iter().chain(ordered) {
             assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
@@ -181,7 +190,11 @@ async fn a_consumer_that_is_fed_is_never_subscribed_again() {
     let metrics = system.worker_metrics(0).await;
     for family in ["coupon", "order"] {
         let series = format!(r#"worker_consumers_resubscribed_total{{family="{family}"}}"#);
-        assert_eq!(sample(&metrics, &series), Some(0.0), "{family} consumers subscribed again");
+        assert_eq!(
+            sample(&metrics, &series),
+            Some(0.0),
+            "{family} consumers subscribed again"
+        );
     }
     let gauges = stalled_gauges(&metrics);
     assert_eq!(gauges.len(), 2 * usize::from(system.app.topology.partitions));
