@@ -392,4 +392,9 @@ pub struct FaultsArgs {
     /// Keep each scenario's database and queues (for inspection).
     #[arg(long)]
     pub keep: bool,
+    /// Run the chosen scenarios this many times over, for a fault that fails now and then:
+    /// each repetition is a suite of its own (databases, queues, log directory and the
+    /// suite's time limit), its outcome printed as it ends, then "N of M passed".
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
 }

@@ -171,6 +171,16 @@ pub fn describe_metrics() {
         Unit::Count,
         "Partitions of a family this worker replica holds and consumes."
     );
+    describe_gauge!(
+        "worker_partition_stalled_seconds",
+        Unit::Seconds,
+        "How long a partition this worker consumes has held ready messages its consumer does not receive (0 when fed), by family and partition."
+    );
+    describe_counter!(
+        "worker_consumers_resubscribed_total",
+        Unit::Count,
+        "Partition consumers subscribed again on a new channel because ready messages did not reach them for STALLED_CONSUMER_AFTER_MS, by family."
+    );
     describe_counter!(
         "worker_requests_republished_total",
         Unit::Count,
@@ -349,6 +359,11 @@ mod tests {
             "worker_requests_failed_by_dead_letter_total",
             &[("family", "order")],
         ),
+        (
+            Kind::Counter,
+            "worker_consumers_resubscribed_total",
+            &[("family", "coupon")],
+        ),
         (Kind::Counter, "worker_requests_republished_total", &[]),
         (
             Kind::Counter,
@@ -365,6 +380,11 @@ mod tests {
         (Kind::Gauge, "outbox_backlog", &[]),
         (Kind::Gauge, "outbox_oldest_unpublished_seconds", &[]),
         (Kind::Gauge, "worker_partitions_owned", &[("family", "order")]),
+        (
+            Kind::Gauge,
+            "worker_partition_stalled_seconds",
+            &[("family", "order"), ("partition", "3")],
+        ),
         (Kind::Histogram, "api_command_publish_seconds", &[]),
         (Kind::Histogram, "api_command_publish_batch_size", &[]),
         (Kind::Gauge, "api_commands_unpublished", &[]),

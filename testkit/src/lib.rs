@@ -7,6 +7,7 @@
 //! - [`app`]: `spawn_app()` and typed helpers to drive the api.
 //! - [`system`]: the whole pipeline: the api and worker processes, to stop, kill and scale.
 //! - [`proxy`]: a TCP proxy to cut and restore.
+//! - [`starving_proxy`]: a proxy in front of RabbitMQ that drops deliveries to consumers.
 //! - [`database`]: a database per test, dropped when the test ends.
 //! - [`jobs`]: the batch's configuration and order history made with SQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
@@ -15,11 +16,13 @@ pub mod app;
 pub mod database;
 pub mod jobs;
 pub mod proxy;
+pub mod starving_proxy;
 pub mod system;
 
 pub use app::{read, spawn_app, spawn_app_with, Answer, TestApp, ADMIN_TOKEN};
 pub use proxy::{socket_of, Proxy};
-pub use system::{broker_connection, System, PATIENCE};
+pub use starving_proxy::StarvingProxy;
+pub use system::{broker_connection, sample, System, PATIENCE};
 
 /// The path of a binary of the workspace (`api`, `worker`), built next to the test
 /// executable that asks (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).

@@ -129,6 +129,42 @@ impl System {
         index
     }
 
+    /// What worker `index` has logged so far.
+    pub fn worker_log(&self, index: usize) -> String {
+        let name = format!("{}w{index}", self.app.topology.prefix);
+        std::fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `GET /metrics` of worker `index`, at the address its "worker ready" line gives (it
+    /// listens on a free port); waits for that line.
+    pub async fn worker_metrics(&self, index: usize) -> String {
+        let mut addr = None;
+        poll_until(|| {
+            addr = self
+                .worker_log(index)
+                .lines()
+                .filter(|line| line.contains("worker ready"))
+                .find_map(|line| {
+                    let (_, after) = line.split_once("metrics_addr=")?;
+                    after
+                        .split_whitespace()
+                        .next()?
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                });
+            let found = addr.map(|_| ()).ok_or(format!("worker {index} is not ready"));
+            async move { found }
+        })
+        .await;
+        let addr = addr.unwrap();
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn worker_pid(&self, index: usize) -> u32 {
         self.workers.lock().unwrap()[index]
             .as_ref()
@@ -431,6 +467,15 @@ impl System {
         assert_eq!(succeeded, rows, "succeeded requests differ from coupons held");
         issued
     }
+}
+
+/// The value of `series` (a name with its labels, as rendered: `name{a="x",b="y"}`) in a
+/// Prometheus text exposition; `None` when it is not there.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 /// A connection of the test's own to the broker.

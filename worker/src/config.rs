@@ -38,6 +38,11 @@ pub struct WorkerConfig {
     pub replica_ttl: Duration,
     /// `WORKER_LEASE_TTL_MS`: a lease not renewed for this long can be taken over.
     pub lease_ttl: Duration,
+    /// `STALLED_CONSUMER_AFTER_MS`: how long a partition's queue may hold ready messages
+    /// that never reach its waiting consumer before the consumer subscribes again on a new
+    /// channel (see `crate::stall_watch`). The queue is asked every half of it (between 0.25
+    /// and 5 s), and only while the consumer waits with nothing in hand.
+    pub stalled_consumer_after: Duration,
     /// `WORKER_SETTLE_ATTEMPTS`: tries of a command that fails for a reason other than an
     /// unreachable database, before it is dead-lettered.
     pub settle_attempts: u32,
@@ -95,6 +100,7 @@ impl WorkerConfig {
             heartbeat: Duration::from_millis(var("WORKER_HEARTBEAT_MS", 1_000)?),
             replica_ttl: Duration::from_millis(var("WORKER_REPLICA_TTL_MS", 5_000)?),
             lease_ttl: Duration::from_millis(var("WORKER_LEASE_TTL_MS", 6_000)?),
+            stalled_consumer_after: Duration::from_millis(var("STALLED_CONSUMER_AFTER_MS", 10_000)?.max(500)),
             settle_attempts: var("WORKER_SETTLE_ATTEMPTS", 3_u32)?.max(1),
             reservation_ttl: Duration::from_secs(var("RESERVATION_TTL_SECS", 600)?),
             max_reserved_orders_per_user: var("MAX_RESERVED_ORDERS_PER_USER", 10)?,

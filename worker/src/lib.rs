@@ -7,6 +7,7 @@
 //! - [`coordinator`]: which partitions this replica consumes, rebalanced every heartbeat.
 //! - [`leases`]: replica presence and partition leases in PostgreSQL.
 //! - [`consumer`]: the serial consumer of one partition queue.
+//! - [`stall_watch`]: notices a consumer the broker keeps registered and feeds nothing.
 //! - [`settle`]: one transaction per batch, fenced by the lease, acked after commit.
 //! - [`pipeline`]: what that settlement asks of each command family.
 //! - [`coupons`]: the coupon family: issues, applied to a batch.
@@ -31,6 +32,7 @@ pub mod outbox;
 pub mod parked_letters;
 pub mod pipeline;
 pub mod settle;
+pub mod stall_watch;
 pub mod sweeper;
 
 use std::sync::Arc;

@@ -15,8 +15,10 @@
 //!
 //! - [`system`]: the processes under test, started, stopped and killed.
 //! - [`recovery`]: when the system is whole again after a fault.
+//! - [`repeat`]: the suite run several times over (`--repeat`).
 
 pub mod recovery;
+pub mod repeat;
 pub mod system;
 
 use std::path::Path;
@@ -111,12 +113,24 @@ impl Outcome {
 }
 
 pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {
+    if args.repeat <= 1 {
+        return suite(args, None).await;
+    }
+    repeat::run(args.repeat, |repetition| suite(args, Some(repetition))).await
+}
+
+/// The chosen scenarios once; `repetition` names the run's databases, queues and logs apart
+/// from the other repetitions'.
+async fn suite(args: &FaultsArgs, repetition: Option<u32>) -> anyhow::Result<()> {
     let faults = if args.faults.is_empty() {
         Fault::value_variants().to_vec()
     } else {
         args.faults.clone()
     };
-    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let mut stamp = Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    if let Some(repetition) = repetition {
+        stamp.push_str(&format!("_r{repetition}"));
+    }
     let series = args.log_dir.join(&stamp);
     // The suite as a whole is bounded too: each scenario gets its own limit or what is left
     // of the suite's, whichever is less, and one that would start with too little left is
