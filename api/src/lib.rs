@@ -32,6 +32,8 @@
 //! - [`batched`]: reads that concurrent requests share, many per statement.
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
+//! - [`queue_position`]: where a pending request stands in its partition, and how long it
+//!   may wait; [`partitions`]: every partition at a glance, for operators (`/admin/partitions`).
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 //! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
 
@@ -60,7 +62,9 @@ pub mod orders;
 pub mod pagination;
 pub mod polling;
 pub mod popular;
+pub mod partitions;
 pub mod products;
+pub mod queue_position;
 pub mod relay;
 pub mod request_status;
 pub mod requests;
@@ -193,7 +197,16 @@ impl Application {
             &config.admin_token,
         ));
         let recording_uses = auth.record_uses(config.tokens.record_uses_every, sampler_stop.clone());
-        let (intake, _writing) = Intake::start(db.clone(), config.intake, Arc::clone(&relay));
+        let queue_positions = Arc::new(queue_position::QueuePositions::new(
+            db.clone(),
+            config.topology.partitions,
+        ));
+        let (intake, _writing) = Intake::start(
+            db.clone(),
+            config.intake,
+            Arc::clone(&relay),
+            Arc::clone(&queue_positions),
+        );
         let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
@@ -213,6 +226,7 @@ impl Application {
             order_checks,
             limits,
             waiters,
+            queue_positions,
             readiness,
             reads: Arc::new(shedding::ReadShedding::new(config_reads)),
             metrics: shared::telemetry::metrics_recorder()?,
