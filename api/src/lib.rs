@@ -207,7 +207,10 @@ impl Application {
             Arc::clone(&relay),
             Arc::clone(&queue_positions),
         );
-        let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
+        let key_answers = Arc::new(idempotency::KeyAnswers::start(
+            db.clone(),
+            Arc::clone(&queue_positions),
+        ));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let readiness = Arc::new(health::Readiness::new(db.clone(), Arc::clone(&broker)));

@@ -34,8 +34,8 @@ pub struct Accepted {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_id: Option<Uuid>,
     /// Commands accepted before this one in its partition and not yet settled (0: it is
-    /// next). Absent from the replay of a `202` for its `Idempotency-Key` (poll the status
-    /// URL for where it stands now).
+    /// next); in the replay of a `202` for its `Idempotency-Key`, where it stands now, and
+    /// absent once it is settled.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub queue_position: Option<u64>,
