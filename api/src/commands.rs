@@ -130,12 +130,10 @@ pub async fn submit(
         accepted
     };
     match registration {
-        Some((registration, within)) => {
-            match answer_when_settled(accepted, registration, within).await {
-                Ok(settled) => Ok(settled),
-                Err(pending) => Ok(accepted_response(placed(pending).await)),
-            }
-        }
+        Some((registration, within)) => match answer_when_settled(accepted, registration, within).await {
+            Ok(settled) => Ok(settled),
+            Err(pending) => Ok(accepted_response(placed(pending).await)),
+        },
         None => Ok(accepted_response(placed(accepted).await)),
     }
 }

@@ -309,7 +309,9 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
         .into_iter()
         .map(|row| {
             let same = row.same?;
-            let request = row.request_id.zip(row.kind.as_deref().and_then(RequestKind::parse));
+            let request = row
+                .request_id
+                .zip(row.kind.as_deref().and_then(RequestKind::parse));
             let queued = match (request, row.partition_key, row.pending) {
                 (Some((id, kind)), Some(partition_key), Some(true)) => Some((kind, partition_key, id)),
                 _ => None,

@@ -134,7 +134,10 @@ async fn list_partitions(State(state): State<AppState>) -> Result<axum::Json<Par
                 .map_or((0, None), |(n, oldest)| (*n, Some(*oldest)));
             let owner = owners.get(&(family.as_str().to_owned(), partition));
             let queue = topology.queue(family, partition);
-            let counts = broker.as_ref().and_then(|(_, counts)| counts.get(&queue)).copied();
+            let counts = broker
+                .as_ref()
+                .and_then(|(_, counts)| counts.get(&queue))
+                .copied();
             let (ready, unacked) = match (source, counts) {
                 (CountSource::Management, Some(c)) => (Some(c.ready), c.unacked),
                 (CountSource::Amqp, Some(c)) => (Some(c.ready), Some(pending.saturating_sub(c.ready))),
@@ -182,7 +185,11 @@ async fn lease_owners(state: &AppState) -> Result<HashMap<(String, u16), (Uuid, 
         .into_iter()
         .filter_map(|r| {
             let partition = u16::try_from(r.partition).ok()?;
-            let name = if r.name.is_empty() { r.owner.to_string() } else { r.name };
+            let name = if r.name.is_empty() {
+                r.owner.to_string()
+            } else {
+                r.name
+            };
             Some(((r.family, partition), (r.owner, name)))
         })
         .collect())
@@ -203,7 +210,9 @@ async fn broker_counts(state: &AppState) -> Option<(CountSource, HashMap<String,
     if let Some(url) = &state.config.rabbitmq_management_url {
         match tokio::time::timeout(BROKER_TIMEOUT, management_counts(url.expose_secret())).await {
             Ok(Ok(counts)) => return Some((CountSource::Management, counts)),
-            Ok(Err(e)) => tracing::debug!(error = %e, "the RabbitMQ management API did not answer; trying AMQP"),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the RabbitMQ management API did not answer; trying AMQP")
+            }
             Err(_) => tracing::debug!("the RabbitMQ management API timed out; trying AMQP"),
         }
     }
@@ -280,7 +289,10 @@ mod tests {
     fn a_request_was_accepted_when_its_uuid_v7_was_made() {
         let before = Utc::now() - chrono::TimeDelta::milliseconds(1);
         let at = accepted_at(Uuid::now_v7()).unwrap_or_default();
-        assert!(at >= before && at <= Utc::now() + chrono::TimeDelta::milliseconds(1), "{at}");
+        assert!(
+            at >= before && at <= Utc::now() + chrono::TimeDelta::milliseconds(1),
+            "{at}"
+        );
         assert_eq!(accepted_at(Uuid::new_v4()), None);
     }
 }

@@ -28,8 +28,6 @@ use shared::domain::settle_rate::SettleRate;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::request_status::RequestStatus;
-
 /// Where a pending request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
@@ -135,19 +133,6 @@ impl QueuePositions {
         }
         let snapshot = queue.snapshot.lock().ok()?;
         Some(snapshot.place(self.partition(partition_key), id))
-    }
-
-    /// Places every pending request of `requests` (a page, a single request), leaving the
-    /// settled ones as they are.
-    pub async fn place_all(&self, requests: &mut [RequestStatus]) {
-        for request in requests.iter_mut() {
-            let Some((kind, partition_key)) = request.queued() else {
-                continue;
-            };
-            if let Some(place) = self.place(kind, partition_key, request.request_id).await {
-                request.set_place(place);
-            }
-        }
     }
 
     /// Reads `family`'s pending requests and settle rates into its snapshot.

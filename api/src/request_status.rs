@@ -1,7 +1,6 @@
 //! A request as clients see it ([`RequestStatus`]), and its reads: one of a user's, or many
 //! settled ones at once for their waiters ([`crate::waiting`]). A pending one is placed in
-//! its partition's queue by [`crate::queue_position::QueuePositions::place_all`] before it
-//! is answered.
+//! its partition's queue ([`place_in_queues`]) before it is answered.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,7 +12,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::openapi::ErrorSchema;
-use crate::queue_position::Place;
+use crate::queue_position::{Place, QueuePositions};
 
 /// The body of a `202 Accepted`, and of its replays: built from the request alone (its id,
 /// type and the order it creates), so a replay needs no saved copy of it.
@@ -166,6 +165,19 @@ impl RequestStatus {
     /// Its estimated wait, for `Retry-After`.
     pub fn estimated_wait_ms(&self) -> Option<u64> {
         self.estimated_wait_ms
+    }
+}
+
+/// Places every pending request of `requests` (a page, a single request) in its
+/// partition's queue, from `queues`' snapshot; the settled ones are left as they are.
+pub async fn place_in_queues(queues: &QueuePositions, requests: &mut [RequestStatus]) {
+    for request in requests.iter_mut() {
+        let Some((kind, partition_key)) = request.queued() else {
+            continue;
+        };
+        if let Some(place) = queues.place(kind, partition_key, request.request_id).await {
+            request.set_place(place);
+        }
     }
 }
 

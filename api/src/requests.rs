@@ -20,7 +20,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
-use crate::request_status::{fetch_request, RequestRow, RequestStatus};
+use crate::request_status::{fetch_request, place_in_queues, RequestRow, RequestStatus};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -89,10 +89,7 @@ async fn get_request(
         }
         _ => found,
     };
-    state
-        .queue_positions
-        .place_all(std::slice::from_mut(&mut found))
-        .await;
+    place_in_queues(&state.queue_positions, std::slice::from_mut(&mut found)).await;
     Ok(request_answer(found))
 }
 
@@ -230,6 +227,6 @@ async fn list_requests(
     .collect();
     let (mut items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
     // Only the page's pending requests are placed, from memory.
-    state.queue_positions.place_all(&mut items).await;
+    place_in_queues(&state.queue_positions, &mut items).await;
     Ok(axum::Json(RequestPage { items, next_cursor }))
 }

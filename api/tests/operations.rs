@@ -125,8 +125,21 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         }
     }
     let partition = &schemas["PartitionView"]["properties"];
-    for field in ["family", "partition", "owner", "ready", "unacked", "pending", "oldestPendingAt", "settledPerSec", "lastSettledAt"] {
-        assert!(partition.get(field).is_some(), "PartitionView.{field} missing: {partition}");
+    for field in [
+        "family",
+        "partition",
+        "owner",
+        "ready",
+        "unacked",
+        "pending",
+        "oldestPendingAt",
+        "settledPerSec",
+        "lastSettledAt",
+    ] {
+        assert!(
+            partition.get(field).is_some(),
+            "PartitionView.{field} missing: {partition}"
+        );
     }
     // And every documented route answers something other than "no such route".
     for path in paths.keys() {

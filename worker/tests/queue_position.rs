@@ -63,17 +63,28 @@ async fn pending_issues_stand_in_acceptance_order_and_move_up_as_those_before_th
     // A command cancelled ahead of the others moves each of them up by one.
     let cancelled = system
         .app
-        .send_as(Some(users[0]), Method::DELETE, &format!("/requests/{}", ids[0]), None, &[])
+        .send_as(
+            Some(users[0]),
+            Method::DELETE,
+            &format!("/requests/{}", ids[0]),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(cancelled.status, StatusCode::OK, "{cancelled:?}");
     assert!(cancelled.body.get("queuePosition").is_none(), "{cancelled:?}");
     let last = (users[19], ids[19].as_str());
     request_until(&system, last.0, last.1, |r| r["queuePosition"] == json!(18)).await;
-    assert_eq!(request_as(&system, users[1], &ids[1]).await.body["queuePosition"], 0);
+    assert_eq!(
+        request_as(&system, users[1], &ids[1]).await.body["queuePosition"],
+        0
+    );
 
-    // A worker settles them: the last one's position only ever falls, until it is settled
-    // and has none.
-    system.spawn_worker().await;
+    // A worker settles them, one per batch so that positions have time to be seen falling:
+    // the last one's position only ever falls, until it is settled and has none.
+    system
+        .spawn_worker_with(&[("WORKER_BATCH_SIZE", "1".to_owned())])
+        .await;
     let mut seen = vec![18];
     let settled = request_until(&system, last.0, last.1, |r| {
         if let Some(position) = r["queuePosition"].as_i64() {
@@ -85,6 +96,7 @@ async fn pending_issues_stand_in_acceptance_order_and_move_up_as_those_before_th
     })
     .await;
     assert!(seen.windows(2).all(|w| w[1] < w[0]), "positions seen: {seen:?}");
+    eprintln!("positions of the last request seen while a worker settled the queue: {seen:?}");
     assert_eq!(settled["status"], "SUCCEEDED", "{settled:?}");
     assert!(settled.get("queuePosition").is_none() && settled.get("estimatedWaitMs").is_none());
     system.wait_until_settled().await;
@@ -116,7 +128,10 @@ async fn pending_issues_stand_in_acceptance_order_and_move_up_as_those_before_th
         assert!((1..=10).contains(&retry_after), "{retry_after}");
         waits.push(read["estimatedWaitMs"].as_u64().unwrap());
     }
-    assert!(waits.windows(2).all(|w| w[0] <= w[1]), "estimated waits: {waits:?}");
+    assert!(
+        waits.windows(2).all(|w| w[0] <= w[1]),
+        "estimated waits: {waits:?}"
+    );
 }
 
 /// The view's items by (family, partition).
@@ -150,21 +165,35 @@ async fn the_partitions_view_shows_owners_backlogs_and_settle_rates() {
         for coupon in coupons {
             assert_eq!(system.issue(coupon, *user).await.status, StatusCode::ACCEPTED);
         }
-        assert_eq!(system.order(*user, &[(product, 1)]).await.status, StatusCode::ACCEPTED);
+        assert_eq!(
+            system.order(*user, &[(product, 1)]).await.status,
+            StatusCode::ACCEPTED
+        );
     }
     system.wait_until_settled().await;
 
-    let view = system.app.admin(Method::GET, "/admin/partitions", Value::Null).await;
+    let view = system
+        .app
+        .admin(Method::GET, "/admin/partitions", Value::Null)
+        .await;
     assert_eq!(view.status, StatusCode::OK, "{view:?}");
     // No management API on the test broker: ready from AMQP.
     assert_eq!(view.body["source"], "amqp", "{view:?}");
     let items = by_partition(&view.body);
     assert_eq!(items.len(), 2 * usize::from(partitions), "{view:?}");
-    let live: Vec<String> = system.live_replicas().await.iter().map(ToString::to_string).collect();
+    let live: Vec<String> = system
+        .live_replicas()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     for family in ["coupon", "order"] {
         for partition in 0..partitions {
             let item = &items[&(family.to_owned(), partition)];
-            assert!(live.contains(&item["ownerId"].as_str().unwrap().to_owned()), "{item}");
+            assert!(
+                live.contains(&item["ownerId"].as_str().unwrap().to_owned()),
+                "{item}"
+            );
             assert!(item["owner"].as_str().is_some_and(|o| !o.is_empty()), "{item}");
             assert_eq!(item["pending"], 0, "{item}");
             assert!(item.get("oldestPendingAt").is_none(), "{item}");
@@ -187,7 +216,10 @@ async fn the_partitions_view_shows_owners_backlogs_and_settle_rates() {
     let more = system.app.create_users(6).await;
     for user in &more {
         assert_eq!(system.issue(coupons[0], *user).await.status, StatusCode::ACCEPTED);
-        assert_eq!(system.order(*user, &[(product, 1)]).await.status, StatusCode::ACCEPTED);
+        assert_eq!(
+            system.order(*user, &[(product, 1)]).await.status,
+            StatusCode::ACCEPTED
+        );
     }
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT kind, partition_key FROM requests WHERE status = 'PENDING'")
@@ -197,13 +229,18 @@ async fn the_partitions_view_shows_owners_backlogs_and_settle_rates() {
     let mut expected: HashMap<(String, u16), u64> = HashMap::new();
     for (kind, key) in rows {
         let family = if kind == "COUPON_ISSUE" { "coupon" } else { "order" };
-        *expected.entry((family.to_owned(), partition_of(key, partitions))).or_default() += 1;
+        *expected
+            .entry((family.to_owned(), partition_of(key, partitions)))
+            .or_default() += 1;
     }
     assert_eq!(expected.values().sum::<u64>(), 12);
     // Published after their commit: ready in RabbitMQ once the relay's confirms are in.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let view = system.app.admin(Method::GET, "/admin/partitions", Value::Null).await;
+        let view = system
+            .app
+            .admin(Method::GET, "/admin/partitions", Value::Null)
+            .await;
         let items = by_partition(&view.body);
         let mut all_ready = true;
         for (key, item) in &items {
@@ -212,7 +249,11 @@ async fn the_partitions_view_shows_owners_backlogs_and_settle_rates() {
             assert_eq!(item["oldestPendingAt"].is_string(), pending > 0, "{item}");
             assert!(item.get("owner").is_none(), "no worker runs: {item}");
             let ready = item["ready"].as_u64().unwrap();
-            assert_eq!(item["unacked"].as_u64().unwrap(), pending.saturating_sub(ready), "{item}");
+            assert_eq!(
+                item["unacked"].as_u64().unwrap(),
+                pending.saturating_sub(ready),
+                "{item}"
+            );
             all_ready &= ready == pending;
         }
         if all_ready {

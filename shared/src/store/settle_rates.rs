@@ -64,7 +64,13 @@ pub async fn of_family(
                 span: r.span,
                 last_settled_at: r.last_settled_at,
             };
-            Some((partition, PartitionSettlements { settled: r.settled, rate }))
+            Some((
+                partition,
+                PartitionSettlements {
+                    settled: r.settled,
+                    rate,
+                },
+            ))
         })
         .collect();
     Ok((partitions, now))
@@ -77,7 +83,10 @@ mod tests {
     #[test]
     fn the_statement_names_its_partition_and_count_and_decays_with_tau() {
         let statement = record(Family::Coupon, 3, 7);
-        assert!(statement.contains("VALUES ('coupon', 3, 7, now(), 7, 0)"), "{statement}");
+        assert!(
+            statement.contains("VALUES ('coupon', 3, 7, now(), 7, 0)"),
+            "{statement}"
+        );
         assert!(statement.contains("> 10.0 THEN"), "{statement}");
     }
 }
