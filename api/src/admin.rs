@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(update_product))
         .merge(crate::coupons::admin_router())
         .merge(crate::popular::admin_router())
+        .merge(crate::partitions::admin_router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 

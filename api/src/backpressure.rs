@@ -105,7 +105,11 @@ impl Backpressure {
 async fn depth(channel: &Channel, topology: &Topology, family: Family) -> anyhow::Result<u64> {
     let mut depth = 0_u64;
     for partition in 0..topology.partitions {
-        depth += u64::from(queue_depth(channel, &topology.queue(family, partition)).await?);
+        let ready = queue_depth(channel, &topology.queue(family, partition)).await?;
+        // Per partition too, for the partitions' view on the dashboard (already sampled).
+        metrics::gauge!("api_partition_queue_ready", "family" => family.as_str(), "partition" => partition.to_string())
+            .set(f64::from(ready));
+        depth += u64::from(ready);
     }
     Ok(depth)
 }

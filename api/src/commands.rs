@@ -19,7 +19,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
 use crate::idempotency;
 use crate::intake::{Creation, KeyClaim, StoreError, StoredCommand};
-use crate::polling::add_polling_headers;
+use crate::polling::{add_polling_headers, set_retry_after};
 pub use crate::request_status::Accepted;
 use crate::waiting::Registration;
 use crate::AppState;
@@ -115,13 +115,26 @@ pub async fn submit(
         request.clone(),
         command,
     ));
-    let accepted = match accepting.await.map_err(ApiError::internal)?? {
-        Acceptance::Accepted(accepted) => accepted,
+    let (accepted, partition_key) = match accepting.await.map_err(ApiError::internal)?? {
+        Acceptance::Accepted(accepted, partition_key) => (accepted, partition_key),
         Acceptance::Answered(answer) => return Ok(answer),
     };
+    let placed = |mut accepted: Accepted| async move {
+        let place = state
+            .queue_positions
+            .place(accepted.kind, partition_key, accepted.request_id)
+            .await;
+        if let Some(place) = place {
+            accepted.set_place(place);
+        }
+        accepted
+    };
     match registration {
-        Some((registration, within)) => Ok(answer_when_settled(accepted, registration, within).await),
-        None => Ok(accepted_response(accepted)),
+        Some((registration, within)) => match answer_when_settled(accepted, registration, within).await {
+            Ok(settled) => Ok(settled),
+            Err(pending) => Ok(accepted_response(placed(pending).await)),
+        },
+        None => Ok(accepted_response(placed(accepted).await)),
     }
 }
 
@@ -147,10 +160,10 @@ pub async fn refuse_from_memory(
     Err(ApiError::Client(refusal))
 }
 
-/// What accepting a stored command came to: accepted (its `202`), or the answer a key
-/// already had.
+/// What accepting a stored command came to: accepted (its `202`, and the key its partition
+/// hashes), or the answer a key already had.
 enum Acceptance {
-    Accepted(Accepted),
+    Accepted(Accepted, i64),
     Answered(Response),
 }
 
@@ -172,6 +185,7 @@ async fn accept(
         command.creates.as_ref().map(Creation::id),
     );
     let started = std::time::Instant::now();
+    let partition_key = command.partition_key;
     let stored = state
         .intake
         .store(StoredCommand {
@@ -207,17 +221,18 @@ async fn accept(
             ))),
         };
     }
-    Ok(Acceptance::Accepted(accepted))
+    Ok(Acceptance::Accepted(accepted, partition_key))
 }
 
 /// The answer to an accepted command whose client asked to wait (`Prefer: respond-async,
 /// wait=N`): `200` with the settled request (and `Preference-Applied`) when a worker settles
-/// it within `within`, else the usual `202`. The command is accepted either way.
+/// it within `within`, else (`Err`) the command still pending, for the usual `202`. The
+/// command is accepted either way.
 async fn answer_when_settled(
     accepted: Accepted,
     registration: Registration<'_>,
     within: Duration,
-) -> Response {
+) -> Result<Response, Accepted> {
     match registration.settled(within).await {
         Some(mut request) => {
             request.order_id = accepted.order_id;
@@ -225,10 +240,10 @@ async fn answer_when_settled(
             if let Ok(applied) = HeaderValue::from_str(&format!("wait={}", within.as_secs())) {
                 response.headers_mut().insert(PREFERENCE_APPLIED, applied);
             }
-            response
+            Ok(response)
         }
         // Not settled in time (or the api is shutting down): the command is accepted.
-        None => accepted_response(accepted),
+        None => Err(accepted),
     }
 }
 
@@ -257,10 +272,12 @@ impl axum::extract::FromRequestParts<AppState> for PreferWait {
     }
 }
 
-/// `202` with `Location` and `Retry-After`.
+/// `202` with `Location` and `Retry-After` (from the estimated wait, when there is one).
 fn accepted_response(accepted: Accepted) -> Response {
     let location = accepted.status_url.clone();
+    let estimate = accepted.estimated_wait_ms;
     let mut response = (StatusCode::ACCEPTED, axum::Json(accepted)).into_response();
     add_polling_headers(&mut response, &location);
+    set_retry_after(&mut response, estimate);
     response
 }

@@ -75,6 +75,10 @@ pub struct ApiConfig {
     /// How concurrent accepts are written together (`ACCEPT_BATCH_MAX`, `ACCEPT_GATHER_US`,
     /// `ACCEPT_WRITERS`).
     pub intake: IntakeSettings,
+    /// `RABBITMQ_MANAGEMENT_URL`: the RabbitMQ management API
+    /// (`http://user:password@host:15672`), where `/admin/partitions` reads each queue's
+    /// unacked messages; unset, it counts ready messages over AMQP only. Never printed.
+    pub rabbitmq_management_url: Option<SecretString>,
     pub database: DatabaseSettings,
     pub broker: BrokerSettings,
     pub topology: Topology,
@@ -200,6 +204,11 @@ impl ApiConfig {
             max_waits_per_user: var("MAX_WAITS_PER_USER", 20)?,
             max_reads_in_flight: var("MAX_READS_IN_FLIGHT", 0)?,
             max_wait: Duration::from_secs(var::<u64>("MAX_WAIT_SECS", 30)?.clamp(1, 30)),
+            rabbitmq_management_url: std::env::var("RABBITMQ_MANAGEMENT_URL")
+                .ok()
+                .map(|url| url.trim().to_owned())
+                .filter(|url| !url.is_empty())
+                .map(SecretString::from),
             intake: IntakeSettings {
                 batch_max: var("ACCEPT_BATCH_MAX", IntakeSettings::default().batch_max)?.clamp(1, 10_000),
                 gather: Duration::from_micros(var("ACCEPT_GATHER_US", 1_000)?),

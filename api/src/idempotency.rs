@@ -23,6 +23,8 @@
 //! other's table in their own snapshot, so both can be stored: a later replay then gets the
 //! acceptance (the request stands), which is what took effect.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -31,10 +33,12 @@ use serde::Serialize;
 use shared::domain::command::RequestKind;
 use shared::domain::error::{ErrorBody, ErrorCode};
 use sqlx::{PgConnection, PgExecutor, PgPool};
+use uuid::Uuid;
 
 use crate::batched::Batched;
 use crate::error::{ApiError, Result};
 use crate::extract::IdempotencyKey;
+use crate::queue_position::QueuePositions;
 use crate::request_status::Accepted;
 
 /// After this long an unfinished claim is presumed abandoned by a crashed process.
@@ -203,7 +207,7 @@ enum Earlier {
 /// The answers saved under command keys, read many per statement ([`Batched`]): in a
 /// sold-out flash sale every refusal from memory reads its key, and those of the moment
 /// share one statement.
-pub struct KeyAnswers(Batched<KeyQuery, Option<KeyRow>>);
+pub struct KeyAnswers(Batched<KeyQuery, Option<KeyRow>>, Arc<QueuePositions>);
 
 /// Most keys read by one statement.
 const MAX_KEYS_PER_STATEMENT: usize = 256;
@@ -215,22 +219,41 @@ pub struct KeyQuery {
     request: serde_json::Value,
 }
 
-/// What a key holds: whether it was sent with the same request, and its answer (status and
-/// body; none while a synchronous request holding it is still being handled).
-type KeyRow = (bool, Option<i16>, Option<serde_json::Value>);
+/// What a key holds: whether it was sent with the same request, its answer (status and
+/// body; none while a synchronous request holding it is still being handled), and the
+/// command it accepted while that is still pending (its kind, partition key and id).
+type KeyRow = (bool, Option<i16>, Option<serde_json::Value>, Option<Queued>);
+
+/// A command still waiting in its partition's queue.
+type Queued = (RequestKind, i64, Uuid);
 
 impl KeyAnswers {
-    pub fn start(db: PgPool) -> Self {
-        Self(Batched::start(
-            MAX_KEYS_PER_STATEMENT,
-            "api_key_read_batch_size",
-            move |queries| read_keys(db.clone(), queries),
-        ))
+    /// Reads keys from `db`; a replayed `202` of a command still pending says where it
+    /// stands now, from `queues`.
+    pub fn start(db: PgPool, queues: Arc<QueuePositions>) -> Self {
+        Self(
+            Batched::start(
+                MAX_KEYS_PER_STATEMENT,
+                "api_key_read_batch_size",
+                move |queries| read_keys(db.clone(), queries),
+            ),
+            queues,
+        )
     }
 
-    /// What `key` of `scope` holds, read with the other keys of the moment.
+    /// What `key` of `scope` holds, read with the other keys of the moment; the `202` of a
+    /// command still pending is placed in its queue, as its first answer was.
     async fn read(&self, scope: &str, key: &str, request: &serde_json::Value) -> Result<Option<KeyRow>> {
-        Ok(self.0.read(KeyQuery::new(scope, key, request)).await?)
+        let mut row = self.0.read(KeyQuery::new(scope, key, request)).await?;
+        if let Some((_, _, Some(body), Some((kind, partition_key, id)))) = row.as_mut() {
+            if let Some(place) = self.1.place(*kind, *partition_key, *id).await {
+                body["queuePosition"] = place.position.into();
+                if let Some(wait) = place.estimated_wait {
+                    body["estimatedWaitMs"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
+                }
+            }
+        }
+        Ok(row)
     }
 }
 
@@ -270,7 +293,8 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
     let rows = sqlx::query!(
         r#"SELECT COALESCE(r.key_request = q.request, k.request = q.request) AS "same?",
                 k.response_status AS "status?", k.response_body AS "body?",
-                r.id AS "request_id?", r.kind AS "kind?", r.order_id AS "order_id?"
+                r.id AS "request_id?", r.kind AS "kind?", r.order_id AS "order_id?",
+                r.partition_key AS "partition_key?", r.status = 'PENDING' AS "pending?"
          FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS q(scope, key, request, n)
          LEFT JOIN requests r ON r.idempotency_scope = q.scope AND r.idempotency_key = q.key
          LEFT JOIN idempotency_keys k ON r.id IS NULL AND k.scope = q.scope AND k.key = q.key
@@ -285,13 +309,17 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
         .into_iter()
         .map(|row| {
             let same = row.same?;
-            let accepted = row
+            let request = row
                 .request_id
-                .zip(row.kind.as_deref().and_then(RequestKind::parse))
-                .map(|(id, kind)| Accepted::new(id, kind, row.order_id));
+                .zip(row.kind.as_deref().and_then(RequestKind::parse));
+            let queued = match (request, row.partition_key, row.pending) {
+                (Some((id, kind)), Some(partition_key), Some(true)) => Some((kind, partition_key, id)),
+                _ => None,
+            };
+            let accepted = request.map(|(id, kind)| Accepted::new(id, kind, row.order_id));
             Some(match accepted {
-                Some(accepted) => (same, Some(202), serde_json::to_value(accepted).ok()),
-                None => (same, row.status, row.body),
+                Some(accepted) => (same, Some(202), serde_json::to_value(accepted).ok(), queued),
+                None => (same, row.status, row.body, None),
             })
         })
         .collect())
@@ -301,12 +329,12 @@ async fn read_keys(db: PgPool, queries: Vec<KeyQuery>) -> sqlx::Result<Vec<Optio
 fn earlier_of(row: Option<KeyRow>) -> Earlier {
     match row {
         None => Earlier::Gone,
-        Some((false, _, _)) => Earlier::Answer(Err(ApiError::new(
+        Some((false, _, _, _)) => Earlier::Answer(Err(ApiError::new(
             ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was used with a different request",
         ))),
-        Some((true, Some(status), Some(body))) => Earlier::Answer(Ok(replay(status, body))),
-        Some((true, _, _)) => Earlier::Answer(Err(in_use())),
+        Some((true, Some(status), Some(body), _)) => Earlier::Answer(Ok(replay(status, body))),
+        Some((true, _, _, _)) => Earlier::Answer(Err(in_use())),
     }
 }
 
@@ -383,6 +411,7 @@ fn replay(status: i16, body: serde_json::Value) -> Response {
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
     let status_url = body.get("statusUrl").and_then(|u| u.as_str()).map(str::to_owned);
+    let estimate = body.get("estimatedWaitMs").and_then(serde_json::Value::as_u64);
     let mut response = (status, Json(body)).into_response();
     response
         .headers_mut()
@@ -390,6 +419,7 @@ fn replay(status: i16, body: serde_json::Value) -> Response {
     // A replayed 202 points at its request like the first answer did.
     if let (StatusCode::ACCEPTED, Some(url)) = (status, status_url) {
         crate::polling::add_polling_headers(&mut response, &url);
+        crate::polling::set_retry_after(&mut response, estimate);
     }
     response
 }

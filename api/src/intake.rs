@@ -15,7 +15,9 @@
 //! the others are stored once, as if they had never been batched.
 //!
 //! The commands a batch stored are handed to the [`crate::relay`] in the batch's order,
-//! after the commit and before any of their clients is answered.
+//! after the commit and before any of their clients is answered, and counted in their
+//! partitions' queues ([`crate::queue_position`]), so that each `202` counts the commands
+//! accepted before it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::queue_position::QueuePositions;
 use crate::relay::{CommandRelay, StoredCommandRef};
 
 /// How accepts are batched (`ACCEPT_*`).
@@ -145,9 +148,10 @@ impl Intake {
         db: PgPool,
         settings: IntakeSettings,
         relay: Arc<CommandRelay>,
+        queues: Arc<QueuePositions>,
     ) -> (Arc<Self>, JoinHandle<()>) {
         let (entries, receiver) = mpsc::unbounded_channel();
-        let collector = tokio::spawn(collect(db, receiver, settings, relay));
+        let collector = tokio::spawn(collect(db, receiver, settings, relay, queues));
         (Arc::new(Self { entries }), collector)
     }
 
@@ -170,6 +174,7 @@ async fn collect(
     mut entries: mpsc::UnboundedReceiver<Entry>,
     settings: IntakeSettings,
     relay: Arc<CommandRelay>,
+    queues: Arc<QueuePositions>,
 ) {
     let writers = Arc::new(Semaphore::new(settings.writers.max(1)));
     let batch_max = settings.batch_max.max(1);
@@ -201,9 +206,9 @@ async fn collect(
         }
         busy = batch.len() > 1;
         metrics::gauge!("api_accepts_waiting").decrement(batch.len() as f64);
-        let (db, relay) = (db.clone(), Arc::clone(&relay));
+        let (db, relay, queues) = (db.clone(), Arc::clone(&relay), Arc::clone(&queues));
         tokio::spawn(async move {
-            write_batch(&db, batch, &relay).await;
+            write_batch(&db, batch, &relay, &queues).await;
             drop(writer);
         });
     }
@@ -211,7 +216,7 @@ async fn collect(
     let _ = writers.acquire_many(settings.writers.max(1) as u32).await;
 }
 
-async fn write_batch(db: &PgPool, batch: Vec<Entry>, relay: &CommandRelay) {
+async fn write_batch(db: &PgPool, batch: Vec<Entry>, relay: &CommandRelay, queues: &QueuePositions) {
     metrics::histogram!("api_accept_batch_size").record(batch.len() as f64);
     let accepted_by = relay.instance();
     let commands: Vec<&StoredCommand> = batch.iter().map(|e| &e.command).collect();
@@ -222,6 +227,12 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>, relay: &CommandRelay) {
                     .iter()
                     .filter(|c| stored.contains(&c.request_id))
                     .map(|c| c.to_publish()),
+            );
+            queues.accepted(
+                commands
+                    .iter()
+                    .filter(|c| stored.contains(&c.request_id))
+                    .map(|c| (c.kind, c.partition_key, c.request_id)),
             );
             for entry in batch {
                 let _ = entry.answer.send(Ok(stored.contains(&entry.command.request_id)));
@@ -239,6 +250,8 @@ async fn write_batch(db: &PgPool, batch: Vec<Entry>, relay: &CommandRelay) {
                         let was_stored = stored.contains(&entry.command.request_id);
                         if was_stored {
                             relay.hand_over([entry.command.to_publish()]);
+                            let c = &entry.command;
+                            queues.accepted([(c.kind, c.partition_key, c.request_id)]);
                         }
                         Ok(was_stored)
                     }

@@ -33,6 +33,8 @@
 //! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
 //! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
 //! - [`request_stream`]: a user's requests as they settle, as server-sent events, resumable.
+//! - [`queue_position`]: where a pending request stands in its partition, and how long it
+//!   may wait; [`partitions`]: every partition at a glance, for operators (`/admin/partitions`).
 //! - [`openapi`]: `/openapi.json`, generated from the handlers.
 //! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
 
@@ -59,9 +61,11 @@ pub mod openapi;
 pub mod order_checks;
 pub mod orders;
 pub mod pagination;
+pub mod partitions;
 pub mod polling;
 pub mod popular;
 pub mod products;
+pub mod queue_position;
 pub mod relay;
 pub mod request_status;
 pub mod request_stream;
@@ -195,8 +199,20 @@ impl Application {
             &config.admin_token,
         ));
         let recording_uses = auth.record_uses(config.tokens.record_uses_every, sampler_stop.clone());
-        let (intake, _writing) = Intake::start(db.clone(), config.intake, Arc::clone(&relay));
-        let key_answers = Arc::new(idempotency::KeyAnswers::start(db.clone()));
+        let queue_positions = Arc::new(queue_position::QueuePositions::new(
+            db.clone(),
+            config.topology.partitions,
+        ));
+        let (intake, _writing) = Intake::start(
+            db.clone(),
+            config.intake,
+            Arc::clone(&relay),
+            Arc::clone(&queue_positions),
+        );
+        let key_answers = Arc::new(idempotency::KeyAnswers::start(
+            db.clone(),
+            Arc::clone(&queue_positions),
+        ));
         let coupon_checks = Arc::new(coupon_checks::CouponChecks::start(db.clone()));
         let order_checks = Arc::new(OrderChecks::start(db.clone()));
         let readiness = Arc::new(health::Readiness::new(db.clone(), Arc::clone(&broker)));
@@ -215,6 +231,7 @@ impl Application {
             order_checks,
             limits,
             waiters,
+            queue_positions,
             readiness,
             reads: Arc::new(shedding::ReadShedding::new(config_reads)),
             metrics: shared::telemetry::metrics_recorder()?,

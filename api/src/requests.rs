@@ -20,7 +20,7 @@ use crate::error::{ApiError, Result};
 use crate::extract::Query;
 use crate::openapi::ErrorSchema;
 use crate::pagination::{finish_page, PageQuery};
-use crate::request_status::{fetch_request, RequestRow, RequestStatus};
+use crate::request_status::{fetch_request, place_in_queues, RequestRow, RequestStatus};
 use crate::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -83,12 +83,13 @@ async fn get_request(
     let found = fetch_request(&state.db, id, user)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::RequestNotFound, "no request with this requestId"))?;
-    let found = match registration {
+    let mut found = match registration {
         Some((registration, within)) if found.is_pending() => {
             registration.settled(within).await.unwrap_or(found)
         }
         _ => found,
     };
+    place_in_queues(&state.queue_positions, std::slice::from_mut(&mut found)).await;
     Ok(request_answer(found))
 }
 
@@ -140,12 +141,14 @@ async fn cancel_request(
     Ok(request_answer(cancelled))
 }
 
-/// `200` with the request, and `Retry-After` while it is pending.
+/// `200` with the request, and `Retry-After` while it is pending (from its estimated wait,
+/// when it has one).
 fn request_answer(request: RequestStatus) -> Response {
     let pending = request.is_pending();
+    let estimate = request.estimated_wait_ms();
     let mut response = axum::Json(request).into_response();
     if pending {
-        crate::polling::add_retry_after(&mut response);
+        crate::polling::set_retry_after(&mut response, estimate);
     }
     response
 }
@@ -207,7 +210,7 @@ async fn list_requests(
     caller.act_for(user)?;
     let rows: Vec<RequestStatus> = sqlx::query_as!(
         RequestRow,
-        "SELECT id AS request_id, kind, status, created_at, completed_at, result, error FROM requests
+        "SELECT id AS request_id, kind, partition_key, status, created_at, completed_at, result, error FROM requests
          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR kind = $3)
            AND ($4::uuid IS NULL OR id < $4)
          ORDER BY id DESC LIMIT $5",
@@ -222,6 +225,8 @@ async fn list_requests(
     .into_iter()
     .map(RequestStatus::from)
     .collect();
-    let (items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
+    let (mut items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
+    // Only the page's pending requests are placed, from memory.
+    place_in_queues(&state.queue_positions, &mut items).await;
     Ok(axum::Json(RequestPage { items, next_cursor }))
 }

@@ -15,6 +15,7 @@ use crate::idempotency::KeyAnswers;
 use crate::intake::Intake;
 use crate::limits::RateLimits;
 use crate::order_checks::OrderChecks;
+use crate::queue_position::QueuePositions;
 use crate::relay::CommandRelay;
 use crate::shedding::ReadShedding;
 use crate::waiting::Waiters;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     /// Clients waiting for their requests to settle.
     pub waiters: Arc<Waiters>,
+    /// Where pending requests stand in their partitions' queues.
+    pub queue_positions: Arc<QueuePositions>,
     /// The dependencies' last check, shared by `/health/ready`.
     pub readiness: Arc<Readiness>,
     /// Bounds the reads in flight.

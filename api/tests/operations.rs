@@ -108,10 +108,37 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         ("/users/{userId}/orders/{orderId}", "get"),
         ("/products/popular", "get"),
         ("/admin/batch/popular-products/run", "post"),
+        ("/users/{userId}/requests", "get"),
+        ("/admin/partitions", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
             "{method} {path} missing"
+        );
+    }
+    // A pending request's place: an integer when known, absent (never null) otherwise.
+    let schemas = &doc.body["components"]["schemas"];
+    for schema in ["RequestStatus", "Accepted"] {
+        for field in ["queuePosition", "estimatedWaitMs"] {
+            let property = &schemas[schema]["properties"][field];
+            assert_eq!(property["type"], "integer", "{schema}.{field}: {property}");
+        }
+    }
+    let partition = &schemas["PartitionView"]["properties"];
+    for field in [
+        "family",
+        "partition",
+        "owner",
+        "ready",
+        "unacked",
+        "pending",
+        "oldestPendingAt",
+        "settledPerSec",
+        "lastSettledAt",
+    ] {
+        assert!(
+            partition.get(field).is_some(),
+            "PartitionView.{field} missing: {partition}"
         );
     }
     // And every documented route answers something other than "no such route".

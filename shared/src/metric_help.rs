@@ -84,6 +84,16 @@ pub fn describe_metrics() {
         Unit::Count,
         "Ready messages in a family's partition queues, as last sampled by this api."
     );
+    describe_gauge!(
+        "api_partition_queue_ready",
+        Unit::Count,
+        "Ready messages in one partition queue, by family and partition, as last sampled by this api."
+    );
+    describe_histogram!(
+        "api_queue_snapshot_read_seconds",
+        Unit::Seconds,
+        "Time to read a family's pending requests and settle rates, for queue positions."
+    );
     describe_histogram!(
         "api_accept_batch_size",
         Unit::Count,
@@ -165,6 +175,11 @@ pub fn describe_metrics() {
         "worker_command_latency_seconds",
         Unit::Seconds,
         "Time from a command's acceptance by the api to its settlement committed and acked, by family."
+    );
+    describe_counter!(
+        "worker_partition_settled_total",
+        Unit::Count,
+        "Commands settled (succeeded or failed), by family and partition, by the replica that owned it."
     );
     describe_gauge!(
         "worker_partitions_owned",
@@ -371,6 +386,21 @@ mod tests {
             &[("family", "coupon")],
         ),
         (Kind::Gauge, "api_command_queue_depth", &[("family", "coupon")]),
+        (
+            Kind::Gauge,
+            "api_partition_queue_ready",
+            &[("family", "coupon"), ("partition", "3")],
+        ),
+        (
+            Kind::Counter,
+            "worker_partition_settled_total",
+            &[("family", "order"), ("partition", "0")],
+        ),
+        (
+            Kind::Histogram,
+            "api_queue_snapshot_read_seconds",
+            &[("family", "order")],
+        ),
         (
             Kind::Gauge,
             "batch_job_last_success_timestamp_seconds",

@@ -109,7 +109,7 @@ pub async fn settle_and_ack(
     match settle_with_retries(ctx, lease, &ids, 1, stop).await {
         Attempt::Settled(settled) => {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            record(lease.family, &settled);
+            record(lease, &settled);
             // The activity trail: one line per batch, whatever its size.
             tracing::info!(
                 family,
@@ -139,7 +139,7 @@ pub async fn settle_and_ack(
                 {
                     Attempt::Settled(settled) => {
                         delivery.acker.ack(BasicAckOptions::default()).await?;
-                        record(lease.family, &settled);
+                        record(lease, &settled);
                     }
                     Attempt::Stopped | Attempt::LeaseLost => return Ok(Continue::No),
                     Attempt::GaveUp(reason) => {
@@ -183,8 +183,11 @@ async fn dead_letter(family: Family, delivery: &Delivery) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn record(family: Family, settled: &Settled) {
-    let family = family.as_str();
+fn record(lease: &Lease, settled: &Settled) {
+    let family = lease.family.as_str();
+    // Per partition, for the partitions' view on the dashboard: one counter per partition.
+    metrics::counter!("worker_partition_settled_total", "family" => family, "partition" => lease.partition.to_string())
+        .increment((settled.succeeded + settled.failed) as u64);
     metrics::counter!("worker_commands_settled_total", "family" => family, "outcome" => "succeeded")
         .increment(settled.succeeded as u64);
     metrics::counter!("worker_commands_settled_total", "family" => family, "outcome" => "failed")
@@ -515,6 +518,13 @@ async fn settle_in(
         .iter()
         .filter(|d| matches!(d, Decision::Succeeded(_)))
         .count();
+    // The partition's settle rate, written with the batch's commit: one row per batch.
+    let mut at_commit = decided.at_commit;
+    at_commit.push(shared::store::settle_rates::record(
+        lease.family,
+        lease.partition,
+        pending.len(),
+    ));
     Ok(Some(Settled {
         succeeded,
         failed: decided.decisions.len() - succeeded,
@@ -522,7 +532,7 @@ async fn settle_in(
         accepted_at: pending.iter().map(|p| p.created_at).collect(),
         ids: pending.iter().map(|p| p.id).collect(),
         wrote_events: decided.wrote_events,
-        at_commit: decided.at_commit,
+        at_commit,
     }))
 }
 

@@ -28,6 +28,18 @@ impl Family {
             Family::Order => "order",
         }
     }
+
+    /// The request kinds whose commands travel in this family's queues.
+    pub fn kinds(self) -> &'static [RequestKind] {
+        match self {
+            Family::Coupon => &[RequestKind::CouponIssue],
+            Family::Order => &[RequestKind::OrderCreate, RequestKind::OrderPay],
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Family::ALL.into_iter().find(|f| f.as_str() == raw)
+    }
 }
 
 /// The type of an asynchronous request, as the contract names it.

@@ -8,6 +8,7 @@
 //! - [`limits`]: what one customer may hold at once: unpaid orders, units of a product.
 //! - [`coupon`]: who gets a coupon from a batch of issue requests, and why one is refused.
 //! - [`partition`]: which partition a key goes to, which replica owns a partition.
+//! - [`settle_rate`]: how fast a partition settles, and how long a command waits in it.
 //! - [`command`]: asynchronous requests, their results and the messages that carry them.
 //! - [`events`]: the `order.paid` event to the data platform.
 //! - [`error`]: the contract's machine-readable error codes and error body.
@@ -26,3 +27,4 @@ pub mod order;
 pub mod order_book;
 pub mod partition;
 pub mod popular;
+pub mod settle_rate;

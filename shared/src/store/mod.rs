@@ -7,6 +7,7 @@
 //! - [`connection_budget`]: every process's pool size, added up against `max_connections`.
 //! - [`reservations`]: expiry of overdue stock reservations.
 //! - [`settlements`]: the notice, per settled batch, that wakes clients waiting for answers.
+//! - [`settle_rates`]: each partition's settle rate, kept by its worker with every batch.
 //! - [`popular`]: the daily sales rollup and the popular-products snapshot, computed and read.
 
 pub mod connection_budget;
@@ -15,4 +16,5 @@ pub mod invariants;
 pub mod popular;
 pub mod requests;
 pub mod reservations;
+pub mod settle_rates;
 pub mod settlements;
