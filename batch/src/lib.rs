@@ -7,6 +7,8 @@
 //!   minute).
 //! - `housekeeping`: old idempotency keys, settled requests and job runs are pruned
 //!   (hourly).
+//! - `consistency-audit`: the stored data is checked against its invariants
+//!   ([`shared::store::audit`]); violations are logged and exported (hourly).
 //!
 //! The batch needs PostgreSQL only; it does not connect to RabbitMQ.
 //!
@@ -55,7 +57,7 @@ pub enum Command {
 pub enum UsageError {
     #[error(transparent)]
     UnknownJob(#[from] jobs::UnknownJob),
-    #[error("usage: batch [run popular-products|reservation-expiry|housekeeping]")]
+    #[error("usage: batch [run popular-products|reservation-expiry|housekeeping|consistency-audit]")]
     Usage,
 }
 
