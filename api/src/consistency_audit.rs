@@ -76,6 +76,9 @@ async fn run_consistency_audit(State(state): State<AppState>) -> Result<axum::Js
     for violation in &audit.violations {
         tracing::warn!(check = violation.check.name(), detail = %violation.detail, "consistency violation");
     }
-    tracing::info!(violations = audit.violations.len(), "consistency audit run on demand");
+    tracing::info!(
+        violations = audit.violations.len(),
+        "consistency audit run on demand"
+    );
     Ok(axum::Json(ConsistencyAudit::from(audit)))
 }

@@ -108,6 +108,7 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         ("/users/{userId}/orders/{orderId}", "get"),
         ("/products/popular", "get"),
         ("/admin/batch/popular-products/run", "post"),
+        ("/admin/batch/consistency-audit/run", "post"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

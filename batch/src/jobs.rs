@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::config::{BatchConfig, Schedules};
 use crate::cron::CronSchedule;
-use crate::{housekeeping, observability};
+use crate::{consistency_audit, housekeeping};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Job {
@@ -91,11 +91,7 @@ impl Job {
             }
             Job::ReservationExpiry => Ok(shared::store::reservations::expire_overdue(db).await?),
             Job::Housekeeping => housekeeping::prune(db, config).await,
-            Job::ConsistencyAudit => {
-                let audit = shared::store::audit::run(db, &config.audit_bounds).await?;
-                observability::record_audit(&audit);
-                Ok(0)
-            }
+            Job::ConsistencyAudit => consistency_audit::run(db, &config.audit_bounds).await,
         }
     }
 }
@@ -108,7 +104,9 @@ impl fmt::Display for Job {
 
 /// A name that is not one of the jobs.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown job {0:?}; the jobs are popular-products, reservation-expiry, housekeeping, consistency-audit")]
+#[error(
+    "unknown job {0:?}; the jobs are popular-products, reservation-expiry, housekeeping, consistency-audit"
+)]
 pub struct UnknownJob(pub String);
 
 impl FromStr for Job {

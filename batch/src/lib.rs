@@ -14,7 +14,8 @@
 //!
 //! # Layout
 //! - [`config`]: the batch's settings, schedules included.
-//! - [`jobs`]: the jobs and what each does for a slot; [`housekeeping`]: the pruning.
+//! - [`jobs`]: the jobs and what each does for a slot; [`housekeeping`]: the pruning;
+//!   [`consistency_audit`]: the audit's report, logs and gauges.
 //! - [`cron`]: cron expressions and the slots they define.
 //! - [`schedule`]: the scheduler, and the catch-up of slots that did not run.
 //! - [`runs`]: once everywhere: advisory locks, `job_runs` claims and records.
@@ -23,6 +24,7 @@
 //!   [`run_job_now`]: `batch run <job>`.
 
 pub mod config;
+pub mod consistency_audit;
 pub mod cron;
 pub mod housekeeping;
 pub mod jobs;

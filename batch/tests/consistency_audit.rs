@@ -257,7 +257,10 @@ async fn each_kind_of_drift_is_named_by_its_check_with_its_ids_and_numbers() {
     let all = described(&audit);
     assert_eq!(
         details(&audit, Check::ProductReservedUnits),
-        [format!("product {}: reserved 5, RESERVED orders hold 2", w.product)],
+        [format!(
+            "product {}: reserved 5, RESERVED orders hold 2",
+            w.product
+        )],
         "{all}"
     );
     assert_eq!(
@@ -275,7 +278,9 @@ async fn each_kind_of_drift_is_named_by_its_check_with_its_ids_and_numbers() {
     let about = |order: Uuid| events.iter().find(|d| d.contains(&order.to_string())).cloned();
     assert_eq!(
         about(silent),
-        Some(format!("order {silent} (PAID): 0 order.paid events [], expected 1")),
+        Some(format!(
+            "order {silent} (PAID): 0 order.paid events [], expected 1"
+        )),
         "{all}"
     );
     let twice_detail = about(twice).unwrap_or_default();
@@ -307,8 +312,7 @@ async fn each_kind_of_drift_is_named_by_its_check_with_its_ids_and_numbers() {
     let overdue = details(&audit, Check::OrderReservedOverdue);
     assert_eq!(overdue.len(), 1, "{all}");
     assert!(
-        overdue[0].starts_with(&format!("order {late}: RESERVED 7"))
-            && overdue[0].ends_with(", bound 600 s"),
+        overdue[0].starts_with(&format!("order {late}: RESERVED 7")) && overdue[0].ends_with(", bound 600 s"),
         "{all}"
     );
     assert_eq!(audit.found(Check::OrderPaidEvent), 4);
@@ -352,12 +356,18 @@ async fn the_batch_audits_on_its_schedule_and_exports_violations_per_check() {
     let batch = Batch::start(jobs::config(&url, "audit")).await.unwrap();
     let runs = jobs::runs_of(&db, "consistency-audit").await;
     assert_eq!(runs.len(), 1, "{runs:?}");
-    assert_eq!((runs[0].0.as_str(), runs[0].1.as_str()), ("SCHEDULE", "SUCCEEDED"));
+    assert_eq!(
+        (runs[0].0.as_str(), runs[0].1.as_str()),
+        ("SCHEDULE", "SUCCEEDED")
+    );
     let metrics = scrape(&batch).await;
     for check in Check::ALL {
         assert_eq!(gauge(&metrics, check), Some(0.0), "{check} in\n{metrics}");
     }
-    assert!(metrics.contains("consistency_audit_last_run_timestamp_seconds"), "{metrics}");
+    assert!(
+        metrics.contains("consistency_audit_last_run_timestamp_seconds"),
+        "{metrics}"
+    );
 
     // Two balances off their ledgers, found by the next run.
     sqlx::query("UPDATE balances SET amount = amount + 1")
@@ -374,7 +384,11 @@ async fn the_batch_audits_on_its_schedule_and_exports_violations_per_check() {
     batch.runner().run_on_demand(Job::ConsistencyAudit).await.unwrap();
     let metrics = scrape(&batch).await;
     assert_eq!(gauge(&metrics, Check::BalanceLedger), Some(2.0), "{metrics}");
-    assert_eq!(gauge(&metrics, Check::ProductReservedUnits), Some(0.0), "{metrics}");
+    assert_eq!(
+        gauge(&metrics, Check::ProductReservedUnits),
+        Some(0.0),
+        "{metrics}"
+    );
     batch.stop().await;
 }
 

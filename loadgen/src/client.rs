@@ -477,7 +477,12 @@ impl Api {
         let answer = self
             .send(self.post(path, &json!({}), None).headers(self.admin.clone()))
             .await?;
-        anyhow::ensure!(answer.status == 200, "POST {path} answered {}: {}", answer.status, answer.body);
+        anyhow::ensure!(
+            answer.status == 200,
+            "POST {path} answered {}: {}",
+            answer.status,
+            answer.body
+        );
         let violations = answer
             .body
             .get("violations")

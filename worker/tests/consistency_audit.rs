@@ -33,9 +33,7 @@ async fn the_audit_finds_a_settled_system_clean_and_names_drift_planted_in_it() 
     let system = System::start(1).await;
     let app = &system.app;
 
-    let refused = app
-        .send_without_token(Method::POST, RUN, None, &[])
-        .await;
+    let refused = app.send_without_token(Method::POST, RUN, None, &[]).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{refused:?}");
     assert_eq!(refused.code(), "ERR_UNAUTHORIZED");
     let wrong = app
@@ -84,7 +82,10 @@ async fn the_audit_finds_a_settled_system_clean_and_names_drift_planted_in_it() 
     let clean = app.admin(Method::POST, RUN, json!({})).await;
     assert_eq!(clean.status, StatusCode::OK, "{clean:?}");
     let checked_at = clean.body["checkedAt"].as_str().unwrap();
-    assert!(chrono::DateTime::parse_from_rfc3339(checked_at).is_ok(), "{checked_at}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(checked_at).is_ok(),
+        "{checked_at}"
+    );
     assert_eq!(violations(&clean.body), [], "{:?}", clean.body);
 
     // Drift: a balance off its ledger, a paid order whose event is no longer recorded.

@@ -470,7 +470,10 @@ async fn exercise(
         say(&name, &format!("VIOLATED: consistency audit {check} ({detail})"));
     }
     if violated.is_empty() && audit.is_empty() {
-        say(&name, "whole-system invariants hold; the consistency audit finds nothing");
+        say(
+            &name,
+            "whole-system invariants hold; the consistency audit finds nothing",
+        );
     }
     if !failures.is_empty() {
         bail!("{}", failures.join("; "));

@@ -386,7 +386,11 @@ mod tests {
             violations: Vec::new(),
             found: BTreeMap::new(),
         };
-        audit.record(Check::BalanceLedger, 3, vec!["user 1: balance 5, ledger 4".into()]);
+        audit.record(
+            Check::BalanceLedger,
+            3,
+            vec!["user 1: balance 5, ledger 4".into()],
+        );
         audit.record(Check::CouponIssuedHolders, 0, Vec::new());
         assert_eq!(audit.found(Check::BalanceLedger), 3);
         assert_eq!(audit.found(Check::CouponIssuedHolders), 0);
