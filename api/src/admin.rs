@@ -1,4 +1,5 @@
-//! Administration behind the bearer `ADMIN_TOKEN`: the catalogue and coupon kinds.
+//! Administration behind the bearer `ADMIN_TOKEN`: the catalogue and coupon kinds (and,
+//! merged here, the on-demand batch runs).
 //!
 //! `stock` here means the same as in every read: units that can still be ordered. Setting
 //! it moves the on-hand count to `reserved + stock`, so units held by unpaid orders are
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> OpenApiRouter<AppState> {
         .merge(crate::coupons::admin_router())
         .merge(crate::popular::admin_router())
         .merge(crate::partitions::admin_router())
+        .merge(crate::consistency_audit::admin_router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
 }
 

@@ -7,6 +7,7 @@ use axum::http::HeaderName;
 use secrecy::{ExposeSecret, SecretString};
 use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, TelemetrySettings};
 use shared::messaging::topology::Topology;
+use shared::store::audit::AuditBounds;
 
 use crate::connections::ConnectionSettings;
 use crate::intake::IntakeSettings;
@@ -58,6 +59,10 @@ pub struct ApiConfig {
     /// `MAX_READS_IN_FLIGHT`: reads (`GET`) run at once; one more is answered `503
     /// ERR_UNAVAILABLE` at once (0: 32 per database connection of the pool).
     pub max_reads_in_flight: usize,
+    /// `AUDIT_REQUEST_PENDING_SECS`, `AUDIT_RESERVATION_OVERDUE_SECS`: the bounds of the
+    /// consistency audit that `POST /admin/batch/consistency-audit/run` runs (the batch
+    /// reads the same variables).
+    pub audit_bounds: AuditBounds,
     /// `MAX_WAITS_PER_USER`: waits (`Prefer: wait`, `?wait=`) one user may hold at once in
     /// one api process; one more is `429 ERR_RATE_LIMITED` (0: no bound).
     pub max_waits_per_user: usize,
@@ -218,6 +223,7 @@ impl ApiConfig {
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
+            audit_bounds: AuditBounds::from_env()?,
         };
         // Room for the accept itself after the longest wait: the deadline cuts the answer.
         if config.http.handler < config.max_wait + Duration::from_secs(20) {

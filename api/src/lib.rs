@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`users`], [`tokens`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
-//!   [`popular`], [`admin`]: one router per part of the contract.
+//!   [`popular`], [`admin`], [`consistency_audit`]: one router per part of the contract.
 //! - [`config`]: the api's settings; [`state`]: what every handler can reach.
 //! - [`commands`]: the asynchronous path: store the request (the one durable write), 202.
 //! - [`intake`]: group commit: the commands accepted at the same moment written by one
@@ -46,6 +46,7 @@ pub mod batched;
 pub mod commands;
 pub mod config;
 pub mod connections;
+pub mod consistency_audit;
 pub mod coupon_checks;
 pub mod coupons;
 pub mod docs;

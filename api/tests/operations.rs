@@ -110,6 +110,7 @@ async fn the_openapi_document_lists_every_route_of_the_contract() {
         ("/admin/batch/popular-products/run", "post"),
         ("/users/{userId}/requests", "get"),
         ("/admin/partitions", "get"),
+        ("/admin/batch/consistency-audit/run", "post"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shared::config::{var, ConfigError, DatabaseSettings, TelemetrySettings};
+use shared::store::audit::AuditBounds;
 
 use crate::cron::CronSchedule;
 
@@ -26,6 +27,9 @@ pub struct BatchConfig {
     pub idempotency_key_retention: Duration,
     /// `REQUEST_RETENTION_DAYS`: settled requests older than this are pruned.
     pub request_retention: Duration,
+    /// `AUDIT_REQUEST_PENDING_SECS`, `AUDIT_RESERVATION_OVERDUE_SECS`: when the consistency
+    /// audit calls a request or a reservation stuck.
+    pub audit_bounds: AuditBounds,
     pub database: DatabaseSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -41,18 +45,23 @@ pub struct Schedules {
     pub reservation_expiry: CronSchedule,
     /// `BATCH_HOUSEKEEPING_CRON`: pruning of old idempotency keys, requests and job runs.
     pub housekeeping: CronSchedule,
+    /// `BATCH_CONSISTENCY_AUDIT_CRON`: the consistency audit. Hourly, away from the
+    /// housekeeping's minute: it reads every balance, order and ledger entry.
+    pub consistency_audit: CronSchedule,
 }
 
 impl Schedules {
     pub const DEFAULT_POPULAR_PRODUCTS: &'static str = "0 5 0 * * *";
     pub const DEFAULT_RESERVATION_EXPIRY: &'static str = "0 * * * * *";
     pub const DEFAULT_HOUSEKEEPING: &'static str = "0 10 * * * *";
+    pub const DEFAULT_CONSISTENCY_AUDIT: &'static str = "0 40 * * * *";
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Ok(Self {
             popular_products: cron_var("BATCH_POPULAR_PRODUCTS_CRON", Self::DEFAULT_POPULAR_PRODUCTS)?,
             reservation_expiry: cron_var("BATCH_RESERVATION_EXPIRY_CRON", Self::DEFAULT_RESERVATION_EXPIRY)?,
             housekeeping: cron_var("BATCH_HOUSEKEEPING_CRON", Self::DEFAULT_HOUSEKEEPING)?,
+            consistency_audit: cron_var("BATCH_CONSISTENCY_AUDIT_CRON", Self::DEFAULT_CONSISTENCY_AUDIT)?,
         })
     }
 }
@@ -94,6 +103,7 @@ impl BatchConfig {
             catch_up_interval: Duration::from_secs(at_least("BATCH_CATCH_UP_SECS", 60, 1)?),
             idempotency_key_retention: Duration::from_secs(hours * 3600),
             request_retention: Duration::from_secs(days * 86_400),
+            audit_bounds: AuditBounds::from_env()?,
             database: DatabaseSettings::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
         })
@@ -133,6 +143,7 @@ mod tests {
             Schedules::DEFAULT_POPULAR_PRODUCTS,
             Schedules::DEFAULT_RESERVATION_EXPIRY,
             Schedules::DEFAULT_HOUSEKEEPING,
+            Schedules::DEFAULT_CONSISTENCY_AUDIT,
         ] {
             assert!(CronSchedule::parse(default).is_ok(), "{default}");
         }

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::config::{BatchConfig, Schedules};
 use crate::cron::CronSchedule;
-use crate::housekeeping;
+use crate::{consistency_audit, housekeeping};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Job {
@@ -19,10 +19,18 @@ pub enum Job {
     ReservationExpiry,
     /// Old idempotency keys, settled requests and job runs are pruned.
     Housekeeping,
+    /// The stored data is checked against its invariants; what does not add up is logged
+    /// and exported as `consistency_violations{check}`. Writes nothing.
+    ConsistencyAudit,
 }
 
 impl Job {
-    pub const ALL: [Job; 3] = [Job::PopularProducts, Job::ReservationExpiry, Job::Housekeeping];
+    pub const ALL: [Job; 4] = [
+        Job::PopularProducts,
+        Job::ReservationExpiry,
+        Job::Housekeeping,
+        Job::ConsistencyAudit,
+    ];
 
     /// The name in `job_runs`, logs, metrics and `batch run <job>`.
     pub fn name(self) -> &'static str {
@@ -30,6 +38,7 @@ impl Job {
             Job::PopularProducts => shared::domain::popular::JOB,
             Job::ReservationExpiry => "reservation-expiry",
             Job::Housekeeping => "housekeeping",
+            Job::ConsistencyAudit => "consistency-audit",
         }
     }
 
@@ -39,6 +48,7 @@ impl Job {
             Job::PopularProducts => 1,
             Job::ReservationExpiry => 2,
             Job::Housekeeping => 3,
+            Job::ConsistencyAudit => 4,
         }
     }
 
@@ -48,6 +58,7 @@ impl Job {
             Job::PopularProducts => &schedules.popular_products,
             Job::ReservationExpiry => &schedules.reservation_expiry,
             Job::Housekeeping => &schedules.housekeeping,
+            Job::ConsistencyAudit => &schedules.consistency_audit,
         }
     }
 
@@ -80,6 +91,7 @@ impl Job {
             }
             Job::ReservationExpiry => Ok(shared::store::reservations::expire_overdue(db).await?),
             Job::Housekeeping => housekeeping::prune(db, config).await,
+            Job::ConsistencyAudit => consistency_audit::run(db, &config.audit_bounds).await,
         }
     }
 }
@@ -92,7 +104,9 @@ impl fmt::Display for Job {
 
 /// A name that is not one of the jobs.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown job {0:?}; the jobs are popular-products, reservation-expiry, housekeeping")]
+#[error(
+    "unknown job {0:?}; the jobs are popular-products, reservation-expiry, housekeeping, consistency-audit"
+)]
 pub struct UnknownJob(pub String);
 
 impl FromStr for Job {

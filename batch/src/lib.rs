@@ -7,12 +7,15 @@
 //!   minute).
 //! - `housekeeping`: old idempotency keys, settled requests and job runs are pruned
 //!   (hourly).
+//! - `consistency-audit`: the stored data is checked against its invariants
+//!   ([`shared::store::audit`]); violations are logged and exported (hourly).
 //!
 //! The batch needs PostgreSQL only; it does not connect to RabbitMQ.
 //!
 //! # Layout
 //! - [`config`]: the batch's settings, schedules included.
-//! - [`jobs`]: the jobs and what each does for a slot; [`housekeeping`]: the pruning.
+//! - [`jobs`]: the jobs and what each does for a slot; [`housekeeping`]: the pruning;
+//!   [`consistency_audit`]: the audit's report, logs and gauges.
 //! - [`cron`]: cron expressions and the slots they define.
 //! - [`schedule`]: the scheduler, and the catch-up of slots that did not run.
 //! - [`runs`]: once everywhere: advisory locks, `job_runs` claims and records.
@@ -21,6 +24,7 @@
 //!   [`run_job_now`]: `batch run <job>`.
 
 pub mod config;
+pub mod consistency_audit;
 pub mod cron;
 pub mod housekeeping;
 pub mod jobs;
@@ -55,7 +59,7 @@ pub enum Command {
 pub enum UsageError {
     #[error(transparent)]
     UnknownJob(#[from] jobs::UnknownJob),
-    #[error("usage: batch [run popular-products|reservation-expiry|housekeeping]")]
+    #[error("usage: batch [run popular-products|reservation-expiry|housekeeping|consistency-audit]")]
     Usage,
 }
 

@@ -4,6 +4,8 @@
 //! - `batch_job_duration_seconds{job}`: how long they took, whatever the outcome;
 //! - `batch_job_last_success_timestamp_seconds{job}`: Unix time of the last success here,
 //!   so an alert can fire when a job has not succeeded for longer than its schedule.
+//!
+//! The consistency audit's own gauges are set by [`crate::consistency_audit`].
 
 use std::time::Duration;
 

@@ -39,8 +39,13 @@ pub async fn start(runner: Arc<Runner>) -> anyhow::Result<JobScheduler> {
 
 /// Runs every job's latest slot unless it already ran, the jobs side by side.
 pub async fn catch_up(runner: &Runner) {
-    let [a, b, c] = Job::ALL;
-    tokio::join!(runner.run_due(a), runner.run_due(b), runner.run_due(c));
+    let [a, b, c, d] = Job::ALL;
+    tokio::join!(
+        runner.run_due(a),
+        runner.run_due(b),
+        runner.run_due(c),
+        runner.run_due(d)
+    );
 }
 
 /// Catches up every `BATCH_CATCH_UP_SECS` until `shutdown` fires.

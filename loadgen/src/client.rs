@@ -470,6 +470,33 @@ impl Api {
         created_id(&answer, "couponId").context("POST /admin/coupons")
     }
 
+    /// `POST /admin/batch/consistency-audit/run`: what the audit finds now, as (check,
+    /// detail) pairs; none when the stored data adds up.
+    pub async fn consistency_audit(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let path = "/admin/batch/consistency-audit/run";
+        let answer = self
+            .send(self.post(path, &json!({}), None).headers(self.admin.clone()))
+            .await?;
+        anyhow::ensure!(
+            answer.status == 200,
+            "POST {path} answered {}: {}",
+            answer.status,
+            answer.body
+        );
+        let violations = answer
+            .body
+            .get("violations")
+            .and_then(Value::as_array)
+            .with_context(|| format!("POST {path} answered no violations list: {}", answer.body))?;
+        Ok(violations
+            .iter()
+            .map(|v| {
+                let field = |name: &str| v.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+                (field("check"), field("detail"))
+            })
+            .collect())
+    }
+
     /// Waits until `GET /health/ready` answers 200 at every replica.
     pub async fn wait_until_ready(&self, patience: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + patience;

@@ -277,6 +277,16 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Unix time of the job's last successful run in this batch process, by job."
     );
+    describe_gauge!(
+        "consistency_violations",
+        Unit::Count,
+        "Rows the last consistency audit in this batch process found breaking the check, by check (0: clean)."
+    );
+    describe_gauge!(
+        "consistency_audit_last_run_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time this batch process last finished a consistency audit (the replica with the latest one has the current figures)."
+    );
     describe_counter!(
         "reservations_expired_total",
         Unit::Count,
@@ -406,6 +416,12 @@ mod tests {
             "batch_job_last_success_timestamp_seconds",
             &[("job", "popular-products")],
         ),
+        (
+            Kind::Gauge,
+            "consistency_violations",
+            &[("check", "balance_ledger")],
+        ),
+        (Kind::Gauge, "consistency_audit_last_run_timestamp_seconds", &[]),
         (Kind::Gauge, "orders_reserved_now", &[]),
         (Kind::Gauge, "outbox_backlog", &[]),
         (Kind::Gauge, "outbox_oldest_unpublished_seconds", &[]),

@@ -39,11 +39,13 @@ pub fn config(database_url: &str, name: &str) -> BatchConfig {
         schedules: Schedules {
             popular_products: quiet.clone(),
             reservation_expiry: quiet.clone(),
-            housekeeping: quiet,
+            housekeeping: quiet.clone(),
+            consistency_audit: quiet,
         },
         catch_up_interval: Duration::from_secs(3600),
         idempotency_key_retention: Duration::from_secs(24 * 3600),
         request_retention: Duration::from_secs(7 * 86_400),
+        audit_bounds: Default::default(),
         database: DatabaseSettings::new(database_url, 5),
         telemetry: Default::default(),
     }

@@ -302,11 +302,12 @@ impl CommandFamily for OrderCommands {
                 paid_at = COALESCE(w.paid_at, o.paid_at),
                 discount_amount = COALESCE(w.discount_amount, o.discount_amount),
                 paid_amount = COALESCE(w.paid_amount, o.paid_amount),
-                coupon_id = CASE WHEN w.paid_at IS NULL THEN o.coupon_id ELSE w.coupon_id END
+                coupon_id = CASE WHEN w.paid_at IS NULL THEN o.coupon_id ELSE w.coupon_id END,
+                paid_event_id = COALESCE(w.paid_event_id, o.paid_event_id)
             FROM UNNEST($5::uuid[], $6::text[], $7::bigint[], $8::timestamptz[], $9::bool[],
-                        $10::timestamptz[], $11::bigint[], $12::bigint[], $13::bigint[])
+                        $10::timestamptz[], $11::bigint[], $12::bigint[], $13::bigint[], $35::uuid[])
                  AS w(id, status, total_amount, reserved_until, closed, paid_at, discount_amount,
-                      paid_amount, coupon_id)
+                      paid_amount, coupon_id, paid_event_id)
             WHERE o.id = ANY($5) AND o.id = w.id),
          snapshot AS (
             UPDATE order_items oi SET name = s.name, unit_price = s.price
@@ -571,6 +572,8 @@ struct Writes {
     event_ids: Vec<Uuid>,
     /// `order.paid` events, each written to the outbox as the one JSON value it serializes to.
     events: Vec<sqlx::types::Json<OrderPaidEvent>>,
+    /// Per changed order (beside `order_ids`), the event its payment wrote; last, as `$35`.
+    paid_event_ids: Vec<Option<Uuid>>,
 }
 
 impl From<Changes> for Writes {
@@ -588,6 +591,7 @@ impl From<Changes> for Writes {
             writes.discounts.push(change.paid.map(|p| p.discount));
             writes.paid_amounts.push(change.paid.map(|p| p.amount));
             writes.coupon_ids.push(change.paid.and_then(|p| p.coupon_id));
+            writes.paid_event_ids.push(change.paid.map(|p| p.event_id));
         }
         for snapshot in changes.snapshots {
             writes.snapshot_orders.push(snapshot.order_id);
@@ -653,6 +657,7 @@ impl Writes {
         args.add(self.payment_coupons)?;
         args.add(self.event_ids)?;
         args.add(self.events)?;
+        args.add(self.paid_event_ids)?;
         Ok(())
     }
 }

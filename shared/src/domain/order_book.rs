@@ -132,6 +132,9 @@ pub struct PaidFields {
     pub amount: i64,
     /// The coupon the payment used.
     pub coupon_id: Option<i64>,
+    /// The `order.paid` event written with the payment, kept on the order (its outbox row
+    /// is deleted once published): the consistency audit's trace of it.
+    pub event_id: Uuid,
 }
 
 /// A line whose product was renamed or repriced since the api stored it: written anew.
@@ -464,6 +467,7 @@ impl OrderBook {
             discount,
             amount,
             coupon_id: coupon_used,
+            event_id: at.event_id,
         });
         self.events.push(OrderPaidEvent {
             event_id: at.event_id,
