@@ -157,9 +157,10 @@ async fn server_of(url: &str) -> anyhow::Result<SocketAddr> {
         (None, "postgres" | "postgresql") => 5432,
         (None, scheme) => anyhow::bail!("no port in {url} and none known for {scheme}"),
     };
-    tokio::net::lookup_host((host, port))
+    let resolved = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| format!("cannot resolve {host}"))?
         .next()
-        .with_context(|| format!("{host} resolves to nothing"))
+        .with_context(|| format!("{host} resolves to nothing"));
+    resolved
 }
