@@ -813,7 +813,10 @@ async fn inject(
             mark("closed the silenced connections");
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
-            record(format!("the reset of the silent connections between {between}"), recovery);
+            record(
+                format!("the reset of the silent connections between {between}"),
+                recovery,
+            );
         }
     }
     Ok(problems)

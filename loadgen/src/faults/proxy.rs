@@ -148,9 +148,7 @@ async fn link(
 /// The socket address of the server in `url` (the first host of a list).
 async fn server_of(url: &str) -> anyhow::Result<SocketAddr> {
     let parsed = Url::parse(url).with_context(|| format!("not a URL: {url}"))?;
-    let host = parsed
-        .host_str()
-        .with_context(|| format!("no host in {url}"))?;
+    let host = parsed.host_str().with_context(|| format!("no host in {url}"))?;
     let port = match (parsed.port(), parsed.scheme()) {
         (Some(port), _) => port,
         (None, "amqp") => 5672,
