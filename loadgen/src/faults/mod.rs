@@ -719,8 +719,13 @@ async fn inject(
                 Fault::KillBrokerNode => ("kill -9 of", "kill-node", "killed"),
                 _ => ("stopping", "stop-node", "stopped"),
             };
-            at(0.3).await;
+            // Asked before the fault's time: on a busy machine the question alone can take
+            // seconds, and the leaders do not move while every node runs.
             let node = cluster.busiest().await?;
+            at(0.3).await;
+            if Instant::now() >= load_started + load {
+                problems.push(format!("the load ended before node {node} was {done}"));
+            }
             mark(&format!(
                 "{how} RabbitMQ node {node}, which leads the most partition queues"
             ));
