@@ -322,6 +322,20 @@ pub enum Fault {
     /// the most partition queues mid-run, keep the load going on the two others, then
     /// start it again.
     LoseBrokerNode,
+    /// On the 3-node RabbitMQ cluster: `kill -9` the node that leads the most partition
+    /// queues mid-run (no clean shutdown: its connections and queue replicas die with it),
+    /// keep the load going on the two others, then start it again.
+    KillBrokerNode,
+    /// `kill -9` PostgreSQL's postmaster mid-run, and its backends with it (`<services> kill
+    /// postgres`), then start it again: crash recovery, not a clean restart.
+    KillDatabase,
+    /// The workers reach PostgreSQL through a proxy; mid-run every connection open through
+    /// it goes silent (nothing forwarded, sockets kept open) while new connections get
+    /// through. The workers must notice and go on by themselves.
+    SilenceDatabase,
+    /// The apis reach RabbitMQ through a proxy; mid-run their connections go silent, as in
+    /// silence-database.
+    SilenceBroker,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -333,11 +347,14 @@ pub struct FaultsArgs {
     #[arg(long, env = "FAULTS_BIN_DIR")]
     pub bin_dir: PathBuf,
     /// The script that stops and starts PostgreSQL and RabbitMQ: `<script> stop rabbitmq`,
-    /// `<script> stop postgres`, and `<script>` to start whatever is down and wait for it.
+    /// `<script> stop postgres`, `<script> kill postgres` (`kill -9` of the postmaster), and
+    /// `<script>` to start whatever is down and wait for it. It must act on the server of
+    /// `--pg-server`.
     #[arg(long, default_value = "scripts/services")]
     pub services: PathBuf,
-    /// The script that runs the 3-node RabbitMQ cluster of `lose-broker-node`:
-    /// `<script> start|stop|urls|busiest PREFIX|stop-node N|start-node N`.
+    /// The script that runs the 3-node RabbitMQ cluster of `lose-broker-node` and
+    /// `kill-broker-node`: `<script> start|stop|urls|busiest PREFIX|stop-node N|kill-node
+    /// N|start-node N`.
     #[arg(long, default_value = "scripts/cluster")]
     pub cluster: PathBuf,
     /// PostgreSQL server; each scenario gets a database of its own there.
@@ -384,7 +401,7 @@ pub struct FaultsArgs {
     /// The whole suite's limit: a scenario gets at most what is left of it (less 45 s to
     /// stop and clean up), and one that would start with less than 90 s is not run (and
     /// fails the suite).
-    #[arg(long, default_value_t = 780)]
+    #[arg(long, default_value_t = 1080)]
     pub suite_timeout_secs: u64,
     /// Logs of every process and the results, one directory per scenario.
     #[arg(long, default_value = ".run/faults")]

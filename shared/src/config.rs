@@ -65,6 +65,13 @@ pub struct DatabaseSettings {
     /// transaction open without using it this long, so a stuck process cannot hold row
     /// locks for ever (0: no limit).
     pub idle_in_transaction_timeout_ms: u64,
+    /// `DATABASE_ANSWER_TIMEOUT_MS`: how long a worker waits for PostgreSQL to answer one
+    /// unit of its work (a settlement attempt, a lease renewal, a handover) before it takes
+    /// the connection for dead, closes it and tries again on another. A connection whose
+    /// peer vanished without closing it (a firewall that dropped its state, a host that
+    /// died) otherwise waits for ever: PostgreSQL's own timeouts run on the server, which
+    /// never hears of it. Above any statement the worker runs; 0: no limit.
+    pub answer_timeout_ms: u64,
     /// `MIGRATION_DATABASE_URL`: the owner of the schema, who creates the database when it
     /// is missing and applies the migrations at start over one short-lived connection;
     /// `DATABASE_URL` is then a role that only reads and writes rows (see
@@ -84,6 +91,7 @@ impl std::fmt::Debug for DatabaseSettings {
                 "idle_in_transaction_timeout_ms",
                 &self.idle_in_transaction_timeout_ms,
             )
+            .field("answer_timeout_ms", &self.answer_timeout_ms)
             .finish()
     }
 }
@@ -153,8 +161,14 @@ impl DatabaseSettings {
             max_connections,
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 60_000,
+            answer_timeout_ms: 10_000,
             migration_url: None,
         }
+    }
+
+    /// [`Self::answer_timeout_ms`], or `None` for no limit.
+    pub fn answer_timeout(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(self.answer_timeout_ms)).filter(|d| !d.is_zero())
     }
 
     /// The settings with a pool of 10 connections unless `DATABASE_MAX_CONNECTIONS` says.
@@ -169,6 +183,7 @@ impl DatabaseSettings {
             max_connections: var("DATABASE_MAX_CONNECTIONS", pool)?,
             statement_timeout_ms: var("DATABASE_STATEMENT_TIMEOUT_MS", 30_000)?,
             idle_in_transaction_timeout_ms: var("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000)?,
+            answer_timeout_ms: var("DATABASE_ANSWER_TIMEOUT_MS", 10_000)?,
             migration_url: Some(var("MIGRATION_DATABASE_URL", String::new())?).filter(|url| !url.is_empty()),
         })
     }
@@ -259,6 +274,7 @@ mod tests {
             max_connections: 10,
             statement_timeout_ms: 0,
             idle_in_transaction_timeout_ms: 0,
+            answer_timeout_ms: 0,
             migration_url: Some("postgres://owner:0wn3r@db:5432/shop".to_owned()),
         };
         let broker = BrokerSettings {

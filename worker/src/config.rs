@@ -110,12 +110,26 @@ impl WorkerConfig {
             outbox_backlog_interval: Duration::from_millis(var("OUTBOX_BACKLOG_REPORT_MS", 5_000)?.max(100)),
             sweep_interval: Duration::from_millis(var("WORKER_SWEEP_INTERVAL_MS", 2_000)?),
             api_dead_after: Duration::from_millis(var("API_DEAD_AFTER_MS", 10_000)?.max(2_000)),
-            database: DatabaseSettings::from_env()?,
+            database: worker_database()?,
             broker: BrokerSettings::from_env()?,
             topology: Topology::from_env()?,
             telemetry: TelemetrySettings::from_env()?,
         })
     }
+}
+
+/// The database settings, where PostgreSQL ends a transaction of this worker idle for
+/// `DATABASE_ANSWER_TIMEOUT_MS` (10 s) unless `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS` says
+/// otherwise. A settlement is a few back-to-back round trips: a transaction idle that long
+/// has behind it a worker that gave up on it, or one whose connection went silent, and its
+/// row locks would hold up whoever settles the partition next.
+fn worker_database() -> Result<DatabaseSettings, ConfigError> {
+    let mut database = DatabaseSettings::from_env()?;
+    let idle_in_transaction_set = !var("DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", String::new())?.is_empty();
+    if !idle_in_transaction_set && database.answer_timeout_ms > 0 {
+        database.idle_in_transaction_timeout_ms = database.answer_timeout_ms;
+    }
+    Ok(database)
 }
 
 /// Batches of a family settled at once by default: the cores this process may use, at

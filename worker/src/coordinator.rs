@@ -18,6 +18,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use shared::domain::command::Family;
 use shared::domain::partition::rendezvous_owner;
+use shared::store::db::answered_within;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -80,8 +81,15 @@ impl Coordinator {
     async fn rebalance(&mut self) -> Result<(), sqlx::Error> {
         let ctx = Arc::clone(&self.ctx);
         let me = ctx.replica;
-        let live = leases::heartbeat(&ctx.db, me, &ctx.config.name, ctx.config.replica_ttl).await?;
-        let held = leases::renew(&ctx.db, me, ctx.config.lease_ttl).await?;
+        // Each step that waits on PostgreSQL is bounded: a connection that went silent would
+        // otherwise stop the heartbeats for good, and every lease with them.
+        let limit = ctx.config.database.answer_timeout();
+        let (live, held) = answered_within(limit, async {
+            let live = leases::heartbeat(&ctx.db, me, &ctx.config.name, ctx.config.replica_ttl).await?;
+            let held = leases::renew(&ctx.db, me, ctx.config.lease_ttl).await?;
+            Ok::<_, sqlx::Error>((live, held))
+        })
+        .await?;
 
         // Consumers that ended by themselves (broker gone) or whose lease was taken over
         // while this replica could not renew it.
@@ -153,15 +161,14 @@ impl Coordinator {
         for (lease, next) in handing {
             // One failed handover must not strand the others: a lease it leaves with this
             // replica is idle, and handed on at the next heartbeat.
-            match leases::hand_over(
+            let handed = leases::hand_over(
                 &ctx.db,
                 &lease,
                 next,
                 ctx.config.lease_ttl,
                 ctx.config.replica_ttl,
-            )
-            .await
-            {
+            );
+            match answered_within(limit, handed).await {
                 Ok(()) => {
                     tracing::info!(family = lease.family.as_str(), partition = lease.partition, to = ?next, "partition handed over")
                 }
@@ -172,8 +179,8 @@ impl Coordinator {
         }
 
         for (family, partition) in take {
-            if let Some(lease) = leases::acquire(&ctx.db, me, family, partition, ctx.config.lease_ttl).await?
-            {
+            let acquired = leases::acquire(&ctx.db, me, family, partition, ctx.config.lease_ttl);
+            if let Some(lease) = answered_within(limit, acquired).await? {
                 tracing::info!(
                     family = family.as_str(),
                     partition,

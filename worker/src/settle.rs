@@ -216,9 +216,12 @@ async fn settle_with_retries(
     let mut shared = first_try(ctx);
     loop {
         let started = Instant::now();
-        let outcome = AssertUnwindSafe(settle_once(ctx, lease, ids, shared))
-            .catch_unwind()
-            .await;
+        // A connection that went silent would hold the partition for ever: given up after
+        // the bound, it counts as PostgreSQL unreachable (retried, no attempt spent), and a
+        // commit that did land meanwhile makes the retry find its requests settled.
+        let limit = ctx.config.database.answer_timeout();
+        let settled = shared::store::db::answered_within(limit, settle_once(ctx, lease, ids, shared));
+        let outcome = AssertUnwindSafe(settled).catch_unwind().await;
         let error = match outcome {
             Ok(Ok(settled)) => {
                 metrics::histogram!("worker_settle_duration_seconds", "family" => lease.family.as_str())

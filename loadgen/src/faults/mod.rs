@@ -16,7 +16,9 @@
 //! - [`system`]: the processes under test, started, stopped and killed.
 //! - [`recovery`]: when the system is whole again after a fault.
 //! - [`repeat`]: the suite run several times over (`--repeat`).
+//! - [`proxy`]: a TCP proxy whose connections can be made to go silent.
 
+pub mod proxy;
 pub mod recovery;
 pub mod repeat;
 pub mod system;
@@ -38,8 +40,9 @@ use crate::checks;
 use crate::cli::{CheckoutArgs, Common, EventsSeenBy, Fault, FaultsArgs, FlashSaleArgs};
 use crate::client::{Api, Unavailable};
 use crate::scenarios::{checkout, flash_sale};
+use proxy::Proxy;
 use recovery::Watch;
-use system::System;
+use system::{Role, System};
 
 /// How long the api may take to start (it creates and migrates the database).
 const STARTUP: Duration = Duration::from_secs(90);
@@ -63,7 +66,16 @@ impl Fault {
 
     /// Whether the scenario runs on the 3-node RabbitMQ cluster instead of the single node.
     fn on_cluster(self) -> bool {
-        matches!(self, Fault::LoseBrokerNode)
+        matches!(self, Fault::LoseBrokerNode | Fault::KillBrokerNode)
+    }
+
+    /// Which processes reach which server through the scenario's proxy, by which variable.
+    fn through_proxy(self) -> Option<(Role, &'static str)> {
+        match self {
+            Fault::SilenceDatabase => Some((Role::Worker, "DATABASE_URL")),
+            Fault::SilenceBroker => Some((Role::Api, "AMQP_URL")),
+            _ => None,
+        }
     }
 
     /// Worker replicas when the load starts.
@@ -251,9 +263,27 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
         ("API_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("COMMAND_PARTITIONS".to_owned(), args.partitions.to_string()),
     ];
-    let error = match System::new(&args.bin_dir, &log_dir, env) {
+    let system = async {
+        let mut system = System::new(&args.bin_dir, &log_dir, env)?;
+        let Some((role, variable)) = fault.through_proxy() else {
+            return anyhow::Ok((system, None));
+        };
+        let url = match variable {
+            "DATABASE_URL" => database_url.as_str(),
+            // The first node: the silence scenarios run on a single broker.
+            _ => amqp_url.split(',').next().unwrap_or_default(),
+        };
+        let proxy = Proxy::start(url).await?;
+        say(
+            &name,
+            &format!("{role:?} processes reach {url} through a proxy on {}", proxy.addr),
+        );
+        system.set_env_of(role, variable, proxy.url_for(url)?);
+        Ok((system, Some(proxy)))
+    };
+    let error = match system.await {
         Err(e) => Some(format!("{e:#}")),
-        Ok(mut system) => {
+        Ok((mut system, proxy)) => {
             let exercised = tokio::time::timeout(
                 bound,
                 exercise(
@@ -261,6 +291,7 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
                     Exercise {
                         fault,
                         cluster: cluster.as_ref(),
+                        proxy: proxy.as_ref(),
                         database_url: &database_url,
                         log_dir: &log_dir,
                     },
@@ -320,6 +351,7 @@ async fn scenario(args: &FaultsArgs, fault: Fault, series: &Path, stamp: &str, b
 struct Exercise<'a> {
     fault: Fault,
     cluster: Option<&'a Cluster>,
+    proxy: Option<&'a Proxy>,
     database_url: &'a str,
     log_dir: &'a Path,
 }
@@ -391,6 +423,7 @@ async fn exercise(
     let Exercise {
         fault,
         cluster,
+        proxy,
         database_url,
         log_dir,
     } = run;
@@ -441,6 +474,7 @@ async fn exercise(
         let injection = Injection {
             fault,
             cluster,
+            proxy,
             unavailable: &unavailable,
         };
         inject(args, injection, system, &watch, events, figures).await
@@ -544,6 +578,7 @@ fn loads(
 struct Injection<'a> {
     fault: Fault,
     cluster: Option<&'a Cluster>,
+    proxy: Option<&'a Proxy>,
     /// When clients were answered 503.
     unavailable: &'a Unavailable,
 }
@@ -561,6 +596,7 @@ async fn inject(
     let Injection {
         fault,
         cluster,
+        proxy,
         unavailable,
     } = injection;
     let mut problems = Vec::new();
@@ -700,23 +736,32 @@ async fn inject(
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record("a kill -9 of every process".to_owned(), recovery);
         }
-        Fault::LoseBrokerNode => {
-            let cluster = cluster.context("lose-broker-node runs on the cluster")?;
-            at(0.3).await;
+        Fault::LoseBrokerNode | Fault::KillBrokerNode => {
+            let cluster = cluster.with_context(|| format!("{name} runs on the cluster"))?;
+            let (how, command, done) = match fault {
+                Fault::KillBrokerNode => ("kill -9 of", "kill-node", "killed"),
+                _ => ("stopping", "stop-node", "stopped"),
+            };
+            // Asked before the fault's time: on a busy machine the question alone can take
+            // seconds, and the leaders do not move while every node runs.
             let node = cluster.busiest().await?;
+            at(0.3).await;
+            if Instant::now() >= load_started + load {
+                problems.push(format!("the load ended before node {node} was {done}"));
+            }
             mark(&format!(
-                "stopping RabbitMQ node {node}, which leads the most partition queues"
+                "{how} RabbitMQ node {node}, which leads the most partition queues"
             ));
             let lost = (Instant::now(), Utc::now());
-            cluster.run(&["stop-node", &node.to_string()]).await?;
+            cluster.run(&[command, &node.to_string()]).await?;
             mark(&format!(
-                "node {node} stopped; the load goes on against the two others"
+                "node {node} {done}; the load goes on against the two others"
             ));
             // Recovered while the node is still down: that is what quorum queues are for.
             // Timed from the stop, not from a repair: nothing is repaired yet.
             let resettled = watch.recovered(lost, &system.worker_names(), bound).await;
             let took = resettled.as_ref().ok().copied();
-            record(format!("the loss of RabbitMQ node {node}"), resettled);
+            record(format!("the loss ({command}) of RabbitMQ node {node}"), resettled);
             let answered_503 = unavailable.since(lost.0);
             let seen = match answered_503 {
                 Some((count, first, last)) => format!(
@@ -732,7 +777,7 @@ async fn inject(
                 "{seen}; every partition settled again {resettled} after the stop"
             ));
             figures.push(format!(
-                "node {node} lost under load: {seen}; every partition settled again after {resettled} (goal: under 10 s each)"
+                "node {node} {done} under load: {seen}; every partition settled again after {resettled} (goal: under 10 s each)"
             ));
             // The node comes back while the load still runs, and rejoins.
             at(0.7).await;
@@ -741,6 +786,65 @@ async fn inject(
             let repaired = (Instant::now(), Utc::now());
             let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
             record(format!("the return of RabbitMQ node {node}"), recovery);
+        }
+        Fault::KillDatabase => {
+            at(0.3).await;
+            mark("kill -9 of PostgreSQL's postmaster and its backends");
+            services(&args.services, &["kill", "postgres"]).await?;
+            let killed = Instant::now();
+            mark("PostgreSQL killed; starting it again at once (crash recovery)");
+            services(&args.services, &[]).await?;
+            let back = killed.elapsed();
+            mark(&format!(
+                "PostgreSQL is back after {:.1} s (crash recovery and start)",
+                back.as_secs_f64()
+            ));
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            let took = recovery.as_ref().ok().copied();
+            record("a kill -9 of PostgreSQL".to_owned(), recovery);
+            figures.push(format!(
+                "PostgreSQL answered again {:.1} s after its kill -9; the system was whole {} after that",
+                back.as_secs_f64(),
+                took.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+            ));
+        }
+        Fault::SilenceDatabase | Fault::SilenceBroker => {
+            let proxy = proxy.with_context(|| format!("{name} runs through the proxy"))?;
+            let between = match fault {
+                Fault::SilenceDatabase => "the workers and PostgreSQL",
+                _ => "the apis and RabbitMQ",
+            };
+            at(0.3).await;
+            let silenced = proxy.silence();
+            let lost = (Instant::now(), Utc::now());
+            mark(&format!(
+                "the {silenced} connections between {between} went silent (new ones get through)"
+            ));
+            // Nothing is repaired: the processes must notice by themselves while the old
+            // connections stay silent. Timed from the silence; recovered also means that what
+            // was accepted in its first seconds, which went into the silent connections or
+            // waited on them, has settled.
+            let sent_into_silence = lost.1 + chrono::TimeDelta::seconds(2);
+            let recovery = watch
+                .recovered((lost.0, sent_into_silence), &system.worker_names(), bound)
+                .await;
+            let took = recovery.as_ref().ok().copied();
+            record(format!("the silence between {between}"), recovery);
+            figures.push(format!(
+                "connections between {between} silent under load: whole again {} after, while they were still silent",
+                took.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+            ));
+            // The silence ends as a dead peer's does: the server has long forgotten those
+            // connections, and their next packet meets a reset.
+            proxy.drop_silenced();
+            mark("closed the silenced connections");
+            let repaired = (Instant::now(), Utc::now());
+            let recovery = watch.recovered(repaired, &system.worker_names(), bound).await;
+            record(
+                format!("the reset of the silent connections between {between}"),
+                recovery,
+            );
         }
     }
     Ok(problems)

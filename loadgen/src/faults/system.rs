@@ -67,10 +67,20 @@ impl Stopped {
     }
 }
 
+/// Processes that can be given an environment of their own ([`System::set_env_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    /// The worker replicas (not the data-platform stand-in, which runs the same binary).
+    Worker,
+}
+
 pub struct System {
     bin_dir: PathBuf,
     log_dir: PathBuf,
     env: Vec<(String, String)>,
+    /// What one role gets on top of `env`, such as a URL through a proxy.
+    role_env: Vec<(Role, String, String)>,
     api_addrs: Vec<SocketAddr>,
     apis: Vec<Process>,
     workers: Vec<Process>,
@@ -102,6 +112,7 @@ impl System {
             bin_dir: bin_dir.to_owned(),
             log_dir: log_dir.to_owned(),
             env,
+            role_env: Vec::new(),
             api_addrs,
             apis: Vec::new(),
             workers: Vec::new(),
@@ -109,6 +120,22 @@ impl System {
             data_platform: None,
             workers_started: 0,
         })
+    }
+
+    /// Sets `name` to `value` for the processes of `role` started from now on, over the
+    /// environment every process gets.
+    pub fn set_env_of(&mut self, role: Role, name: &str, value: String) {
+        self.role_env.push((role, name.to_owned(), value));
+    }
+
+    /// The environment of `role`, with `own` (what this start of the process needs) last.
+    fn env_of<'a>(&'a self, role: Role, own: &[(&'a str, String)]) -> Vec<(&'a str, String)> {
+        self.role_env
+            .iter()
+            .filter(|(r, _, _)| *r == role)
+            .map(|(_, name, value)| (name.as_str(), value.clone()))
+            .chain(own.iter().cloned())
+            .collect()
     }
 
     /// The base URLs of the api replicas, separated by commas (as the load generator takes
@@ -165,15 +192,14 @@ impl System {
     /// Starts every api replica (`api-1`, `api-2`).
     pub fn start_apis(&mut self) -> anyhow::Result<()> {
         for (n, addr) in self.api_addrs.clone().into_iter().enumerate() {
-            let api = self.spawn(
-                &format!("api-{}", n + 1),
-                "api",
-                &[],
+            let env = self.env_of(
+                Role::Api,
                 &[
                     ("HTTP_ADDR", addr.to_string()),
                     ("DATABASE_MAX_CONNECTIONS", API_POOL.to_string()),
                 ],
-            )?;
+            );
+            let api = self.spawn(&format!("api-{}", n + 1), "api", &[], &env)?;
             self.apis.push(api);
         }
         Ok(())
@@ -183,17 +209,16 @@ impl System {
     pub fn start_worker(&mut self) -> anyhow::Result<String> {
         self.workers_started += 1;
         let name = format!("worker-{}", self.workers_started);
-        let worker = self.spawn(
-            &name,
-            "worker",
-            &[],
+        let env = self.env_of(
+            Role::Worker,
             &[
                 ("WORKER_NAME", name.clone()),
                 // Replicas share the machine: each takes a free port for its metrics.
                 ("WORKER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
                 ("DATABASE_MAX_CONNECTIONS", WORKER_POOL.to_string()),
             ],
-        )?;
+        );
+        let worker = self.spawn(&name, "worker", &[], &env)?;
         self.workers.push(worker);
         Ok(name)
     }

@@ -42,6 +42,10 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
 /// How long an idle pooled connection is handed out without a ping first.
 const TRUSTED_IDLE: Duration = Duration::from_secs(1);
 
+/// How long a connection given back to the pool may take to answer a ping before it is
+/// closed instead of pooled again.
+const RELEASE_CHECK: Duration = Duration::from_secs(5);
+
 async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) -> anyhow::Result<PgPool> {
     // The owner creates and migrates; the pool may be a role that cannot (least privilege).
     let owner_url = settings.migration_url.as_deref().unwrap_or(&settings.url);
@@ -51,13 +55,23 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
         .parse()
         .context("DATABASE_URL is not a PostgreSQL URL")?;
     // Set on every connection of the pool: no statement and no idle transaction of this
-    // process can hold a connection, or the locks it took, past these limits.
+    // process can hold a connection, or the locks it took, past these limits. The TCP
+    // settings make the server find out within about half a minute that this process's end
+    // of a connection is gone without a word (its host died, a firewall dropped the
+    // connection), and end the session: its locks (the outbox relay's advisory lock among
+    // them) and its transaction would otherwise outlive it by the kernel's default of two
+    // hours. Idle: probed after 10 s, every 5 s, dead after 3 unanswered probes; sending:
+    // dead when data stays unacknowledged for 20 s.
     let options = options.application_name(app_name).options([
         ("statement_timeout", settings.statement_timeout_ms.to_string()),
         (
             "idle_in_transaction_session_timeout",
             settings.idle_in_transaction_timeout_ms.to_string(),
         ),
+        ("tcp_keepalives_idle", "10".to_owned()),
+        ("tcp_keepalives_interval", "5".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+        ("tcp_user_timeout", "20000".to_owned()),
     ]);
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
@@ -74,6 +88,19 @@ async fn try_connect_and_migrate(settings: &DatabaseSettings, app_name: &str) ->
                     return Ok(true);
                 }
                 Ok(conn.ping().await.is_ok())
+            })
+        })
+        // A connection given back by a task that gave up on it (a timeout dropped its
+        // statement half-way) is pinged before it is pooled again, by sqlx itself, without a
+        // limit: on a connection that went silent that ping waits for ever and the pool
+        // loses the connection's slot for good. Pinged here first, within a bound, such a
+        // connection is closed instead. Healthy ones answer at once and are pinged twice,
+        // off the path of any request.
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                Ok(tokio::time::timeout(RELEASE_CHECK, conn.ping())
+                    .await
+                    .is_ok_and(|pinged| pinged.is_ok()))
             })
         })
         .connect_with(options)
@@ -137,6 +164,31 @@ fn is_unavailable_code(sqlstate: &str) -> bool {
     ["08", "53", "57P"]
         .iter()
         .any(|class| sqlstate.starts_with(class))
+}
+
+/// Runs `work`, which waits on PostgreSQL, and gives up when it has not finished within
+/// `limit` (`None`: no limit), with an I/O error of kind `TimedOut`, which
+/// [`is_unavailable`] counts as PostgreSQL being unreachable: callers retry as they do when
+/// it is down. A connection that went silent (its peer vanished without closing it) answers
+/// nothing and fails nothing, so without a limit of its own the work waits for ever; given
+/// up, its connection is closed rather than pooled again (see `after_release` above).
+pub async fn answered_within<T, E>(
+    limit: Option<Duration>,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<sqlx::Error>,
+{
+    let Some(limit) = limit else {
+        return work.await;
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(E::from(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("PostgreSQL did not answer within {limit:?}"),
+        )))),
+    }
 }
 
 /// The name of the constraint a statement violated, if that is why it failed.
