@@ -66,6 +66,32 @@ async fn queued_requests(app: &TestApp, coupon: i64, expected: usize) -> Vec<Str
     ids
 }
 
+/// Waits until `coupon`'s partition queue holds `depth` messages (read by a passive declare
+/// on a connection of the test's own, straight to RabbitMQ).
+async fn wait_for_queue_depth(app: &TestApp, coupon: i64, depth: u32) {
+    let partition = shared::domain::partition::partition_of(coupon, app.topology.partitions);
+    let queue = app.topology.queue(Family::Coupon, partition);
+    let connection = testkit::broker_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, Default::default())
+            .await
+            .unwrap();
+        if declared.message_count() >= depth {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{queue} never held {depth} messages");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_commands_are_accepted_and_queued_in_order_when_it_is_back() {
     let broker_url = shared::config::BrokerSettings::from_env().unwrap().url;
@@ -76,6 +102,9 @@ async fn with_the_broker_down_commands_are_accepted_and_queued_in_order_when_it_
     let warm_up = app.post(&path, json!({ "userId": users[0] })).await;
     assert_eq!(warm_up.status, StatusCode::ACCEPTED, "{warm_up:?}");
     let mut accepted = vec![warm_up.body["requestId"].as_str().unwrap().to_owned()];
+    // The 202 comes before the publish: cut only once the warm-up is in its queue, or its
+    // confirm may be lost in the cut and the command rightly published again.
+    wait_for_queue_depth(&app, coupon, 1).await;
 
     proxy.cut();
     for &user in &users[1..] {

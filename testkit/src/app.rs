@@ -47,6 +47,17 @@ impl Answer {
     pub fn code(&self) -> &str {
         self.body["code"].as_str().unwrap_or("")
     }
+
+    /// The body of a `202` without where its command stands now (`queuePosition`,
+    /// `estimatedWaitMs`): what a replay of it repeats whatever settled in between.
+    pub fn accepted(&self) -> Value {
+        let mut body = self.body.clone();
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("queuePosition");
+            fields.remove("estimatedWaitMs");
+        }
+        body
+    }
 }
 
 pub async fn spawn_app() -> TestApp {

@@ -206,7 +206,7 @@ async fn a_command_whose_confirm_is_lost_is_published_again_and_settles_once() {
         .post_with_key("/orders", body.clone(), "order-once")
         .await;
     assert_eq!(again.status, StatusCode::ACCEPTED, "{again:?}");
-    assert_eq!(again.body, first.body);
+    assert_eq!(again.accepted(), first.accepted());
 
     let next = system.order(user, &[(product, 1)]).await;
     assert_eq!(next.status, StatusCode::ACCEPTED, "{next:?}");
@@ -248,7 +248,7 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
         .post_with_key(&path, json!({ "userId": user }), "issue-once")
         .await;
     assert_eq!(meanwhile.status, StatusCode::ACCEPTED, "{meanwhile:?}");
-    assert_eq!(meanwhile.body, first.body);
+    assert_eq!(meanwhile.accepted(), first.accepted());
 
     system.spawn_worker().await;
     assert_eq!(system.outcome(&request).await, "SUCCEEDED");
@@ -257,7 +257,7 @@ async fn a_command_stored_but_never_published_is_swept_and_settles_once() {
         .post_with_key(&path, json!({ "userId": user }), "issue-once")
         .await;
     assert_eq!(again.status, StatusCode::ACCEPTED, "{again:?}");
-    assert_eq!(again.body, first.body);
+    assert_eq!(again.accepted(), first.accepted());
     assert_eq!(again.headers["idempotent-replayed"], "true");
     assert_eq!(system.assert_coupon_invariants(coupon).await, 1);
 }
