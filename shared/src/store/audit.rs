@@ -160,6 +160,20 @@ impl Audit {
         }
         self.found.insert(check, total);
     }
+
+    /// Adds what `check`'s statement returned: its rows, each carrying the total found
+    /// (`count(*) OVER ()`, over the rows before the limit; no row means none found), each
+    /// listed as `detail` says.
+    fn record_rows<T>(
+        &mut self,
+        check: Check,
+        rows: Vec<T>,
+        total: impl Fn(&T) -> i64,
+        detail: impl FnMut(T) -> String,
+    ) {
+        let total = rows.first().map(total).unwrap_or(0);
+        self.record(check, total, rows.into_iter().map(detail).collect());
+    }
 }
 
 /// Seconds of a bound, as the statements take them.
@@ -183,12 +197,6 @@ pub async fn run(db: &PgPool, bounds: &AuditBounds) -> sqlx::Result<Audit> {
     Ok(audit)
 }
 
-/// Totals come with every row (`count(*) OVER ()`, over the rows before the limit); no row
-/// means none found.
-fn total_of<T>(rows: &[T], total: impl Fn(&T) -> i64) -> i64 {
-    rows.first().map(total).unwrap_or(0)
-}
-
 async fn product_reserved_units(db: &PgPool, audit: &mut Audit) -> sqlx::Result<()> {
     let rows = sqlx::query!(
         r#"SELECT p.id, p.reserved, COALESCE(r.units, 0)::int8 AS "held!", count(*) OVER () AS "total!"
@@ -202,17 +210,17 @@ async fn product_reserved_units(db: &PgPool, audit: &mut Audit) -> sqlx::Result<
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| {
+    audit.record_rows(
+        Check::ProductReservedUnits,
+        rows,
+        |r| r.total,
+        |r| {
             format!(
                 "product {}: reserved {}, RESERVED orders hold {}",
                 r.id, r.reserved, r.held
             )
-        })
-        .collect();
-    audit.record(Check::ProductReservedUnits, total, listed);
+        },
+    );
     Ok(())
 }
 
@@ -228,12 +236,12 @@ async fn balance_ledger(db: &PgPool, audit: &mut Audit) -> sqlx::Result<()> {
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| format!("user {}: balance {}, ledger {}", r.user_id, r.amount, r.ledger))
-        .collect();
-    audit.record(Check::BalanceLedger, total, listed);
+    audit.record_rows(
+        Check::BalanceLedger,
+        rows,
+        |r| r.total,
+        |r| format!("user {}: balance {}, ledger {}", r.user_id, r.amount, r.ledger),
+    );
     Ok(())
 }
 
@@ -249,17 +257,17 @@ async fn coupon_issued_holders(db: &PgPool, audit: &mut Audit) -> sqlx::Result<(
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| {
+    audit.record_rows(
+        Check::CouponIssuedHolders,
+        rows,
+        |r| r.total,
+        |r| {
             format!(
                 "coupon {}: issued {}, held by {}",
                 r.id, r.issued_quantity, r.holders
             )
-        })
-        .collect();
-    audit.record(Check::CouponIssuedHolders, total, listed);
+        },
+    );
     Ok(())
 }
 
@@ -288,10 +296,11 @@ async fn order_paid_event(db: &PgPool, audit: &mut Audit) -> sqlx::Result<()> {
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| {
+    audit.record_rows(
+        Check::OrderPaidEvent,
+        rows,
+        |r| r.total,
+        |r| {
             let ids = r.ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", ");
             let order = match &r.status {
                 Some(status) => format!("order {} ({status})", r.order_ref),
@@ -301,9 +310,8 @@ async fn order_paid_event(db: &PgPool, audit: &mut Audit) -> sqlx::Result<()> {
                 "{order}: {} order.paid events [{ids}], expected {}",
                 r.events, r.expected
             )
-        })
-        .collect();
-    audit.record(Check::OrderPaidEvent, total, listed);
+        },
+    );
     Ok(())
 }
 
@@ -320,17 +328,17 @@ async fn request_pending_overdue(db: &PgPool, bounds: &AuditBounds, audit: &mut 
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| {
+    audit.record_rows(
+        Check::RequestPendingOverdue,
+        rows,
+        |r| r.total,
+        |r| {
             format!(
                 "request {} ({}): PENDING for {} s, bound {bound} s",
                 r.id, r.kind, r.pending_secs
             )
-        })
-        .collect();
-    audit.record(Check::RequestPendingOverdue, total, listed);
+        },
+    );
     Ok(())
 }
 
@@ -348,19 +356,19 @@ async fn order_reserved_overdue(db: &PgPool, bounds: &AuditBounds, audit: &mut A
     )
     .fetch_all(db)
     .await?;
-    let total = total_of(&rows, |r| r.total);
-    let listed = rows
-        .into_iter()
-        .map(|r| {
+    audit.record_rows(
+        Check::OrderReservedOverdue,
+        rows,
+        |r| r.total,
+        |r| {
             format!(
                 "order {}: RESERVED {} s past its reserved_until {}, bound {bound} s",
                 r.id,
                 r.overdue_secs,
                 r.reserved_until.to_rfc3339()
             )
-        })
-        .collect();
-    audit.record(Check::OrderReservedOverdue, total, listed);
+        },
+    );
     Ok(())
 }
 
