@@ -86,7 +86,10 @@ async fn wait_for_queue_depth(app: &TestApp, coupon: i64, depth: u32) {
         if declared.message_count() >= depth {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{queue} never held {depth} messages");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} never held {depth} messages"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = connection.close(200, "done".into()).await;
