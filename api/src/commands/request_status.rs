@@ -109,9 +109,10 @@ pub struct RequestStatus {
     partition_key: i64,
 }
 
-/// A request's row as the reads select it: [`RequestStatus`] without `order_id` and the
-/// place in the queue, which are not columns (`query_as!` fills every field of its struct
-/// from the row).
+/// A request's row as the reads select it: [`RequestStatus`] without `order_id` (a column
+/// of `requests`, but part of a request only in the answer to a command that waited for
+/// it, which sets it) and the place in the queue, which is not a column (`query_as!` fills
+/// every field of its struct from the row).
 pub struct RequestRow {
     pub request_id: Uuid,
     pub kind: String,
