@@ -2,9 +2,10 @@
 //! `202 Accepted` with its status URL as soon as that commit is durable.
 //!
 //! PostgreSQL is the command log: the commit is the one durable write before the answer.
-//! Publishing to RabbitMQ follows it ([`crate::commands::relay`], fed by [`crate::commands::intake`] in commit
-//! order), so a broker that is down or slow neither fails nor delays the answer, and a 503
-//! means only that PostgreSQL could not be reached (nothing was stored).
+//! Publishing to RabbitMQ follows it ([`crate::commands::relay`], fed by
+//! [`crate::commands::intake`] in commit order), so a broker that is down or slow neither
+//! fails nor delays the answer, and a 503 means only that PostgreSQL could not be reached
+//! (nothing was stored).
 
 use std::time::Duration;
 

@@ -11,8 +11,8 @@
 //! A batch that fails for a reason other than an unreachable database is settled again one
 //! command at a time, in order, so one bad command cannot hold back the others. A command
 //! that keeps failing is dead-lettered (its request is then marked failed by
-//! [`crate::dead_letters::dead_letter_consumer`]). An unreachable database is waited out without giving up the
-//! messages, so an outage never burns through delivery attempts.
+//! [`crate::dead_letters::dead_letter_consumer`]). An unreachable database is waited out
+//! without giving up the messages, so an outage never burns through delivery attempts.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;

@@ -6,8 +6,8 @@ use uuid::Uuid;
 
 use crate::settling::pipeline::{LockedState, SettleError};
 
-/// Reads the result sets of [`OrderCommands::lock_state`](super::OrderCommands::lock_state), in its order, as the book the
-/// batch is decided on.
+/// Reads the result sets of [`OrderCommands::lock_state`](super::OrderCommands::lock_state),
+/// in its order, as the book the batch is decided on.
 pub(super) fn read_book(mut state: LockedState, max_reserved_orders: i64) -> Result<OrderBook, SettleError> {
     let orders = state
         .rows::<(Uuid, i64, OrderStatus, i64)>()?

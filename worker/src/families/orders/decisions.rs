@@ -14,7 +14,8 @@ use crate::settling::pipeline::{Decision, PendingRequest};
 /// `pending` (a batch in broker order) with the creation of each order it pays for
 /// settled right before the order's first payment, where the creation is later in the
 /// batch or one of `creations` (locked beside the batch by
-/// [`OrderCommands::lock_requests`](super::OrderCommands::lock_requests)); a creation's own later place in the batch is dropped.
+/// [`OrderCommands::lock_requests`](super::OrderCommands::lock_requests)); a creation's own
+/// later place in the batch is dropped.
 pub fn with_creations_first(
     pending: Vec<PendingRequest>,
     creations: Vec<PendingRequest>,
