@@ -32,10 +32,10 @@
 //! user's previous lock holder committed; a count inside the locking statement would read
 //! the snapshot from before the wait.
 //!
-//! - [`book`]: the rows the batch locked, read as the order book it is decided on.
-//! - [`decisions`]: each command decided on that book, creations before the payments of
+//! - `book`: the rows the batch locked, read as the order book it is decided on.
+//! - `decisions`: each command decided on that book, creations before the payments of
 //!   their orders: a reservation or a payment, counted.
-//! - [`writes`]: what the book changed, as the parameters of the batch's write statement and
+//! - `writes`: what the book changed, as the parameters of the batch's write statement and
 //!   the stock changes sent with its `COMMIT`.
 
 mod book;
