@@ -9,8 +9,8 @@ use shared::config::{flag, var, BrokerSettings, ConfigError, DatabaseSettings, T
 use shared::messaging::topology::Topology;
 use shared::store::audit::AuditBounds;
 
-use crate::connections::ConnectionSettings;
-use crate::intake::IntakeSettings;
+use crate::commands::intake::IntakeSettings;
+use crate::http::connections::ConnectionSettings;
 
 /// The admin token used when `ADMIN_TOKEN` is unset, accepted only in development mode.
 pub const DEV_ADMIN_TOKEN: &str = "dev-admin-token";
@@ -302,7 +302,7 @@ fn optional_header(name: &str) -> Result<Option<HeaderName>, ConfigError> {
 
 fn networks(name: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
     let raw: String = var(name, String::new())?;
-    crate::forwarded::parse_networks(&raw).map_err(|reason| ConfigError {
+    crate::http::forwarded::parse_networks(&raw).map_err(|reason| ConfigError {
         name: name.to_owned(),
         value: raw,
         reason,

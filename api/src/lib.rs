@@ -5,78 +5,28 @@
 //! `202 Accepted` with a status URL.
 //!
 //! # Layout
-//! - [`users`], [`tokens`], [`balance`], [`products`], [`coupons`], [`orders`], [`requests`],
-//!   [`popular`], [`admin`], [`consistency_audit`]: one router per part of the contract.
+//! - [`routes`]: one module per part of the contract, each with its `router()`, merged
+//!   here by [`router`]; `/openapi.json` and `/docs` among them.
+//! - [`commands`]: the command path: a coupon or order command checked, stored as a
+//!   `PENDING` request (the one durable write), answered `202`, published by the relay;
+//!   then what a client learns of it until it settles (status, place in queue, waiting).
+//! - [`http`]: HTTP plumbing every route relies on: the server and its timeouts, connection
+//!   bounds, who is calling, rate limits, load shedding, extractors, pages, metrics.
 //! - [`config`]: the api's settings; [`state`]: what every handler can reach.
-//! - [`commands`]: the asynchronous path: store the request (the one durable write), 202.
-//! - [`intake`]: group commit: the commands accepted at the same moment written by one
-//!   statement, then handed to the relay.
-//! - [`relay`]: publishes the stored commands after their commit, in acceptance order, with
-//!   the broker's confirms, again until confirmed; this api's heartbeat for the sweeper.
-//! - [`coupon_checks`], [`order_checks`]: what a coupon issue, an order or a payment is
-//!   checked for before it is accepted, read for many requests at once.
-//! - [`backpressure`]: 429 while a family's queues are deeper than their limit.
-//! - [`auth`]: who is calling: the [`auth::Caller`] extractor of every route that acts for
-//!   a user, and the admin token.
-//! - [`limits`]: per-user and per-client-address rate limits; [`forwarded`]: the client's
-//!   address behind trusted proxies.
-//! - [`server`]: hyper with header, body, write and handler timeouts; [`connections`]: the
-//!   open-files limit, connections bounded per client and in total, TCP keepalive.
-//! - [`shedding`]: reads past their bound answered 503 at once.
-//! - [`health`], [`observability`]: readiness, liveness, request metrics; `/metrics` is
-//!   served on its own address, never the public one.
-//! - [`error`], [`extract`]: the contract's error answers, also for malformed input.
-//! - [`idempotency`]: `Idempotency-Key`, stored in PostgreSQL.
-//! - [`pagination`]: cursor pages (`limit`, `cursor`).
-//! - [`polling`]: `Location` and `Retry-After` of pending requests, set in one place.
+//! - [`error`]: the API's error type, the contract's error answers.
 //! - [`batched`]: reads that concurrent requests share, many per statement.
-//! - [`waiting`]: clients that wait for their request to settle, woken by the workers.
-//! - [`request_status`]: a request as clients see it, one of a user's or many settled at once.
-//! - [`request_stream`]: a user's requests as they settle, as server-sent events, resumable.
-//! - [`queue_position`]: where a pending request stands in its partition, and how long it
-//!   may wait; [`partitions`]: every partition at a glance, for operators (`/admin/partitions`).
-//! - [`openapi`]: `/openapi.json`, generated from the handlers.
-//! - [`docs`]: `/docs`, Swagger UI over `/openapi.json`, its files built into the binary.
+//!
+//! Routes call into the command path and the plumbing; the command path and the plumbing
+//! never reach a route's handlers (they share only the OpenAPI schemas of
+//! [`routes::openapi`]).
 
-pub mod admin;
-pub mod auth;
-pub mod backpressure;
-pub mod balance;
 pub mod batched;
 pub mod commands;
 pub mod config;
-pub mod connections;
-pub mod consistency_audit;
-pub mod coupon_checks;
-pub mod coupons;
-pub mod docs;
 pub mod error;
-pub mod extract;
-pub mod forwarded;
-pub mod health;
-pub mod idempotency;
-pub mod intake;
-pub mod limits;
-pub mod observability;
-pub mod openapi;
-pub mod order_checks;
-pub mod orders;
-pub mod pagination;
-pub mod partitions;
-pub mod polling;
-pub mod popular;
-pub mod products;
-pub mod queue_position;
-pub mod relay;
-pub mod request_status;
-pub mod request_stream;
-pub mod requests;
-pub mod server;
-pub mod shedding;
+pub mod http;
+pub mod routes;
 pub mod state;
-pub mod tokens;
-pub mod users;
-pub mod waiting;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -98,13 +48,19 @@ use utoipa_axum::router::OpenApiRouter;
 pub use config::ApiConfig;
 pub use state::AppState;
 
-use crate::auth::Authenticator;
-use crate::backpressure::Backpressure;
+use crate::commands::backpressure::Backpressure;
+use crate::commands::intake::Intake;
+use crate::commands::order_checks::OrderChecks;
+use crate::commands::relay::{CommandRelay, RelayTasks};
+use crate::commands::{coupon_checks, idempotency, queue_position, waiting};
 use crate::error::ApiError;
-use crate::intake::Intake;
-use crate::limits::RateLimits;
-use crate::order_checks::OrderChecks;
-use crate::relay::{CommandRelay, RelayTasks};
+use crate::http::auth::Authenticator;
+use crate::http::limits::RateLimits;
+use crate::http::{connections, observability, server, shedding};
+use crate::routes::{
+    admin, balance, coupons, docs, health, openapi, orders, popular, products, request_stream, requests,
+    tokens, users,
+};
 
 /// A built API bound to its address, ready to serve.
 pub struct Application {

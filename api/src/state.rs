@@ -6,19 +6,19 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use shared::messaging::broker::Broker;
 use sqlx::PgPool;
 
-use crate::auth::Authenticator;
-use crate::backpressure::Backpressure;
+use crate::commands::backpressure::Backpressure;
+use crate::commands::coupon_checks::{CouponChecks, SoldOut};
+use crate::commands::idempotency::KeyAnswers;
+use crate::commands::intake::Intake;
+use crate::commands::order_checks::OrderChecks;
+use crate::commands::queue_position::QueuePositions;
+use crate::commands::relay::CommandRelay;
+use crate::commands::waiting::Waiters;
 use crate::config::ApiConfig;
-use crate::coupon_checks::{CouponChecks, SoldOut};
-use crate::health::Readiness;
-use crate::idempotency::KeyAnswers;
-use crate::intake::Intake;
-use crate::limits::RateLimits;
-use crate::order_checks::OrderChecks;
-use crate::queue_position::QueuePositions;
-use crate::relay::CommandRelay;
-use crate::shedding::ReadShedding;
-use crate::waiting::Waiters;
+use crate::http::auth::Authenticator;
+use crate::http::limits::RateLimits;
+use crate::http::shedding::ReadShedding;
+use crate::routes::health::Readiness;
 
 /// Extractors take the parts they need through `FromRef`, so that the modules defining
 /// them need not know this struct (and it can hold their types without a cycle).

@@ -49,7 +49,7 @@ async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_sockets_from_one_address_never_keep_the_api_from_answering_others() {
     // This test's own sockets need descriptors too.
-    api::connections::raise_open_files_limit();
+    api::http::connections::raise_open_files_limit();
     let app = spawn_app().await;
     let metrics_addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -403,7 +403,8 @@ async fn a_forwarded_address_is_believed_only_from_trusted_proxies_and_only_as_f
     let trusting = spawn_app_with(|config| {
         config.limits.signups_per_min = 1;
         config.limits.signups_burst = 1;
-        config.limits.trusted_proxies = api::forwarded::parse_networks("127.0.0.0/8, 10.0.0.0/8").unwrap();
+        config.limits.trusted_proxies =
+            api::http::forwarded::parse_networks("127.0.0.0/8, 10.0.0.0/8").unwrap();
     })
     .await;
     // Two trusted hops (10.0.0.9 and the peer): each client is who the outer hop saw, and
@@ -422,7 +423,7 @@ async fn a_forwarded_address_is_believed_only_from_trusted_proxies_and_only_as_f
     let elsewhere = spawn_app_with(|config| {
         config.limits.signups_per_min = 1;
         config.limits.signups_burst = 1;
-        config.limits.trusted_proxies = api::forwarded::parse_networks("10.0.0.0/8").unwrap();
+        config.limits.trusted_proxies = api::http::forwarded::parse_networks("10.0.0.0/8").unwrap();
     })
     .await;
     assert_eq!(

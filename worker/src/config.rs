@@ -40,7 +40,7 @@ pub struct WorkerConfig {
     pub lease_ttl: Duration,
     /// `STALLED_CONSUMER_AFTER_MS`: how long a partition's queue may hold ready messages
     /// that never reach its waiting consumer before the consumer subscribes again on a new
-    /// channel (see `crate::stall_watch`). The queue is asked every half of it (between 0.25
+    /// channel (see `crate::partitions::stall_watch`). The queue is asked every half of it (between 0.25
     /// and 5 s), and only while the consumer waits with nothing in hand.
     pub stalled_consumer_after: Duration,
     /// `WORKER_SETTLE_ATTEMPTS`: tries of a command that fails for a reason other than an
@@ -54,7 +54,7 @@ pub struct WorkerConfig {
     /// alike.
     pub max_reserved_orders_per_user: i64,
     /// `SHARED_ROWS_AT_COMMIT`: an order batch reads product rows unlocked and changes them
-    /// in the message that commits (on by default, see `crate::pipeline`); off, it locks
+    /// in the message that commits (on by default, see `crate::settling::pipeline`); off, it locks
     /// them up front like every other row (the design before, kept to measure against).
     pub shared_rows_at_commit: bool,
     /// `OUTBOX_RELAY_ENABLED`: publish outbox events from this replica (on by default; off

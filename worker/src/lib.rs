@@ -3,37 +3,30 @@
 //! partitions through leases in PostgreSQL.
 //!
 //! # Layout
-//! - [`config`]: the worker's settings.
-//! - [`coordinator`]: which partitions this replica consumes, rebalanced every heartbeat.
-//! - [`leases`]: replica presence and partition leases in PostgreSQL.
-//! - [`consumer`]: the serial consumer of one partition queue.
-//! - [`stall_watch`]: notices a consumer the broker keeps registered and feeds nothing.
-//! - [`settle`]: one transaction per batch, fenced by the lease, acked after commit.
-//! - [`pipeline`]: what that settlement asks of each command family.
-//! - [`coupons`]: the coupon family: issues, applied to a batch.
-//! - [`orders`]: the order family: stock reservation and payment settlement.
-//! - [`outbox`]: publishes events after commit to `ecommerce.events`.
+//! - [`partitions`]: who consumes which partition: replica presence and leases in
+//!   PostgreSQL, the coordinator that rebalances them, the serial consumer of one partition
+//!   queue, and the watch on a consumer the broker stopped feeding.
+//! - [`settling`]: one transaction per batch, fenced by the lease, acked after commit, and
+//!   what that settlement asks of each command family.
+//! - [`families`]: the command families: coupon issues, and orders with their payments.
+//! - [`dead_letters`]: commands that could not be settled: their requests failed, their
+//!   messages parked, and the operators' command over the parked letters.
+//! - [`relay`]: what PostgreSQL holds published after commit: events to `ecommerce.events`,
+//!   and commands whose api died before publishing them.
 //! - [`dataplatform`]: `worker data-platform`, a stand-in consumer of those events.
-//! - [`dead_letter_consumer`]: marks requests of dead-lettered commands failed and parks the
-//!   messages.
-//! - [`parked_letters`]: `worker dead-letters list | replay | discard`, the operators' command
-//!   over the parked letters.
-//! - [`sweeper`]: re-publishes requests whose publish was never confirmed.
+//! - [`config`]: the worker's settings.
+//!
+//! A partition's consumer hands each batch to the settlement, which hands each family its
+//! commands through one trait ([`settling::pipeline::CommandFamily`]); a batch that keeps
+//! failing goes to the dead letters; the relay publishes what a settlement wrote.
 
 pub mod config;
-pub mod consumer;
-pub mod coordinator;
-pub mod coupons;
 pub mod dataplatform;
-pub mod dead_letter_consumer;
-pub mod leases;
-pub mod orders;
-pub mod outbox;
-pub mod parked_letters;
-pub mod pipeline;
-pub mod settle;
-pub mod stall_watch;
-pub mod sweeper;
+pub mod dead_letters;
+pub mod families;
+pub mod partitions;
+pub mod relay;
+pub mod settling;
 
 use std::sync::Arc;
 
@@ -46,6 +39,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use config::WorkerConfig;
+
+use crate::dead_letters::dead_letter_consumer;
+use crate::families::{coupons, orders};
+use crate::partitions::{consumer, coordinator};
+use crate::relay::{outbox, sweeper};
+use crate::settling::{pipeline, settle};
 
 /// What every task of a replica shares.
 pub struct Context {

@@ -16,7 +16,10 @@ async fn main() -> anyhow::Result<()> {
         None => worker::run(config, shutdown).await,
         Some("data-platform") => worker::dataplatform::run(config, shutdown).await,
         Some("dead-letters") => {
-            print!("{}", worker::parked_letters::run(config, &args[1..]).await?);
+            print!(
+                "{}",
+                worker::dead_letters::parked_letters::run(config, &args[1..]).await?
+            );
             Ok(())
         }
         Some(other) => {

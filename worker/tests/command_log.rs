@@ -309,7 +309,7 @@ async fn a_sweep_that_fails_part_way_is_done_again_by_a_later_pass() {
     // migration made for requests stored before the command log) may be swept first.
     let mut error = None;
     for _ in 0..5 {
-        if let Err(e) = worker::sweeper::sweep_once(&ctx).await {
+        if let Err(e) = worker::relay::sweeper::sweep_once(&ctx).await {
             error = Some(format!("{e:#}"));
             break;
         }
@@ -333,7 +333,7 @@ async fn a_sweep_that_fails_part_way_is_done_again_by_a_later_pass() {
         .unwrap();
     let mut published = 0;
     for _ in 0..5 {
-        published += worker::sweeper::sweep_once(&ctx).await.unwrap();
+        published += worker::relay::sweeper::sweep_once(&ctx).await.unwrap();
     }
     assert_eq!(published, 2, "both requests of the dead api, again");
     ctx.publisher.close().await;

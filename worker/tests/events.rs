@@ -267,7 +267,7 @@ async fn a_backlog_of_many_events_is_published_once_each_and_deleted_a_pass_at_a
     .await
     .unwrap();
     let ctx = std::sync::Arc::new(system.worker_context());
-    let backlog = worker::outbox::backlog(&ctx).await.unwrap();
+    let backlog = worker::relay::outbox::backlog(&ctx).await.unwrap();
     assert_eq!(backlog.unpublished, EVENTS);
     assert!(
         backlog.oldest_age_secs >= 60.0,
@@ -276,12 +276,15 @@ async fn a_backlog_of_many_events_is_published_once_each_and_deleted_a_pass_at_a
 
     // Another replica's relay holds the lock: this one skips its passes, sweeps included,
     // and publishes nothing.
-    let held = worker::outbox::RelayLock::try_acquire(&system.app.db)
+    let held = worker::relay::outbox::RelayLock::try_acquire(&system.app.db)
         .await
         .unwrap()
         .expect("nobody else relays");
     let stop = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(worker::outbox::run(std::sync::Arc::clone(&ctx), stop.clone()));
+    let relay = tokio::spawn(worker::relay::outbox::run(
+        std::sync::Arc::clone(&ctx),
+        stop.clone(),
+    ));
     ctx.outbox_written.notify_one();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
@@ -332,12 +335,12 @@ async fn a_backlog_of_many_events_is_published_once_each_and_deleted_a_pass_at_a
     }
     stop.cancel();
     relay.await.unwrap();
-    let backlog = worker::outbox::backlog(&ctx).await.unwrap();
+    let backlog = worker::relay::outbox::backlog(&ctx).await.unwrap();
     assert_eq!((backlog.unpublished, backlog.oldest_age_secs), (0, 0.0));
 
     // Nothing claimed or marked: no statement updated an outbox row. Each event deleted
     // once, by statements that each carried a whole pass: at most one per full batch.
-    let passes = (EVENTS + worker::outbox::BATCH - 1) / worker::outbox::BATCH;
+    let passes = (EVENTS + worker::relay::outbox::BATCH - 1) / worker::relay::outbox::BATCH;
     let (updates, deletes, deleted): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE op = 'UPDATE' AND rows > 0),
                 count(*) FILTER (WHERE op = 'DELETE' AND rows > 0),

@@ -780,7 +780,7 @@ async fn a_command_returned_unread_past_its_delivery_limit_is_sent_back_a_bounde
 
     // The second: sent back twice, still PENDING; the third time it is taken as poison.
     let (id, queue) = requests[1].clone();
-    for round in 1..=worker::dead_letter_consumer::REVIVALS {
+    for round in 1..=worker::dead_letters::dead_letter_consumer::REVIVALS {
         assert_eq!(exhaust(id.clone(), queue.clone(), round).await, "PENDING");
         assert_eq!(revivals(id.clone()).await, round);
     }

@@ -18,7 +18,7 @@ use sqlx::postgres::PgPoolOptions;
 use testkit::System;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
-use worker::leases::Lease;
+use worker::partitions::leases::Lease;
 
 /// An empty `Sync` message: how sqlx's pool checks a connection.
 const PING: &[u8] = b"S\0\0\0\x04";
@@ -134,14 +134,14 @@ impl Bench {
             .unwrap();
         let mut ctx = system.worker_context();
         ctx.db = db;
-        worker::leases::ensure_rows(&ctx.db, &system.app.topology)
+        worker::partitions::leases::ensure_rows(&ctx.db, &system.app.topology)
             .await
             .unwrap();
         Self { system, ctx, wire }
     }
 
     async fn lease(&self, family: Family) -> Lease {
-        worker::leases::acquire(
+        worker::partitions::leases::acquire(
             &self.system.app.db,
             self.ctx.replica,
             family,
@@ -156,7 +156,9 @@ impl Bench {
     /// Settles `ids` as one batch and returns what it cost on the wire.
     async fn settle(&self, lease: &Lease, ids: &[Uuid]) -> Cost {
         let before = self.wire.lock().unwrap().flights.len();
-        worker::settle::settle_batch(&self.ctx, lease, ids).await.unwrap();
+        worker::settling::settle::settle_batch(&self.ctx, lease, ids)
+            .await
+            .unwrap();
         // The pool checks a connection given back in a task of its own: wait until it is
         // idle again, so its check is not counted in the next batch.
         while self.ctx.db.num_idle() < 1 {

@@ -3,7 +3,7 @@
 //! hot row is locked only from that update to the statement's own commit.
 
 use api::error::{ApiError, Result};
-use api::extract::Json;
+use api::http::extract::Json;
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use api::error::{ApiError, Result};
-use api::extract::Json;
+use api::http::extract::Json;
 use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;

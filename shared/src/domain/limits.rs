@@ -4,7 +4,7 @@
 //!
 //! The api asks these rules with what it read outside any transaction, to refuse at once;
 //! the worker asks them again under the locks that settle the order, which is where they
-//! hold (`worker::orders`).
+//! hold (`worker::families::orders`).
 
 use crate::domain::error::{ErrorBody, ErrorCode};
 use crate::domain::order::OrderStatus;

@@ -1,0 +1,10 @@
+//! Settling a batch of commands: one PostgreSQL transaction per batch, fenced by the
+//! partition's lease, acked only after it commits.
+//!
+//! - [`settle`]: the transaction, its three round trips, its retries, the ack.
+//! - [`pipeline`]: what that settlement asks of a command family ([`pipeline::CommandFamily`])
+//!   and what it hands it, so the mechanism stays the same for every family
+//!   ([`crate::families`]).
+
+pub mod pipeline;
+pub mod settle;
