@@ -153,7 +153,7 @@ fn is_secret_key(key: &str) -> bool {
 
 impl DatabaseSettings {
     /// The private cluster that `scripts/services` runs for development.
-    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:55432/ecommerce";
+    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:15432/ecommerce";
 
     /// Settings for `url` with `max_connections`, and the default timeouts.
     pub fn new(url: impl Into<String>, max_connections: u32) -> Self {
@@ -201,7 +201,7 @@ pub struct BrokerSettings {
 
 impl BrokerSettings {
     /// The private node that `scripts/services` runs for development.
-    pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:55672/%2f";
+    pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:15682/%2f";
 
     /// The nodes' URLs, in the order given (at least one: an empty list is the default).
     pub fn nodes(&self) -> Vec<&str> {
