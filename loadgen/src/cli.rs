@@ -62,7 +62,7 @@ pub struct Common {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+        default_value = "postgres://postgres@127.0.0.1:15432/ecommerce"
     )]
     pub database_url: String,
     /// Bearer token of the /admin routes.
@@ -192,7 +192,7 @@ pub struct CheckoutArgs {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:15682/%2f"
     )]
     pub amqp_url: String,
     /// The `AMQP_PREFIX` the api and workers run with, for the tap.
@@ -236,7 +236,7 @@ pub struct BaselineArgs {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+        default_value = "postgres://postgres@127.0.0.1:15432/ecommerce"
     )]
     pub database_url: String,
     /// pgbench clients (connections); lowered to what PostgreSQL's max_connections leaves free.
@@ -274,7 +274,7 @@ pub struct PeerArgs {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ecommerce"
+        default_value = "postgres://postgres@127.0.0.1:15432/ecommerce"
     )]
     pub database_url: String,
 }
@@ -293,7 +293,7 @@ pub struct CleanupArgs {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:15682/%2f"
     )]
     pub amqp_url: String,
     /// The prefix to delete; must not be empty.
@@ -361,13 +361,13 @@ pub struct FaultsArgs {
     #[arg(
         long,
         env = "FAULTS_PG_SERVER",
-        default_value = "postgres://postgres@127.0.0.1:5432"
+        default_value = "postgres://postgres@127.0.0.1:15432"
     )]
     pub pg_server: String,
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:15682/%2f"
     )]
     pub amqp_url: String,
     #[arg(long, env = "ADMIN_TOKEN", default_value = "dev-admin-token")]

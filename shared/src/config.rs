@@ -152,7 +152,8 @@ fn is_secret_key(key: &str) -> bool {
 }
 
 impl DatabaseSettings {
-    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:5432/ecommerce";
+    /// The private cluster that `scripts/services` runs for development.
+    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:15432/ecommerce";
 
     /// Settings for `url` with `max_connections`, and the default timeouts.
     pub fn new(url: impl Into<String>, max_connections: u32) -> Self {
@@ -199,7 +200,8 @@ pub struct BrokerSettings {
 }
 
 impl BrokerSettings {
-    pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// The private node that `scripts/services` runs for development.
+    pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:15682/%2f";
 
     /// The nodes' URLs, in the order given (at least one: an empty list is the default).
     pub fn nodes(&self) -> Vec<&str> {

@@ -6,7 +6,7 @@ use sqlx::{Connection, Executor, PgConnection};
 /// The server tests create their databases on (`TEST_DATABASE_URL`, else a local default).
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/test".to_owned())
 }
 
 /// Sends the logs of what a test runs in-process (the API) to the test's captured output,

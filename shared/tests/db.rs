@@ -6,7 +6,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:15432/test".to_owned())
 }
 
 /// Found in review: "too many connections" (53300) was taken for a bad query, so a worker
