@@ -40,7 +40,7 @@ use shared::domain::command::{OrderCreate, OrderPay, RequestKind, RequestResult,
 use shared::domain::error::ErrorCode;
 use shared::domain::events::OrderPaid as OrderPaidEvent;
 use shared::domain::limits::HOLDING_STATUSES;
-use shared::domain::money::Discount;
+use shared::domain::money::{Discount, DiscountType, LedgerKind};
 use shared::domain::order::OrderStatus;
 use shared::domain::order_book::{
     rejects_order, Changes, HeldCoupon, Line, Order, OrderBook, PaymentContext, Product, Rows, StockChange,
@@ -320,7 +320,7 @@ impl CommandFamily for OrderCommands {
             WHERE b.user_id = ANY($18) AND b.user_id = d.user_id),
          ledger AS (
             INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
-            SELECT l.user_id, 'PAYMENT', l.amount, l.balance_after, l.order_id
+            SELECT l.user_id, $36::text, l.amount, l.balance_after, l.order_id
             FROM UNNEST($20::bigint[], $21::bigint[], $22::bigint[], $23::uuid[])
                  AS l(user_id, amount, balance_after, order_id)),
          used AS (
@@ -488,7 +488,7 @@ struct HeldCouponRow {
     user_id: i64,
     coupon_id: i64,
     used: bool,
-    discount_type: String,
+    discount_type: DiscountType,
     discount_value: i64,
     expired: bool,
     all_products: bool,
@@ -501,7 +501,7 @@ impl From<HeldCouponRow> for HeldCoupon {
             user_id: row.user_id,
             coupon_id: row.coupon_id,
             used: row.used,
-            discount: Discount::parse(&row.discount_type, row.discount_value),
+            discount: Discount::new(row.discount_type, row.discount_value),
             expired: row.expired,
             all_products: row.all_products,
         }
@@ -572,7 +572,8 @@ struct Writes {
     event_ids: Vec<Uuid>,
     /// `order.paid` events, each written to the outbox as the one JSON value it serializes to.
     events: Vec<sqlx::types::Json<OrderPaidEvent>>,
-    /// Per changed order (beside `order_ids`), the event its payment wrote; last, as `$35`.
+    /// Per changed order (beside `order_ids`), the event its payment wrote, as `$35`; the
+    /// ledger entries' kind (`$36`, always a payment here) follows it.
     paid_event_ids: Vec<Option<Uuid>>,
 }
 
@@ -658,6 +659,7 @@ impl Writes {
         args.add(self.event_ids)?;
         args.add(self.events)?;
         args.add(self.paid_event_ids)?;
+        args.add(LedgerKind::Payment)?;
         Ok(())
     }
 }
