@@ -73,10 +73,17 @@ pub struct PendingOrder {
     pub order_id: Uuid,
     pub user_id: i64,
     pub total: i64,
-    pub product_ids: Vec<i64>,
-    pub names: Vec<String>,
-    pub unit_prices: Vec<i64>,
-    pub quantities: Vec<i64>,
+    /// In the order the client listed them.
+    pub lines: Vec<QuotedLine>,
+}
+
+/// A line of a [`PendingOrder`], with the product's name and price when it was quoted.
+#[derive(Debug, Clone)]
+pub struct QuotedLine {
+    pub product_id: i64,
+    pub name: String,
+    pub unit_price: i64,
+    pub quantity: i64,
 }
 
 /// What a command creates along with its request, so that it can be read before a worker
@@ -337,15 +344,12 @@ impl OrderColumns {
         self.ids.push(order.order_id);
         self.users.push(order.user_id);
         self.totals.push(order.total);
-        for i in 0..order.product_ids.len() {
+        for line in &order.lines {
             self.line_orders.push(order.order_id);
-            self.line_products.push(order.product_ids[i]);
-            self.line_names
-                .push(order.names.get(i).cloned().unwrap_or_default());
-            self.line_prices
-                .push(order.unit_prices.get(i).copied().unwrap_or_default());
-            self.line_quantities
-                .push(order.quantities.get(i).copied().unwrap_or_default());
+            self.line_products.push(line.product_id);
+            self.line_names.push(line.name.clone());
+            self.line_prices.push(line.unit_price);
+            self.line_quantities.push(line.quantity);
         }
     }
 }

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::batched::Batched;
-use crate::commands::intake::PendingOrder;
+use crate::commands::intake::{PendingOrder, QuotedLine};
 use crate::error::{ApiError, Result};
 
 /// Most checks of one kind read by one statement.
@@ -82,18 +82,15 @@ impl OrderChecks {
     /// moment can pass them together here, and the worker, which counts under the locks
     /// that settle the orders, refuses those past a limit.
     pub async fn quote(&self, order: &OrderCreate, cap: i64) -> Result<PendingOrder> {
-        let ids: Vec<i64> = order.items.iter().map(|l| l.product_id).collect();
         let facts = self
             .quotes
             .read(QuoteQuery {
                 user_id: order.user_id,
-                product_ids: ids.clone(),
+                product_ids: order.items.iter().map(|l| l.product_id).collect(),
             })
             .await?;
-        let mut names = Vec::new();
-        let mut prices = Vec::new();
-        let mut quantities = Vec::new();
-        let mut limited = Vec::new();
+        let mut lines = Vec::with_capacity(order.items.len());
+        let mut limited = Vec::with_capacity(order.items.len());
         for line in &order.items {
             let product = facts.products.get(&line.product_id).ok_or_else(|| {
                 ApiError::new(
@@ -101,9 +98,12 @@ impl OrderChecks {
                     format!("no product {}", line.product_id),
                 )
             })?;
-            names.push(product.name.clone());
-            prices.push(product.price);
-            quantities.push(line.quantity);
+            lines.push(QuotedLine {
+                product_id: line.product_id,
+                name: product.name.clone(),
+                unit_price: product.price,
+                quantity: line.quantity,
+            });
             limited.push(LimitedLine {
                 product_id: line.product_id,
                 quantity: line.quantity,
@@ -118,16 +118,13 @@ impl OrderChecks {
         {
             return Err(ApiError::Client(refusal));
         }
-        let total = order_total(prices.iter().copied().zip(quantities.iter().copied()))
+        let total = order_total(lines.iter().map(|l| (l.unit_price, l.quantity)))
             .ok_or_else(|| invalid_items("the order total is too large"))?;
         Ok(PendingOrder {
             order_id: order.order_id,
             user_id: order.user_id,
             total,
-            product_ids: ids,
-            names,
-            unit_prices: prices,
-            quantities,
+            lines,
         })
     }
 

@@ -1,10 +1,10 @@
-//! A request as clients see it ([`RequestStatus`]), and its reads: one of a user's, or many
+//! A request as clients see it ([`RequestView`]), and its reads: one of a user's, or many
 //! settled ones at once for their waiters ([`crate::commands::waiting`]). A pending one is placed in
 //! its partition's queue ([`place_in_queues`]) before it is answered.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use shared::domain::command::{RequestKind, RequestStatus as Status};
+use shared::domain::command::{RequestKind, RequestStatus};
 use shared::domain::ids::UserId;
 use sqlx::PgPool;
 use utoipa::ToSchema;
@@ -26,7 +26,7 @@ pub struct Accepted {
     pub kind: RequestKind,
     /// Always `PENDING` here.
     #[schema(value_type = String)]
-    pub status: Status,
+    pub status: RequestStatus,
     /// Where to poll: `/requests/{requestId}`.
     pub status_url: String,
     /// The order an `ORDER_CREATE` creates.
@@ -51,7 +51,7 @@ impl Accepted {
         Self {
             request_id,
             kind,
-            status: Status::Pending,
+            status: RequestStatus::Pending,
             status_url: format!("/requests/{request_id}"),
             order_id: creates.filter(|_| kind == RequestKind::OrderCreate),
             queue_position: None,
@@ -70,15 +70,20 @@ fn millis(wait: std::time::Duration) -> u64 {
     u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A request as `GET /requests/{requestId}` answers it; the contract's (and the OpenAPI
+/// document's) `RequestStatus`, named apart from the domain's status of a request.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RequestStatus {
+#[schema(as = RequestStatus)]
+pub struct RequestView {
     pub request_id: Uuid,
     /// `COUPON_ISSUE`, `ORDER_CREATE` or `ORDER_PAY`.
     #[serde(rename = "type")]
-    kind: String,
+    #[schema(value_type = String)]
+    kind: RequestKind,
     /// `PENDING`, then `SUCCEEDED` or `FAILED` for good.
-    status: String,
+    #[schema(value_type = String)]
+    status: RequestStatus,
     created_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     completed_at: Option<DateTime<Utc>>,
@@ -109,22 +114,22 @@ pub struct RequestStatus {
     partition_key: i64,
 }
 
-/// A request's row as the reads select it: [`RequestStatus`] without `order_id` (a column
+/// A request's row as the reads select it: [`RequestView`] without `order_id` (a column
 /// of `requests`, but part of a request only in the answer to a command that waited for
 /// it, which sets it) and the place in the queue, which is not a column (`query_as!` fills
 /// every field of its struct from the row).
 pub struct RequestRow {
     pub request_id: Uuid,
-    pub kind: String,
+    pub kind: RequestKind,
     pub partition_key: i64,
-    pub status: String,
+    pub status: RequestStatus,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub result: Option<serde_json::Value>,
     pub error: Option<serde_json::Value>,
 }
 
-impl From<RequestRow> for RequestStatus {
+impl From<RequestRow> for RequestView {
     fn from(row: RequestRow) -> Self {
         Self {
             request_id: row.request_id,
@@ -142,17 +147,14 @@ impl From<RequestRow> for RequestStatus {
     }
 }
 
-impl RequestStatus {
+impl RequestView {
     pub fn is_pending(&self) -> bool {
-        self.status == "PENDING"
+        self.status == RequestStatus::Pending
     }
 
     /// Its kind and partition key while it waits in a queue; `None` once settled.
     pub fn queued(&self) -> Option<(RequestKind, i64)> {
-        if !self.is_pending() {
-            return None;
-        }
-        RequestKind::parse(&self.kind).map(|kind| (kind, self.partition_key))
+        self.is_pending().then_some((self.kind, self.partition_key))
     }
 
     /// Says where it stands in its partition's queue (only a pending request is placed).
@@ -171,7 +173,7 @@ impl RequestStatus {
 
 /// Places every pending request of `requests` (a page, a single request) in its
 /// partition's queue, from `queues`' snapshot; the settled ones are left as they are.
-pub async fn place_in_queues(queues: &QueuePositions, requests: &mut [RequestStatus]) {
+pub async fn place_in_queues(queues: &QueuePositions, requests: &mut [RequestView]) {
     for request in requests.iter_mut() {
         let Some((kind, partition_key)) = request.queued() else {
             continue;
@@ -183,29 +185,31 @@ pub async fn place_in_queues(queues: &QueuePositions, requests: &mut [RequestSta
 }
 
 /// The caller's request `id`, if it exists.
-pub async fn fetch_request(db: &PgPool, id: Uuid, user: UserId) -> Result<Option<RequestStatus>> {
+pub async fn fetch_request(db: &PgPool, id: Uuid, user: UserId) -> Result<Option<RequestView>> {
     let row = sqlx::query_as!(
         RequestRow,
-        "SELECT id AS request_id, kind, partition_key, status, created_at, completed_at, result, error
-         FROM requests WHERE id = $1 AND user_id = $2",
+        r#"SELECT id AS request_id, kind AS "kind: RequestKind", partition_key,
+                  status AS "status: RequestStatus", created_at, completed_at, result, error
+         FROM requests WHERE id = $1 AND user_id = $2"#,
         id,
         user.get(),
     )
     .fetch_optional(db)
     .await?;
-    Ok(row.map(RequestStatus::from))
+    Ok(row.map(RequestView::from))
 }
 
 /// Those of `ids` that are settled, in one statement. Whose they are is not asked: only a
 /// waiter who registered for a request after reading it as its own (or storing it) gets it.
-pub async fn fetch_settled(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<RequestStatus>> {
+pub async fn fetch_settled(db: &PgPool, ids: &[Uuid]) -> sqlx::Result<Vec<RequestView>> {
     let rows = sqlx::query_as!(
         RequestRow,
-        "SELECT id AS request_id, kind, partition_key, status, created_at, completed_at, result, error
-         FROM requests WHERE id = ANY($1) AND status <> 'PENDING'",
+        r#"SELECT id AS request_id, kind AS "kind: RequestKind", partition_key,
+                  status AS "status: RequestStatus", created_at, completed_at, result, error
+         FROM requests WHERE id = ANY($1) AND status <> 'PENDING'"#,
         ids,
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(RequestStatus::from).collect())
+    Ok(rows.into_iter().map(RequestView::from).collect())
 }

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::commands::request_status::{fetch_settled, RequestStatus};
+use crate::commands::request_status::{fetch_settled, RequestView};
 use crate::error::ApiError;
 
 /// What a user refused another wait is told to wait before asking again: waits last
@@ -69,7 +69,7 @@ pub struct Waiters {
 /// One waiter's place: where its settled request is put, and its wake-up.
 #[derive(Default)]
 struct Place {
-    settled: OnceLock<RequestStatus>,
+    settled: OnceLock<RequestView>,
     woken: Notify,
 }
 
@@ -262,7 +262,7 @@ pub struct Registration<'a> {
 impl Registration<'_> {
     /// The request once it is settled (found by its notice, or by the listener's sweep), or
     /// `None` once `within` passes or the api starts shutting down.
-    pub async fn settled(self, within: Duration) -> Option<RequestStatus> {
+    pub async fn settled(self, within: Duration) -> Option<RequestView> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(settled) = self.place.settled.get() {

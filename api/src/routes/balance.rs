@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::{whole_number_in, UserId, MAX_BALANCE, MAX_CHARGE};
+use shared::domain::money::LedgerKind;
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -142,8 +143,9 @@ async fn charge(conn: &mut PgConnection, user: UserId, amount: i64) -> Result<Ch
     };
     let transaction_id = sqlx::query_scalar!(
         "INSERT INTO balance_transactions (user_id, kind, amount, balance_after)
-         VALUES ($1, 'CHARGE', $2, $3) RETURNING id",
+         VALUES ($1, $2, $3, $4) RETURNING id",
         user.get(),
+        LedgerKind::Charge as _,
         amount,
         balance,
     )
@@ -163,7 +165,8 @@ pub struct BalanceTransaction {
     transaction_id: i64,
     /// `CHARGE`, `PAYMENT` or `REFUND`.
     #[serde(rename = "type")]
-    kind: String,
+    #[schema(value_type = String)]
+    kind: LedgerKind,
     /// Always positive; the type says which way it moved the balance.
     amount: i64,
     balance_after: i64,
@@ -201,10 +204,10 @@ async fn list_transactions(
     caller.act_for(user)?;
     let rows = sqlx::query_as!(
         BalanceTransaction,
-        "SELECT id AS transaction_id, kind, amount, balance_after, order_id, created_at
+        r#"SELECT id AS transaction_id, kind AS "kind: LedgerKind", amount, balance_after, order_id, created_at
          FROM balance_transactions
          WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
+         ORDER BY id DESC LIMIT $3"#,
         user.get(),
         page.after,
         page.limit + 1,

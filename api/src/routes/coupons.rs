@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::domain::command::{CouponIssue, RequestKind};
 use shared::domain::error::ErrorCode;
-use shared::domain::ids::{parse_name, whole_number_in, CouponId, UserId, MAX_PRICE};
+use shared::domain::ids::{parse_name, whole_number_in, CouponId, UserId};
+use shared::domain::money::DiscountType;
 use sqlx::{PgConnection, PgExecutor};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -65,7 +66,8 @@ pub struct Coupon {
     coupon_id: i64,
     name: String,
     /// `FIXED` (won off) or `PERCENT` (1 to 100, rounded down to a whole won).
-    discount_type: String,
+    #[schema(value_type = String)]
+    discount_type: DiscountType,
     discount_value: i64,
     total_quantity: i64,
     issued_quantity: i64,
@@ -78,13 +80,13 @@ pub struct Coupon {
 async fn fetch_coupon(executor: impl PgExecutor<'_>, coupon: CouponId) -> Result<Option<Coupon>> {
     Ok(sqlx::query_as!(
         Coupon,
-        "SELECT c.id AS coupon_id, c.name, c.discount_type, c.discount_value, c.total_quantity,
-                c.issued_quantity, c.expires_at,
+        r#"SELECT c.id AS coupon_id, c.name, c.discount_type AS "discount_type: DiscountType",
+                c.discount_value, c.total_quantity, c.issued_quantity, c.expires_at,
                 CASE WHEN c.all_products THEN NULL
                      ELSE ARRAY(SELECT product_id FROM coupon_products WHERE coupon_id = c.id
                                 ORDER BY product_id) END
                   AS applicable_product_ids
-         FROM coupons c WHERE c.id = $1",
+         FROM coupons c WHERE c.id = $1"#,
         coupon.get(),
     )
     .fetch_optional(executor)
@@ -177,7 +179,9 @@ pub struct HeldCoupon {
     user_coupon_id: Uuid,
     coupon_id: i64,
     name: String,
-    discount_type: String,
+    /// `FIXED` or `PERCENT`.
+    #[schema(value_type = String)]
+    discount_type: DiscountType,
     discount_value: i64,
     issued_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
@@ -213,12 +217,13 @@ async fn user_coupons(
     caller.act_for(user)?;
     let rows = sqlx::query_as!(
         HeldCoupon,
-        "SELECT uc.id AS user_coupon_id, c.id AS coupon_id, c.name, c.discount_type, c.discount_value,
+        r#"SELECT uc.id AS user_coupon_id, c.id AS coupon_id, c.name,
+                c.discount_type AS "discount_type: DiscountType", c.discount_value,
                 uc.issued_at, c.expires_at
          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.used_at IS NULL AND c.expires_at > now()
            AND ($2::uuid IS NULL OR uc.id < $2)
-         ORDER BY uc.id DESC LIMIT $3",
+         ORDER BY uc.id DESC LIMIT $3"#,
         user.get(),
         before,
         limit + 1,
@@ -304,7 +309,7 @@ pub struct NewCoupon {
 #[serde(rename_all = "camelCase")]
 struct ValidNewCoupon {
     name: String,
-    discount_type: &'static str,
+    discount_type: DiscountType,
     discount_value: i64,
     total_quantity: i64,
     expires_at: DateTime<Utc>,
@@ -319,12 +324,11 @@ impl NewCoupon {
     fn validate(self) -> Result<ValidNewCoupon> {
         let name = parse_name(&self.name, MAX_COUPON_NAME_CHARS)
             .ok_or_else(|| invalid("name must be 1 to 100 characters"))?;
-        let (discount_type, max_value) = match self.discount_type.as_str() {
-            "FIXED" => ("FIXED", MAX_PRICE),
-            "PERCENT" => ("PERCENT", 100),
-            _ => return Err(invalid("discountType must be FIXED or PERCENT")),
-        };
-        let discount_value = whole_number_in(&self.discount_value, 1, max_value)
+        // Read as text, not as the enum, so an unknown type is answered with this message
+        // rather than the body's generic one.
+        let discount_type = DiscountType::parse(&self.discount_type)
+            .ok_or_else(|| invalid("discountType must be FIXED or PERCENT"))?;
+        let discount_value = whole_number_in(&self.discount_value, 1, discount_type.max_value())
             .ok_or_else(|| invalid("discountValue must be a whole number from 1 (PERCENT: up to 100)"))?;
         let total_quantity = whole_number_in(&self.total_quantity, 1, MAX_TOTAL_QUANTITY)
             .ok_or_else(|| invalid("totalQuantity must be a whole number from 1 to 100,000,000"))?;
@@ -414,7 +418,7 @@ async fn insert_coupon(conn: &mut PgConnection, coupon: &ValidNewCoupon) -> Resu
         "INSERT INTO coupons (name, discount_type, discount_value, total_quantity, expires_at, all_products)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         coupon.name,
-        coupon.discount_type,
+        coupon.discount_type as _,
         coupon.discount_value,
         coupon.total_quantity,
         coupon.expires_at,

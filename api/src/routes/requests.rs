@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use shared::domain::command::RequestKind;
+use shared::domain::command::{RequestKind, RequestStatus};
 use shared::domain::error::{ErrorBody, ErrorCode};
 use shared::domain::ids::UserId;
 use utoipa::{IntoParams, ToSchema};
@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::commands::request_status::{fetch_request, place_in_queues, RequestRow, RequestStatus};
+use crate::commands::request_status::{fetch_request, place_in_queues, RequestRow, RequestView};
 use crate::error::{ApiError, Result};
 use crate::http::auth::Caller;
 use crate::http::extract::Query;
@@ -48,7 +48,7 @@ pub struct WaitQuery {
     params(("requestId" = Uuid, Path), WaitQuery),
     security(("user_token" = [])),
     responses(
-        (status = 200, body = RequestStatus, headers(
+        (status = 200, body = RequestView, headers(
             ("Retry-After" = i64, description = "only while the request is PENDING: seconds to wait before polling again"),
         )),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
@@ -104,7 +104,7 @@ async fn get_request(
     params(("requestId" = Uuid, Path)),
     security(("user_token" = [])),
     responses(
-        (status = 200, body = RequestStatus, description = "cancelled: FAILED with ERR_REQUEST_CANCELLED"),
+        (status = 200, body = RequestView, description = "cancelled: FAILED with ERR_REQUEST_CANCELLED"),
         (status = 400, body = ErrorSchema, description = "ERR_INVALID_REQUEST"),
         (status = 404, body = ErrorSchema, description = "ERR_REQUEST_NOT_FOUND: unknown, or another user's"),
         (status = 409, body = ErrorSchema, description = "ERR_REQUEST_ALREADY_SETTLED: it was SUCCEEDED or FAILED already"),
@@ -143,7 +143,7 @@ async fn cancel_request(
 
 /// `200` with the request, and `Retry-After` while it is pending (from its estimated wait,
 /// when it has one).
-fn request_answer(request: RequestStatus) -> Response {
+fn request_answer(request: RequestView) -> Response {
     let pending = request.is_pending();
     let estimate = request.estimated_wait_ms();
     let mut response = axum::Json(request).into_response();
@@ -169,7 +169,7 @@ pub struct RequestFilter {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestPage {
-    items: Vec<RequestStatus>,
+    items: Vec<RequestView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
 }
@@ -195,35 +195,38 @@ async fn list_requests(
     let user = UserId::parse(&user).ok_or_else(|| invalid("userId must be a positive integer"))?;
     let status = match filter.status.as_deref() {
         None | Some("") => None,
-        Some(raw @ ("PENDING" | "SUCCEEDED" | "FAILED")) => Some(raw),
-        Some(_) => return Err(invalid("status must be PENDING, SUCCEEDED or FAILED")),
+        Some(raw) => Some(
+            RequestStatus::parse(raw)
+                .ok_or_else(|| invalid("status must be PENDING, SUCCEEDED or FAILED"))?,
+        ),
     };
     let kind = match filter.kind.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(
             RequestKind::parse(raw)
-                .ok_or_else(|| invalid("type must be COUPON_ISSUE, ORDER_CREATE or ORDER_PAY"))?
-                .as_str(),
+                .ok_or_else(|| invalid("type must be COUPON_ISSUE, ORDER_CREATE or ORDER_PAY"))?,
         ),
     };
     let (limit, before) = page.parse_with(|raw| Uuid::parse_str(raw).ok())?;
     caller.act_for(user)?;
-    let rows: Vec<RequestStatus> = sqlx::query_as!(
+    let rows: Vec<RequestView> = sqlx::query_as!(
         RequestRow,
-        "SELECT id AS request_id, kind, partition_key, status, created_at, completed_at, result, error FROM requests
+        r#"SELECT id AS request_id, kind AS "kind: RequestKind", partition_key,
+                  status AS "status: RequestStatus", created_at, completed_at, result, error
+         FROM requests
          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR kind = $3)
            AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5",
+         ORDER BY id DESC LIMIT $5"#,
         user.get(),
-        status,
-        kind,
+        status as _,
+        kind as _,
         before,
         limit + 1,
     )
     .fetch_all(&state.db)
     .await?
     .into_iter()
-    .map(RequestStatus::from)
+    .map(RequestView::from)
     .collect();
     let (mut items, next_cursor) = finish_page(rows, limit, |r| r.request_id);
     // Only the page's pending requests are placed, from memory.

@@ -1,4 +1,43 @@
-//! Money rules: order totals and coupon discounts, in whole won (`i64`), never floats.
+//! Money rules: order totals and coupon discounts, in whole won (`i64`), never floats; and
+//! the kinds of entries in a balance's ledger.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::ids::MAX_PRICE;
+
+/// How a coupon's `discountValue` reads, as the contract's `discountType` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DiscountType {
+    /// Won off.
+    Fixed,
+    /// 1 to 100 percent off.
+    Percent,
+}
+
+impl DiscountType {
+    pub const ALL: [DiscountType; 2] = [DiscountType::Fixed, DiscountType::Percent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscountType::Fixed => "FIXED",
+            DiscountType::Percent => "PERCENT",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        DiscountType::ALL.into_iter().find(|t| t.as_str() == raw)
+    }
+
+    /// The largest `discountValue` a coupon of this type may have: a price's bound for won
+    /// off, 100 for a percentage.
+    pub fn max_value(self) -> i64 {
+        match self {
+            DiscountType::Fixed => MAX_PRICE,
+            DiscountType::Percent => 100,
+        }
+    }
+}
 
 /// How a coupon takes money off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,13 +49,19 @@ pub enum Discount {
 }
 
 impl Discount {
-    /// Reads the stored `(discount_type, discount_value)`.
-    pub fn parse(kind: &str, value: i64) -> Option<Self> {
+    /// The discount of a stored `(discount_type, discount_value)`; `None` when the value is
+    /// out of its type's range.
+    pub fn new(kind: DiscountType, value: i64) -> Option<Self> {
         match kind {
-            "FIXED" if value > 0 => Some(Discount::Fixed(value)),
-            "PERCENT" if (1..=100).contains(&value) => Some(Discount::Percent(value)),
+            DiscountType::Fixed if value > 0 => Some(Discount::Fixed(value)),
+            DiscountType::Percent if (1..=100).contains(&value) => Some(Discount::Percent(value)),
             _ => None,
         }
+    }
+
+    /// [`Discount::new`] of a type read as text; `None` for an unknown type too.
+    pub fn parse(kind: &str, value: i64) -> Option<Self> {
+        DiscountType::parse(kind).and_then(|kind| Discount::new(kind, value))
     }
 
     /// The discount on `base`, the part of an order the coupon applies to: never more than
@@ -31,6 +76,35 @@ impl Discount {
                 i64::try_from(discount).unwrap_or(base).min(base)
             }
         }
+    }
+}
+
+/// What moved a balance, as a ledger entry's `type` names it. Every amount in the ledger is
+/// positive; the kind says which way it moved the balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LedgerKind {
+    /// Money the user added.
+    Charge,
+    /// An order paid from the balance.
+    Payment,
+    /// Money given back for an order.
+    Refund,
+}
+
+impl LedgerKind {
+    pub const ALL: [LedgerKind; 3] = [LedgerKind::Charge, LedgerKind::Payment, LedgerKind::Refund];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Charge => "CHARGE",
+            LedgerKind::Payment => "PAYMENT",
+            LedgerKind::Refund => "REFUND",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        LedgerKind::ALL.into_iter().find(|k| k.as_str() == raw)
     }
 }
 
@@ -68,6 +142,26 @@ mod tests {
         assert_eq!(Discount::parse("PERCENT", 0), None);
         assert_eq!(Discount::parse("FIXED", 0), None);
         assert_eq!(Discount::parse("BOGO", 1), None);
+        assert_eq!(
+            Discount::new(DiscountType::Percent, 15),
+            Some(Discount::Percent(15))
+        );
+    }
+
+    #[test]
+    fn the_text_of_each_type_and_kind_reads_back_as_it() {
+        for kind in DiscountType::ALL {
+            assert_eq!(DiscountType::parse(kind.as_str()), Some(kind));
+            let json = serde_json::to_value(kind).unwrap();
+            assert_eq!(json, kind.as_str());
+        }
+        for kind in LedgerKind::ALL {
+            assert_eq!(LedgerKind::parse(kind.as_str()), Some(kind));
+            let json = serde_json::to_value(kind).unwrap();
+            assert_eq!(json, kind.as_str());
+        }
+        assert_eq!(DiscountType::parse("fixed"), None);
+        assert_eq!(LedgerKind::parse("TOPUP"), None);
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Requests in PostgreSQL: how the domain's statuses and kinds are stored (as `TEXT`), and
-//! the one way a request fails without being settled.
+//! Requests in PostgreSQL: how the domain's statuses and kinds are stored (as `TEXT`: those
+//! of requests and orders, and a coupon's discount type and a ledger entry's kind), and the
+//! one way a request fails without being settled.
 
 use uuid::Uuid;
 
 use crate::domain::command::{RequestKind, RequestStatus};
+use crate::domain::money::{DiscountType, LedgerKind};
 use crate::domain::order::OrderStatus;
 
 /// Maps an enum stored in a `TEXT` column to and from that column, through its `as_str`
@@ -55,6 +57,8 @@ macro_rules! stored_as_text {
 stored_as_text!(RequestKind);
 stored_as_text!(RequestStatus);
 stored_as_text!(OrderStatus);
+stored_as_text!(DiscountType);
+stored_as_text!(LedgerKind);
 
 /// Fails a request that is still `PENDING` with `error`, and rejects the order it was
 /// creating, if any (a `PENDING` order holds no stock, so nothing is released). Waits for

@@ -329,7 +329,7 @@ impl CommandFamily for OrderCommands {
             WHERE b.user_id = ANY($18) AND b.user_id = d.user_id),
          ledger AS (
             INSERT INTO balance_transactions (user_id, kind, amount, balance_after, order_id)
-            SELECT l.user_id, 'PAYMENT', l.amount, l.balance_after, l.order_id
+            SELECT l.user_id, $36::text, l.amount, l.balance_after, l.order_id
             FROM UNNEST($20::bigint[], $21::bigint[], $22::bigint[], $23::uuid[])
                  AS l(user_id, amount, balance_after, order_id)),
          used AS (

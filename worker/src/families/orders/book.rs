@@ -1,5 +1,5 @@
 //! The rows an order batch locked, read as the book it is decided on.
-use shared::domain::money::Discount;
+use shared::domain::money::{Discount, DiscountType};
 use shared::domain::order::OrderStatus;
 use shared::domain::order_book::{HeldCoupon, Line, Order, OrderBook, Product, Rows};
 use uuid::Uuid;
@@ -71,7 +71,7 @@ struct HeldCouponRow {
     user_id: i64,
     coupon_id: i64,
     used: bool,
-    discount_type: String,
+    discount_type: DiscountType,
     discount_value: i64,
     expired: bool,
     all_products: bool,
@@ -84,7 +84,7 @@ impl From<HeldCouponRow> for HeldCoupon {
             user_id: row.user_id,
             coupon_id: row.coupon_id,
             used: row.used,
-            discount: Discount::parse(&row.discount_type, row.discount_value),
+            discount: Discount::new(row.discount_type, row.discount_value),
             expired: row.expired,
             all_products: row.all_products,
         }

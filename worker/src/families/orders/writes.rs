@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use shared::domain::events::OrderPaid as OrderPaidEvent;
+use shared::domain::money::LedgerKind;
 use shared::domain::order::OrderStatus;
 use shared::domain::order_book::{Changes, StockChange};
 use sqlx::Arguments;
@@ -73,7 +74,8 @@ pub(super) struct Writes {
     event_ids: Vec<Uuid>,
     /// `order.paid` events, each written to the outbox as the one JSON value it serializes to.
     pub(super) events: Vec<sqlx::types::Json<OrderPaidEvent>>,
-    /// Per changed order (beside `order_ids`), the event its payment wrote; last, as `$35`.
+    /// Per changed order (beside `order_ids`), the event its payment wrote, as `$35`; the
+    /// ledger entries' kind (`$36`, always a payment here) follows it.
     paid_event_ids: Vec<Option<Uuid>>,
 }
 
@@ -159,6 +161,7 @@ impl Writes {
         args.add(self.event_ids)?;
         args.add(self.events)?;
         args.add(self.paid_event_ids)?;
+        args.add(LedgerKind::Payment)?;
         Ok(())
     }
 }
