@@ -1,6 +1,6 @@
-//! The command line: one subcommand per scenario, the baseline, the report and the cleanup.
+//! The command line: one subcommand per scenario, the baseline, the report and the cleanup;
+//! and the options of the fault suite (the `faults` binary).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,18 +31,10 @@ pub enum Command {
     Browse(BrowseArgs),
     /// The synchronous baseline: the same per-request transaction with pgbench.
     Baseline(BaselineArgs),
-    /// The synchronous HTTP peer: an axum + sqlx server that settles coupon issues, order
-    /// creations and payments each in one short transaction and answers the final result
-    /// (drive it with `flash-sale`/`checkout --commands-url`).
-    Peer(PeerArgs),
     /// Prints results side by side with the baseline (medians over several runs).
     Report(ReportArgs),
     /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
     CleanupAmqp(CleanupArgs),
-    /// The fault suite: a flash sale and a checkout under worker kills, broker and database
-    /// restarts, scaling, and a stop and a kill of everything, with the invariants checked
-    /// after each.
-    Faults(FaultsArgs),
 }
 
 /// What every scenario needs: where the system is, and how hard to push it.
@@ -53,7 +45,7 @@ pub struct Common {
     #[arg(long, env = "LOADGEN_API_URL", default_value = "http://127.0.0.1:8080")]
     pub api: String,
     /// flash-sale and checkout: send the three commands (coupon issue, order creation,
-    /// payment) to this synchronous peer (`loadgen peer`) instead, whose answer is final;
+    /// payment) to the synchronous peer (the `peer` binary) instead, whose answer is final;
     /// setup, administration and reads still go to `--api`, on the same database, with no
     /// workers.
     #[arg(long)]
@@ -261,22 +253,6 @@ pub struct BaselineArgs {
     /// Where to write the result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct PeerArgs {
-    /// Where to listen.
-    #[arg(long, default_value = "127.0.0.1:8090")]
-    pub listen: SocketAddr,
-    /// The database, migrated at start as every binary of the project does. The pool size
-    /// and session settings are the api's (`DATABASE_MAX_CONNECTIONS`, default 30,
-    /// `DATABASE_STATEMENT_TIMEOUT_MS`, `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS`).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:15432/ecommerce"
-    )]
-    pub database_url: String,
 }
 
 #[derive(Debug, Clone, Args)]

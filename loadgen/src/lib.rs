@@ -1,6 +1,8 @@
 //! A load generator for the HTTP contract, and the benchmarks that compare the pipeline with
 //! the synchronous design users would otherwise build: a synchronous HTTP server on the same
-//! stack ([`peer`]), and the bare transaction in pgbench ([`baseline`]).
+//! stack (the `peer` crate, driven through `--commands-url`), and the bare transaction in
+//! pgbench ([`baseline`]). The fault suite ([`faults`], the `faults` binary) runs these loads
+//! under faults.
 //!
 //! Every scenario sets up what it needs (through SQL where that is not what is measured),
 //! drives the measured commands over HTTP, closed loop (`--concurrency` clients, each sending
@@ -19,8 +21,6 @@
 //! - [`checks`]: the correctness checks run at the end of every scenario.
 //! - [`event_tap`]: a queue of a run's own on the events exchange, where the checkout's
 //!   checks count the `order.paid` events the relay published (and deleted from the outbox).
-//! - [`peer`]: the synchronous HTTP peer (`loadgen peer`): the three commands, each in one
-//!   short transaction per request, answered with their final result.
 //! - [`baseline`]: the synchronous baseline, run with `pgbench` on scratch tables.
 //! - [`prometheus`]: scrapes `/metrics` of the api and the workers for a per-stage breakdown.
 //! - [`resources`]: CPU time and peak memory of the processes involved, from `/proc`.
@@ -47,7 +47,6 @@ pub mod faults;
 pub mod figure_map;
 pub mod figures;
 pub mod histogram;
-pub mod peer;
 pub mod prometheus;
 pub mod report;
 pub mod resources;
@@ -65,9 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Checkout(args) => scenarios::checkout::run(&args).await,
         Command::Browse(args) => scenarios::browse::run(&args).await,
         Command::Baseline(args) => baseline::run(&args).await,
-        Command::Peer(args) => peer::run(&args).await,
         Command::Report(args) => report::print_runs(&args),
         Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
-        Command::Faults(args) => faults::run(&args).await,
     }
 }

@@ -375,7 +375,7 @@ pub fn print_runs(args: &ReportArgs) -> anyhow::Result<()> {
     }];
     if let Some(peer) = peer_results.first() {
         lines.push(Line {
-            system: "sync HTTP peer (loadgen peer)".to_owned(),
+            system: "sync HTTP peer (peer)".to_owned(),
             clients: peer.params.get("concurrency").cloned().unwrap_or_default(),
             headline: peer_fig(&cols.headline.ours),
             ratio: median_ratio(peers.iter().map(|(ours, peer)| {

@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use shared::domain::command::OrderCreate;
+use shared::domain::command_input;
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::UserId;
 use shared::domain::limits::{refuse_past_limit, refuse_past_unpaid_cap, LimitedLine};
@@ -255,11 +256,11 @@ async fn read_orders(db: PgPool, ids: Vec<Uuid>) -> sqlx::Result<Vec<Option<(i64
 }
 
 pub fn invalid_user() -> ApiError {
-    ApiError::new(ErrorCode::OrderInvalidUser, "userId is not a registered user")
+    ApiError::Client(command_input::invalid_user())
 }
 
 pub fn invalid_items(message: &str) -> ApiError {
-    ApiError::new(ErrorCode::OrderInvalidItems, message)
+    ApiError::Client(command_input::invalid_items(message))
 }
 
 pub fn not_the_owner() -> ApiError {

@@ -11,6 +11,7 @@ use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::domain::command::{CouponIssue, RequestKind};
+use shared::domain::command_input;
 use shared::domain::error::ErrorCode;
 use shared::domain::ids::{parse_name, whole_number_in, CouponId, UserId};
 use shared::domain::money::DiscountType;
@@ -48,8 +49,7 @@ pub fn admin_router() -> OpenApiRouter<AppState> {
 }
 
 fn parse_coupon_id(raw: &str) -> Result<CouponId> {
-    CouponId::parse(raw)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "couponId must be a positive integer"))
+    command_input::coupon_id(raw).map_err(ApiError::Client)
 }
 
 fn coupon_not_found() -> ApiError {
@@ -57,7 +57,7 @@ fn coupon_not_found() -> ApiError {
 }
 
 fn invalid_user() -> ApiError {
-    ApiError::new(ErrorCode::BalanceInvalidUser, "userId is not a registered user")
+    ApiError::Client(command_input::invalid_coupon_user())
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -142,9 +142,7 @@ async fn issue_coupon(
     Json(body): Json<IssueRequest>,
 ) -> Result<Response> {
     let coupon = parse_coupon_id(&coupon)?;
-    let user = whole_number_in(&body.user_id, 1, i64::MAX)
-        .and_then(UserId::new)
-        .ok_or_else(invalid_user)?;
+    let user = command_input::coupon_user(&body.user_id).map_err(ApiError::Client)?;
     caller.act_for(user)?;
     state.limits.user_write(user)?;
     let issue = CouponIssue {

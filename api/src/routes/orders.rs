@@ -6,15 +6,16 @@
 //! later settles the payment. Cancelling is synchronous: it locks the order row, as payment
 //! and expiry do, so exactly one of them wins.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use axum::extract::{Path, State};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::domain::command::{OrderCreate, OrderLine, OrderPay, RequestKind};
+use shared::domain::command_input;
 use shared::domain::error::ErrorCode;
-use shared::domain::ids::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
+use shared::domain::ids::UserId;
 use shared::domain::order::{OrderEvent, OrderStatus};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
@@ -24,7 +25,7 @@ use uuid::Uuid;
 
 use crate::commands::accept::{self, Accepted, NewCommand, PreferWait};
 use crate::commands::intake::Creation;
-use crate::commands::order_checks::{invalid_items, invalid_user, not_the_owner};
+use crate::commands::order_checks::{invalid_user, not_the_owner};
 use crate::error::{ApiError, Result};
 use crate::http::auth::Caller;
 use crate::http::extract::{IdempotencyKey, Json, Query};
@@ -42,13 +43,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 fn parse_order_id(raw: &str) -> Result<Uuid> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "orderId must be a UUID"))
+    command_input::order_id(raw).map_err(ApiError::Client)
 }
 
 fn parse_user(raw: &serde_json::Number) -> Result<UserId> {
-    whole_number_in(raw, 1, i64::MAX)
-        .and_then(UserId::new)
-        .ok_or_else(invalid_user)
+    command_input::order_user(raw).map_err(ApiError::Client)
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -173,23 +172,8 @@ pub struct NewOrderLine {
 
 /// The shape and ranges of an order, before anything is looked up.
 fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
-    if lines.is_empty() || lines.len() > MAX_ORDER_LINES {
-        return Err(invalid_items("an order has 1 to 50 lines"));
-    }
-    let mut seen = HashSet::new();
-    lines
-        .iter()
-        .map(|line| {
-            let product_id = whole_number_in(&line.product_id, 1, i64::MAX)
-                .ok_or_else(|| invalid_items("productId must be a positive integer"))?;
-            let quantity = whole_number_in(&line.quantity, 1, MAX_LINE_QUANTITY)
-                .ok_or_else(|| invalid_items("quantity must be a whole number from 1 to 10,000"))?;
-            if !seen.insert(product_id) {
-                return Err(invalid_items("each product may appear once in an order"));
-            }
-            Ok(OrderLine { product_id, quantity })
-        })
-        .collect()
+    command_input::order_lines(lines.iter().map(|line| (&line.product_id, &line.quantity)))
+        .map_err(ApiError::Client)
 }
 
 /// Places an order; a worker reserves its stock (all lines or none).
@@ -275,15 +259,7 @@ async fn pay_order(
 ) -> Result<Response> {
     let order = parse_order_id(&order)?;
     let user = parse_user(&body.user_id)?;
-    let coupon_id = match &body.coupon_id {
-        None => None,
-        Some(raw) => Some(whole_number_in(raw, 1, i64::MAX).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::PaymentInvalidCoupon,
-                "couponId must be a positive integer",
-            )
-        })?),
-    };
+    let coupon_id = command_input::payment_coupon(body.coupon_id.as_ref()).map_err(ApiError::Client)?;
     caller.act_for(user)?;
     state.limits.user_write(user)?;
     let command = OrderPay {

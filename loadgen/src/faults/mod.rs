@@ -1,4 +1,5 @@
-//! `faults`: the fault suite.
+//! The fault suite, run by the `faults` binary over the rest of this library: its loads,
+//! their patient clients and their checks.
 //!
 //! Each scenario gets a database and an AMQP prefix of its own and starts the system from
 //! its release binaries (api, worker replicas, the batch, the data-platform stand-in). It
@@ -122,6 +123,20 @@ impl Outcome {
     fn passed(&self) -> bool {
         self.error.is_none() && self.violations == 0 && self.events.iter().all(|e| e.recovery.is_ok())
     }
+}
+
+/// The command line of the `faults` binary.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "faults",
+    version,
+    about = "The fault suite: a flash sale and a checkout under worker kills, broker and database \
+             restarts, scaling, and a stop and a kill of everything, with the invariants checked \
+             after each"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub args: FaultsArgs,
 }
 
 pub async fn run(args: &FaultsArgs) -> anyhow::Result<()> {

@@ -126,17 +126,14 @@ mod tests {
     fn repeat_takes_a_count_of_at_least_one() {
         use clap::Parser;
 
-        use crate::cli::{Cli, Command};
+        use crate::faults::Cli;
 
         let parse = |extra: &[&str]| {
-            let mut args = vec!["loadgen", "faults", "--bin-dir", "target/release"];
+            let mut args = vec!["faults", "--bin-dir", "target/release"];
             args.extend_from_slice(extra);
             Cli::try_parse_from(args)
         };
-        let repeat = |extra: &[&str]| match parse(extra).unwrap().command {
-            Command::Faults(args) => args.repeat,
-            _ => unreachable!("the faults command"),
-        };
+        let repeat = |extra: &[&str]| parse(extra).unwrap().args.repeat;
         assert_eq!(repeat(&[]), 1);
         assert_eq!(repeat(&["--fault", "restart-broker", "--repeat", "10"]), 10);
         assert!(parse(&["--repeat", "0"]).is_err());

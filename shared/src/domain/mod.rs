@@ -9,6 +9,8 @@
 //! - [`coupon`]: who gets a coupon from a batch of issue requests, and why one is refused.
 //! - [`partition`]: which partition a key goes to, which replica owns a partition.
 //! - [`settle_rate`]: how fast a partition settles, and how long a command waits in it.
+//! - [`command_input`]: the commands as a client sends them: what is refused before any
+//!   lookup, by the api and the synchronous peer alike.
 //! - [`command`]: asynchronous requests, their results and the messages that carry them.
 //! - [`events`]: the `order.paid` event to the data platform.
 //! - [`error`]: the contract's machine-readable error codes and error body.
@@ -16,6 +18,7 @@
 //! - [`popular`]: the popular-products ranking: windows, filters, ranks.
 
 pub mod command;
+pub mod command_input;
 pub mod coupon;
 pub mod error;
 pub mod events;

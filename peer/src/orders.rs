@@ -7,7 +7,7 @@
 //! whose every effect is gated on the debit (or on there being nothing to debit), as the
 //! worker's settlement writes it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use api::error::{ApiError, Result};
 use api::http::extract::Json;
@@ -16,8 +16,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use shared::domain::command::{OrderLine, RequestKind};
+use shared::domain::command_input;
 use shared::domain::error::ErrorCode;
-use shared::domain::ids::{whole_number_in, UserId, MAX_LINE_QUANTITY, MAX_ORDER_LINES};
+use shared::domain::ids::UserId;
 use shared::domain::money::Discount;
 use shared::domain::order::{OrderEvent, OrderStatus};
 use uuid::Uuid;
@@ -45,35 +46,14 @@ pub struct PaymentRequest {
     coupon_id: Option<serde_json::Number>,
 }
 
-fn invalid_items(message: &str) -> ApiError {
-    ApiError::new(ErrorCode::OrderInvalidItems, message)
-}
-
 fn parse_user(raw: &serde_json::Number) -> Result<UserId> {
-    whole_number_in(raw, 1, i64::MAX)
-        .and_then(UserId::new)
-        .ok_or_else(|| ApiError::new(ErrorCode::OrderInvalidUser, "userId is not a registered user"))
+    command_input::order_user(raw).map_err(ApiError::Client)
 }
 
-/// The shape and ranges of an order, before anything is looked up (the api's rules).
+/// The shape and ranges of an order, before anything is looked up: the api's own rules.
 fn validate_lines(lines: &[NewOrderLine]) -> Result<Vec<OrderLine>> {
-    if lines.is_empty() || lines.len() > MAX_ORDER_LINES {
-        return Err(invalid_items("an order has 1 to 50 lines"));
-    }
-    let mut seen = HashSet::new();
-    lines
-        .iter()
-        .map(|line| {
-            let product_id = whole_number_in(&line.product_id, 1, i64::MAX)
-                .ok_or_else(|| invalid_items("productId must be a positive integer"))?;
-            let quantity = whole_number_in(&line.quantity, 1, MAX_LINE_QUANTITY)
-                .ok_or_else(|| invalid_items("quantity must be a whole number from 1 to 10,000"))?;
-            if !seen.insert(product_id) {
-                return Err(invalid_items("each product may appear once in an order"));
-            }
-            Ok(OrderLine { product_id, quantity })
-        })
-        .collect()
+    command_input::order_lines(lines.iter().map(|line| (&line.product_id, &line.quantity)))
+        .map_err(ApiError::Client)
 }
 
 /// One row per product found (or one row of NULLs): what the statement locked and did.
@@ -157,7 +137,7 @@ pub async fn create_order(State(peer): State<Peer>, Json(body): Json<NewOrder>) 
 /// Why an order was not placed, in the contract's order: the user, the products, the stock.
 fn refusal(rows: &[Reservation], lines: &[OrderLine]) -> ApiError {
     if !rows.first().is_some_and(|r| r.user_exists) {
-        return ApiError::new(ErrorCode::OrderInvalidUser, "userId is not a registered user");
+        return ApiError::Client(command_input::invalid_user());
     }
     let available: HashMap<i64, i64> = rows
         .iter()
@@ -278,18 +258,9 @@ pub async fn pay_order(
     Json(body): Json<PaymentRequest>,
 ) -> Result<Settled> {
     let created_at = Utc::now();
-    let order_id = Uuid::parse_str(&order)
-        .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "orderId must be a UUID"))?;
+    let order_id = command_input::order_id(&order).map_err(ApiError::Client)?;
     let user = parse_user(&body.user_id)?;
-    let coupon_id = match &body.coupon_id {
-        None => None,
-        Some(raw) => Some(whole_number_in(raw, 1, i64::MAX).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::PaymentInvalidCoupon,
-                "couponId must be a positive integer",
-            )
-        })?),
-    };
+    let coupon_id = command_input::payment_coupon(body.coupon_id.as_ref()).map_err(ApiError::Client)?;
     let conflict = |e| concurrency_conflict(e, ErrorCode::PaymentConcurrencyConflict);
     let mut tx = peer.db.begin().await?;
     let lines: Vec<PayingLine> = sqlx::query_as(READ_FOR_PAYMENT)

@@ -1,4 +1,4 @@
-//! The synchronous HTTP peer (`loadgen peer`): what users would build instead of the
+//! The synchronous HTTP peer (the `peer` binary): what users would build instead of the
 //! pipeline, built as well as we know how, so that the benchmark compares designs rather
 //! than a strawman.
 //!
@@ -23,7 +23,7 @@
 //! unpaid orders. Setup, administration and reads stay with the api, on the same database.
 //!
 //! # Layout
-//! - this module: the server, its state, health and the routes' fallbacks.
+//! - this module: the command line, the server, its state, health and the routes' fallbacks.
 //! - [`coupons`]: `POST /coupons/{couponId}/issue`.
 //! - [`orders`]: `POST /orders` and `POST /orders/{orderId}/payment`.
 
@@ -44,6 +44,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use clap::Parser;
 use serde::Serialize;
 use shared::config::{var, DatabaseSettings, TelemetrySettings};
 use shared::domain::command::{RequestKind, RequestStatus};
@@ -52,7 +53,29 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-use crate::cli::PeerArgs;
+/// The command line of `peer`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "peer",
+    version,
+    about = "The synchronous HTTP peer: an axum + sqlx server that settles coupon issues, order \
+             creations and payments each in one short transaction and answers the final result \
+             (drive it with `loadgen flash-sale`/`checkout --commands-url`)"
+)]
+pub struct Args {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// The database, migrated at start as every binary of the project does. The pool size
+    /// and session settings are the api's (`DATABASE_MAX_CONNECTIONS`, default 30,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`, `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS`).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:15432/ecommerce"
+    )]
+    pub database_url: String,
+}
 
 /// The api's default body limit (`MAX_BODY_BYTES`): the peer reads bodies no larger.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -203,7 +226,7 @@ impl PeerServer {
         settings: &DatabaseSettings,
         reservation_ttl: Duration,
     ) -> anyhow::Result<Self> {
-        let db = shared::store::db::connect_and_migrate(settings, "loadgen-peer").await?;
+        let db = shared::store::db::connect_and_migrate(settings, "peer").await?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
@@ -242,8 +265,8 @@ impl PeerServer {
     }
 }
 
-/// `loadgen peer`: serves until SIGTERM or Ctrl-C.
-pub async fn run(args: &PeerArgs) -> anyhow::Result<()> {
+/// `peer`: serves until SIGTERM or Ctrl-C.
+pub async fn run(args: &Args) -> anyhow::Result<()> {
     shared::telemetry::init(TelemetrySettings::from_env()?);
     let settings = database_settings(Some(&args.database_url))?;
     let server = PeerServer::build(args.listen, &settings, reservation_ttl()?).await?;

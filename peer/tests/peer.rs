@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use loadgen::client::{Answer, Api};
-use loadgen::peer::PeerServer;
+use peer::PeerServer;
 use serde_json::{json, Value};
 use shared::config::DatabaseSettings;
 use sqlx::PgPool;

@@ -8,9 +8,9 @@ use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use shared::domain::command::RequestKind;
+use shared::domain::command_input;
 use shared::domain::coupon::refusal_message;
 use shared::domain::error::ErrorCode;
-use shared::domain::ids::{whole_number_in, CouponId, UserId};
 use uuid::Uuid;
 
 use super::{Peer, Settled};
@@ -60,11 +60,8 @@ pub async fn issue_coupon(
     Json(body): Json<IssueRequest>,
 ) -> Result<Settled> {
     let created_at = Utc::now();
-    let coupon = CouponId::parse(&coupon)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "couponId must be a positive integer"))?;
-    let user = whole_number_in(&body.user_id, 1, i64::MAX)
-        .and_then(UserId::new)
-        .ok_or_else(|| refused(ErrorCode::BalanceInvalidUser))?;
+    let coupon = command_input::coupon_id(&coupon).map_err(ApiError::Client)?;
+    let user = command_input::coupon_user(&body.user_id).map_err(ApiError::Client)?;
     if peer.known_sold_out(coupon.get()) {
         return Err(refused(ErrorCode::CouponOutOfStock));
     }
