@@ -42,16 +42,16 @@ impl Drop for World {
         for (stop, _) in self.worker.iter().chain(self.data_platform.iter()) {
             stop.cancel();
         }
-        shared::testing::delete_topology_blocking(&self.topology, &self.amqp_url);
+        testkit::isolation::delete_topology_blocking(&self.topology, &self.amqp_url);
     }
 }
 
 impl World {
     async fn start() -> Self {
-        shared::testing::capture_logs();
+        testkit::isolation::capture_logs();
         let database = testkit::database::TestDatabase::create().await;
         let database_url = database.url().to_owned();
-        let topology = shared::testing::isolated_topology();
+        let topology = testkit::isolation::isolated_topology();
         let stop = CancellationToken::new();
         let mut config = api::ApiConfig::from_env().unwrap();
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));

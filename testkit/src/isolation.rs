@@ -1,4 +1,6 @@
-//! Helpers for integration tests: each test gets a database of its own.
+//! What keeps tests apart when they share a process, a PostgreSQL server and a broker: a
+//! database and a command topology of each test's own, the test's logs in its own output,
+//! and cleanups that run from `Drop` even while the test's runtime is being torn down.
 
 use anyhow::Context;
 use sqlx::{Connection, Executor, PgConnection};
@@ -39,8 +41,8 @@ pub async fn fresh_database_url() -> anyhow::Result<String> {
 
 /// A command topology no other test shares: a unique name prefix, few partitions (quick to
 /// declare), and queues that delete themselves a while after the test stops using them.
-pub fn isolated_topology() -> crate::messaging::topology::Topology {
-    crate::messaging::topology::Topology {
+pub fn isolated_topology() -> shared::messaging::topology::Topology {
+    shared::messaging::topology::Topology {
         prefix: format!("t{}.", &uuid::Uuid::now_v7().simple().to_string()[20..]),
         partitions: 4,
         delivery_limit: 5,
@@ -57,14 +59,14 @@ pub fn isolated_topology() -> crate::messaging::topology::Topology {
 /// out of them, after which it accepted sockets but never answered a handshake. The work runs
 /// on a thread with a runtime of its own, so it can be called from inside a test's runtime
 /// and still finish while that runtime is being torn down.
-pub fn delete_topology_blocking(topology: &crate::messaging::topology::Topology, amqp_url: &str) {
+pub fn delete_topology_blocking(topology: &shared::messaging::topology::Topology, amqp_url: &str) {
     const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
     let topology = topology.clone();
     let amqp_url = amqp_url.to_owned();
     // Best effort: a broker that is down leaves the queues to `x-expires`.
     block_on_own_thread(CLEANUP_TIMEOUT, async move {
-        let settings = crate::config::BrokerSettings { url: amqp_url };
-        let broker = crate::messaging::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
+        let settings = shared::config::BrokerSettings { url: amqp_url };
+        let broker = shared::messaging::broker::Broker::new(&settings, format!("{}cleanup", topology.prefix));
         let connection = broker.connection().await?;
         topology
             .delete(&connection, &[topology.data_platform_queue()])
