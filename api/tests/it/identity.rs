@@ -333,6 +333,7 @@ async fn registrations_and_invalid_tokens_are_limited_per_client_address() {
     // The blocked address's known token still works, also once its check is no longer
     // cached; an unknown one is not even looked up.
     assert_eq!(app.get(&path).await.status, StatusCode::OK);
+    // A fixed wait on purpose: the cached check has to expire.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(app.get(&path).await.status, StatusCode::OK);
     let stranger = app.create_users(1).await[0];

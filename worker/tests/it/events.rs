@@ -158,7 +158,8 @@ async fn every_paid_order_produces_one_distinct_event_even_when_the_worker_dies_
         assert_eq!(event["items"][0]["productId"], product);
         assert!(event["occurredAt"].as_str().is_some());
     }
-    // Redelivered duplicates, if any, carry an event id already seen.
+    // Redelivered duplicates, if any, carry an event id already seen. A fixed wait on
+    // purpose: duplicates that may never come are given time to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     while let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await
     {
@@ -281,6 +282,7 @@ async fn a_backlog_of_many_events_is_published_once_each_and_deleted_a_pass_at_a
     let stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(worker::outbox::run(std::sync::Arc::clone(&ctx), stop.clone()));
     ctx.outbox_written.notify_one();
+    // A fixed wait on purpose: what is asserted is that nothing is published meanwhile.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         system.scalar("SELECT count(*) FROM outbox").await,

@@ -33,6 +33,7 @@ async fn a_worker_recovers_from_broker_and_database_outages() {
     for &user in &users[20..40] {
         assert_eq!(system.issue(coupon, user).await.status, StatusCode::ACCEPTED);
     }
+    // A fixed wait on purpose: what is asserted is that nothing happens over time.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM requests WHERE status = 'PENDING'")
         .fetch_one(&system.app.db)
@@ -42,6 +43,7 @@ async fn a_worker_recovers_from_broker_and_database_outages() {
 
     // The database returns first, then the broker.
     database.restore().await;
+    // A fixed wait on purpose: the worker has the database a while before the broker.
     tokio::time::sleep(Duration::from_secs(1)).await;
     broker.restore().await;
     for &user in &users[40..] {

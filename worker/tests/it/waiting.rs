@@ -107,7 +107,9 @@ async fn a_waiting_client_is_woken_when_its_request_settles_on_this_replica_and_
         testkit::read(answer).await
     };
     let settle = async {
-        // Both are waiting by now (generously); then a worker comes and settles it.
+        // Both are waiting by now (generously); then a worker comes and settles it. A fixed
+        // wait: neither wait can be seen from here (the other replica's metrics port is its
+        // own pick, and this process's gauge is shared with the binary's other tests).
         tokio::time::sleep(Duration::from_secs(2)).await;
         system.spawn_worker().await
     };
