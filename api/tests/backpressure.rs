@@ -3,6 +3,10 @@
 //! accepts again once the queues drain. A key that already has an answer keeps getting it,
 //! families are refused independently, and a limit of 0 refuses nothing while the depth is
 //! still published.
+//!
+//! A test binary of its own, not a module of `tests/it`: it reads
+//! `api_command_queue_depth`, a gauge of the process-wide metrics recorder that other
+//! tests' commands would move.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 

@@ -1,5 +1,9 @@
 //! Under overload: reads past their bound are answered 503 at once rather than queued for
 //! the pool, and readiness is answered from a check at most a second old.
+//!
+//! A test binary of its own, not a module of `tests/it`: it counts
+//! `api_readiness_checks_total` over a burst, a counter of the process-wide recorder every
+//! other test's api adds to.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 

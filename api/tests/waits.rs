@@ -1,6 +1,9 @@
 //! A user holds a bounded number of waits (`?wait=`, `Prefer: wait`) at once: one more is
 //! refused 429, the waits already held are answered as usual, and other users are not
-//! affected. One test in this binary: it reads the process-wide `api_waits_open` gauge.
+//! affected.
+//!
+//! A test binary of its own, not a module of `tests/it`: it reads `api_waits_open`, a gauge
+//! of the process-wide metrics recorder that other tests' waits would move.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 

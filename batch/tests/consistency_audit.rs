@@ -1,6 +1,10 @@
 //! The consistency audit against a real PostgreSQL: quiet on data that adds up, and naming
 //! each kind of drift planted with SQL by its check and its row; the batch job exports what
 //! it found per check.
+//!
+//! A test binary of its own, not a module of `tests/it`: it reads `consistency_violations`,
+//! gauges of the process-wide metrics recorder that the other tests' batches set by their
+//! own audits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 

@@ -444,17 +444,10 @@ pub async fn checkout(db: &PgPool, api: &Api, facts: &CheckoutFacts) -> anyhow::
         .filter(|(id, stock, _, sold)| initial.get(id) != Some(&(stock + sold)))
         .count();
     checks.expect_none(CheckId::CheckoutStockConserved, unbalanced as i64);
-    let units = |status: &'static str| {
-        format!(
-            "SELECT count(*) FROM products p WHERE p.id = ANY($1) AND p.{} <> COALESCE(
-               (SELECT sum(oi.quantity) FROM order_items oi JOIN orders o ON o.id = oi.order_id
-                WHERE oi.product_id = p.id AND o.status = '{status}'), 0)",
-            if status == "PAID" { "sold" } else { "reserved" }
-        )
-    };
-    let reserved_off = count(db, &units("RESERVED"), |q| q.bind(product_ids.clone())).await?;
+    let reserved_off =
+        shared::store::invariants::products_reserved_off_orders(db, Some(&product_ids)).await?;
     checks.expect_none(CheckId::CheckoutReservedIsOrders, reserved_off);
-    let sold_off = count(db, &units("PAID"), |q| q.bind(product_ids.clone())).await?;
+    let sold_off = shared::store::invariants::products_sold_off_orders(db, Some(&product_ids)).await?;
     checks.expect_none(CheckId::CheckoutSoldIsOrders, sold_off);
 
     let payments_off = count(
@@ -611,49 +604,33 @@ pub async fn whole_system(db: &PgPool, api: &Api) -> anyhow::Result<Checks> {
     // Coupons: never over-issued, never held twice, the count is the rows.
     checks.expect_none(
         CheckId::WholeSystemCouponsNotOverIssued,
-        rows("SELECT count(*) FROM coupons WHERE issued_quantity > total_quantity").await?,
+        shared::store::invariants::coupons_over_issued(db, None).await?,
     );
     checks.expect_none(
         CheckId::WholeSystemIssuedCountIsHeld,
-        rows(
-            "SELECT count(*) FROM coupons c WHERE c.issued_quantity <>
-               (SELECT count(*) FROM user_coupons uc WHERE uc.coupon_id = c.id)",
-        )
-        .await?,
+        shared::store::invariants::coupons_issued_off_held(db, None).await?,
     );
     checks.expect_none(
         CheckId::WholeSystemCouponHeldIffIssued,
-        rows(
-            "SELECT count(*) FROM requests r LEFT JOIN user_coupons uc ON uc.request_id = r.id
-             WHERE r.kind = 'COUPON_ISSUE' AND (r.status = 'SUCCEEDED') <> (uc.id IS NOT NULL)",
-        )
-        .await?,
+        shared::store::invariants::coupon_requests_off_held(db, None).await?,
     );
     checks.expect_none(
         CheckId::WholeSystemNoCouponHeldTwice,
-        rows("SELECT count(*) FROM (SELECT 1 FROM user_coupons GROUP BY user_id, coupon_id HAVING count(*) > 1) d")
-            .await?,
+        shared::store::invariants::coupons_held_twice(db, None).await?,
     );
 
     // Stock: never oversold; what is reserved and sold is what orders say.
     checks.expect_none(
         CheckId::WholeSystemStockInBounds,
-        rows("SELECT count(*) FROM products WHERE stock < 0 OR reserved < 0 OR reserved > stock").await?,
+        shared::store::invariants::products_out_of_bounds(db, None).await?,
     );
-    let units = |status: &str, column: &str| {
-        format!(
-            "SELECT count(*) FROM products p WHERE p.{column} <> COALESCE(
-               (SELECT sum(oi.quantity) FROM order_items oi JOIN orders o ON o.id = oi.order_id
-                WHERE oi.product_id = p.id AND o.status = '{status}'), 0)"
-        )
-    };
     checks.expect_none(
         CheckId::WholeSystemReservedIsOrders,
-        count(db, &units("RESERVED", "reserved"), |q| q).await?,
+        shared::store::invariants::products_reserved_off_orders(db, None).await?,
     );
     checks.expect_none(
         CheckId::WholeSystemSoldIsOrders,
-        count(db, &units("PAID", "sold"), |q| q).await?,
+        shared::store::invariants::products_sold_off_orders(db, None).await?,
     );
 
     // Money: balances are their ledgers, never negative; nothing charged twice.

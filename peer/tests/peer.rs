@@ -36,7 +36,7 @@ impl Drop for TestPeer {
 
 impl TestPeer {
     async fn start() -> Self {
-        shared::testing::capture_logs();
+        testkit::isolation::capture_logs();
         let database = testkit::database::TestDatabase::create().await;
         // Enough connections that concurrent requests really meet in PostgreSQL.
         let settings = DatabaseSettings::new(database.url(), 16);

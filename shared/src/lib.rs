@@ -12,7 +12,6 @@
 //! - [`telemetry`]: tracing setup, as text for people or JSON for log shippers.
 //! - [`metric_help`]: the `# HELP` text of every metric the binaries emit.
 //! - [`shutdown`]: SIGTERM and Ctrl-C turned into one cancellation token.
-//! - `testing` (feature `test-support`): a database of its own per test, an isolated topology.
 
 pub mod config;
 pub mod domain;
@@ -21,6 +20,3 @@ pub mod metric_help;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
-
-#[cfg(feature = "test-support")]
-pub mod testing;

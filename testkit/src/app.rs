@@ -67,7 +67,7 @@ pub async fn spawn_app() -> TestApp {
 /// The API over a fresh database, with commands on a topology of the test's own (a unique
 /// name prefix), after `adjust` had its say on the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
-    shared::testing::capture_logs();
+    crate::isolation::capture_logs();
     let database = crate::database::TestDatabase::create().await;
     let database_url = database.url().to_owned();
     let mut config = ApiConfig::from_env().expect("configuration");
@@ -76,7 +76,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
     config.admin_token = ADMIN_TOKEN.to_owned().into();
     config.development_mode = false;
     config.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.topology = shared::testing::isolated_topology();
+    config.topology = crate::isolation::isolated_topology();
     // Tests run side by side, each with an API and workers, on one PostgreSQL.
     config.database.max_connections = 10;
     // Tests play many users from one address, some with many commands each: the rate
@@ -122,7 +122,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut ApiConfig)) -> TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        shared::testing::delete_topology_blocking(&self.topology, &self.amqp_url);
+        crate::isolation::delete_topology_blocking(&self.topology, &self.amqp_url);
     }
 }
 

@@ -19,7 +19,7 @@ impl TestDatabase {
     /// Creates an empty database with a unique name (`t_<uuid>`) on the test server
     /// (`TEST_DATABASE_URL`, else the local one).
     pub async fn create() -> Self {
-        let url = shared::testing::fresh_database_url()
+        let url = crate::isolation::fresh_database_url()
             .await
             .expect("a fresh database on the test server");
         Self { url }
@@ -51,10 +51,10 @@ fn drop_database_blocking(url: &str) {
         return;
     };
     // The database the test server's URL names (`test`), never the one being dropped.
-    let admin = shared::testing::server_url();
+    let admin = crate::isolation::server_url();
     let name = name.to_owned();
     // Best effort: a database left behind is only disk, which an operator's `DROP` frees.
-    shared::testing::block_on_own_thread(DROP_TIMEOUT, async move {
+    crate::isolation::block_on_own_thread(DROP_TIMEOUT, async move {
         let mut conn = PgConnection::connect(&admin).await?;
         conn.execute(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#).as_str())
             .await?;

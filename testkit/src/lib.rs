@@ -9,11 +9,14 @@
 //! - [`proxy`]: a TCP proxy to cut and restore.
 //! - [`starving_proxy`]: a proxy in front of RabbitMQ that drops deliveries to consumers.
 //! - [`database`]: a database per test, dropped when the test ends.
+//! - [`isolation`]: what keeps tests apart in one process: unique databases and topologies,
+//!   each test's logs in its own output, cleanups callable from `Drop`.
 //! - [`jobs`]: the batch's configuration and order history made with SQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 pub mod app;
 pub mod database;
+pub mod isolation;
 pub mod jobs;
 pub mod proxy;
 pub mod starving_proxy;

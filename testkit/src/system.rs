@@ -6,6 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use shared::store::invariants;
 use tokio::process::{Child, Command};
 
 use crate::app::{Answer, TestApp};
@@ -380,9 +381,7 @@ impl System {
                 .await,
             0
         );
-        let mismatched = shared::store::invariants::balances_off_ledger(&self.app.db, None)
-            .await
-            .unwrap();
+        let mismatched = invariants::balances_off_ledger(&self.app.db, None).await.unwrap();
         assert_eq!(mismatched, 0, "a balance differs from its ledger");
         let wrong_paid = self
             .scalar(
@@ -410,8 +409,8 @@ impl System {
         assert_eq!(coupon_misuse, 0, "a coupon's use and the payments disagree");
     }
 
-    /// Stock invariants of one product: on hand + sold = `initial`, reserved = units of
-    /// RESERVED orders, sold = units of PAID orders.
+    /// Stock invariants of one product: on hand + sold = `initial`, never oversold,
+    /// reserved = units of RESERVED orders, sold = units of PAID orders.
     pub async fn assert_stock_reconciles(&self, product: i64, initial: i64) -> (i64, i64, i64) {
         let (stock, reserved, sold): (i64, i64, i64) =
             sqlx::query_as("SELECT stock, reserved, sold FROM products WHERE id = $1")
@@ -419,28 +418,29 @@ impl System {
                 .fetch_one(&self.app.db)
                 .await
                 .unwrap();
-        let units = |status: &'static str| {
-            let db = self.app.db.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT COALESCE(sum(oi.quantity), 0)::bigint FROM order_items oi JOIN orders o ON o.id = oi.order_id
-                     WHERE oi.product_id = $1 AND o.status = $2",
-                )
-                .bind(product)
-                .bind(status)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-            }
-        };
         assert_eq!(stock + sold, initial, "on hand + sold");
-        assert_eq!(reserved, units("RESERVED").await, "reserved units");
-        assert_eq!(sold, units("PAID").await, "sold units");
+        let db = &self.app.db;
+        let product = Some(&[product][..]);
+        let out_of_bounds = invariants::products_out_of_bounds(db, product).await.unwrap();
+        assert_eq!(
+            out_of_bounds, 0,
+            "stock out of bounds: {stock} on hand, {reserved} reserved"
+        );
+        let reserved_off = invariants::products_reserved_off_orders(db, product)
+            .await
+            .unwrap();
+        assert_eq!(
+            reserved_off, 0,
+            "reserved units ({reserved}) differ from the RESERVED orders'"
+        );
+        let sold_off = invariants::products_sold_off_orders(db, product).await.unwrap();
+        assert_eq!(sold_off, 0, "sold units ({sold}) differ from the PAID orders'");
         (stock, reserved, sold)
     }
 
     /// Asserts the coupon invariants in the database: never beyond the total, one per user,
-    /// the issued count equal to the rows. Returns the number issued.
+    /// the issued count equal to the rows, a coupon held for each request that succeeded and
+    /// for no other. Returns the number issued.
     pub async fn assert_coupon_invariants(&self, coupon: i64) -> i64 {
         let (issued, total): (i64, i64) =
             sqlx::query_as("SELECT issued_quantity, total_quantity FROM coupons WHERE id = $1")
@@ -448,23 +448,16 @@ impl System {
                 .fetch_one(&self.app.db)
                 .await
                 .unwrap();
-        let (rows, users): (i64, i64) =
-            sqlx::query_as("SELECT count(*), count(DISTINCT user_id) FROM user_coupons WHERE coupon_id = $1")
-                .bind(coupon)
-                .fetch_one(&self.app.db)
-                .await
-                .unwrap();
-        assert!(issued <= total, "issued {issued} of {total}");
-        assert_eq!(rows, issued, "the issued count differs from the coupons held");
-        assert_eq!(users, rows, "a user holds the coupon twice");
-        let succeeded: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM requests WHERE kind = 'COUPON_ISSUE' AND status = 'SUCCEEDED' AND (payload->>'couponId')::bigint = $1",
-        )
-        .bind(coupon)
-        .fetch_one(&self.app.db)
-        .await
-        .unwrap();
-        assert_eq!(succeeded, rows, "succeeded requests differ from coupons held");
+        let db = &self.app.db;
+        let coupon = Some(&[coupon][..]);
+        let over_issued = invariants::coupons_over_issued(db, coupon).await.unwrap();
+        assert_eq!(over_issued, 0, "issued {issued} of {total}");
+        let off_held = invariants::coupons_issued_off_held(db, coupon).await.unwrap();
+        assert_eq!(off_held, 0, "the issued count differs from the coupons held");
+        let held_twice = invariants::coupons_held_twice(db, coupon).await.unwrap();
+        assert_eq!(held_twice, 0, "a user holds the coupon twice");
+        let requests_off = invariants::coupon_requests_off_held(db, coupon).await.unwrap();
+        assert_eq!(requests_off, 0, "succeeded requests differ from coupons held");
         issued
     }
 }

@@ -1,6 +1,9 @@
 //! Group commit of accepts: commands accepted at the same moment by one api share one
 //! statement and one commit, and each still gets its own answer; a batch whose statement
 //! fails is stored again one command at a time, so nothing is lost or doubled.
+//!
+//! A test binary of its own, not a module of `tests/it`: it reads `api_accepts_waiting`, a
+//! gauge of the process-wide metrics recorder that other tests' commands would move.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
