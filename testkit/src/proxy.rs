@@ -40,6 +40,7 @@ impl Proxy {
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
+                    biased;
                     () = token.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
@@ -57,6 +58,22 @@ impl Proxy {
                     let _ = outbound.set_nodelay(true);
                     let (mut from_client, mut to_client) = inbound.split();
                     let (mut from_upstream, mut to_upstream) = tokio::io::split(outbound);
+                    // Each chunk is forwarded only while the proxy is not cut, checked right
+                    // before its write: once `cut` has returned, nothing more gets through
+                    // either way, even on a connection whose task is busy at that moment.
+                    let requests = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0_u8; 16 * 1024];
+                        loop {
+                            let n = match from_client.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if token.is_cancelled() || to_upstream.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
                     let answers = async {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buffer = vec![0_u8; 16 * 1024];
@@ -65,6 +82,9 @@ impl Proxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
+                            if token.is_cancelled() {
+                                return;
+                            }
                             if !muted.load(std::sync::atomic::Ordering::SeqCst)
                                 && to_client.write_all(&buffer[..n]).await.is_err()
                             {
@@ -73,8 +93,9 @@ impl Proxy {
                         }
                     };
                     tokio::select! {
+                        biased;
                         () = token.cancelled() => {}
-                        _ = tokio::io::copy(&mut from_client, &mut to_upstream) => {}
+                        () = requests => {}
                         () = answers => {}
                     }
                 });
