@@ -122,6 +122,9 @@ pub struct Common {
     /// Where clients write down their `503` answers (the fault suite times them).
     #[arg(skip)]
     pub unavailable: Option<Arc<crate::client::Unavailable>>,
+    /// Where latencies also go as they are recorded (the soak reads them every sample).
+    #[arg(skip)]
+    pub latency_tap: Option<Arc<crate::histogram::LatencyTap>>,
 }
 
 impl Common {
