@@ -35,6 +35,8 @@
 //! - [`faults`]: the fault suite: the loads under worker kills, broker and database
 //!   restarts, scaling, and a stop and a kill of everything, with recovery times and
 //!   invariants.
+//! - [`soak`]: a steady mixed load for a long while, sampling what could leak (memory,
+//!   descriptors, connections, queues, waits) and failing on growth after a warm-up.
 
 pub mod amqp_cleanup;
 pub mod baseline;
@@ -55,6 +57,7 @@ pub mod results;
 pub mod scenarios;
 pub mod schedule;
 pub mod setup;
+pub mod soak;
 
 use cli::{Cli, Command};
 
@@ -69,5 +72,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::print_runs(&args),
         Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
         Command::Faults(args) => faults::run(&args).await,
+        Command::Soak(args) => soak::run(&args).await,
     }
 }
