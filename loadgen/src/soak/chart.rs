@@ -84,11 +84,10 @@ pub fn draw(
             vec![
                 one("api_waits_open", &|s| s.waiters),
                 one("answers per second", &|s| {
-                    let window = samples
-                        .iter()
-                        .take_while(|t| t.at_secs < s.at_secs)
-                        .last()
-                        .map_or(s.at_secs, |t| s.at_secs - t.at_secs);
+                    // The first sample has no window before it: what it counted came
+                    // before the load.
+                    let previous = samples.iter().take_while(|t| t.at_secs < s.at_secs).last()?;
+                    let window = s.at_secs - previous.at_secs;
                     (window > 0.0).then(|| s.requests as f64 / window)
                 }),
             ],
