@@ -35,6 +35,11 @@ pub enum Command {
     Report(ReportArgs),
     /// Deletes the RabbitMQ queues and exchanges of one AMQP_PREFIX.
     CleanupAmqp(CleanupArgs),
+    /// The soak: a steady mixed load (flash sale, checkout, browsing) for a long while on the
+    /// whole system, sampling every process's memory and descriptors, PostgreSQL
+    /// connections, queues, pending requests, waits and latency; fails on growth past a
+    /// bound after a warm-up, or on a broken invariant at the end.
+    Soak(SoakArgs),
 }
 
 /// What every scenario needs: where the system is, and how hard to push it.
@@ -114,6 +119,9 @@ pub struct Common {
     /// Where clients write down their `503` answers (the fault suite times them).
     #[arg(skip)]
     pub unavailable: Option<Arc<crate::client::Unavailable>>,
+    /// Where latencies also go as they are recorded (the soak reads them every sample).
+    #[arg(skip)]
+    pub latency_tap: Option<Arc<crate::histogram::LatencyTap>>,
 }
 
 impl Common {
@@ -312,6 +320,64 @@ pub enum Fault {
     /// The apis reach RabbitMQ through a proxy; mid-run their connections go silent, as in
     /// silence-database.
     SilenceBroker,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value_t = 20.0, conflicts_with = "seconds")]
+    pub minutes: f64,
+    /// How long the load runs, in seconds (instead of --minutes).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Seconds between two samples.
+    #[arg(long, default_value_t = 10)]
+    pub sample_secs: u64,
+    /// Where the `api`, `worker` and `batch` binaries are (release builds).
+    #[arg(long, env = "FAULTS_BIN_DIR")]
+    pub bin_dir: PathBuf,
+    /// PostgreSQL server; the soak creates a database of its own there and drops it after.
+    #[arg(
+        long,
+        env = "SOAK_PG_SERVER",
+        default_value = "postgres://postgres@127.0.0.1:15432"
+    )]
+    pub pg_server: String,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:15682/%2f"
+    )]
+    pub amqp_url: String,
+    #[arg(long, env = "ADMIN_TOKEN", default_value = "dev-admin-token")]
+    pub admin_token: String,
+    #[arg(long, env = "COMMAND_PARTITIONS", default_value_t = 16)]
+    pub partitions: u16,
+    /// Worker replicas (next to two api replicas, the batch and the data-platform stand-in).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Flash sale: coupon requests per second.
+    #[arg(long, default_value_t = 40.0)]
+    pub flash_rate: f64,
+    /// Checkout: journeys (a charge for half of them, an order, its payment) per second.
+    #[arg(long, default_value_t = 8.0)]
+    pub checkout_rate: f64,
+    /// Browsing: reads per second.
+    #[arg(long, default_value_t = 40.0)]
+    pub browse_rate: f64,
+    /// The samples (CSV), the chart (PNG), each load's result and every process's log.
+    #[arg(long, default_value = ".run/soak")]
+    pub out_dir: PathBuf,
+    /// Keep the database and the queues (for inspection).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl SoakArgs {
+    pub fn duration(&self) -> Duration {
+        let seconds = self.seconds.unwrap_or(self.minutes * 60.0);
+        Duration::from_secs_f64(seconds.max(1.0))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -497,6 +497,28 @@ impl Api {
             .collect())
     }
 
+    /// `GET /admin/partitions`: where each partition stands (`ready`, `unacked`, `pending`, …).
+    pub async fn partitions(&self) -> anyhow::Result<Vec<Value>> {
+        let path = "/admin/partitions";
+        let request = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .headers(self.admin.clone());
+        let answer = self.send_once(request).await?;
+        anyhow::ensure!(
+            answer.status == 200,
+            "GET {path} answered {}: {}",
+            answer.status,
+            answer.body
+        );
+        answer
+            .body
+            .get("items")
+            .and_then(Value::as_array)
+            .cloned()
+            .with_context(|| format!("GET {path} answered no items: {}", answer.body))
+    }
+
     /// Waits until `GET /health/ready` answers 200 at every replica.
     pub async fn wait_until_ready(&self, patience: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + patience;

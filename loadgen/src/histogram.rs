@@ -1,7 +1,7 @@
 //! Latency histograms: HdrHistogram in microseconds, summarised as p50, p90, p99 and max.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -103,10 +103,23 @@ pub fn fmt_ms(ms: f64) -> String {
 #[derive(Debug, Default)]
 pub struct Recorder {
     by_label: Mutex<BTreeMap<String, Latency>>,
+    /// Where latencies also go as they are recorded, for a view over time (the soak).
+    tap: Option<Arc<LatencyTap>>,
 }
 
 impl Recorder {
+    /// A recorder that also hands every latency to `tap`, if any.
+    pub fn tapped(tap: Option<Arc<LatencyTap>>) -> Self {
+        Self {
+            by_label: Mutex::default(),
+            tap,
+        }
+    }
+
     pub fn record(&self, label: &str, latency: Duration) {
+        if let Some(tap) = &self.tap {
+            tap.record(label, latency);
+        }
         let mut by_label = self.by_label.lock().unwrap_or_else(PoisonError::into_inner);
         match by_label.get_mut(label) {
             Some(histogram) => histogram.record(latency),
@@ -125,6 +138,39 @@ impl Recorder {
             .iter()
             .map(|(label, h)| (label.clone(), h.summary()))
             .collect()
+    }
+}
+
+/// Latencies of chosen labels from several recorders, in one distribution that is taken
+/// and started afresh at each sample: the latency of one window of a long run.
+#[derive(Debug)]
+pub struct LatencyTap {
+    /// The labels that each stand for one request sent (not a sum of several, such as a
+    /// whole journey, nor a read that waits by design, such as a long poll).
+    labels: Vec<&'static str>,
+    window: Mutex<Latency>,
+}
+
+impl LatencyTap {
+    pub fn new(labels: &[&'static str]) -> Self {
+        Self {
+            labels: labels.to_vec(),
+            window: Mutex::new(Latency::new()),
+        }
+    }
+
+    fn record(&self, label: &str, latency: Duration) {
+        if self.labels.contains(&label) {
+            self.window
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record(latency);
+        }
+    }
+
+    /// What was recorded since the last call, and a fresh window.
+    pub fn take(&self) -> Latency {
+        std::mem::take(&mut *self.window.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

@@ -35,6 +35,8 @@
 //! - [`faults`]: the fault suite: the loads under worker kills, broker and database
 //!   restarts, scaling, and a stop and a kill of everything, with recovery times and
 //!   invariants.
+//! - [`soak`]: a steady mixed load for a long while, sampling what could leak (memory,
+//!   descriptors, connections, queues, waits) and failing on growth after a warm-up.
 
 pub mod amqp_cleanup;
 pub mod baseline;
@@ -54,6 +56,7 @@ pub mod results;
 pub mod scenarios;
 pub mod schedule;
 pub mod setup;
+pub mod soak;
 
 use cli::{Cli, Command};
 
@@ -66,5 +69,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Baseline(args) => baseline::run(&args).await,
         Command::Report(args) => report::print_runs(&args),
         Command::CleanupAmqp(args) => amqp_cleanup::run(&args).await,
+        Command::Soak(args) => soak::run(&args).await,
     }
 }

@@ -561,6 +561,7 @@ fn loads(
         patience_secs: CLIENT_PATIENCE.as_secs(),
         load_started: Some(Arc::clone(started)),
         unavailable: Some(Arc::clone(unavailable)),
+        latency_tap: None,
     };
     let seconds = load.as_secs_f64();
     // A flash sale sends about 1.15 requests a user (retries and second attempts). Coupons
@@ -885,7 +886,7 @@ fn unclean(stopped: &[system::Stopped]) -> String {
 
 /// Waits until every event is published and the data platform has received one per paid
 /// order (or [`EVENTS_PATIENCE`] runs out: the checks then say what is missing).
-async fn wait_for_events(db: &PgPool) {
+pub(crate) async fn wait_for_events(db: &PgPool) {
     let deadline = Instant::now() + EVENTS_PATIENCE;
     while Instant::now() < deadline {
         let caught_up: Result<bool, _> = sqlx::query_scalar(

@@ -82,6 +82,9 @@ pub struct System {
     /// What one role gets on top of `env`, such as a URL through a proxy.
     role_env: Vec<(Role, String, String)>,
     api_addrs: Vec<SocketAddr>,
+    /// Where each api replica serves its metrics, when somebody reads them
+    /// ([`System::fix_api_metrics_addrs`]); else wherever `env` says.
+    api_metrics_addrs: Vec<SocketAddr>,
     apis: Vec<Process>,
     workers: Vec<Process>,
     batch: Option<Process>,
@@ -97,23 +100,14 @@ impl System {
     /// restarts.
     pub fn new(bin_dir: &Path, log_dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
-        // Bound together, so the two ports differ; released before the apis bind them.
-        let listeners = (0..API_REPLICAS)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<Vec<_>, _>>()
-            .context("no free port on loopback")?;
-        let api_addrs = listeners
-            .iter()
-            .map(TcpListener::local_addr)
-            .collect::<Result<Vec<_>, _>>()
-            .context("no free port on loopback")?;
-        drop(listeners);
+        let api_addrs = free_ports(API_REPLICAS)?;
         Ok(Self {
             bin_dir: bin_dir.to_owned(),
             log_dir: log_dir.to_owned(),
             env,
             role_env: Vec::new(),
             api_addrs,
+            api_metrics_addrs: Vec::new(),
             apis: Vec::new(),
             workers: Vec::new(),
             batch: None,
@@ -146,6 +140,28 @@ impl System {
             .map(|addr| format!("http://{addr}"))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Gives each api replica a metrics port of its own, the same across restarts; their
+    /// `/metrics` URLs, in the order of [`System::api_url`].
+    pub fn fix_api_metrics_addrs(&mut self) -> anyhow::Result<Vec<String>> {
+        self.api_metrics_addrs = free_ports(API_REPLICAS)?;
+        Ok(self
+            .api_metrics_addrs
+            .iter()
+            .map(|addr| format!("http://{addr}/metrics"))
+            .collect())
+    }
+
+    /// Every running process by name, with its pid.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.apis
+            .iter()
+            .chain(self.workers.iter())
+            .chain(self.batch.iter())
+            .chain(self.data_platform.iter())
+            .filter_map(|p| Some((p.name.clone(), p.child.id()?)))
+            .collect()
     }
 
     /// Names of the worker replicas running now.
@@ -192,13 +208,14 @@ impl System {
     /// Starts every api replica (`api-1`, `api-2`).
     pub fn start_apis(&mut self) -> anyhow::Result<()> {
         for (n, addr) in self.api_addrs.clone().into_iter().enumerate() {
-            let env = self.env_of(
-                Role::Api,
-                &[
-                    ("HTTP_ADDR", addr.to_string()),
-                    ("DATABASE_MAX_CONNECTIONS", API_POOL.to_string()),
-                ],
-            );
+            let mut own = vec![
+                ("HTTP_ADDR", addr.to_string()),
+                ("DATABASE_MAX_CONNECTIONS", API_POOL.to_string()),
+            ];
+            if let Some(metrics) = self.api_metrics_addrs.get(n) {
+                own.push(("API_METRICS_ADDR", metrics.to_string()));
+            }
+            let env = self.env_of(Role::Api, &own);
             let api = self.spawn(&format!("api-{}", n + 1), "api", &[], &env)?;
             self.apis.push(api);
         }
@@ -323,6 +340,20 @@ impl System {
         }
         exited
     }
+}
+
+/// `count` distinct free ports on loopback: bound together, so that they differ, and
+/// released for the processes to bind.
+fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("no free port on loopback")?;
+    listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()
+        .context("no free port on loopback")
 }
 
 /// SIGTERM to all, then waits for each; one still running after [`STOP_PATIENCE`] is killed.

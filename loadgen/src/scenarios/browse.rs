@@ -112,7 +112,7 @@ pub async fn run(args: &BrowseArgs) -> anyhow::Result<()> {
     );
     let reader = Arc::new(Reader {
         api: harness.api.clone(),
-        recorder: Recorder::default(),
+        recorder: Recorder::tapped(common.latency_tap.clone()),
         outcomes: Outcomes::default(),
     });
     let window = harness.begin().await;

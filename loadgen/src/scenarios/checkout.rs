@@ -313,7 +313,7 @@ impl Shop {
             api: harness.api.clone(),
             commands,
             settler: harness.settler,
-            recorder: Recorder::default(),
+            recorder: Recorder::tapped(args.common.latency_tap.clone()),
             outcomes: Outcomes::default(),
             paid: Mutex::new(Vec::new()),
             failed: AtomicU64::new(0),

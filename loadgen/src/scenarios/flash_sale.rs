@@ -281,7 +281,10 @@ pub async fn run(args: &FlashSaleArgs) -> anyhow::Result<()> {
         common.pace().describe()
     );
 
-    let sale = Arc::new(Sale::new(harness.commands.clone(), harness.settler, coupon));
+    let sale = Arc::new(Sale {
+        recorder: Recorder::tapped(common.latency_tap.clone()),
+        ..Sale::new(harness.commands.clone(), harness.settler, coupon)
+    });
     let window = harness.begin().await;
     let load = Arc::clone(&sale);
     let timing = schedule::drive(plan.into_iter(), common.pace(), None, move |attempt, intended| {
