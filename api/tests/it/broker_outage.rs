@@ -140,7 +140,8 @@ async fn with_the_broker_down_commands_are_accepted_and_queued_in_order_when_it_
 /// A 503 means PostgreSQL could not be reached, and then nothing was stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgres_down_a_command_is_answered_503_and_nothing_is_stored() {
-    let server_url = shared::config::DatabaseSettings::from_env().unwrap().url;
+    // The server the tests' databases are on, which the app's pool must reach through the proxy.
+    let server_url = testkit::isolation::server_url();
     let pg = Proxy::start(socket_of(&server_url)).await;
     let app = {
         let pg = std::sync::Arc::clone(&pg);
