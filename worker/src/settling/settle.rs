@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::partitions::leases::Lease;
+use crate::settling::acks::within_answer_time;
 use crate::settling::pipeline::{self, CommandFamily, RequestRow, SharedRows};
 pub use crate::settling::pipeline::{Decision, PendingRequest, SettleError};
 use crate::Context;
@@ -178,24 +179,6 @@ async fn dead_letter(family: Family, delivery: &Delivery) -> anyhow::Result<()> 
     within_answer_time(delivery.acker.reject(BasicRejectOptions { requeue: false })).await?;
     metrics::counter!("worker_dead_lettered_total", "family" => family.as_str()).increment(1);
     Ok(())
-}
-
-/// The longest an ack or a reject may take to be sent.
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An ack or reject, given up after [`ACK_TIMEOUT`]. A fault run saw one partition's
-/// consumer go silent through a broker restart, right after a batch: no failure, no
-/// re-subscription, its lease renewed and its queue unread; an ack sent into a connection
-/// that breaks at that moment was the one wait there without a bound. Given up, the
-/// consumer fails and starts again on a new channel; what it settled and did not ack is
-/// delivered again and found settled.
-async fn within_answer_time<T>(
-    answer: impl std::future::Future<Output = lapin::Result<T>>,
-) -> anyhow::Result<()> {
-    match tokio::time::timeout(ACK_TIMEOUT, answer).await {
-        Ok(sent) => sent.map(drop).map_err(Into::into),
-        Err(_) => anyhow::bail!("the broker did not take an ack within {ACK_TIMEOUT:?}"),
-    }
 }
 
 fn record(lease: &Lease, settled: &Settled) {
